@@ -1,0 +1,111 @@
+"""Typed configuration: dataclass schema <- yaml defaults <- override files <- ``key=value`` overrides.
+
+Merged in that order with OmegaConf in struct mode, so an unknown key or a value of the wrong type fails at
+start-up with the key named (:class:`ConfigError`). The resolved config is written next to the run's
+outputs with secrets redacted (:func:`save_config`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cytoray import storage
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A user configuration problem; the message names the key or file and how to fix it."""
+
+
+def _describe(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+    msg = getattr(exc, "msg", None) or str(exc).splitlines()[0]
+    return f"key '{key}': {msg}" if key else msg
+
+
+def load_config(
+    schema: type[T],
+    defaults: str | os.PathLike | None = None,
+    override_files: Sequence[str | os.PathLike] = (),
+    cli: Sequence[str] = (),
+) -> T:
+    """Build a validated config object of ``schema`` (a dataclass); returns an OmegaConf-typed view.
+
+    ``cli`` items look like ``ingest.batch_size=64`` or ``+extra.key=1`` is *not* accepted: unknown keys are
+    errors by design.
+    """
+    cfg = OmegaConf.structured(schema)
+    OmegaConf.set_struct(cfg, True)
+    sources: list[tuple[str, DictConfig]] = []
+    for path in [p for p in [defaults, *override_files] if p is not None]:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file not found: {path} (pass an existing yaml file)")
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid yaml: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level, got {type(data).__name__}")
+        sources.append((str(path), OmegaConf.create(data)))
+    bad = [item for item in cli if "=" not in item or item.startswith(("+", "~"))]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value (no +/~ prefixes); got {bad}")
+    if cli:
+        sources.append(("command line", OmegaConf.from_dotlist(list(cli))))
+    for origin, src in sources:
+        try:
+            cfg = OmegaConf.merge(cfg, src)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"{origin}: {_describe(exc)}") from exc
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{_describe(exc)} (set it in a config file or as key=value)") from exc
+    return cfg  # type: ignore[return-value]
+
+
+def to_dict(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+
+
+def to_object(cfg):
+    """The plain dataclass instance (picklable, cheap to ship to Ray workers)."""
+    return OmegaConf.to_object(cfg) if OmegaConf.is_config(cfg) else cfg
+
+
+def dump_yaml(cfg) -> str:
+    return yaml.safe_dump(storage.redact(to_dict(cfg)), sort_keys=False)
+
+
+def save_config(cfg, run_uri: str, storage_cfg: storage.StorageConfig | None = None) -> str:
+    """Write the resolved, redacted config to ``<run_uri>/config.yaml``; returns its URI."""
+    uri = storage.join_uri(run_uri, "config.yaml")
+    storage.write_bytes(uri, dump_yaml(cfg).encode(), storage_cfg)
+    return uri
+
+
+def split_cli(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate ``--config a.yaml --config b.yaml`` file arguments from ``key=value`` overrides."""
+    files, overrides = [], []
+    it = iter(argv)
+    for arg in it:
+        if arg in ("--config", "-c"):
+            try:
+                files.append(next(it))
+            except StopIteration:
+                raise ConfigError("--config needs a yaml file path") from None
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+        elif "=" in arg:
+            overrides.append(arg)
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}: use --config FILE.yaml or key=value overrides")
+    return files, overrides

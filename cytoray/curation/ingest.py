@@ -1,0 +1,312 @@
+"""Ingest stage: list datasets (adapters) -> Ray Data read + decode + validate -> manifest + quarantine.
+
+Every listed image file ends up either in ``manifest.parquet`` (one row per image; detection and
+segmentation fields give one row per cropped cell) or in ``quarantine.parquet`` with a reason code
+(see :mod:`cytoray.images`). Files outside a layout are counted in ``summary.json`` under ``ignored``.
+``summary.json`` reconciles per dataset: ``input_files == kept_files + quarantined_files``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import posixpath
+import time
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from cytoray import images, storage
+from cytoray.curation import taxonomy
+from cytoray.curation.adapters import get_adapter
+
+log = logging.getLogger(__name__)
+MODALITIES = ("peripheral_blood", "bone_marrow")
+
+MANIFEST_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("uri", pa.string()), ("dataset", pa.string()), ("modality", pa.string()),
+    ("source_label", pa.string()), ("cell_type", pa.string()), ("patient_id", pa.string()),
+    ("patient_label", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+    ("content_sha256", pa.string()),  # of the stored bytes at `uri`
+    ("pixel_sha256", pa.string()),  # of the decoded RGB pixels (exact-duplicate key)
+    ("source_uri", pa.string()),  # the input file (differs from uri for crops)
+    ("crop_box", pa.list_(pa.int32())), ("split", pa.string()), ("format", pa.string()),
+    ("num_frames", pa.int32()), ("num_bytes", pa.int64()),
+])
+QUARANTINE_SCHEMA = pa.schema([("uri", pa.string()), ("dataset", pa.string()), ("reason", pa.string()),
+                               ("detail", pa.string())])
+_STAGED = pa.schema(list(MANIFEST_SCHEMA) + [("status", pa.string()), ("reason", pa.string()),
+                                              ("detail", pa.string())])
+
+
+@dataclass
+class DatasetSpec:
+    """One input dataset: where it lives and which published layout it follows."""
+
+    name: str = "???"
+    layout: str = "???"  # see cytoray.curation.adapters.ADAPTERS
+    uri: str = "???"  # local dir, file://, s3://bucket/prefix, ...
+    modality: str = "peripheral_blood"  # peripheral_blood | bone_marrow
+    options: dict = field(default_factory=dict)  # layout-specific, e.g. {table: labels.parquet}
+
+
+@dataclass
+class CropConfig:
+    """How detection/segmentation fields become single-cell images."""
+
+    margin: float = 0.15  # extra context around the annotation, as a fraction of its larger side
+    size: int = 0  # square output side in pixels; 0 keeps the (margin-expanded) box size
+
+
+@dataclass
+class IngestConfig:
+    min_side: int = 16  # images smaller than this (pixels) are quarantined as too_small
+    max_pixels: int = 50_000_000  # larger (width*height, from the header) are quarantined as too_large
+    batch_size: int = 32  # files per map_batches call
+    num_cpus: float = 0.5  # CPUs per decode task (fractional so small machines keep a core free)
+    crop: CropConfig = field(default_factory=CropConfig)
+
+
+def _image_id(dataset: str, relpath: str, index: int | None = None) -> str:
+    return f"{dataset}/{relpath}" + (f"#{index}" if index is not None else "")
+
+
+def validate_specs(specs: list[DatasetSpec]) -> None:
+    """Fail before any work with a message naming the dataset and the fix."""
+    names = Counter(s.name for s in specs)
+    if not specs:
+        raise ValueError("no datasets configured: add entries under `datasets:` (name, layout, uri, modality)")
+    dup = [n for n, c in names.items() if c > 1]
+    if dup:
+        raise ValueError(f"dataset names must be unique; repeated: {dup}")
+    for s in specs:
+        for k in ("name", "layout", "uri"):
+            if getattr(s, k) in (None, "", "???"):
+                raise ValueError(f"dataset {s.name!r}: `{k}` is required")
+        if "/" in s.name or "#" in s.name:
+            raise ValueError(f"dataset name {s.name!r} may not contain '/' or '#'")
+        if s.modality not in MODALITIES:
+            raise ValueError(f"dataset {s.name!r}: modality {s.modality!r} is not one of {MODALITIES}")
+        get_adapter(s.layout, s.options)  # raises for unknown layouts
+
+
+def list_inputs(specs: list[DatasetSpec], storage_cfg: storage.StorageConfig) -> tuple[pa.Table, dict]:
+    """Run every adapter (on the driver: listing is metadata only). Returns (records table, ignored info)."""
+    rows, ignored = [], {}
+    for s in specs:
+        fs, root = storage.filesystem(s.uri, storage_cfg)
+        listing = get_adapter(s.layout, s.options).list(fs, root, s.uri)
+        ignored[s.name] = {"count": len(listing.ignored), "examples": listing.ignored[:10],
+                           "metadata_files": len(listing.metadata_files)}
+        for r in listing.records:
+            rows.append({
+                "dataset": s.name, "layout": s.layout, "modality": s.modality, "uri": r.uri, "relpath": r.relpath,
+                "source_label": None if r.source_label is None else str(r.source_label),
+                "patient_id": r.patient_id, "patient_label": r.patient_label, "split": r.split,
+                "boxes": r.boxes, "box_labels": r.box_labels, "mask_uris": r.mask_uris,
+            })
+        log.info("listed %s (%s): %d image files, %d ignored", s.name, s.layout, len(listing.records),
+                 len(listing.ignored))
+    schema = pa.schema([("dataset", pa.string()), ("layout", pa.string()), ("modality", pa.string()),
+                        ("uri", pa.string()), ("relpath", pa.string()), ("source_label", pa.string()),
+                        ("patient_id", pa.string()), ("patient_label", pa.string()), ("split", pa.string()),
+                        ("boxes", pa.list_(pa.list_(pa.int32()))), ("box_labels", pa.list_(pa.string())),
+                        ("mask_uris", pa.list_(pa.string()))])
+    return pa.Table.from_pylist(rows, schema=schema), ignored
+
+
+def _crop_box(box, width, height, crop: CropConfig) -> list[int]:
+    x0, y0, x1, y1 = box
+    side = max(x1 - x0, y1 - y0) * (1 + 2 * crop.margin)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    half = side / 2
+    return [int(max(0, cx - half)), int(max(0, cy - half)), int(min(width, cx + half)), int(min(height, cy + half))]
+
+
+def _mask_box(data: bytes) -> list[int] | None:
+    m = np.asarray(Image.open(io.BytesIO(data)).convert("L")) > 0
+    if not m.any():
+        return None
+    ys, xs = np.nonzero(m)
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+class DecodeBatch:
+    """map_batches callable: read each file, decode + validate, emit manifest or quarantine rows."""
+
+    def __init__(self, cfg: IngestConfig, storage_cfg: storage.StorageConfig, crops_uri: str):
+        self.cfg, self.storage_cfg, self.crops_uri = cfg, storage_cfg, crops_uri
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = []
+        for rec in batch.to_pylist():
+            try:
+                out.extend(self._one(rec))
+            except images.ImageRejected as exc:
+                out.append(self._reject(rec, exc.reason, exc.detail))
+            except Exception as exc:  # read failures after retries, annotation problems
+                reason = "annotation_error" if isinstance(exc, (ValueError, KeyError)) else "unreadable"
+                out.append(self._reject(rec, reason, f"{type(exc).__name__}: {exc}"[:500]))
+        return pa.Table.from_pylist(out, schema=_STAGED)
+
+    def _reject(self, rec, reason, detail):
+        return {"uri": rec["uri"], "dataset": rec["dataset"], "image_id": _image_id(rec["dataset"], rec["relpath"]),
+                "source_uri": rec["uri"], "status": "quarantined", "reason": reason, "detail": detail}
+
+    def _row(self, rec, uri, image_id, rgb, label, data, fmt, frames, box=None):
+        return {
+            "image_id": image_id, "uri": uri, "dataset": rec["dataset"], "modality": rec["modality"],
+            "source_label": label, "cell_type": taxonomy.unify(rec["layout"], label),
+            "patient_id": rec["patient_id"], "patient_label": rec["patient_label"],
+            "width": int(rgb.shape[1]), "height": int(rgb.shape[0]),
+            "content_sha256": hashlib.sha256(data).hexdigest(), "pixel_sha256": images.pixel_sha256(rgb),
+            "source_uri": rec["uri"], "crop_box": box, "split": rec["split"], "format": fmt,
+            "num_frames": frames, "num_bytes": len(data), "status": "kept",
+        }
+
+    def _one(self, rec) -> list[dict]:
+        data = storage.read_bytes(rec["uri"], self.storage_cfg)
+        dec = images.decode(data, self.cfg.min_side, self.cfg.max_pixels)
+        image_id = _image_id(rec["dataset"], rec["relpath"])
+        if rec["boxes"] is None and rec["mask_uris"] is None:
+            return [self._row(rec, rec["uri"], image_id, dec.rgb, rec["source_label"], data, dec.format,
+                              dec.num_frames)]
+        # A detection/segmentation field: one cropped image per annotated white cell.
+        if rec["boxes"] is not None:
+            boxes, labels = rec["boxes"], rec["box_labels"] or [None] * len(rec["boxes"])
+        else:
+            boxes = [_mask_box(storage.read_bytes(u, self.storage_cfg)) for u in rec["mask_uris"]]
+            labels = [rec["source_label"]] * len(boxes)
+            boxes = [b for b in boxes if b is not None]
+        if not boxes:
+            raise images.ImageRejected("no_annotated_cells", "field has no white-cell annotation to crop")
+        h, w = dec.rgb.shape[:2]
+        rows = []
+        for k, (box, label) in enumerate(zip(boxes, labels)):
+            x0, y0, x1, y1 = _crop_box(box, w, h, self.cfg.crop)
+            if x1 - x0 < self.cfg.min_side or y1 - y0 < self.cfg.min_side:
+                raise images.ImageRejected("annotation_error", f"box {box} of cell {k} is outside/too small")
+            crop = dec.rgb[y0:y1, x0:x1]
+            if self.cfg.crop.size:
+                crop = np.asarray(Image.fromarray(crop).resize((self.cfg.crop.size,) * 2, Image.BICUBIC))
+            png = images.encode_png(crop)
+            stem = posixpath.splitext(rec["relpath"])[0]
+            uri = storage.join_uri(self.crops_uri, rec["dataset"], f"{stem}__cell{k}.png")
+            storage.write_bytes(uri, png, self.storage_cfg)
+            rows.append(self._row(rec, uri, _image_id(rec["dataset"], rec["relpath"], k), crop, label, png, "PNG", 1,
+                                  [x0, y0, x1, y1]))
+        return rows
+
+
+def _stage_marker(out_uri: str, stage: str) -> str:
+    return storage.join_uri(out_uri, "_stages", f"{stage}.json")
+
+
+def run_ingest(specs: list[DatasetSpec], out_uri: str, cfg: IngestConfig | None = None,
+               storage_cfg: storage.StorageConfig | None = None, force: bool = False) -> dict:
+    """Ingest ``specs`` into ``out_uri``; returns the summary (also ``summary.json``). Skips if done."""
+    import ray
+
+    cfg, storage_cfg = cfg or IngestConfig(), storage_cfg or storage.StorageConfig()
+    validate_specs(specs)
+    marker = _stage_marker(out_uri, "ingest")
+    if not force and storage.exists(marker, storage_cfg):
+        log.info("ingest already complete in %s (marker %s); skipping", out_uri, marker)
+        return json.loads(storage.read_bytes(marker, storage_cfg))
+
+    t0 = time.time()
+    records, ignored = list_inputs(specs, storage_cfg)
+    num_inputs = records.num_rows
+    fs, out_path = storage.filesystem(out_uri, storage_cfg)
+    pa_fs, _ = storage.arrow_filesystem(out_uri, storage_cfg)
+    staging = f"{out_path}/_staging/ingest-{uuid.uuid4().hex[:8]}"
+
+    ds = ray.data.from_arrow(records)
+    num_blocks = max(1, min(num_inputs // max(cfg.batch_size, 1), 200))
+    ds = ds.repartition(num_blocks)
+    # Stateless decode: plain tasks (no actor start-up), fractional CPUs so the driver keeps headroom.
+    ds = ds.map_batches(DecodeBatch(cfg, storage_cfg, storage.join_uri(out_uri, "crops")),
+                        batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=cfg.num_cpus)
+    ds.write_parquet(staging, filesystem=pa_fs, partition_cols=["status"])
+
+    # Commit: staged partitions -> final names (a rerun never sees half-written output).
+    manifest_path, quarantine_path = f"{out_path}/manifest.parquet", f"{out_path}/quarantine.parquet"
+    for p in (manifest_path, quarantine_path):
+        if fs.exists(p):
+            fs.rm(p, recursive=True)
+    kept_dir, q_dir = f"{staging}/status=kept", f"{staging}/status=quarantined"
+    if fs.exists(kept_dir):
+        manifest = _read_dir(fs, kept_dir).drop_columns(["reason", "detail"])
+    else:
+        manifest = MANIFEST_SCHEMA.empty_table()
+    quarantine = _read_dir(fs, q_dir).select(QUARANTINE_SCHEMA.names) if fs.exists(q_dir) else \
+        QUARANTINE_SCHEMA.empty_table()
+    _write_table(fs, manifest.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA), manifest_path, out_path)
+    _write_table(fs, quarantine.cast(QUARANTINE_SCHEMA), quarantine_path, out_path)
+    fs.rm(staging, recursive=True)
+
+    summary = summarize(records, manifest, quarantine, ignored)
+    summary["seconds"] = round(time.time() - t0, 2)
+    storage.write_bytes(storage.join_uri(out_uri, "summary.json"), json.dumps(summary, indent=2).encode(),
+                        storage_cfg)
+    storage.write_bytes(marker, json.dumps(summary).encode(), storage_cfg)
+    return summary
+
+
+def _read_dir(fs, path: str) -> pa.Table:
+    files = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+    tables = [pq.read_table(io.BytesIO(fs.cat_file(p))) for p in files]
+    tables = [t.drop_columns([c for c in ("status",) if c in t.column_names]) for t in tables]
+    return pa.concat_tables(tables, promote_options="permissive") if tables else _STAGED.empty_table()
+
+
+def _write_table(fs, table: pa.Table, path: str, out_path: str) -> None:
+    """Sorted by the first column (deterministic files), written to a temp name then moved into place."""
+    table = table.sort_by(table.column_names[0]) if table.num_rows else table
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    tmp = f"{out_path}/_staging/{uuid.uuid4().hex}.parquet"
+    fs.pipe_file(tmp, buf.getvalue().to_pybytes())
+    fs.mv(tmp, path)
+
+
+def summarize(records: pa.Table, manifest: pa.Table, quarantine: pa.Table, ignored: dict) -> dict:
+    """Per-dataset accounting; raises if any input file is unaccounted for (a contract check)."""
+    inputs = Counter(records.column("dataset").to_pylist())
+    per: dict[str, dict] = {}
+    m = manifest.select(["dataset", "source_uri", "source_label", "cell_type", "crop_box"]).to_pylist()
+    kept_files = defaultdict(set)
+    images_kept, crops = Counter(), Counter()
+    unknown = defaultdict(Counter)
+    cell_types = defaultdict(Counter)
+    for row in m:
+        kept_files[row["dataset"]].add(row["source_uri"])
+        images_kept[row["dataset"]] += 1
+        crops[row["dataset"]] += row["crop_box"] is not None
+        cell_types[row["dataset"]][row["cell_type"] or "unknown"] += 1
+        if row["cell_type"] is None and row["source_label"] is not None:
+            unknown[row["dataset"]][row["source_label"]] += 1
+    reasons = defaultdict(Counter)
+    for row in quarantine.select(["dataset", "reason"]).to_pylist():
+        reasons[row["dataset"]][row["reason"]] += 1
+    for name in inputs:
+        q = sum(reasons[name].values())
+        per[name] = {
+            "input_files": inputs[name], "kept_files": len(kept_files[name]), "quarantined_files": q,
+            "kept_images": images_kept[name], "cropped_cells": crops[name],
+            "quarantine_reasons": dict(reasons[name]), "unknown_labels": dict(unknown[name]),
+            "cell_types": dict(cell_types[name]), "ignored_files": ignored.get(name, {}).get("count", 0),
+            "ignored_examples": ignored.get(name, {}).get("examples", []),
+        }
+        if per[name]["input_files"] != per[name]["kept_files"] + q:
+            raise AssertionError(f"ingest accounting broken for {name}: {per[name]}")
+    total = {k: sum(d[k] for d in per.values()) for k in
+             ("input_files", "kept_files", "quarantined_files", "kept_images", "cropped_cells", "ignored_files")}
+    return {"stage": "ingest", "datasets": per, "total": total}
