@@ -77,7 +77,6 @@ def _s3_options(cfg: StorageConfig) -> dict:
             "read_timeout": cfg.read_timeout_s,
         },
         "client_kwargs": {},
-        "skip_instance_cache": True,
     }
     if endpoint:
         opts["endpoint_url"] = endpoint

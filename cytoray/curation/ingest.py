@@ -130,8 +130,11 @@ def _crop_box(box, width, height, crop: CropConfig) -> list[int]:
     return [int(max(0, cx - half)), int(max(0, cy - half)), int(min(width, cx + half)), int(min(height, cy + half))]
 
 
-def _mask_box(data: bytes) -> list[int] | None:
-    m = np.asarray(Image.open(io.BytesIO(data)).convert("L")) > 0
+def _mask_box(data: bytes, uri: str) -> list[int] | None:
+    try:
+        m = np.asarray(Image.open(io.BytesIO(data)).convert("L")) > 0
+    except Exception as exc:
+        raise images.ImageRejected("annotation_error", f"mask {uri} unreadable: {exc}") from None
     if not m.any():
         return None
     ys, xs = np.nonzero(m)
@@ -151,9 +154,9 @@ class DecodeBatch:
                 out.extend(self._one(rec))
             except images.ImageRejected as exc:
                 out.append(self._reject(rec, exc.reason, exc.detail))
-            except Exception as exc:  # read failures after retries, annotation problems
-                reason = "annotation_error" if isinstance(exc, (ValueError, KeyError)) else "unreadable"
-                out.append(self._reject(rec, reason, f"{type(exc).__name__}: {exc}"[:500]))
+            except OSError as exc:  # read failed after retries (missing object, permissions, network)
+                out.append(self._reject(rec, "unreadable", f"{type(exc).__name__}: {exc}"[:500]))
+            # Anything else is a bug, not bad data: it fails the run loudly rather than hiding in quarantine.
         return pa.Table.from_pylist(out, schema=_STAGED)
 
     def _reject(self, rec, reason, detail):
@@ -182,7 +185,7 @@ class DecodeBatch:
         if rec["boxes"] is not None:
             boxes, labels = rec["boxes"], rec["box_labels"] or [None] * len(rec["boxes"])
         else:
-            boxes = [_mask_box(storage.read_bytes(u, self.storage_cfg)) for u in rec["mask_uris"]]
+            boxes = [_mask_box(storage.read_bytes(u, self.storage_cfg), u) for u in rec["mask_uris"]]
             labels = [rec["source_label"]] * len(boxes)
             boxes = [b for b in boxes if b is not None]
         if not boxes:

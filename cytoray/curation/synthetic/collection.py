@@ -169,7 +169,8 @@ def generate_collection(out_dir: str, spec: CollectionSpec | None = None,
     # Duplicates: exact (same pixels, lossless re-encode, same dataset) and near (transformed; within or
     # across datasets). Field datasets and multi-frame/EXIF oddities are not duplicated.
     single = [n for n, p in plans.items() if p.layout not in FIELD_LAYOUTS and p.path_for_label is not None]
-    extra_index = 900000
+    extra_index, num_near = 900000, 0
+    cross_every = round(1 / spec.cross_dataset_share) if spec.cross_dataset_share > 0 else 0
     for name in single:
         plan = plans[name]
         candidates = [it for it in plan.items if it.mode in ("RGB", "RGBA")]
@@ -180,7 +181,9 @@ def generate_collection(out_dir: str, spec: CollectionSpec | None = None,
             src = candidates[int(idx)]
             exact = j < n_exact
             target = name
-            if not exact and rng.random() < spec.cross_dataset_share:
+            num_near += not exact
+            # Every k-th near-duplicate goes to another dataset (deterministic, so small sets get some too).
+            if not exact and cross_every and (num_near - 1) % cross_every == 0:
                 options = [t for t in single if t != name and src.cell_class in plans[t].label_for_class]
                 if options:
                     target = options[int(rng.integers(len(options)))]

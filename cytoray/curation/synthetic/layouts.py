@@ -343,8 +343,9 @@ def plan_class_folders(name, rng, n):
         mode, fmt = modes[i % len(modes)]
         return f"{lab}/{names[i % len(names)].format(i=i)}.{'tif' if fmt == 'tiff' else fmt}"
     plan = _single_cell_plan(name, "class_folders", rng, n, labels, path)
-    for it in plan.items:
-        it.mode, it.fmt = modes[it.index % len(modes)]
+    for g, it in enumerate(plan.items):  # cycle modes over the whole set so even tiny sets hold every kind
+        it.index, it.relpath = g, path(it.source_label, g)
+        it.mode, it.fmt = modes[g % len(modes)]
     return plan
 
 

@@ -1,0 +1,149 @@
+"""Test and benchmark infrastructure: a real local S3 endpoint and a proxy that injects S3 failures.
+
+``local_s3()`` starts moto's S3 server on 127.0.0.1 (a real HTTP endpoint; boto3, s3fs and pyarrow talk to
+it exactly as to AWS). ``FlakyProxy`` sits in front of any endpoint and answers every ``fail_every``-th
+request with an S3 ``503 SlowDown`` / ``500 InternalError`` or a dropped connection, so retry paths run
+for real. Needs the ``dev`` extra (moto[server]).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from cytoray.storage import StorageConfig, filesystem
+
+TEST_CREDENTIALS = {"access_key_id": "testing", "secret_access_key": "testing-secret-not-real"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_s3(bucket: str = "cytoray-test") -> Iterator[StorageConfig]:
+    """A moto S3 server on 127.0.0.1 with ``bucket`` created; yields the StorageConfig to reach it."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    cfg = StorageConfig(endpoint_url=f"http://127.0.0.1:{port}", region="us-east-1", max_attempts=8,
+                        base_delay_s=0.01, max_delay_s=0.2, **TEST_CREDENTIALS)
+    try:
+        import boto3
+
+        boto3.client("s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region,
+                     aws_access_key_id=cfg.access_key_id,
+                     aws_secret_access_key=cfg.secret_access_key).create_bucket(Bucket=bucket)
+        yield cfg
+    finally:
+        server.stop()
+
+
+def upload_dir(local_dir: str, uri: str, cfg: StorageConfig) -> None:
+    fs, path = filesystem(uri, cfg)
+    for root, _, files in os.walk(local_dir):
+        for name in files:
+            src = os.path.join(root, name)
+            rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
+            with open(src, "rb") as fh:
+                fs.pipe_file(f"{path}/{rel}", fh.read())
+
+
+class FlakyProxy:
+    """HTTP proxy to ``upstream`` that fails every ``fail_every``-th request (cycling 503/500/drop)."""
+
+    FAILURES = ("slowdown", "internal", "drop")
+
+    def __init__(self, upstream: str, fail_every: int = 4):
+        host, port = upstream.replace("http://", "").split(":")
+        self.upstream = (host, int(port))
+        self.fail_every = fail_every
+        self.requests = 0
+        self.injected = {k: 0 for k in self.FAILURES}
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks = []
+                    while True:
+                        size = int(self.rfile.readline().strip().split(b";")[0], 16)
+                        if size == 0:
+                            self.rfile.readline()
+                            break
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                    return b"".join(chunks)
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _handle(self):
+                body = self._body()
+                failure = proxy._next_failure()
+                if failure == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if failure:
+                    status, code = (503, "SlowDown") if failure == "slowdown" else (500, "InternalError")
+                    payload = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
+                               f"<Message>injected by FlakyProxy</Message></Error>").encode()
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"}
+                headers["Content-Length"] = str(len(body))
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "content-length", "connection", "server", "date"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", _free_port()), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def _next_failure(self) -> str | None:
+        with self._lock:
+            self.requests += 1
+            if self.requests % self.fail_every:
+                return None
+            kind = self.FAILURES[(self.requests // self.fail_every) % len(self.FAILURES)]
+            self.injected[kind] += 1
+            return kind
+
+    def __enter__(self) -> FlakyProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()

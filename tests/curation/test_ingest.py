@@ -1,0 +1,127 @@
+"""Ingest over a real local Ray instance on the synthetic collection (all layouts, planted bad files)."""
+
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from cytoray.curation.ingest import CropConfig, DatasetSpec, IngestConfig, run_ingest, validate_specs
+
+
+def specs_of(collection, names=None):
+    return [DatasetSpec(**d) for d in collection["datasets"] if names is None or d["name"] in names]
+
+
+@pytest.fixture(scope="module")
+def ingested(ray_local, collection, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ingest"))
+    summary = run_ingest(specs_of(collection), out, IngestConfig(crop=CropConfig(margin=0.1, size=64)))
+    return out, summary
+
+
+def test_every_input_is_kept_or_quarantined(ingested, ground_truth):
+    out, summary = ingested
+    manifest = pq.read_table(f"{out}/manifest.parquet").to_pandas()
+    quarantine = pq.read_table(f"{out}/quarantine.parquet").to_pandas()
+    for name, d in summary["datasets"].items():
+        assert d["input_files"] == d["kept_files"] + d["quarantined_files"], name
+    gt_files = ground_truth[ground_truth.kind != "crop"]
+    assert summary["total"]["input_files"] == len(gt_files) + ground_truth[ground_truth.kind == "crop"].relpath.nunique()
+    # kept rows = originals + duplicates + one row per annotated cell
+    assert len(manifest) == len(ground_truth[ground_truth.kind != "bad"])
+    assert sorted(manifest.image_id) == sorted(ground_truth[ground_truth.kind != "bad"].image_id)
+    assert manifest.image_id.is_unique
+    assert len(quarantine) == (ground_truth.kind == "bad").sum()
+    on_disk = json.load(open(f"{out}/summary.json"))
+    assert on_disk["total"] == summary["total"]
+
+
+def test_bad_files_are_quarantined_with_the_right_reason(ingested, ground_truth, collection):
+    out, summary = ingested
+    q = pq.read_table(f"{out}/quarantine.parquet").to_pandas()
+    roots = {d["name"]: d["uri"] for d in collection["datasets"]}
+    got = {(r.dataset, r.uri[len(roots[r.dataset]) + 1:]): r.reason for r in q.itertuples()}
+    bad = ground_truth[ground_truth.kind == "bad"]
+    expected = {(r.dataset, r.relpath): r.expected_reason for r in bad.itertuples()}
+    assert got == expected
+    for name, d in summary["datasets"].items():
+        assert d["quarantine_reasons"] == {k: 1 for k in ("empty_file", "truncated", "not_an_image", "too_small",
+                                                          "too_large")}, name
+    assert all(q.detail.str.len() > 0)
+
+
+def test_manifest_schema_labels_and_patients(ingested, ground_truth):
+    out, _ = ingested
+    m = pq.read_table(f"{out}/manifest.parquet").to_pandas().set_index("image_id")
+    for col in ("uri", "dataset", "modality", "source_label", "cell_type", "patient_id", "patient_label", "width",
+                "height", "content_sha256", "pixel_sha256"):
+        assert col in m.columns
+    assert set(m.modality) == {"peripheral_blood", "bone_marrow"}
+    assert (m.loc[m.dataset == "bmc", "modality"] == "bone_marrow").all()
+    gt = ground_truth.set_index("image_id")
+    hehr = m[m.dataset == "aml_hehr"]
+    assert (hehr.patient_label == gt.loc[hehr.index, "patient_label"]).all()
+    assert (m.loc[m.dataset == "acevedo", "width"] == 360).all() and (m.loc[m.dataset == "acevedo", "height"] == 363).all()
+    assert (m.loc[m.dataset == "matek", "width"].isin([400])).mean() > 0.8  # cross-dataset copies are resized
+
+
+def test_unknown_labels_are_kept_and_reported(ingested):
+    out, summary = ingested
+    m = pq.read_table(f"{out}/manifest.parquet").to_pandas()
+    unknown = m[m.cell_type.isna() & m.source_label.notna()]
+    assert len(unknown) > 0  # e.g. the private set's "Blast cells" folder, LISC's "mixt"
+    for name, d in summary["datasets"].items():
+        counts = unknown[unknown.dataset == name].source_label.value_counts().to_dict()
+        assert d["unknown_labels"] == counts, name
+    assert "Blast cells" in summary["datasets"]["private"]["unknown_labels"]
+
+
+def test_crops_are_written_one_per_cell(ingested, ground_truth):
+    out, summary = ingested
+    m = pq.read_table(f"{out}/manifest.parquet").to_pandas()
+    crops = m[m.crop_box.notna()]
+    assert len(crops) == (ground_truth.kind == "crop").sum() == summary["total"]["cropped_cells"]
+    assert set(crops.dataset) == {"bccd", "segpc"}
+    assert (crops.width == 64).all() and (crops.height == 64).all()
+    assert all(os.path.exists(u) for u in crops.uri)
+    assert (crops.source_uri != crops.uri).all()
+    segpc = crops[crops.dataset == "segpc"]
+    assert (segpc.cell_type == "plasma_cell").all()
+
+
+def test_formats_modes_and_unicode_names(ingested):
+    out, _ = ingested
+    m = pq.read_table(f"{out}/manifest.parquet").to_pandas()
+    private = m[m.dataset == "private"]
+    assert set(private.format) >= {"PNG", "JPEG", "TIFF", "BMP"}
+    assert (private.num_frames > 1).any()  # multi-page TIFF kept (first page), page count recorded
+    assert any("größe" in u for u in private.uri) and any("细胞" in u for u in private.uri)
+    assert any(" " in u for u in m[m.dataset == "lisc"].uri)
+
+
+def test_rerun_skips_and_forced_rerun_gives_same_ids(ray_local, collection, tmp_path):
+    specs = specs_of(collection, {"matek", "bccd", "private"})
+    out = str(tmp_path / "run")
+    first = run_ingest(specs, out)
+    ids1 = sorted(pq.read_table(f"{out}/manifest.parquet").column("image_id").to_pylist())
+    mtime = os.path.getmtime(f"{out}/manifest.parquet")
+    again = run_ingest(specs, out)  # marker present: skipped, nothing rewritten
+    assert again["total"] == first["total"] and os.path.getmtime(f"{out}/manifest.parquet") == mtime
+    run_ingest(specs, out, force=True)
+    assert sorted(pq.read_table(f"{out}/manifest.parquet").column("image_id").to_pylist()) == ids1
+    assert not os.path.exists(f"{out}/_staging") or not os.listdir(f"{out}/_staging")
+
+
+def test_spec_validation_names_the_problem(collection):
+    good = specs_of(collection, {"matek"})[0]
+    with pytest.raises(ValueError, match="no datasets configured"):
+        validate_specs([])
+    with pytest.raises(ValueError, match="unique.*matek"):
+        validate_specs([good, good])
+    with pytest.raises(ValueError, match="modality 'blood'"):
+        validate_specs([DatasetSpec("x", "matek", "/tmp", "blood")])
+    with pytest.raises(ValueError, match="`uri` is required"):
+        validate_specs([DatasetSpec("x", "matek")])
+    with pytest.raises(ValueError, match="unknown layout"):
+        validate_specs([DatasetSpec("x", "nope", "/tmp")])

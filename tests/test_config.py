@@ -1,0 +1,73 @@
+from dataclasses import dataclass, field
+
+import pytest
+import yaml
+
+from cytoray import config
+from cytoray.storage import StorageConfig
+
+
+@dataclass
+class Inner:
+    batch_size: int = 32
+    ratio: float = 0.5
+
+
+@dataclass
+class Schema:
+    name: str = "???"
+    inner: Inner = field(default_factory=Inner)
+    tags: list[str] = field(default_factory=list)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+def write(tmp_path, name, data):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_merge_order_defaults_then_files_then_cli(tmp_path):
+    defaults = write(tmp_path, "d.yaml", {"name": "base", "inner": {"batch_size": 8, "ratio": 0.1}})
+    override = write(tmp_path, "o.yaml", {"inner": {"batch_size": 16}})
+    cfg = config.load_config(Schema, defaults, [override], ["inner.ratio=0.9", "tags=[a,b]"])
+    assert (cfg.name, cfg.inner.batch_size, cfg.inner.ratio, list(cfg.tags)) == ("base", 16, 0.9, ["a", "b"])
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(config.ConfigError, match="inner.batchsize"):
+        config.load_config(Schema, None, [], ["name=x", "inner.batchsize=3"])
+    bad = write(tmp_path, "bad.yaml", {"name": "x", "inenr": {"batch_size": 1}})
+    with pytest.raises(config.ConfigError, match=r"bad\.yaml.*inenr"):
+        config.load_config(Schema, bad)
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(config.ConfigError, match="inner.batch_size"):
+        config.load_config(Schema, None, [], ["name=x", "inner.batch_size=lots"])
+
+
+def test_missing_required_value_is_named():
+    with pytest.raises(config.ConfigError, match="name"):
+        config.load_config(Schema)
+
+
+def test_bad_cli_and_missing_file(tmp_path):
+    with pytest.raises(config.ConfigError, match="key=value"):
+        config.load_config(Schema, None, [], ["+name=x"])
+    with pytest.raises(config.ConfigError, match="not found"):
+        config.load_config(Schema, tmp_path / "nope.yaml")
+    with pytest.raises(config.ConfigError, match="unexpected argument"):
+        config.split_cli(["name=x", "stray"])
+    assert config.split_cli(["--config", "a.yaml", "--config=b.yaml", "k=v"]) == (["a.yaml", "b.yaml"], ["k=v"])
+
+
+def test_saved_config_is_resolved_and_redacted(tmp_path):
+    cfg = config.load_config(Schema, None, [], ["name=run", "storage.secret_access_key=hunter2",
+                                                "storage.access_key_id=AKIAXXXX", "storage.region=eu-west-1"])
+    uri = config.save_config(cfg, str(tmp_path / "run"))
+    text = open(uri).read()
+    assert "hunter2" not in text and "AKIAXXXX" not in text
+    saved = yaml.safe_load(text)
+    assert saved["storage"]["secret_access_key"] == "***" and saved["storage"]["region"] == "eu-west-1"
+    assert saved["name"] == "run" and saved["inner"]["batch_size"] == 32

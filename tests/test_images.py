@@ -1,0 +1,67 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cytoray import images
+from cytoray.curation.synthetic.collection import _bad_file
+from cytoray.curation.synthetic.layouts import encode
+
+RGB = (np.random.default_rng(0).integers(0, 255, (40, 60, 3))).astype(np.uint8)
+
+
+@pytest.mark.parametrize("fmt,mode", [
+    ("png", "RGB"), ("jpg", "RGB"), ("tiff", "RGB"), ("bmp", "RGB"), ("png", "L"), ("png", "RGBA"),
+    ("png", "P"), ("jpg", "CMYK"), ("tiff", "I;16"), ("tiff", "multipage"),
+])
+def test_decodes_every_supported_kind_to_rgb(fmt, mode):
+    dec = images.decode(encode(RGB, fmt, 95, mode))
+    assert dec.rgb.dtype == np.uint8 and dec.rgb.shape == (40, 60, 3)
+    assert dec.num_frames == (2 if mode == "multipage" else 1)
+    if (fmt, mode) in (("png", "RGB"), ("tiff", "RGB"), ("bmp", "RGB"), ("png", "RGBA"), ("tiff", "multipage")):
+        assert np.array_equal(dec.rgb, RGB)  # lossless: exact pixels (RGBA alpha=255 composites to itself)
+    if mode == "I;16":  # 16-bit scaled back to 8-bit: the grayscale values survive
+        gray = np.asarray(Image.fromarray(RGB).convert("L"))
+        assert np.abs(dec.rgb[..., 0].astype(int) - gray).max() <= 1
+
+
+def test_exif_orientation_is_applied():
+    yy, xx = np.mgrid[0:40, 0:60]
+    smooth = np.stack([xx * 4, yy * 6, np.full_like(xx, 128)], -1).astype(np.uint8)  # orientation-revealing ramp
+    data = encode(smooth, "jpg", 95, "exif")
+    assert Image.open(io.BytesIO(data)).size == (40, 60)  # stored rotated
+    dec = images.decode(data)
+    assert dec.rgb.shape == (40, 60, 3)  # displayed upright
+    assert np.abs(dec.rgb.astype(int) - smooth).mean() < 3
+
+
+def test_transparency_composites_on_white():
+    rgba = np.zeros((20, 20, 4), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, "PNG")
+    assert (images.decode(buf.getvalue()).rgb == 255).all()
+
+
+@pytest.mark.parametrize("kind", ["empty_file", "truncated", "not_an_image", "too_small", "too_large"])
+@pytest.mark.parametrize("fmt", ["jpg", "png", "tiff"])
+def test_rejections_have_reasons(kind, fmt):
+    data = _bad_file(kind, fmt, np.random.default_rng(1))
+    with pytest.raises(images.ImageRejected) as err:
+        images.decode(data)
+    assert err.value.reason == kind
+
+
+def test_limits_are_configurable():
+    data = encode(RGB, "png")
+    with pytest.raises(images.ImageRejected, match="too_small"):
+        images.decode(data, min_side=50)
+    with pytest.raises(images.ImageRejected, match="too_large"):
+        images.decode(data, max_pixels=40 * 60 - 1)
+
+
+def test_pixel_hash_ignores_container_but_not_pixels():
+    h = images.pixel_sha256(images.decode(encode(RGB, "png")).rgb)
+    assert h == images.pixel_sha256(images.decode(encode(RGB, "tiff")).rgb)
+    assert h == images.pixel_sha256(images.decode(encode(RGB, "bmp")).rgb)
+    assert h != images.pixel_sha256(images.decode(encode(RGB[:, ::-1].copy(), "png")).rgb)

@@ -1,0 +1,102 @@
+import os
+
+import botocore.exceptions
+import pytest
+
+from cytoray import storage
+
+
+def test_split_protocol_and_join():
+    assert storage.split_protocol("s3://b/k/x.png") == ("s3", "b/k/x.png")
+    assert storage.split_protocol("file:///tmp/a") == ("file", "/tmp/a")
+    assert storage.split_protocol("rel/dir")[1] == os.path.abspath("rel/dir")
+    assert storage.join_uri("s3://b/run/", "/crops", "x.png") == "s3://b/run/crops/x.png"
+
+
+def test_unknown_scheme_names_the_fix():
+    with pytest.raises(ValueError, match="nosuchfs://.*install the fsspec backend"):
+        storage.filesystem("nosuchfs://bucket/key")
+
+
+def test_s3_options_come_from_config_or_environment(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_REGION", "eu-central-1")
+    fs, path = storage.filesystem("s3://bucket/prefix", storage.StorageConfig())
+    assert path == "bucket/prefix"
+    assert fs.endpoint_url == "http://127.0.0.1:9"
+    assert fs.client_kwargs["region_name"] == "eu-central-1"
+    fs2, _ = storage.filesystem("s3://bucket", storage.StorageConfig(endpoint_url="http://127.0.0.1:7", max_attempts=3))
+    assert fs2.endpoint_url == "http://127.0.0.1:7"
+    assert fs2.config_kwargs["retries"] == {"max_attempts": 3, "mode": "standard"}
+
+
+def _client_error(status, code):
+    return botocore.exceptions.ClientError(
+        {"Error": {"Code": code, "Message": "x"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+
+@pytest.mark.parametrize("exc,transient", [
+    (TimeoutError("read timed out"), True),
+    (ConnectionResetError(), True),
+    (_client_error(503, "SlowDown"), True),
+    (_client_error(500, "InternalError"), True),
+    (_client_error(400, "Throttling"), True),
+    (_client_error(404, "NoSuchKey"), False),
+    (_client_error(403, "AccessDenied"), False),
+    (FileNotFoundError("s3://b/k"), False),
+])
+def test_is_transient(exc, transient):
+    assert storage.is_transient(exc) is transient
+    wrapped = OSError("wrapped")
+    wrapped.__cause__ = exc
+    assert storage.is_transient(wrapped) is transient
+
+
+def test_with_retries_retries_transient_then_succeeds_and_is_bounded():
+    cfg = storage.StorageConfig(max_attempts=4, base_delay_s=0.001, max_delay_s=0.002)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise _client_error(503, "SlowDown")
+        return "ok"
+
+    assert storage.with_retries(flaky, cfg) == "ok" and len(calls) == 3
+    calls.clear()
+
+    def always():
+        calls.append(1)
+        raise TimeoutError("timed out")
+
+    with pytest.raises(TimeoutError):
+        storage.with_retries(always, cfg)
+    assert len(calls) == 4  # bounded by max_attempts
+
+
+def test_with_retries_does_not_retry_permanent_errors():
+    calls = []
+
+    def missing():
+        calls.append(1)
+        raise FileNotFoundError("gone")
+
+    with pytest.raises(FileNotFoundError):
+        storage.with_retries(missing, storage.StorageConfig(max_attempts=5))
+    assert len(calls) == 1
+
+
+def test_local_write_is_atomic_and_readable(tmp_path):
+    uri = str(tmp_path / "a" / "b.bin")
+    storage.write_bytes(uri, b"hello")
+    assert storage.read_bytes(uri) == b"hello" and storage.exists(uri)
+    assert [p for p in os.listdir(tmp_path / "a")] == ["b.bin"]  # no temp files left behind
+
+
+def test_redact():
+    data = {"storage": {"secret_access_key": "s", "access_key_id": "a", "session_token": "t", "region": "r",
+                        "endpoint_url": "http://x"}, "keep": [{"password": "p"}], "monkey_count": 3}
+    red = storage.redact(data)
+    assert red["storage"] == {"secret_access_key": "***", "access_key_id": "***", "session_token": "***",
+                              "region": "r", "endpoint_url": "http://x"}
+    assert red["keep"] == [{"password": "***"}] and red["monkey_count"] == 3
