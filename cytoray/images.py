@@ -72,8 +72,9 @@ def decode(data: bytes, min_side: int = 16, max_pixels: int = 50_000_000) -> Dec
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img.load()
-            img = ImageOps.exif_transpose(img)
-            rgb = np.asarray(_to_rgb(img))
+            if img.getexif().get(0x0112, 1) != 1:  # transpose (a full copy) only when the tag asks for it
+                img = ImageOps.exif_transpose(img)
+            rgb = np.asarray(img if img.mode == "RGB" else _to_rgb(img))
     except OSError as exc:
         raise ImageRejected("truncated", str(exc)) from None
     except Exception as exc:

@@ -8,6 +8,7 @@ segmentation fields give one row per cropped cell) or in ``quarantine.parquet`` 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -69,8 +70,12 @@ class CropConfig:
 class IngestConfig:
     min_side: int = 16  # images smaller than this (pixels) are quarantined as too_small
     max_pixels: int = 50_000_000  # larger (width*height, from the header) are quarantined as too_large
-    batch_size: int = 32  # files per map_batches call
+    batch_size: int = 128  # files per map_batches call (larger amortises per-task overhead)
     num_cpus: float = 0.5  # CPUs per decode task (fractional so small machines keep a core free)
+    max_blocks: int = 2000  # input blocks (units of scheduling); more blocks, finer streaming
+    # Ray Data reserves a share of the cluster per operator by default; on small nodes that runs the
+    # decode tasks one at a time (measured 2.7x slower on 2 CPUs, benchmarks/RESULTS.md). Off by default.
+    op_resource_reservation: bool = False
     crop: CropConfig = field(default_factory=CropConfig)
 
 
@@ -231,13 +236,19 @@ def run_ingest(specs: list[DatasetSpec], out_uri: str, cfg: IngestConfig | None 
     pa_fs, _ = storage.arrow_filesystem(out_uri, storage_cfg)
     staging = f"{out_path}/_staging/ingest-{uuid.uuid4().hex[:8]}"
 
-    ds = ray.data.from_arrow(records)
-    num_blocks = max(1, min(num_inputs // max(cfg.batch_size, 1), 200))
-    ds = ds.repartition(num_blocks)
-    # Stateless decode: plain tasks (no actor start-up), fractional CPUs so the driver keeps headroom.
-    ds = ds.map_batches(DecodeBatch(cfg, storage_cfg, storage.join_uri(out_uri, "crops")),
-                        batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=cfg.num_cpus)
-    ds.write_parquet(staging, filesystem=pa_fs, partition_cols=["status"])
+    # Blocks cut on the driver (no all-to-all repartition: that would be a barrier before any decoding),
+    # in a seeded random order so that datasets of large images do not all land in the last blocks.
+    records = records.take(np.random.default_rng(0).permutation(num_inputs))
+    rows_per_block = max(cfg.batch_size, -(-num_inputs // cfg.max_blocks))
+    # The context is captured when the Dataset is built, so it is set around construction and execution.
+    with data_context(op_resource_reservation_enabled=cfg.op_resource_reservation):
+        ds = ray.data.from_arrow([records.slice(i, rows_per_block) for i in range(0, num_inputs, rows_per_block)])
+        # Stateless decode: plain tasks (no actor start-up), fractional CPUs so the driver keeps headroom.
+        ds = ds.map_batches(DecodeBatch(cfg, storage_cfg, storage.join_uri(out_uri, "crops")),
+                            batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=cfg.num_cpus)
+        # Writing ~100 bytes per image is cheap: a full CPU per write task would starve the decoders.
+        ds.write_parquet(staging, filesystem=pa_fs, partition_cols=["status"],
+                         ray_remote_args={"num_cpus": 0.1})
 
     # Commit: staged partitions -> final names (a rerun never sees half-written output).
     manifest_path, quarantine_path = f"{out_path}/manifest.parquet", f"{out_path}/quarantine.parquet"
@@ -261,6 +272,22 @@ def run_ingest(specs: list[DatasetSpec], out_uri: str, cfg: IngestConfig | None 
                         storage_cfg)
     storage.write_bytes(marker, json.dumps(summary).encode(), storage_cfg)
     return summary
+
+
+@contextlib.contextmanager
+def data_context(**settings):
+    """Set Ray Data context fields for one execution, restoring them afterwards."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    saved = {k: getattr(ctx, k) for k in settings}
+    for k, v in settings.items():
+        setattr(ctx, k, v)
+    try:
+        yield ctx
+    finally:
+        for k, v in saved.items():
+            setattr(ctx, k, v)
 
 
 def _read_dir(fs, path: str) -> pa.Table:
