@@ -162,6 +162,10 @@ def with_retries(fn: Callable[[], T], cfg: StorageConfig | None = None, what: st
 
 
 def read_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:
+    protocol, path = split_protocol(uri)
+    if protocol == "file":  # plain open(): fsspec's local file wrapper costs more than the read itself
+        with open(path, "rb") as fh:
+            return fh.read()
     fs, path = filesystem(uri, cfg)
     return with_retries(lambda: fs.cat_file(path), cfg, what=f"read {uri}")
 

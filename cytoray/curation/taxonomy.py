@@ -102,3 +102,22 @@ def markdown_table() -> str:
     for layout, table in LAYOUT_LABELS.items():
         rows += [f"| {layout} | `{src}` | {dst} |" for src, dst in table.items()]
     return "\n".join(rows)
+
+
+def markdown_doc() -> str:
+    """docs/taxonomy.md — regenerate with ``python -m cytoray.curation.taxonomy > docs/taxonomy.md``."""
+    vocab = ", ".join(f"`{c}`" for c in CELL_TYPES)
+    return (
+        "# Cell-type taxonomy\n\n"
+        "Every source label is kept verbatim in `source_label`; `cell_type` is its unified name, or null when the\n"
+        "label is unknown (then it is counted under `unknown_labels` in `summary.json`, never dropped).\n"
+        "Generated from `cytoray/curation/taxonomy.py` (a test checks this file matches the code).\n\n"
+        f"Unified vocabulary: {vocab}.\n\n"
+        "Labels not in the per-layout table are matched case-insensitively against common names\n"
+        "(`neutrophil`, `plasma cell`, `myeloblast`, ...; see `COMMON` in the module).\n\n"
+        f"{markdown_table()}\n"
+    )
+
+
+if __name__ == "__main__":
+    print(markdown_doc(), end="")

@@ -121,3 +121,8 @@ def test_every_layout_has_an_adapter_and_a_taxonomy_entry():
     assert taxonomy.unify("lisc", "mixt") is None and taxonomy.unify("bmc", None) is None
     assert all(v in taxonomy.CELL_TYPES for t in taxonomy.LAYOUT_LABELS.values() for v in t.values())
     assert "| matek | `NGS` | neutrophil_segmented |" in taxonomy.markdown_table()
+
+
+def test_taxonomy_doc_matches_code():
+    doc = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "taxonomy.md")
+    assert open(doc).read() == taxonomy.markdown_doc(), "run: python -m cytoray.curation.taxonomy > docs/taxonomy.md"

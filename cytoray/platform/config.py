@@ -1,0 +1,85 @@
+"""The pretraining config schema (typed) and the presets that fill it (``cytoray/configs/*.yaml``).
+
+Presets: ``dinobloom_s``/``_b``/``_l``/``_g`` carry DinoBloom's published hyperparameters (Koch et al.
+2024) on DINOv2's defaults; ``debug`` is a tiny ViT for tests and the CPU demo. Derived values (scaled lr,
+schedules) come from pure functions in ``schedules.py``, never from placeholders in the yaml.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from cytoray import config as config_lib
+from cytoray.platform.data.augment import AugmentConfig
+from cytoray.platform.models.vit import ViTConfig
+from cytoray.platform.objective import ObjectiveConfig
+from cytoray.platform import schedules
+
+PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+@dataclass
+class MaskConfig:
+    mask_ratio: tuple[float, float] = (0.1, 0.5)  # fraction of patches masked, spread over masked images
+    mask_probability: float = 0.5  # share of global crops that get a mask
+    min_num_patches: int = 4
+    min_aspect: float = 0.3
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 2e-4  # scaled by lr_scaling with the total batch size
+    lr_scaling: str = "sqrt_wrt_1024"
+    min_lr: float = 1e-6
+    warmup_iters: int = 1000
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.2
+    momentum_teacher: float = 0.994
+    final_momentum_teacher: float = 1.0
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    teacher_temp_warmup_iters: int = 3000
+    freeze_last_layer_iters: int = 1250
+    layer_decay: float = 1.0
+    patch_embed_lr_mult: float = 0.2
+    clip_grad: float = 3.0
+    adamw_beta1: float = 0.9
+    adamw_beta2: float = 0.999
+
+
+@dataclass
+class ModelPreset:
+    """What the model issue owns: backbone, objective, augmentation, masking, optimisation."""
+
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    total_iters: int = 125000
+    batch_size_per_device: int = 32  # images per rank per step (each yields all global + local crops)
+
+
+def preset_path(name: str) -> str:
+    path = os.path.join(PRESET_DIR, f"{name}.yaml")
+    if not os.path.exists(path):
+        names = sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
+        raise config_lib.ConfigError(f"unknown preset {name!r}; available: {names}")
+    return path
+
+
+def load_preset(name: str, overrides=(), schema=ModelPreset):
+    """A validated preset with ``key=value`` overrides applied."""
+    return config_lib.load_config(schema, preset_path(name), [], list(overrides))
+
+
+def make_schedules(p: ModelPreset, total_batch_size: int) -> schedules.Schedules:
+    o = p.optim
+    lr = schedules.scaled_lr(o.base_lr, total_batch_size, o.lr_scaling)
+    return schedules.build_schedules(
+        total_iters=p.total_iters, lr=lr, min_lr=o.min_lr, warmup_iters=min(o.warmup_iters, p.total_iters),
+        wd=o.weight_decay, wd_end=o.weight_decay_end, momentum=o.momentum_teacher,
+        momentum_end=o.final_momentum_teacher, teacher_temp=o.teacher_temp,
+        warmup_teacher_temp=o.warmup_teacher_temp, teacher_temp_warmup_iters=o.teacher_temp_warmup_iters,
+        freeze_last_layer_iters=min(o.freeze_last_layer_iters, p.total_iters))

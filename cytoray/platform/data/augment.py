@@ -1,0 +1,271 @@
+"""Multi-crop augmentation for DINOv2 on decoded uint8 images, batched per crop size.
+
+Geometry runs on uint8 (crop first — a view — then one PIL resize of the crop only); colour runs once per
+batch of same-size crops as tensor maths: brightness/contrast/saturation/hue jitter, grayscale, Gaussian
+blur, solarize, and the hematology stain augmentations (HED-space jitter, Reinhard colour transfer from
+another image of the batch, RudolfV). Probabilities mean what they say: ``blur_p=1.0`` blurs every crop
+(DINOv2's ``GaussianBlur(p)`` passes ``1 - p`` to ``RandomApply``, so its effective blur probabilities
+differ from its config; not inherited here).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Ruifrok & Johnston colour deconvolution (as skimage.color.hed_from_rgb); rows: H, E, DAB in OD space.
+RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
+# Reinhard et al. 2001: RGB -> LMS -> log -> l-alpha-beta (decorrelated opponent space).
+_LMS = torch.tensor([[0.3811, 0.5783, 0.0402], [0.1967, 0.7244, 0.0782], [0.0241, 0.1288, 0.8444]])
+_LAB = torch.diag(torch.tensor([1 / math.sqrt(3), 1 / math.sqrt(6), 1 / math.sqrt(2)])) @ torch.tensor(
+    [[1.0, 1.0, 1.0], [1.0, 1.0, -2.0], [1.0, -1.0, 0.0]])
+
+
+@dataclass
+class CropSpec:
+    """One kind of crop: how many per image, output size, area range and the photometric probabilities."""
+
+    number: int = 2
+    size: int = 224
+    scale: tuple[float, float] = (0.32, 1.0)
+    blur_p: float = 0.5
+    solarize_p: float = 0.0
+
+
+@dataclass
+class AugmentConfig:
+    """Defaults follow DinoBloom: DINOv2's multi-crop with vertical flips and 90° rotations, no solarize."""
+
+    global_crops: CropSpec = field(default_factory=lambda: CropSpec(2, 224, (0.32, 1.0), 1.0, 0.0))
+    # DINOv2 gives the second global crop blur 0.1 and solarize 0.2; per-crop-index overrides:
+    second_global_blur_p: float = 0.1
+    second_global_solarize_p: float = 0.0
+    local_crops: CropSpec = field(default_factory=lambda: CropSpec(8, 98, (0.05, 0.32), 0.5, 0.0))
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip_p: float = 0.5
+    vflip_p: float = 0.5  # hematology: cells have no up/down
+    rot90: bool = True  # random multiple of 90° (DinoBloom)
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    hed_p: float = 0.0  # HED-space stain jitter probability
+    hed_sigma: float = 0.05  # scale ~ U(1±σ), shift ~ U(±σ) per stain channel
+    reinhard_p: float = 0.0  # Reinhard colour transfer from another image of the batch
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+def sample_crop_box(h: int, w: int, scale, ratio, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random-resized crop (torchvision's sampling, 10 tries then centre)."""
+    area = h * w
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        ar = math.exp(rng.uniform(*log_r))
+        cw, ch = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+    in_ratio = w / h
+    if in_ratio < ratio[0]:
+        cw, ch = w, int(round(w / ratio[0]))
+    elif in_ratio > ratio[1]:
+        ch, cw = h, int(round(h * ratio[1]))
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def crop_geometry(img: np.ndarray, spec: CropSpec, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """uint8 H×W×3 -> uint8 size×size×3: crop (view), resize the crop only, flips, 90° rotation."""
+    top, left, ch, cw = sample_crop_box(img.shape[0], img.shape[1], spec.scale, cfg.ratio, rng)
+    out = np.asarray(Image.fromarray(img[top : top + ch, left : left + cw]).resize((spec.size, spec.size),
+                                                                                    Image.BICUBIC))
+    if rng.random() < cfg.hflip_p:
+        out = out[:, ::-1]
+    if rng.random() < cfg.vflip_p:
+        out = out[::-1]
+    if cfg.rot90:
+        out = np.rot90(out, int(rng.integers(0, 4)))
+    return out
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _per(n: int, p: float, g: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=g) < p
+
+
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=g)
+
+
+def color_jitter(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    """x: (N,3,H,W) float in [0,1]; each crop jittered with probability jitter_p (fixed op order)."""
+    n = x.shape[0]
+    on = _per(n, cfg.jitter_p, g).view(n, 1, 1, 1).float()
+
+    def factor(strength):
+        return (1 + on * (_uniform(n, -strength, strength, g).view(n, 1, 1, 1)))
+
+    x = (x * factor(cfg.brightness)).clamp_(0, 1)
+    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+    x = (mean + factor(cfg.contrast) * (x - mean)).clamp_(0, 1)
+    x = (_gray(x) + factor(cfg.saturation) * (x - _gray(x))).clamp_(0, 1)
+    if cfg.hue:
+        # Hue rotation in YIQ: rotate the chroma plane by 2π·h (h ~ U(-hue, hue)).
+        theta = (on.view(n) * _uniform(n, -cfg.hue, cfg.hue, g)) * 2 * math.pi
+        yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+        rgb = torch.linalg.inv(yiq)
+        c, s = torch.cos(theta), torch.sin(theta)
+        rot = torch.zeros(n, 3, 3)
+        rot[:, 0, 0] = 1
+        rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = c, -s, s, c
+        m = rgb @ rot @ yiq  # (n,3,3)
+        x = torch.einsum("nij,njhw->nihw", m, x).clamp_(0, 1)
+    return x
+
+
+def gaussian_blur(x: torch.Tensor, p: float, sigma_range, g: torch.Generator) -> torch.Tensor:
+    """Blur each crop with probability p, sigma ~ U(sigma_range); kernel covers ±3σ (odd size)."""
+    n = x.shape[0]
+    which = torch.nonzero(_per(n, p, g)).flatten()
+    if len(which) == 0:
+        return x
+    sigmas = _uniform(len(which), *sigma_range, g)
+    radius = int(math.ceil(3 * float(sigmas.max())))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-(t[None] ** 2) / (2 * sigmas[:, None] ** 2))
+    k = k / k.sum(1, keepdim=True)  # (m, K)
+    sub = x[which]  # (m,3,H,W)
+    m, _, h, w = sub.shape
+    kk = k.repeat_interleave(3, 0)  # (3m, K)
+    y = F.pad(sub.reshape(1, 3 * m, h, w), (radius, radius, radius, radius), mode="reflect")
+    y = F.conv2d(y, kk.view(3 * m, 1, 1, -1), groups=3 * m)
+    y = F.conv2d(y, kk.view(3 * m, 1, -1, 1), groups=3 * m)
+    x = x.clone()
+    x[which] = y.view(m, 3, h, w)
+    return x
+
+
+def hed_jitter(x: torch.Tensor, p: float, sigma: float, g: torch.Generator) -> torch.Tensor:
+    """Stain augmentation in HED optical-density space (Tellez et al. 2018): per crop and stain,
+    od' = od·U(1±σ) + U(±σ)."""
+    n = x.shape[0]
+    on = _per(n, p, g).float().view(n, 1, 1)
+    od = -torch.log(x.clamp(min=1 / 255.0))
+    hed = torch.einsum("ij,njhw->nihw", HED_FROM_RGB.t(), od)
+    alpha = 1 + on * _uniform(3 * n, -sigma, sigma, g).view(n, 3, 1)
+    beta = on * _uniform(3 * n, -sigma, sigma, g).view(n, 3, 1)
+    hed = hed * alpha.unsqueeze(-1) + beta.unsqueeze(-1)
+    od = torch.einsum("ij,njhw->nihw", RGB_FROM_HED.t(), hed)
+    return torch.exp(-od).clamp_(0, 1)
+
+
+def _to_lab(x: torch.Tensor) -> torch.Tensor:
+    lms = torch.einsum("ij,njhw->nihw", _LMS, x).clamp(min=1e-4).log10()
+    return torch.einsum("ij,njhw->nihw", _LAB, lms)
+
+
+def _from_lab(lab: torch.Tensor) -> torch.Tensor:
+    lms = torch.pow(10.0, torch.einsum("ij,njhw->nihw", torch.linalg.inv(_LAB), lab))
+    return torch.einsum("ij,njhw->nihw", torch.linalg.inv(_LMS), lms).clamp_(0, 1)
+
+
+def reinhard_transfer(x: torch.Tensor, image_index: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
+    """Match each selected crop's lαβ mean/std to a crop of a *different* image of the batch (RudolfV)."""
+    n = x.shape[0]
+    images = image_index.unique()
+    if len(images) < 2:
+        return x
+    which = torch.nonzero(_per(n, p, g)).flatten()
+    if len(which) == 0:
+        return x
+    lab = _to_lab(x[which])
+    mu, sd = lab.mean(dim=(2, 3), keepdim=True), lab.std(dim=(2, 3), keepdim=True).clamp(min=1e-3)
+    donors = []
+    for i in which.tolist():
+        others = torch.nonzero(image_index != image_index[i]).flatten()
+        donors.append(int(others[torch.randint(len(others), (1,), generator=g)]))
+    dlab = _to_lab(x[donors])
+    dmu, dsd = dlab.mean(dim=(2, 3), keepdim=True), dlab.std(dim=(2, 3), keepdim=True)
+    x = x.clone()
+    x[which] = _from_lab((lab - mu) / sd * dsd + dmu)
+    return x
+
+
+class MultiCrop:
+    """images (list of uint8 H×W×3) -> {"global_crops": (G,B,3,S,S), "local_crops": (L,B,3,s,s)} float,
+    normalised. ``rng`` drives geometry, ``generator`` the photometric draws (both seedable)."""
+
+    def __init__(self, cfg: AugmentConfig | None = None):
+        self.cfg = cfg or AugmentConfig()
+
+    def _photometric(self, crops: np.ndarray, image_index: torch.Tensor, blur_p: torch.Tensor | float,
+                     solarize_p: float, g: torch.Generator) -> torch.Tensor:
+        cfg = self.cfg
+        x = torch.from_numpy(crops).permute(0, 3, 1, 2).float().div_(255.0)  # (N,3,S,S): the one conversion
+        if cfg.reinhard_p:
+            x = reinhard_transfer(x, image_index, cfg.reinhard_p, g)
+        if cfg.hed_p:
+            x = hed_jitter(x, cfg.hed_p, cfg.hed_sigma, g)
+        x = color_jitter(x, cfg, g)
+        gray = _per(x.shape[0], cfg.grayscale_p, g)
+        if gray.any():
+            x[gray] = _gray(x[gray]).expand(-1, 3, -1, -1)
+        if isinstance(blur_p, float):
+            x = gaussian_blur(x, blur_p, cfg.blur_sigma, g)
+        else:  # per-crop probabilities (first vs second global crop)
+            for p in blur_p.unique().tolist():
+                idx = torch.nonzero(blur_p == p).flatten()
+                x[idx] = gaussian_blur(x[idx], p, cfg.blur_sigma, g)
+        if solarize_p:
+            sol = _per(x.shape[0], solarize_p, g).view(-1, 1, 1, 1)
+            x = torch.where(sol & (x >= 0.5), 1 - x, x)
+        mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
+        std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def __call__(self, images: list[np.ndarray], rng: np.random.Generator, generator: torch.Generator) -> dict:
+        cfg, b = self.cfg, len(images)
+        out = {}
+        for key, spec in (("global_crops", cfg.global_crops), ("local_crops", cfg.local_crops)):
+            if spec.number == 0:
+                out[key] = torch.zeros(0, b, 3, spec.size, spec.size)
+                continue
+            crops = np.stack([np.ascontiguousarray(crop_geometry(img, spec, cfg, rng))
+                              for c in range(spec.number) for img in images])  # crop-major: (n*B,S,S,3)
+            index = torch.arange(b).repeat(spec.number)
+            if key == "global_crops" and spec.number >= 2:
+                blur = torch.full((spec.number * b,), spec.blur_p)
+                blur[b : 2 * b] = cfg.second_global_blur_p
+                x = self._photometric(crops, index, blur, 0.0, generator)
+                if cfg.second_global_solarize_p:
+                    second = x[b : 2 * b]
+                    x[b : 2 * b] = self._solarize_normalised(second, cfg.second_global_solarize_p, generator)
+            else:
+                x = self._photometric(crops, index, spec.blur_p, spec.solarize_p, generator)
+            out[key] = x.view(spec.number, b, 3, spec.size, spec.size)
+        return out
+
+    def _solarize_normalised(self, x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
+        mean = torch.tensor(self.cfg.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.cfg.std).view(1, 3, 1, 1)
+        raw = x * std + mean
+        sol = _per(x.shape[0], p, g).view(-1, 1, 1, 1)
+        raw = torch.where(sol & (raw >= 0.5), 1 - raw, raw)
+        return (raw - mean) / std

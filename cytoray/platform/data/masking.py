@@ -1,0 +1,72 @@
+"""iBOT block masking (BEiT-style) and the collate that turns multi-crop output into a training batch."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+class MaskingGenerator:
+    """Random rectangular blocks on a (h, w) patch grid until ``num_masking_patches`` are masked.
+
+    Each block has between ``min_num_patches`` and ``max_num_patches`` patches and an aspect ratio in
+    [min_aspect, 1/min_aspect] (log-uniform), as in BEiT / DINOv2.
+    """
+
+    def __init__(self, input_size: tuple[int, int], min_num_patches: int = 4, max_num_patches: int | None = None,
+                 min_aspect: float = 0.3, max_aspect: float | None = None):
+        self.height, self.width = input_size
+        self.num_patches = self.height * self.width
+        self.min_num_patches = min_num_patches
+        self.max_num_patches = max_num_patches or self.num_patches // 2
+        max_aspect = max_aspect or 1 / min_aspect
+        self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
+
+    def _block(self, mask: np.ndarray, max_patches: int, rng: np.random.Generator) -> int:
+        delta = 0
+        for _ in range(10):
+            target = rng.uniform(self.min_num_patches, max(self.min_num_patches, max_patches))
+            aspect = math.exp(rng.uniform(*self.log_aspect))
+            h, w = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+            if 0 < w < self.width and 0 < h < self.height:
+                top, left = int(rng.integers(0, self.height - h + 1)), int(rng.integers(0, self.width - w + 1))
+                region = mask[top : top + h, left : left + w]
+                new = h * w - int(region.sum())
+                if 0 < new <= max_patches:
+                    region[:] = True
+                    delta = new
+                if delta > 0:
+                    break
+        return delta
+
+    def __call__(self, num_masking_patches: int, rng: np.random.Generator) -> np.ndarray:
+        mask = np.zeros((self.height, self.width), dtype=bool)
+        count = 0
+        while count < num_masking_patches:
+            delta = self._block(mask, min(num_masking_patches - count, self.max_num_patches), rng)
+            if delta == 0:
+                break
+            count += delta
+        return mask
+
+
+def collate_masks(num_images: int, grid: tuple[int, int], mask_ratio: tuple[float, float], mask_probability: float,
+                  generator: MaskingGenerator, rng: np.random.Generator) -> dict:
+    """Masks for ``num_images`` global crops: a share ``mask_probability`` is masked, with target ratios
+    spread evenly over ``mask_ratio`` (DINOv2's linspace scheme), the rest unmasked; order shuffled.
+
+    Returns masks (B, N) bool, mask_indices (M,) into the flattened (B*N) patches, masks_weight (M,)
+    = 1 / masked patches of the image, and n_masked_patches.
+    """
+    n = grid[0] * grid[1]
+    n_masked_images = int(num_images * mask_probability)
+    probs = np.linspace(mask_ratio[0], mask_ratio[1], n_masked_images + 1)
+    masks = [generator(int(n * rng.uniform(probs[i], probs[i + 1]))) for i in range(n_masked_images)]
+    masks += [np.zeros(grid, dtype=bool) for _ in range(num_images - n_masked_images)]
+    order = rng.permutation(num_images)
+    m = torch.from_numpy(np.stack([masks[i] for i in order]).reshape(num_images, n))
+    indices = m.flatten().nonzero().flatten()
+    weights = (1.0 / m.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(m)[m]
+    return {"masks": m, "mask_indices": indices, "masks_weight": weights, "n_masked_patches": int(indices.numel())}

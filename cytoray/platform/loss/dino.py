@@ -1,0 +1,65 @@
+"""DINO loss on CLS prototypes (Caron et al. 2021; DINOv2, Oquab et al. 2023).
+
+Teacher targets are either softmax((t - centre)/temp) with an EMA centre, or Sinkhorn-Knopp normalised
+(3 iterations, as DINOv2 / SwAV) so that prototypes are used evenly over the global batch. The loss is the
+cross-entropy between every student view and every teacher target, summed over pairs (the caller
+weights global vs local pairs, see ``objective.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cytoray.platform.loss.distributed import all_reduce_sum, world_size
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_logits: torch.Tensor, temp: float, n_iterations: int = 3,
+                   num_samples: torch.Tensor | int | None = None) -> torch.Tensor:
+    """(B, K) logits -> (B, K) assignment whose rows sum to 1 and columns to B/K over the global batch.
+
+    ``num_samples`` overrides the global B (iBOT passes the number of masked patches across ranks).
+    """
+    logits = teacher_logits.float() / temp
+    q = torch.exp(logits - logits.max()).t()  # (K, B); max-shift is exact after normalisation, avoids inf
+    k = q.shape[0]
+    b = num_samples if num_samples is not None else q.shape[1] * world_size()
+    total = all_reduce_sum(q.sum())
+    q /= total
+    for _ in range(n_iterations):
+        rows = all_reduce_sum(q.sum(dim=1, keepdim=True))
+        q /= rows
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= b
+    q *= b
+    return q.t()
+
+
+class DINOLoss(nn.Module):
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+        super().__init__()
+        self.student_temp, self.center_momentum = student_temp, center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    @torch.no_grad()
+    def softmax_center_teacher(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        return F.softmax((teacher_logits - self.center) / teacher_temp, dim=-1)
+
+    @torch.no_grad()
+    def update_center(self, teacher_logits: torch.Tensor) -> None:
+        """EMA of the global batch mean of teacher logits (after the targets of this step are computed)."""
+        batch_sum = all_reduce_sum(teacher_logits.float().sum(dim=0, keepdim=True))
+        batch_center = batch_sum / (teacher_logits.shape[0] * world_size())
+        self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
+
+    def forward(self, student_logits: list[torch.Tensor], teacher_probs: list[torch.Tensor]) -> torch.Tensor:
+        """Sum over (student view, teacher view) pairs of mean cross-entropy."""
+        total = student_logits[0].new_zeros(())
+        for s in student_logits:
+            lsm = F.log_softmax(s.float() / self.student_temp, dim=-1)
+            for t in teacher_probs:
+                total = total - (t * lsm).sum(dim=-1).mean()
+        return total

@@ -1,0 +1,123 @@
+"""Backbone checkpoints in the three formats users meet, loaded as data (``weights_only=True``).
+
+- ``dinov2``: a DINOv2 hub file (``dinov2_vitl14_pretrain.pth``): a flat backbone state dict, pos_embed for
+  518 px (1×1370×D for /14). Its pos_embed is resized to the model's grid (DinoBloom trained at 224: 16×16).
+- ``dinobloom``: a DinoBloom release (``{"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}}``,
+  pos_embed 1×257×D); heads are dropped. Also reads DINOv2 *training* checkpoints
+  (``{"model": {"teacher.backbone.*", ...}}``) and chunked block names (``blocks.<chunk>.<i>.``).
+- ``cytoray``: what :func:`export_dinobloom` writes — the DinoBloom layout plus a ``cytoray`` metadata entry
+  (arch and options), so DinoBloom users load it unchanged and cytoray rebuilds the architecture from it.
+
+A file of the wrong architecture or size fails with the mismatched keys named.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+
+import torch
+
+from cytoray import storage
+from cytoray.platform.models.vit import ViTConfig, VisionTransformer, build_vit, resize_pos_embed
+
+HEAD_PREFIXES = ("dino_head.", "ibot_head.", "head.")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def read_checkpoint(uri: str, storage_cfg: storage.StorageConfig | None = None) -> dict:
+    """torch.load with weights_only=True from a local path or any storage URI."""
+    data = storage.read_bytes(uri, storage_cfg)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{uri} is not a loadable weights-only torch checkpoint: {exc}") from exc
+
+
+def detect_format(ckpt: dict) -> str:
+    if "teacher" in ckpt and isinstance(ckpt["teacher"], dict):
+        return "cytoray" if "cytoray" in ckpt else "dinobloom"
+    if "model" in ckpt and isinstance(ckpt["model"], dict):
+        return "dinov2_train"
+    if "pos_embed" in ckpt or "cls_token" in ckpt:
+        return "dinov2"
+    raise CheckpointError(f"unrecognised checkpoint layout; top-level keys: {sorted(ckpt)[:10]}")
+
+
+def backbone_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
+    """The backbone's tensors with DINOv2 names, from any supported layout."""
+    fmt = detect_format(ckpt)
+    if fmt in ("dinobloom", "cytoray"):
+        src, prefix = ckpt["teacher"], "backbone."
+    elif fmt == "dinov2_train":
+        src, prefix = ckpt["model"], "teacher.backbone."
+    else:
+        src, prefix = ckpt, ""
+    out = {}
+    for k, v in src.items():
+        if prefix and not k.startswith(prefix):
+            continue  # heads and the student
+        k = k[len(prefix):]
+        if k.startswith(HEAD_PREFIXES):
+            continue
+        out[re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k)] = v  # un-chunk blocks.<chunk>.<i>.
+    return out
+
+
+def load_backbone(model: VisionTransformer, ckpt_or_uri, storage_cfg: storage.StorageConfig | None = None) -> str:
+    """Load weights into ``model`` (resizing pos_embed to its grid); returns the detected format."""
+    ckpt = read_checkpoint(ckpt_or_uri, storage_cfg) if isinstance(ckpt_or_uri, str) else ckpt_or_uri
+    fmt = detect_format(ckpt)
+    sd = backbone_state_dict(ckpt)
+    own = model.state_dict()
+    if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape \
+            and sd["pos_embed"].shape[-1] == own["pos_embed"].shape[-1]:
+        grid = int((own["pos_embed"].shape[1] - 1) ** 0.5)
+        sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], (grid, grid), interpolate_offset=0.0)
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    mismatched = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    if missing or unexpected or mismatched:
+        def show(keys):
+            return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8})" if len(keys) > 8 else "")
+        details = []
+        if mismatched:
+            details.append("shape mismatch: " + show([f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                                                      for k in mismatched]))
+        if missing:
+            details.append(f"missing from checkpoint: {show(missing)}")
+        if unexpected:
+            details.append(f"not in model: {show(unexpected)}")
+        raise CheckpointError(
+            f"{fmt} checkpoint does not fit {model.cfg.arch} (patch {model.patch_size}, "
+            f"{model.num_register_tokens} registers): " + "; ".join(details)
+            + ". Check model.arch / num_register_tokens / patch_size against the checkpoint.")
+    model.load_state_dict(sd, strict=True)
+    return fmt
+
+
+def export_dinobloom(model: VisionTransformer, uri: str | None = None,
+                     storage_cfg: storage.StorageConfig | None = None, extra: dict | None = None) -> dict:
+    """The teacher backbone as a DinoBloom-style file: {"teacher": {"backbone.<k>": tensor}, "cytoray": meta}."""
+    from dataclasses import asdict
+
+    ckpt = {"teacher": {f"backbone.{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            "cytoray": {"format_version": 1, "vit": asdict(model.cfg), **(extra or {})}}
+    if uri is not None:
+        buf = io.BytesIO()
+        torch.save(ckpt, buf)
+        storage.write_bytes(uri, buf.getvalue(), storage_cfg)
+    return ckpt
+
+
+def build_from_checkpoint(uri: str, storage_cfg: storage.StorageConfig | None = None, **vit_overrides):
+    """Rebuild a backbone from a cytoray export (arch in its metadata) or, for other formats, from overrides."""
+    ckpt = read_checkpoint(uri, storage_cfg)
+    meta = ckpt.get("cytoray", {}).get("vit", {}) if isinstance(ckpt.get("cytoray"), dict) else {}
+    cfg = ViTConfig(**{**meta, **vit_overrides})
+    model = build_vit(cfg)
+    load_backbone(model, ckpt)
+    return model

@@ -1,0 +1,144 @@
+"""The DINOv2 objective: student and EMA teacher (backbone + heads) and the loss of one batch.
+
+Teacher sees the global crops; the student sees the global crops with iBOT masks and the local crops.
+Loss = w_dino·(DINO over local×global and global×other-global pairs) + w_ibot·iBOT(masked patches)
++ w_koleo·KoLeo(student global CLS). Weighting across crops follows DINOv2's ``forward_backward``:
+both DINO terms are divided by the number of (student, teacher) pairs, the global term counts twice
+(two teacher views), iBOT is scaled by 2 / n_global_crops. No parallelism or devices here.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from cytoray.platform.loss.dino import DINOLoss, sinkhorn_knopp
+from cytoray.platform.loss.ibot import iBOTPatchLoss
+from cytoray.platform.loss.koleo import koleo_loss
+from cytoray.platform.models.heads import DINOHead
+from cytoray.platform.models.vit import ViTConfig, build_vit
+
+
+@dataclass
+class ObjectiveConfig:
+    out_dim: int = 65536  # DINO prototypes (DinoBloom / DINOv2: 65,536)
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+    ibot_separate_head: bool = False
+    ibot_out_dim: int = 65536
+    dino_loss_weight: float = 1.0
+    ibot_loss_weight: float = 1.0
+    koleo_loss_weight: float = 0.1
+    koleo_eps: float = 1e-4  # DinoBloom raised KoLeo's epsilon from 1e-8 after infinite losses
+    centering: str = "sinkhorn_knopp"  # sinkhorn_knopp | centering (EMA centre, DINO v1)
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+
+
+class DINOv2Objective(nn.Module):
+    def __init__(self, vit: ViTConfig, cfg: ObjectiveConfig):
+        super().__init__()
+        if cfg.centering not in ("sinkhorn_knopp", "centering"):
+            raise ValueError(f"objective.centering must be sinkhorn_knopp or centering, got {cfg.centering!r}")
+        self.cfg = cfg
+        backbone = build_vit(vit)
+        dim = backbone.embed_dim
+        student = {"backbone": backbone,
+                   "dino_head": DINOHead(dim, cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.head_nlayers)}
+        if cfg.ibot_separate_head:
+            student["ibot_head"] = DINOHead(dim, cfg.ibot_out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim,
+                                            cfg.head_nlayers)
+        self.student = nn.ModuleDict(student)
+        # Teacher: same weights, no stochastic depth, never trained by gradients (EMA only).
+        self.teacher = nn.ModuleDict({k: copy.deepcopy(v) for k, v in student.items()})
+        for blk in self.teacher["backbone"].blocks:
+            blk.drop_path_rate = 0.0
+        self.teacher.requires_grad_(False)
+        self.dino_loss = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)
+        self.ibot_loss = iBOTPatchLoss(cfg.ibot_out_dim if cfg.ibot_separate_head else cfg.out_dim,
+                                       cfg.student_temp, cfg.center_momentum)
+
+    def _heads(self, net: nn.ModuleDict, cls: torch.Tensor, patches: torch.Tensor):
+        if "ibot_head" in net:
+            return net["dino_head"](cls), net["ibot_head"](patches)
+        out = net["dino_head"](torch.cat([cls, patches]))
+        return out[: cls.shape[0]], out[cls.shape[0] :]
+
+    @torch.no_grad()
+    def teacher_targets(self, global_crops: torch.Tensor, mask_indices: torch.Tensor, n_global: int,
+                        teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n_g*B, K) CLS targets with views swapped, (M, K) masked-patch targets."""
+        out = self.teacher["backbone"].forward_features(global_crops)
+        b = global_crops.shape[0] // n_global
+        cls = out["x_norm_clstoken"].view(n_global, b, -1).roll(1, dims=0).flatten(0, 1)  # view i <- view i-1
+        patches = out["x_norm_patchtokens"].flatten(0, 1)[mask_indices]
+        cls_logits, patch_logits = self._heads(self.teacher, cls, patches)
+        if self.cfg.centering == "sinkhorn_knopp":
+            cls_t = sinkhorn_knopp(cls_logits, teacher_temp)
+            patch_t = self.ibot_loss.sinkhorn_knopp_teacher(patch_logits, teacher_temp)
+        else:
+            cls_t = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
+            patch_t = self.ibot_loss.softmax_center_teacher(patch_logits, teacher_temp)
+            self.dino_loss.update_center(cls_logits)
+            self.ibot_loss.update_center(patch_logits)
+        return cls_t, patch_t
+
+    def forward(self, batch: dict, teacher_temp: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """batch: global_crops (G,B,3,S,S), local_crops (L,B,3,s,s), masks (G*B,N), mask_indices (M,),
+        masks_weight (M,). Returns (loss, detached metrics)."""
+        cfg = self.cfg
+        n_g, n_l = batch["global_crops"].shape[0], batch["local_crops"].shape[0]
+        g, l = batch["global_crops"].flatten(0, 1), batch["local_crops"].flatten(0, 1)
+        masks, idx = batch["masks"], batch["mask_indices"]
+        teacher_cls, teacher_patch = self.teacher_targets(g, idx, n_g, teacher_temp)
+
+        s_g = self.student["backbone"].forward_features(g, masks=masks)
+        s_g_cls = s_g["x_norm_clstoken"]
+        s_patches = s_g["x_norm_patchtokens"].flatten(0, 1)[idx]
+        s_g_logits, s_patch_logits = self._heads(self.student, s_g_cls, s_patches)
+
+        n_pairs = (n_g - 1) * n_g + n_l * n_g
+        metrics: dict[str, torch.Tensor] = {}
+        loss = s_g_logits.new_zeros(())
+        t_views = list(teacher_cls.chunk(n_g))
+        if n_l > 0:
+            s_l_cls = self.student["backbone"].forward_features(l)["x_norm_clstoken"]
+            s_l_logits = self.student["dino_head"](s_l_cls)
+            local = self.dino_loss(list(s_l_logits.chunk(n_l)), t_views) / n_pairs  # every local vs every global
+            metrics["dino_local_loss"] = local.detach()
+            loss = loss + cfg.dino_loss_weight * local
+        glob = self.dino_loss([s_g_logits], [teacher_cls]) * 2 / n_pairs
+        metrics["dino_global_loss"] = glob.detach()
+        loss = loss + cfg.dino_loss_weight * glob
+        if cfg.koleo_loss_weight:
+            koleo = sum(koleo_loss(x, cfg.koleo_eps) for x in s_g_cls.chunk(n_g))
+            metrics["koleo_loss"] = koleo.detach()
+            loss = loss + cfg.koleo_loss_weight * koleo
+        if cfg.ibot_loss_weight:
+            ibot = self.ibot_loss.forward_masked(s_patch_logits, teacher_patch, masks, batch.get("masks_weight"))
+            ibot = ibot * 2 / n_g
+            metrics["ibot_loss"] = ibot.detach()
+            loss = loss + cfg.ibot_loss_weight * ibot
+        metrics["loss"] = loss.detach()
+        with torch.no_grad():  # collapse monitors: teacher target entropy, spread of student features
+            p = teacher_cls.float().clamp_min(1e-12)
+            metrics["teacher_entropy"] = -(p * p.log()).sum(-1).mean()
+            metrics["student_feature_std"] = torch.nn.functional.normalize(s_g_cls.float(), dim=-1).std(0).mean()
+        return loss, metrics
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """teacher = m·teacher + (1-m)·student, parameter by parameter (works on sharded tensors too)."""
+        s_params = [p for k, m in self.student.items() for p in m.parameters()]
+        t_params = [p for k, m in self.teacher.items() for p in m.parameters()]
+        torch._foreach_lerp_(t_params, [p.detach() for p in s_params], 1.0 - momentum)
+
+
+def build_objective(vit: ViTConfig, cfg: ObjectiveConfig, drop_path_rate: float | None = None) -> DINOv2Objective:
+    if drop_path_rate is not None:
+        vit = replace(vit, drop_path_rate=drop_path_rate)
+    return DINOv2Objective(vit, cfg)

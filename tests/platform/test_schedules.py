@@ -1,0 +1,90 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cytoray.platform import schedules
+from cytoray.platform.config import load_preset, make_schedules
+from cytoray.platform.models.vit import build_vit
+from cytoray.platform.models.heads import DINOHead
+
+
+def test_cosine_schedule_known_points():
+    s = schedules.cosine_schedule(1.0, 0.0, total_iters=110, warmup_iters=10, start_warmup=0.0)
+    assert len(s) == 110 and s[0] == 0.0 and math.isclose(s[5], 0.5)
+    assert s[10] == 1.0 and math.isclose(s[60], 0.5) and s[-1] < 1e-3
+    assert np.all(np.diff(s[10:]) <= 0)
+    f = schedules.cosine_schedule(1.0, 0.0, 20, freeze_iters=5)
+    assert (f[:5] == 0).all() and f[5] == 1.0
+    with pytest.raises(ValueError, match="exceed"):
+        schedules.cosine_schedule(1, 0, 10, warmup_iters=11)
+
+
+def test_teacher_temp_and_momentum_and_last_layer():
+    s = schedules.build_schedules(100, lr=1e-3, min_lr=1e-6, warmup_iters=10, wd=0.04, wd_end=0.2, momentum=0.994,
+                                  momentum_end=1.0, teacher_temp=0.07, warmup_teacher_temp=0.04,
+                                  teacher_temp_warmup_iters=30, freeze_last_layer_iters=5)
+    assert math.isclose(s.teacher_temp[0], 0.04) and math.isclose(s.teacher_temp[15], 0.055) and s.teacher_temp[30] == 0.07
+    assert math.isclose(s.momentum[0], 0.994) and s.momentum[-1] > 0.9999
+    assert math.isclose(s.wd[0], 0.04) and s.wd[-1] > 0.199
+    assert (s.last_layer_lr[:5] == 0).all() and s.last_layer_lr[5] == s.lr[5]
+    assert s.at(10_000)["lr"] == s.lr[-1]  # clamped past the end
+
+
+def test_lr_scaling_rule():
+    assert math.isclose(schedules.scaled_lr(2e-4, 1024), 2e-4)
+    assert math.isclose(schedules.scaled_lr(2e-4, 4096), 4e-4)
+    assert math.isclose(schedules.scaled_lr(5e-4, 512, "linear_wrt_256"), 1e-3)
+    with pytest.raises(ValueError):
+        schedules.scaled_lr(1, 1, "cubic")
+
+
+def test_param_groups_decay_multipliers_and_no_weight_decay():
+    model = torch.nn.ModuleDict({"backbone": build_vit(arch="vit_debug", patch_size=8, img_size=32),
+                                 "dino_head": DINOHead(64, 32, 32, 16)})
+    groups = schedules.param_groups(model, num_layers=2, layer_decay=0.5, patch_embed_lr_mult=0.2)
+    by_name = {n: g for g in groups for n in g["names"]}
+    assert by_name["backbone.blocks.0.attn.qkv.weight"]["lr_multiplier"] == 0.25  # 0.5 ** (2 + 1 - 1)
+    assert by_name["backbone.blocks.1.attn.qkv.weight"]["lr_multiplier"] == 0.5
+    assert math.isclose(by_name["backbone.patch_embed.proj.weight"]["lr_multiplier"], 0.125 * 0.2)
+    assert by_name["dino_head.mlp.0.weight"]["lr_multiplier"] == 1.0
+    for name in ("backbone.blocks.0.attn.qkv.bias", "backbone.blocks.0.norm1.weight", "backbone.blocks.0.ls1.gamma",
+                 "backbone.norm.weight", "backbone.cls_token"):
+        assert by_name[name]["wd_multiplier"] == 0.0, name
+    assert by_name["backbone.blocks.0.mlp.fc1.weight"]["wd_multiplier"] == 1.0
+    assert by_name["backbone.cls_token"]["wd_multiplier"] == 1.0  # DINOv2 decays tokens and pos_embed
+    assert by_name["dino_head.last_layer.weight_v"]["is_last_layer"]
+    assert "dino_head.last_layer.weight_g" not in by_name  # frozen at 1, not optimised
+    opt = torch.optim.AdamW(groups)
+    schedules.apply_schedule(opt, {"lr": 1.0, "wd": 0.1, "last_layer_lr": 0.0})
+    for g in opt.param_groups:
+        assert g["lr"] == (0.0 if g["is_last_layer"] else g["lr_multiplier"])
+        assert g["weight_decay"] == 0.1 * g["wd_multiplier"]
+
+
+@pytest.mark.parametrize("name,arch", [("dinobloom_s", "vit_small"), ("dinobloom_b", "vit_base"),
+                                       ("dinobloom_l", "vit_large"), ("dinobloom_g", "vit_giant2"),
+                                       ("debug", "vit_debug")])
+def test_presets_load_with_published_hyperparameters(name, arch):
+    p = load_preset(name)
+    assert p.vit.arch == arch
+    if name != "debug":
+        assert (p.objective.out_dim, p.objective.koleo_loss_weight, p.optim.base_lr) == (65536, 0.1, 2e-4)
+        assert (p.optim.weight_decay, p.optim.weight_decay_end) == (0.04, 0.2)
+        assert (p.optim.momentum_teacher, p.optim.teacher_temp, p.optim.warmup_teacher_temp) == (0.994, 0.07, 0.04)
+        assert tuple(p.mask.mask_ratio) == (0.1, 0.5) and p.mask.mask_probability == 0.5
+        assert p.augment.global_crops.size == 224 and tuple(p.augment.global_crops.scale) == (0.32, 1.0)
+        assert (p.optim.layer_decay, p.optim.patch_embed_lr_mult, p.optim.clip_grad) == (1.0, 0.2, 3.0)
+        assert p.augment.second_global_solarize_p == 0.0
+        s = make_schedules(p, total_batch_size=2048)
+        assert math.isclose(s.lr.max(), 2e-4 * math.sqrt(2))
+
+
+def test_preset_overrides_and_unknown_preset():
+    from cytoray.config import ConfigError
+
+    p = load_preset("debug", ["vit.num_register_tokens=4", "augment.local_crops.number=0"])
+    assert p.vit.num_register_tokens == 4 and p.augment.local_crops.number == 0
+    with pytest.raises(ConfigError, match="available"):
+        load_preset("dinobloom_xl")
