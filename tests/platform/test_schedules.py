@@ -50,7 +50,7 @@ def test_param_groups_decay_multipliers_and_no_weight_decay():
     assert math.isclose(by_name["backbone.patch_embed.proj.weight"]["lr_multiplier"], 0.125 * 0.2)
     assert by_name["dino_head.mlp.0.weight"]["lr_multiplier"] == 1.0
     for name in ("backbone.blocks.0.attn.qkv.bias", "backbone.blocks.0.norm1.weight", "backbone.blocks.0.ls1.gamma",
-                 "backbone.norm.weight", "backbone.cls_token"):
+                 "backbone.norm.weight"):
         assert by_name[name]["wd_multiplier"] == 0.0, name
     assert by_name["backbone.blocks.0.mlp.fc1.weight"]["wd_multiplier"] == 1.0
     assert by_name["backbone.cls_token"]["wd_multiplier"] == 1.0  # DINOv2 decays tokens and pos_embed
