@@ -11,10 +11,10 @@ import os
 from dataclasses import dataclass, field
 
 from cytoray import config as config_lib
+from cytoray.platform import schedules
 from cytoray.platform.data.augment import AugmentConfig
 from cytoray.platform.models.vit import ViTConfig
 from cytoray.platform.objective import ObjectiveConfig
-from cytoray.platform import schedules
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -70,8 +70,8 @@ def preset_path(name: str) -> str:
 
 
 def load_preset(name: str, overrides=(), schema=ModelPreset):
-    """A validated preset with ``key=value`` overrides applied."""
-    return config_lib.load_config(schema, preset_path(name), [], list(overrides))
+    """A validated preset with ``key=value`` overrides applied, as plain dataclasses."""
+    return config_lib.to_object(config_lib.load_config(schema, preset_path(name), [], list(overrides)))
 
 
 def make_schedules(p: ModelPreset, total_batch_size: int) -> schedules.Schedules:

@@ -92,11 +92,11 @@ class DINOv2Objective(nn.Module):
         masks_weight (M,). Returns (loss, detached metrics)."""
         cfg = self.cfg
         n_g, n_l = batch["global_crops"].shape[0], batch["local_crops"].shape[0]
-        g, l = batch["global_crops"].flatten(0, 1), batch["local_crops"].flatten(0, 1)
+        globals_, locals_ = batch["global_crops"].flatten(0, 1), batch["local_crops"].flatten(0, 1)
         masks, idx = batch["masks"], batch["mask_indices"]
-        teacher_cls, teacher_patch = self.teacher_targets(g, idx, n_g, teacher_temp)
+        teacher_cls, teacher_patch = self.teacher_targets(globals_, idx, n_g, teacher_temp)
 
-        s_g = self.student["backbone"].forward_features(g, masks=masks)
+        s_g = self.student["backbone"].forward_features(globals_, masks=masks)
         s_g_cls = s_g["x_norm_clstoken"]
         s_patches = s_g["x_norm_patchtokens"].flatten(0, 1)[idx]
         s_g_logits, s_patch_logits = self._heads(self.student, s_g_cls, s_patches)
@@ -106,7 +106,7 @@ class DINOv2Objective(nn.Module):
         loss = s_g_logits.new_zeros(())
         t_views = list(teacher_cls.chunk(n_g))
         if n_l > 0:
-            s_l_cls = self.student["backbone"].forward_features(l)["x_norm_clstoken"]
+            s_l_cls = self.student["backbone"].forward_features(locals_)["x_norm_clstoken"]
             s_l_logits = self.student["dino_head"](s_l_cls)
             local = self.dino_loss(list(s_l_logits.chunk(n_l)), t_views) / n_pairs  # every local vs every global
             metrics["dino_local_loss"] = local.detach()

@@ -6,8 +6,8 @@ import torch
 
 from cytoray.platform import schedules
 from cytoray.platform.config import load_preset, make_schedules
-from cytoray.platform.models.vit import build_vit
 from cytoray.platform.models.heads import DINOHead
+from cytoray.platform.models.vit import build_vit
 
 
 def test_cosine_schedule_known_points():

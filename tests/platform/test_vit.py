@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cytoray.platform.models import checkpoints as ck
-from cytoray.platform.models.vit import ARCHS, ViTConfig, build_vit, resize_pos_embed
+from cytoray.platform.models.vit import ARCHS, build_vit, resize_pos_embed
 
 # Parameter counts of the public DINOv2 backbones (millions): ViT-S/14 22M, B 86M, L 304M, g 1.1B.
 EXPECTED_PARAMS_M = {"vit_small": 22.1, "vit_base": 86.6, "vit_large": 304.4, "vit_giant2": 1136.5}

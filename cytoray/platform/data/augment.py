@@ -88,22 +88,25 @@ def sample_crop_box(h: int, w: int, scale, ratio, rng: np.random.Generator) -> t
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
-def crop_geometry(img: np.ndarray, spec: CropSpec, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
-    """uint8 H×W×3 -> uint8 size×size×3: crop (view), resize the crop only, flips, 90° rotation."""
-    top, left, ch, cw = sample_crop_box(img.shape[0], img.shape[1], spec.scale, cfg.ratio, rng)
-    out = np.asarray(Image.fromarray(img[top : top + ch, left : left + cw]).resize((spec.size, spec.size),
-                                                                                    Image.BICUBIC))
+_ROTATIONS = (None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
+
+
+def crop_geometry(img: np.ndarray | Image.Image, spec: CropSpec, cfg: AugmentConfig,
+                  rng: np.random.Generator) -> np.ndarray:
+    """uint8 H×W×3 -> uint8 size×size×3: one resample of the crop box only, then flips / 90° rotation
+    (lossless transposes)."""
+    pil = img if isinstance(img, Image.Image) else Image.fromarray(img)
+    top, left, ch, cw = sample_crop_box(pil.height, pil.width, spec.scale, cfg.ratio, rng)
+    out = pil.resize((spec.size, spec.size), Image.BICUBIC, box=(left, top, left + cw, top + ch))
     if rng.random() < cfg.hflip_p:
-        out = out[:, ::-1]
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if rng.random() < cfg.vflip_p:
-        out = out[::-1]
+        out = out.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
     if cfg.rot90:
-        out = np.rot90(out, int(rng.integers(0, 4)))
-    return out
-
-
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+        k = int(rng.integers(0, 4))
+        if k:
+            out = out.transpose(_ROTATIONS[k])
+    return np.asarray(out)
 
 
 def _per(n: int, p: float, g: torch.Generator) -> torch.Tensor:
@@ -114,30 +117,52 @@ def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(n, generator=g)
 
 
-def color_jitter(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
-    """x: (N,3,H,W) float in [0,1]; each crop jittered with probability jitter_p (fixed op order)."""
+_GRAY_W = torch.tensor([0.299, 0.587, 0.114])
+_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_RGB_FROM_YIQ = torch.linalg.inv(_YIQ)
+
+
+def colour_affine(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator,
+                  grayscale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-crop (A (n,3,3), t (n,3)) such that jitter + grayscale = A·rgb + t.
+
+    Brightness (×b), contrast (towards the crop's mean gray, ×c), saturation (towards the pixel's gray,
+    ×s), hue (rotation of the YIQ chroma plane by 2π·h) and grayscale are all affine in RGB, so they are
+    composed into one matrix and applied in a single pass, clamping once at the end (sequential
+    implementations clamp after every op; the two differ only for pixels pushed out of range mid-way).
+    Each crop is jittered with probability ``jitter_p``.
+    """
     n = x.shape[0]
-    on = _per(n, cfg.jitter_p, g).view(n, 1, 1, 1).float()
+    on = _per(n, cfg.jitter_p, g).float()
 
     def factor(strength):
-        return (1 + on * (_uniform(n, -strength, strength, g).view(n, 1, 1, 1)))
+        return 1 + on * _uniform(n, -strength, strength, g)
 
-    x = (x * factor(cfg.brightness)).clamp_(0, 1)
-    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-    x = (mean + factor(cfg.contrast) * (x - mean)).clamp_(0, 1)
-    x = (_gray(x) + factor(cfg.saturation) * (x - _gray(x))).clamp_(0, 1)
-    if cfg.hue:
-        # Hue rotation in YIQ: rotate the chroma plane by 2π·h (h ~ U(-hue, hue)).
-        theta = (on.view(n) * _uniform(n, -cfg.hue, cfg.hue, g)) * 2 * math.pi
-        yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-        rgb = torch.linalg.inv(yiq)
-        c, s = torch.cos(theta), torch.sin(theta)
-        rot = torch.zeros(n, 3, 3)
-        rot[:, 0, 0] = 1
-        rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = c, -s, s, c
-        m = rgb @ rot @ yiq  # (n,3,3)
-        x = torch.einsum("nij,njhw->nihw", m, x).clamp_(0, 1)
-    return x
+    b, c, sat = factor(cfg.brightness), factor(cfg.contrast), factor(cfg.saturation)
+    eye = torch.eye(3).expand(n, 3, 3)
+    gray_m = _GRAY_W.expand(3, 3)  # every output channel = luma
+    m_sat = sat.view(n, 1, 1) * eye + (1 - sat).view(n, 1, 1) * gray_m
+    theta = on * _uniform(n, -cfg.hue, cfg.hue, g) * 2 * math.pi if cfg.hue else torch.zeros(n)
+    rot = torch.zeros(n, 3, 3)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = theta.cos(), -theta.sin(), theta.sin(), theta.cos()
+    m = _RGB_FROM_YIQ @ rot @ _YIQ @ m_sat  # (n,3,3)
+    if grayscale is not None and grayscale.any():
+        m = torch.where(grayscale.view(n, 1, 1), gray_m @ m, m)
+    mean_gray = torch.einsum("c,nc->n", _GRAY_W, x.mean(dim=(2, 3)))
+    a = m * (c * b).view(n, 1, 1)
+    t = (m @ torch.ones(3)) * ((1 - c) * b * mean_gray).view(n, 1)
+    return a, t
+
+
+def apply_affine(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    n = x.shape[0]
+    return torch.baddbmm(t.unsqueeze(-1), a, x.reshape(n, 3, -1)).view_as(x).clamp_(0, 1)
+
+
+def color_jitter(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    """x: (N,3,H,W) float in [0,1]; each crop jittered with probability jitter_p."""
+    return apply_affine(x, *colour_affine(x, cfg, g))
 
 
 def gaussian_blur(x: torch.Tensor, p: float, sigma_range, g: torch.Generator) -> torch.Tensor:
@@ -223,10 +248,8 @@ class MultiCrop:
             x = reinhard_transfer(x, image_index, cfg.reinhard_p, g)
         if cfg.hed_p:
             x = hed_jitter(x, cfg.hed_p, cfg.hed_sigma, g)
-        x = color_jitter(x, cfg, g)
         gray = _per(x.shape[0], cfg.grayscale_p, g)
-        if gray.any():
-            x[gray] = _gray(x[gray]).expand(-1, 3, -1, -1)
+        x = apply_affine(x, *colour_affine(x, cfg, g, gray))
         if isinstance(blur_p, float):
             x = gaussian_blur(x, blur_p, cfg.blur_sigma, g)
         else:  # per-crop probabilities (first vs second global crop)
@@ -238,7 +261,7 @@ class MultiCrop:
             x = torch.where(sol & (x >= 0.5), 1 - x, x)
         mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
         std = torch.tensor(cfg.std).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return x.sub_(mean).div_(std)
 
     def __call__(self, images: list[np.ndarray], rng: np.random.Generator, generator: torch.Generator) -> dict:
         cfg, b = self.cfg, len(images)
@@ -247,8 +270,9 @@ class MultiCrop:
             if spec.number == 0:
                 out[key] = torch.zeros(0, b, 3, spec.size, spec.size)
                 continue
-            crops = np.stack([np.ascontiguousarray(crop_geometry(img, spec, cfg, rng))
-                              for c in range(spec.number) for img in images])  # crop-major: (n*B,S,S,3)
+            pils = [Image.fromarray(img) for img in images]  # wraps, once per image
+            crops = np.stack([crop_geometry(im, spec, cfg, rng)
+                              for c in range(spec.number) for im in pils])  # crop-major: (n*B,S,S,3)
             index = torch.arange(b).repeat(spec.number)
             if key == "global_crops" and spec.number >= 2:
                 blur = torch.full((spec.number * b,), spec.blur_p)

@@ -63,7 +63,7 @@ def collate_masks(num_images: int, grid: tuple[int, int], mask_ratio: tuple[floa
     n = grid[0] * grid[1]
     n_masked_images = int(num_images * mask_probability)
     probs = np.linspace(mask_ratio[0], mask_ratio[1], n_masked_images + 1)
-    masks = [generator(int(n * rng.uniform(probs[i], probs[i + 1]))) for i in range(n_masked_images)]
+    masks = [generator(int(n * rng.uniform(probs[i], probs[i + 1])), rng) for i in range(n_masked_images)]
     masks += [np.zeros(grid, dtype=bool) for _ in range(num_images - n_masked_images)]
     order = rng.permutation(num_images)
     m = torch.from_numpy(np.stack([masks[i] for i in order]).reshape(num_images, n))

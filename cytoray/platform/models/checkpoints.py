@@ -19,7 +19,7 @@ import re
 import torch
 
 from cytoray import storage
-from cytoray.platform.models.vit import ViTConfig, VisionTransformer, build_vit, resize_pos_embed
+from cytoray.platform.models.vit import VisionTransformer, ViTConfig, build_vit, resize_pos_embed
 
 HEAD_PREFIXES = ("dino_head.", "ibot_head.", "head.")
 

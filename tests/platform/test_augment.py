@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+import torch
+
+from cytoray.platform.data import augment as A
+from cytoray.platform.data.masking import MaskingGenerator, collate_masks
+
+N = 4000  # draws per measured probability; 4 sigma of a Bernoulli(0.5) rate is ~0.03
+
+
+def _rate(changed: torch.Tensor) -> float:
+    return changed.float().mean().item()
+
+
+def _crops(n=N, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g) * 0.8 + 0.1
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 1.0])
+def test_blur_probability_means_what_it_says(p):
+    x = _crops()
+    y = A.gaussian_blur(x, p, (0.5, 2.0), torch.Generator().manual_seed(1))
+    assert abs(_rate((y - x).abs().amax(dim=(1, 2, 3)) > 1e-6) - p) < 0.03
+
+
+def test_jitter_grayscale_solarize_hed_rates():
+    cfg = A.AugmentConfig(jitter_p=0.8, hue=0.0)
+    x = _crops()
+    y = A.color_jitter(x, cfg, torch.Generator().manual_seed(2))
+    assert abs(_rate((y - x).abs().amax(dim=(1, 2, 3)) > 1e-6) - 0.8) < 0.03
+    y = A.hed_jitter(x, 0.3, 0.05, torch.Generator().manual_seed(3))
+    assert abs(_rate((y - x).abs().amax(dim=(1, 2, 3)) > 1e-4) - 0.3) < 0.03
+
+
+def test_multicrop_shapes_and_grayscale_rate():
+    cfg = A.AugmentConfig(global_crops=A.CropSpec(2, 32, (0.3, 1.0), 1.0, 0.0),
+                          local_crops=A.CropSpec(4, 16, (0.05, 0.3), 0.5, 0.0), grayscale_p=0.2, jitter_p=0.0,
+                          mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), second_global_blur_p=0.0)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (50, 60, 3), dtype=np.uint8) for _ in range(250)]
+    out = A.MultiCrop(cfg)(images, rng, torch.Generator().manual_seed(0))
+    assert out["global_crops"].shape == (2, 250, 3, 32, 32) and out["local_crops"].shape == (4, 250, 3, 16, 16)
+    locs = out["local_crops"].flatten(0, 1)
+    gray = (locs[:, 0] == locs[:, 1]).flatten(1).all(1) & (locs[:, 1] == locs[:, 2]).flatten(1).all(1)
+    assert abs(_rate(gray) - 0.2) < 0.04
+
+
+def test_geometry_flip_and_rotation_rates():
+    cfg = A.AugmentConfig(hflip_p=0.5, vflip_p=0.0, rot90=False)
+    spec = A.CropSpec(1, 4, (1.0, 1.0))
+    img = np.zeros((4, 4, 3), np.uint8)
+    img[:, :2] = 255  # left half white
+    rng = np.random.default_rng(0)
+    flipped = [A.crop_geometry(img, spec, A.AugmentConfig(hflip_p=0.5, vflip_p=0.0, rot90=False, ratio=(1, 1)), rng)[0, 0, 0] == 0
+               for _ in range(N)]
+    assert abs(np.mean(flipped) - 0.5) < 0.03
+    rots = []
+    cfg = A.AugmentConfig(hflip_p=0.0, vflip_p=0.0, rot90=True, ratio=(1, 1))
+    marker = np.zeros((4, 4, 3), np.uint8)
+    marker[0, 0] = 255
+    for _ in range(N):
+        out = A.crop_geometry(marker, spec, cfg, rng)
+        rots.append(tuple(np.argwhere(out[..., 0] > 128)[0]))
+    counts = {k: rots.count(k) / N for k in set(rots)}
+    assert len(counts) == 4 and all(abs(v - 0.25) < 0.03 for v in counts.values())
+
+
+def test_crop_box_area_in_scale_range():
+    rng = np.random.default_rng(0)
+    fracs = []
+    for _ in range(2000):
+        t, left, h, w = A.sample_crop_box(200, 300, (0.1, 0.5), (3 / 4, 4 / 3), rng)
+        assert 0 <= t and t + h <= 200 and 0 <= left and left + w <= 300
+        fracs.append(h * w / 60000)
+    assert 0.09 < min(fracs) and max(fracs) < 0.52
+
+
+def test_reinhard_moves_colour_statistics_towards_the_donor():
+    g = torch.Generator().manual_seed(0)
+    red = torch.zeros(1, 3, 8, 8)
+    red[:, 0] = 0.9
+    red[:, 1:] = 0.2
+    blue = torch.zeros(1, 3, 8, 8)
+    blue[:, 2] = 0.9
+    blue[:, :2] = 0.2
+    x = torch.cat([red + 0.05 * torch.rand(1, 3, 8, 8, generator=g), blue + 0.05 * torch.rand(1, 3, 8, 8, generator=g)])
+    y = A.reinhard_transfer(x, torch.tensor([0, 1]), 1.0, g)
+    assert y[0, 2].mean() > y[0, 0].mean()  # the red crop took the blue crop's colours
+    assert torch.equal(A.reinhard_transfer(x, torch.tensor([0, 0]), 1.0, g), x)  # one image: no donor
+
+
+def test_masking_generator_and_collate_statistics():
+    rng = np.random.default_rng(0)
+    gen = MaskingGenerator((14, 14), min_num_patches=4, min_aspect=0.3)
+    for target in (10, 40, 90):
+        m = gen(target, rng)
+        assert target * 0.7 <= m.sum() <= target
+    batch = collate_masks(200, (14, 14), (0.1, 0.5), 0.5, gen, rng)
+    per_image = batch["masks"].sum(1).float() / 196
+    assert (per_image > 0).sum().item() == 100  # mask_probability of the images
+    assert per_image.max() <= 0.5 + 1e-6 and per_image[per_image > 0].min() >= 0.05
+    assert batch["n_masked_patches"] == batch["mask_indices"].numel() == batch["masks"].sum().item()
+    sums = torch.zeros(200).index_add_(0, batch["mask_indices"] // 196, batch["masks_weight"])
+    assert torch.allclose(sums[per_image > 0], torch.ones(100))
