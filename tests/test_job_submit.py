@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -46,7 +47,12 @@ def test_curate_recipe_runs_under_ray_job_submit(head_node, collection, tmp_path
     cmd = [f"{BIN}/ray", "job", "submit", f"--address={dashboard}", "--working-dir", REPO, "--",
            "python", "recipes/curate.py", "--config", "recipes/configs/curate.yaml", "--config", str(ds_file),
            f"output_uri={out}"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    deadline = time.time() + 120
+    while True:  # the head's job agent comes up a few seconds after `ray start` returns
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+        if "No available agent" not in proc.stderr + proc.stdout or time.time() > deadline:
+            break
+        time.sleep(3)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "succeeded" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
