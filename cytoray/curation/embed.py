@@ -10,9 +10,9 @@ ViT backbone plugs in next to the weights-free default without touching the pipe
 - ``vit``: a cytoray ViT backbone from a checkpoint (DINOv2 hub, DinoBloom release or cytoray export);
   normalised CLS token.
 
-Output vectors are float32 and L2-normalised. The handcrafted features are standardised per dimension with
-fixed statistics estimated on the synthetic collection (``HANDCRAFTED_SCALE``), so embedding is a pure
-per-image function (no second pass over the data).
+Output vectors are float32 and L2-normalised. Handcrafted features have very different ranges, so they are
+z-scored per dimension with the run's own mean and standard deviation (a streaming second pass over the
+small feature table, recorded in ``embeddings.json``) before normalisation.
 """
 
 from __future__ import annotations
@@ -105,3 +105,83 @@ def handcrafted_features(rgb_u8: np.ndarray) -> np.ndarray:
 
 
 HANDCRAFTED_DIM = len(handcrafted_features(np.zeros((8, 8, 3), np.uint8)))
+
+
+class HandcraftedEmbedder:
+    name = "handcrafted"
+
+    def __init__(self, cfg: EmbedConfig):
+        self.cfg, self.dim = cfg, HANDCRAFTED_DIM
+
+    def embed(self, images: list[np.ndarray]) -> np.ndarray:
+        return np.stack([handcrafted_features(im) for im in images]) if images else np.zeros((0, self.dim), np.float32)
+
+
+class ViTEmbedder:
+    """Normalised CLS token of a cytoray ViT loaded from any supported checkpoint format."""
+
+    name = "vit"
+
+    def __init__(self, cfg: EmbedConfig):
+        import torch
+
+        from cytoray.platform.models.checkpoints import build_from_checkpoint
+
+        if not cfg.checkpoint:
+            raise ValueError("embed.name=vit needs embed.checkpoint (a DINOv2, DinoBloom or cytoray checkpoint URI)")
+        overrides = {"arch": cfg.arch} if cfg.arch else {}
+        self.model = build_from_checkpoint(cfg.checkpoint, **overrides).eval()
+        self.device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.model.to(self.device)
+        self.cfg, self.dim = cfg, self.model.embed_dim
+
+    def embed(self, images: list[np.ndarray]) -> np.ndarray:
+        import torch
+
+        size = self.cfg.image_size
+        x = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in images])
+        t = torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(255.0)
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        with torch.no_grad():
+            out = self.model(((t - mean) / std).to(self.device))
+        return out.float().cpu().numpy()
+
+
+EMBEDDERS = {"handcrafted": HandcraftedEmbedder, "vit": ViTEmbedder}
+
+
+def get_embedder(cfg: EmbedConfig):
+    if cfg.name not in EMBEDDERS:
+        raise ValueError(f"unknown embedder {cfg.name!r}; choose one of {sorted(EMBEDDERS)}")
+    return EMBEDDERS[cfg.name](cfg)
+
+
+class EmbedBatch:
+    """Ray Data actor: load the embedder once (``__init__``), embed batches of manifest rows (``__call__``)."""
+
+    def __init__(self, cfg: EmbedConfig, storage_cfg):
+        self.embedder, self.storage_cfg = get_embedder(cfg), storage_cfg
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        from cytoray import images, storage
+
+        uris = batch.column("uri").to_pylist()
+        decoded = [images.decode(storage.read_bytes(u, self.storage_cfg), min_side=1).rgb for u in uris]
+        feats = self.embedder.embed(decoded).astype(np.float32)
+        return pa.table({"image_id": batch.column("image_id"),
+                         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(feats.ravel()), feats.shape[1])})
+
+
+def standardise(features: np.ndarray, mean: np.ndarray | None = None, std: np.ndarray | None = None):
+    """z-score per dimension (stats from ``features`` unless given), then L2-normalise rows."""
+    mean = features.mean(0) if mean is None else mean
+    std = features.std(0) if std is None else std
+    z = (features - mean) / np.maximum(std, 1e-6)
+    return (z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)).astype(np.float32), mean, std
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)

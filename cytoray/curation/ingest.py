@@ -70,8 +70,10 @@ class CropConfig:
 class IngestConfig:
     min_side: int = 16  # images smaller than this (pixels) are quarantined as too_small
     max_pixels: int = 50_000_000  # larger (width*height, from the header) are quarantined as too_large
-    batch_size: int = 512  # most files per decode task (larger amortises the per-task overhead)
-    num_cpus: float = 0.5  # CPUs per decode task (fractional so small machines keep a core free)
+    batch_size: int = 1024  # most files per decode task (larger amortises the per-task overhead)
+    # CPUs per decode task. 1.0 measured fastest for ingest alone (benchmarks/RESULTS.md); lower it when
+    # other Ray work shares the nodes, or tasks queue behind each other.
+    num_cpus: float = 1.0
     # Ray Data reserves a share of the cluster per operator by default; on small nodes that runs the
     # decode tasks one at a time (measured 2.7x slower on 2 CPUs, benchmarks/RESULTS.md). Off by default.
     op_resource_reservation: bool = False

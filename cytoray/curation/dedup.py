@@ -1,0 +1,155 @@
+"""Deduplication: exact (identical decoded pixels) and near-duplicate (faiss kNN on embeddings, cosine above a
+threshold, connected components by union-find), within and across datasets.
+
+Keep policy — one image per component, the first by:
+1. labelled (``cell_type`` not null) before unlabelled;
+2. more pixels (width × height) before fewer (re-exports are usually downscaled);
+3. position of its dataset in ``dataset_priority`` (unlisted datasets after listed ones);
+4. ``image_id`` (deterministic tie-break).
+Every other member goes to ``duplicates.parquet`` (image_id, duplicate_of, similarity, reason).
+
+Search is exact (``IndexFlatIP``) up to ``flat_max`` vectors and IVF above it (``nlist`` ≈ 4·√N,
+``nprobe`` configurable), so 1M+ embeddings fit one machine; a faiss GPU index is used when faiss sees a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DedupConfig:
+    exact: bool = True
+    near: bool = True
+    k: int = 8  # neighbours searched per image
+    threshold: float = 0.95  # cosine above which two images are near-duplicates (tuned on seed 0)
+    leakage_threshold: float = 0.90  # stricter guard against evaluation manifests
+    dataset_priority: list[str] = field(default_factory=list)
+    flat_max: int = 200_000  # exact search up to this many vectors, IVF above
+    nprobe: int = 16
+    use_gpu: bool = True  # when faiss has GPUs
+
+
+def _gpu_count() -> int:
+    import faiss
+
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def build_index(x: np.ndarray, cfg: DedupConfig):
+    """Inner-product index over L2-normalised rows: flat for small N, IVF-flat for large N."""
+    import faiss
+
+    n, d = x.shape
+    if n <= cfg.flat_max:
+        index = faiss.IndexFlatIP(d)
+    else:
+        nlist = int(4 * np.sqrt(n))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        train = x[np.random.default_rng(0).choice(n, min(n, nlist * 64), replace=False)]
+        index.train(train)
+        index.nprobe = cfg.nprobe
+    if cfg.use_gpu and _gpu_count() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(x)
+    return index
+
+
+def knn_edges(x: np.ndarray, k: int, threshold: float, cfg: DedupConfig, queries: np.ndarray | None = None):
+    """Pairs (i, j, cosine) with cosine > threshold among each row's k nearest neighbours (self excluded
+    when ``queries`` is None)."""
+    index = build_index(x, cfg)
+    q = x if queries is None else queries
+    sims, nbrs = index.search(q, min(k + (queries is None), x.shape[0]))
+    rows = np.repeat(np.arange(q.shape[0]), nbrs.shape[1])
+    cols, s = nbrs.ravel(), sims.ravel()
+    keep = (cols >= 0) & (s > threshold)
+    if queries is None:
+        keep &= cols != rows
+    return rows[keep], cols[keep], s[keep]
+
+
+def connected_components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Union-find with path halving; returns a root label per node."""
+    parent = np.arange(n)
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for a, b in zip(i.tolist(), j.tolist()):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return np.array([find(a) for a in range(n)])
+
+
+def keep_order(labelled, width, height, dataset, image_id, priority: list[str]) -> np.ndarray:
+    """Rank of each row under the keep policy (lower = keep first)."""
+    rank = {d: r for r, d in enumerate(priority)}
+    keys = [(not lab, -(w * h), rank.get(ds, len(priority)), iid)
+            for lab, w, h, ds, iid in zip(labelled, width, height, dataset, image_id)]
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    out = np.empty(len(keys), dtype=np.int64)
+    out[order] = np.arange(len(keys))
+    return out
+
+
+def deduplicate(manifest, embeddings: np.ndarray | None, cfg: DedupConfig) -> tuple[np.ndarray, list[dict]]:
+    """manifest: pandas DataFrame (image_id, pixel_sha256, cell_type, width, height, dataset), rows aligned
+    with ``embeddings``. Returns (keep mask, duplicate rows)."""
+    n = len(manifest)
+    rank = keep_order(manifest["cell_type"].notna().tolist(),
+                      manifest["width"].tolist(), manifest["height"].tolist(), manifest["dataset"].tolist(),
+                      manifest["image_id"].tolist(), cfg.dataset_priority)
+    ii, jj, ss = [], [], []
+    if cfg.exact:
+        groups = manifest.groupby("pixel_sha256").indices
+        for idx in groups.values():
+            if len(idx) > 1:
+                first = idx[0]
+                ii += [first] * (len(idx) - 1)
+                jj += list(idx[1:])
+                ss += [1.0] * (len(idx) - 1)
+    n_exact_edges = len(ii)
+    if cfg.near and embeddings is not None and n > 1:
+        a, b, s = knn_edges(embeddings, cfg.k, cfg.threshold, cfg)
+        ii += a.tolist()
+        jj += b.tolist()
+        ss += s.tolist()
+    i, j = np.asarray(ii, dtype=np.int64), np.asarray(jj, dtype=np.int64)
+    comp = connected_components(n, i, j)
+    exact_pairs = set(zip(i[:n_exact_edges].tolist(), j[:n_exact_edges].tolist()))
+    sim = {}
+    for a, b, s in zip(i.tolist(), j.tolist(), ss):
+        sim[(a, b)] = sim[(b, a)] = max(s, sim.get((a, b), 0.0))
+    keep = np.ones(n, dtype=bool)
+    dups = []
+    ids = manifest["image_id"].tolist()
+    by_comp: dict[int, list[int]] = {}
+    for node, c in enumerate(comp.tolist()):
+        by_comp.setdefault(c, []).append(node)
+    for members in by_comp.values():
+        if len(members) == 1:
+            continue
+        keeper = min(members, key=lambda m: rank[m])
+        for m in members:
+            if m == keeper:
+                continue
+            keep[m] = False
+            is_exact = (keeper, m) in exact_pairs or (m, keeper) in exact_pairs or \
+                manifest["pixel_sha256"].iat[m] == manifest["pixel_sha256"].iat[keeper]
+            s = 1.0 if is_exact else sim.get((keeper, m))
+            if s is None and embeddings is not None:
+                s = float(embeddings[m] @ embeddings[keeper])  # linked through other members
+            dups.append({"image_id": ids[m], "duplicate_of": ids[keeper], "similarity": float(s if s is not None else 0.0),
+                         "reason": "exact" if is_exact else "near_duplicate"})
+    log.info("dedup: %d images, %d duplicates (%d exact)", n, len(dups), sum(d["reason"] == "exact" for d in dups))
+    return keep, dups
