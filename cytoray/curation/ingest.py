@@ -16,7 +16,7 @@ import logging
 import posixpath
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -317,32 +317,44 @@ def _write_table(fs, table: pa.Table, path: str, out_path: str) -> None:
     fs.mv(tmp, path)
 
 
+def _counts(table: pa.Table, keys: list[str]) -> dict:
+    """{key tuple (or key): row count} via a pyarrow group-by (no per-row Python)."""
+    if table.num_rows == 0:
+        return {}
+    g = table.select(keys).group_by(keys).aggregate([([], "count_all")])
+    cols = [g.column(k).to_pylist() for k in keys]
+    return {(tuple(v) if len(v) > 1 else v[0]): n for *v, n in zip(*cols, g.column("count_all").to_pylist())}
+
+
 def summarize(records: pa.Table, manifest: pa.Table, quarantine: pa.Table, ignored: dict) -> dict:
     """Per-dataset accounting; raises if any input file is unaccounted for (a contract check)."""
-    inputs = Counter(records.column("dataset").to_pylist())
+    import pyarrow.compute as pc
+
+    inputs = _counts(records, ["dataset"])
+    kept_rows = _counts(manifest, ["dataset"])
+    kept_files = {}
+    if manifest.num_rows:
+        g = manifest.group_by("dataset").aggregate([("source_uri", "count_distinct")])
+        kept_files = dict(zip(g.column("dataset").to_pylist(), g.column("source_uri_count_distinct").to_pylist()))
+    crops = _counts(manifest.filter(pc.is_valid(manifest.column("crop_box"))), ["dataset"])
+    types = manifest.select(["dataset", "cell_type"]).set_column(
+        1, "cell_type", pc.fill_null(manifest.column("cell_type"), "unknown"))
+    cell_types = _counts(types, ["dataset", "cell_type"])
+    unknown_rows = manifest.filter(pc.and_(pc.is_null(manifest.column("cell_type")),
+                                           pc.is_valid(manifest.column("source_label"))))
+    unknown = _counts(unknown_rows, ["dataset", "source_label"])
+    reasons = _counts(quarantine, ["dataset", "reason"])
     per: dict[str, dict] = {}
-    m = manifest.select(["dataset", "source_uri", "source_label", "cell_type", "crop_box"]).to_pylist()
-    kept_files = defaultdict(set)
-    images_kept, crops = Counter(), Counter()
-    unknown = defaultdict(Counter)
-    cell_types = defaultdict(Counter)
-    for row in m:
-        kept_files[row["dataset"]].add(row["source_uri"])
-        images_kept[row["dataset"]] += 1
-        crops[row["dataset"]] += row["crop_box"] is not None
-        cell_types[row["dataset"]][row["cell_type"] or "unknown"] += 1
-        if row["cell_type"] is None and row["source_label"] is not None:
-            unknown[row["dataset"]][row["source_label"]] += 1
-    reasons = defaultdict(Counter)
-    for row in quarantine.select(["dataset", "reason"]).to_pylist():
-        reasons[row["dataset"]][row["reason"]] += 1
     for name in inputs:
-        q = sum(reasons[name].values())
+        q_reasons = {r: n for (d, r), n in reasons.items() if d == name}
+        q = sum(q_reasons.values())
         per[name] = {
-            "input_files": inputs[name], "kept_files": len(kept_files[name]), "quarantined_files": q,
-            "kept_images": images_kept[name], "cropped_cells": crops[name],
-            "quarantine_reasons": dict(reasons[name]), "unknown_labels": dict(unknown[name]),
-            "cell_types": dict(cell_types[name]), "ignored_files": ignored.get(name, {}).get("count", 0),
+            "input_files": inputs[name], "kept_files": kept_files.get(name, 0), "quarantined_files": q,
+            "kept_images": kept_rows.get(name, 0), "cropped_cells": crops.get(name, 0),
+            "quarantine_reasons": q_reasons,
+            "unknown_labels": {lab: n for (d, lab), n in unknown.items() if d == name},
+            "cell_types": {ct: n for (d, ct), n in cell_types.items() if d == name},
+            "ignored_files": ignored.get(name, {}).get("count", 0),
             "ignored_examples": ignored.get(name, {}).get("examples", []),
         }
         if per[name]["input_files"] != per[name]["kept_files"] + q:
