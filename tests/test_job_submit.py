@@ -25,15 +25,38 @@ def head_node(tmp_path):
     # The job entrypoint runs `python` from the head node's PATH: the project's environment comes first.
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{BIN}:{os.environ.get('PATH', '')}")
     gcs, dash = _port(), _port()
+    # Free ports for every agent: the test session's own Ray instance already holds the defaults
+    # (e.g. the dashboard agent's 52365), and a second head on them starts without a job agent.
+    agents = [f"--dashboard-agent-listen-port={_port()}", f"--dashboard-agent-grpc-port={_port()}",
+              f"--runtime-env-agent-port={_port()}", f"--metrics-export-port={_port()}"]
     temp = f"/tmp/ray_e2e_{os.getpid()}"  # short: unix socket paths have a length limit
     cmd = [f"{BIN}/ray", "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats"]
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats",
+           *agents]
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=180)
     try:
         yield env, f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}"
     finally:
-        subprocess.run([f"{BIN}/ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop_cluster(temp: str) -> None:
+    """Stop only this head's processes (`ray stop` would also kill the test session's own Ray instance)."""
+    import psutil
+
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp in part for part in (p.info["cmdline"] or [])):
+                procs.append(p)
+        except psutil.Error:
+            pass
+    for p in procs:
+        p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    for p in alive:
+        p.kill()
 
 
 def test_curate_recipe_runs_under_ray_job_submit(head_node, collection, tmp_path):
