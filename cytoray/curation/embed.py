@@ -182,6 +182,3 @@ def standardise(features: np.ndarray, mean: np.ndarray | None = None, std: np.nd
     z = (features - mean) / np.maximum(std, 1e-6)
     return (z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)).astype(np.float32), mean, std
 
-
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)

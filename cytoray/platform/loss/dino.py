@@ -38,7 +38,12 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temp: float, n_iterations: int 
     return q.t()
 
 
-class DINOLoss(nn.Module):
+class TeacherCentering(nn.Module):
+    """EMA centre of teacher logits and the centred, sharpened teacher softmax (DINO v1 centring).
+
+    The centre is the EMA of the global mean over all ranks; the count is all-reduced too, so it is right
+    when ranks hold different numbers of rows (iBOT: masked patches per rank vary)."""
+
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
         super().__init__()
         self.student_temp, self.center_momentum = student_temp, center_momentum
@@ -51,10 +56,12 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_logits: torch.Tensor) -> None:
         """EMA of the global batch mean of teacher logits (after the targets of this step are computed)."""
+        n = all_reduce_sum(torch.tensor(float(teacher_logits.shape[0]), device=teacher_logits.device))
         batch_sum = all_reduce_sum(teacher_logits.float().sum(dim=0, keepdim=True))
-        batch_center = batch_sum / (teacher_logits.shape[0] * world_size())
-        self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
+        self.center.mul_(self.center_momentum).add_(batch_sum / n.clamp(min=1) * (1 - self.center_momentum))
 
+
+class DINOLoss(TeacherCentering):
     def forward(self, student_logits: list[torch.Tensor], teacher_probs: list[torch.Tensor]) -> torch.Tensor:
         """Sum over (student view, teacher view) pairs of mean cross-entropy."""
         total = student_logits[0].new_zeros(())

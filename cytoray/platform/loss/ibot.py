@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from cytoray.platform.loss.dino import sinkhorn_knopp
+from cytoray.platform.loss.dino import TeacherCentering, sinkhorn_knopp
 from cytoray.platform.loss.distributed import all_reduce_sum
 
 
@@ -18,27 +17,12 @@ def mask_weights(masks: torch.Tensor) -> torch.Tensor:
     return per_image.unsqueeze(-1).expand_as(masks)[masks]
 
 
-class iBOTPatchLoss(nn.Module):
-    def __init__(self, patch_out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
-        super().__init__()
-        self.student_temp, self.center_momentum = student_temp, center_momentum
-        self.register_buffer("center", torch.zeros(1, patch_out_dim))
-
-    @torch.no_grad()
-    def softmax_center_teacher(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        return F.softmax((teacher_logits - self.center) / teacher_temp, dim=-1)
-
+class iBOTPatchLoss(TeacherCentering):
     @torch.no_grad()
     def sinkhorn_knopp_teacher(self, teacher_logits: torch.Tensor, teacher_temp: float,
                                n_iterations: int = 3) -> torch.Tensor:
         n = all_reduce_sum(torch.tensor(float(teacher_logits.shape[0]), device=teacher_logits.device))
         return sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations, num_samples=n)
-
-    @torch.no_grad()
-    def update_center(self, teacher_logits: torch.Tensor) -> None:
-        n = all_reduce_sum(torch.tensor(float(teacher_logits.shape[0]), device=teacher_logits.device))
-        batch_sum = all_reduce_sum(teacher_logits.float().sum(dim=0, keepdim=True))
-        self.center.mul_(self.center_momentum).add_(batch_sum / n.clamp(min=1) * (1 - self.center_momentum))
 
     def forward_masked(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor, masks: torch.Tensor,
                        weights: torch.Tensor | None = None) -> torch.Tensor:
