@@ -1,5 +1,8 @@
-"""Deduplication: exact (identical decoded pixels) and near-duplicate (faiss kNN on embeddings, cosine above a
-threshold, connected components by union-find), within and across datasets.
+"""Deduplication: exact (identical decoded pixels) and near-duplicate (faiss kNN, cosine above a threshold,
+connected components by union-find), within and across datasets. Near-duplicates are searched on
+instance fingerprints with flip/rotation/zoom query expansion (``dihedral_knn_edges``) — global colour
+statistics could not separate re-exports from other cells of the same class and source (precision <= 0.41
+on the synthetic ground truth) — or on any L2-normalised embedding (``knn_edges``).
 
 Keep policy — one image per component, the first by:
 1. labelled (``cell_type`` not null) before unlabelled;
@@ -26,8 +29,11 @@ log = logging.getLogger(__name__)
 class DedupConfig:
     exact: bool = True
     near: bool = True
-    k: int = 8  # neighbours searched per image
-    threshold: float = 0.95  # cosine above which two images are near-duplicates (tuned on seed 0)
+    k: int = 8  # neighbours searched per image and query variant
+    # Cosine of fingerprints above which two images are near-duplicates. Tuned on the synthetic collection
+    # with seed 0 (1,500 images: precision 1.00, recall 1.00 at 0.985; 0.98 gave precision 0.94);
+    # held-out seed 123 at 0.985: precision 1.00, recall 1.00.
+    threshold: float = 0.985
     leakage_threshold: float = 0.90  # stricter guard against evaluation manifests
     dataset_priority: list[str] = field(default_factory=list)
     flat_max: int = 200_000  # exact search up to this many vectors, IVF above
@@ -74,6 +80,44 @@ def knn_edges(x: np.ndarray, k: int, threshold: float, cfg: DedupConfig, queries
     return rows[keep], cols[keep], s[keep]
 
 
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    x = x.reshape(len(x), -1).astype(np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
+
+
+def dihedral_knn_edges(thumbs: np.ndarray, k: int, threshold: float, cfg: DedupConfig):
+    """Near-duplicate edges from fingerprint thumbnails (N, Z, s, s) (``embed.fingerprint_thumbnails``).
+
+    The index holds each image's zoom-1 thumbnail; every image is queried with all zoom levels × the 8
+    flips/rotations of its thumbnail, so flipped, rotated and slightly cropped copies are found exactly
+    (query expansion instead of an invariant, lossy descriptor). Returns (i, j, cosine) with the best
+    cosine per pair above ``threshold``.
+    """
+    base = _unit_rows(thumbs[:, 0])
+    index = build_index(base, cfg)
+    best: dict[tuple[int, int], float] = {}
+    for z in range(thumbs.shape[1]):
+        for flip in (False, True):
+            for rot in range(4):
+                t = thumbs[:, z, :, ::-1] if flip else thumbs[:, z]
+                q = _unit_rows(np.rot90(t, rot, axes=(1, 2)))
+                sims, nbrs = index.search(q, min(k + 1, len(base)))
+                for i, j, s in zip(np.repeat(np.arange(len(q)), nbrs.shape[1]).tolist(), nbrs.ravel().tolist(),
+                                   sims.ravel().tolist()):
+                    if j >= 0 and j != i and s > threshold:
+                        key = (min(i, j), max(i, j))
+                        best[key] = max(best.get(key, -1.0), s)
+    pairs = np.array(list(best.keys()), dtype=np.int64).reshape(-1, 2)
+    return pairs[:, 0], pairs[:, 1], np.array(list(best.values()), dtype=np.float32)
+
+
+def _pair_similarity(thumbs: np.ndarray, a: int, b: int) -> float:
+    """Best fingerprint cosine of image a (any zoom, flip, rotation) against image b."""
+    target = _unit_rows(thumbs[b : b + 1, 0])[0]
+    variants = [np.rot90(t[:, ::-1] if f else t, r) for t in thumbs[a] for f in (False, True) for r in range(4)]
+    return float((_unit_rows(np.stack(variants)) @ target).max())
+
+
 def connected_components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     """Union-find with path halving; returns a root label per node."""
     parent = np.arange(n)
@@ -102,9 +146,11 @@ def keep_order(labelled, width, height, dataset, image_id, priority: list[str]) 
     return out
 
 
-def deduplicate(manifest, embeddings: np.ndarray | None, cfg: DedupConfig) -> tuple[np.ndarray, list[dict]]:
+def deduplicate(manifest, embeddings: np.ndarray | None, cfg: DedupConfig,
+                thumbs: np.ndarray | None = None) -> tuple[np.ndarray, list[dict]]:
     """manifest: pandas DataFrame (image_id, pixel_sha256, cell_type, width, height, dataset), rows aligned
-    with ``embeddings``. Returns (keep mask, duplicate rows)."""
+    with ``embeddings`` (L2-normalised) and/or fingerprint ``thumbs``. Near-duplicates come from the
+    fingerprints when given (recommended), else from the embeddings. Returns (keep mask, duplicate rows)."""
     n = len(manifest)
     rank = keep_order(manifest["cell_type"].notna().tolist(),
                       manifest["width"].tolist(), manifest["height"].tolist(), manifest["dataset"].tolist(),
@@ -119,8 +165,11 @@ def deduplicate(manifest, embeddings: np.ndarray | None, cfg: DedupConfig) -> tu
                 jj += list(idx[1:])
                 ss += [1.0] * (len(idx) - 1)
     n_exact_edges = len(ii)
-    if cfg.near and embeddings is not None and n > 1:
-        a, b, s = knn_edges(embeddings, cfg.k, cfg.threshold, cfg)
+    if cfg.near and n > 1 and (thumbs is not None or embeddings is not None):
+        if thumbs is not None:
+            a, b, s = dihedral_knn_edges(thumbs, cfg.k, cfg.threshold, cfg)
+        else:
+            a, b, s = knn_edges(embeddings, cfg.k, cfg.threshold, cfg)
         ii += a.tolist()
         jj += b.tolist()
         ss += s.tolist()
@@ -147,8 +196,9 @@ def deduplicate(manifest, embeddings: np.ndarray | None, cfg: DedupConfig) -> tu
             is_exact = (keeper, m) in exact_pairs or (m, keeper) in exact_pairs or \
                 manifest["pixel_sha256"].iat[m] == manifest["pixel_sha256"].iat[keeper]
             s = 1.0 if is_exact else sim.get((keeper, m))
-            if s is None and embeddings is not None:
-                s = float(embeddings[m] @ embeddings[keeper])  # linked through other members
+            if s is None:  # linked through other members of the component: compare the two directly
+                s = (_pair_similarity(thumbs, m, keeper) if thumbs is not None
+                     else float(embeddings[m] @ embeddings[keeper]))
             dups.append({"image_id": ids[m], "duplicate_of": ids[keeper], "similarity": float(s if s is not None else 0.0),
                          "reason": "exact" if is_exact else "near_duplicate"})
     log.info("dedup: %d images, %d duplicates (%d exact)", n, len(dups), sum(d["reason"] == "exact" for d in dups))

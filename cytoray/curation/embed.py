@@ -182,3 +182,28 @@ def standardise(features: np.ndarray, mean: np.ndarray | None = None, std: np.nd
     z = (features - mean) / np.maximum(std, 1e-6)
     return (z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)).astype(np.float32), mean, std
 
+
+
+FINGERPRINT_SIZE = 32
+FINGERPRINT_ZOOMS = (1.0, 1.08, 1.16)
+
+
+def fingerprint_thumbnails(rgb_u8: np.ndarray, size: int = FINGERPRINT_SIZE,
+                           zooms: tuple[float, ...] = FINGERPRINT_ZOOMS) -> np.ndarray:
+    """(len(zooms), size, size) float32 near-duplicate fingerprints of one image.
+
+    Each is the centre square (side = shorter side / zoom) as a size×size gray thumbnail with its mean
+    removed: aspect changes do not stretch it, brightness/contrast changes barely move it after
+    normalisation, and the zoomed variants match copies that were slightly cropped and resized back.
+    Global colour statistics cannot tell a re-export from another cell of the same class and source;
+    this instance fingerprint can (see ``dedup.dihedral_knn_edges``).
+    """
+    h, w = rgb_u8.shape[:2]
+    gray = Image.fromarray(rgb_u8).convert("L")
+    out = np.empty((len(zooms), size, size), np.float32)
+    for z, zoom in enumerate(zooms):
+        s = max(1, int(min(h, w) / zoom))
+        top, left = (h - s) // 2, (w - s) // 2
+        t = np.asarray(gray.resize((size, size), Image.BOX, box=(left, top, left + s, top + s)), np.float32)
+        out[z] = t - t.mean()
+    return out

@@ -106,8 +106,9 @@ def _derived_pixels(extra: dict) -> np.ndarray:
         data = encode(img, src.fmt or _fmt_of(src.relpath), style.jpeg_quality, src.mode)
         return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     img = _transform(img, extra["transform"], np.random.default_rng(extra["seed"]))
-    if extra["target_size"]:
-        img = np.asarray(Image.fromarray(img).resize(extra["target_size"], Image.BICUBIC))
+    if extra["target_width"]:  # re-published in another source: rescaled to its width, aspect kept
+        w = extra["target_width"]
+        img = np.asarray(Image.fromarray(img).resize((w, max(1, round(img.shape[0] * w / img.shape[1]))), Image.BICUBIC))
     return img
 
 
@@ -201,7 +202,7 @@ def generate_collection(out_dir: str, spec: CollectionSpec | None = None,
                      "transform": transform if not exact else "none", "seed": int(rng.integers(2**62)),
                      "kind": "exact_duplicate" if exact else "near_duplicate",
                      "quality": int(rng.integers(70, 86)) if transform == "reencode" else tstyle.jpeg_quality,
-                     "target_size": (tstyle.width, tstyle.height) if target != name else None}
+                     "target_width": tstyle.width if target != name else None}
             dup = Item(relpath, src.cell_class, 0, label, src.patient_id if target == name else None,
                        src.patient_label if target == name else None, mode="RGB",
                        fmt=_fmt_of(relpath))
