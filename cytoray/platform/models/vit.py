@@ -28,8 +28,8 @@ class ViTConfig:
     img_size: int = 224  # size the positional embedding is stored at (DinoBloom: 224 -> 16x16+1)
     num_register_tokens: int = 0
     layerscale: float = 1e-5  # 0 disables LayerScale
-    drop_path_rate: float = 0.0  # stochastic depth, linearly increasing over blocks... (see build_vit)
-    drop_path_uniform: bool = True  # DINOv2 uses the same rate in every block for ViT-L/G
+    drop_path_rate: float = 0.0  # stochastic depth rate (per block, see drop_path_uniform)
+    drop_path_uniform: bool = True  # same rate in every block (DINOv2); False: linear 0 -> rate over depth
     interpolate_offset: float = 0.1
     interpolate_antialias: bool = False
     attn_impl: str = "sdpa"  # sdpa | xformers (CUDA only; falls back to sdpa)
