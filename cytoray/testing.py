@@ -21,7 +21,8 @@ from cytoray.storage import StorageConfig, filesystem
 TEST_CREDENTIALS = {"access_key_id": "testing", "secret_access_key": "testing-secret-not-real"}
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -32,7 +33,7 @@ def local_s3(bucket: str = "cytoray-test") -> Iterator[StorageConfig]:
     """A moto S3 server on 127.0.0.1 with ``bucket`` created; yields the StorageConfig to reach it."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     cfg = StorageConfig(endpoint_url=f"http://127.0.0.1:{port}", region="us-east-1", max_attempts=8,
@@ -126,7 +127,7 @@ class FlakyProxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", _free_port()), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
         self.server.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)

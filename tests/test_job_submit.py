@@ -3,32 +3,27 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
+from cytoray.testing import free_port
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def head_node(tmp_path):
     # The job entrypoint runs `python` from the head node's PATH: the project's environment comes first.
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{BIN}:{os.environ.get('PATH', '')}")
-    gcs, dash = _port(), _port()
+    gcs, dash = free_port(), free_port()
     # Free ports for every agent: the test session's own Ray instance already holds the defaults
     # (e.g. the dashboard agent's 52365), and a second head on them starts without a job agent.
-    agents = [f"--dashboard-agent-listen-port={_port()}", f"--dashboard-agent-grpc-port={_port()}",
-              f"--runtime-env-agent-port={_port()}", f"--metrics-export-port={_port()}"]
+    agents = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+              f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
     temp = f"/tmp/ray_e2e_{os.getpid()}"  # short: unix socket paths have a length limit
     cmd = [f"{BIN}/ray", "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats",
