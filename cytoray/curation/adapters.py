@@ -90,8 +90,12 @@ def _is_hidden(relpath: str) -> bool:
     return any(part.startswith(".") or part in ("Thumbs.db", "__MACOSX") for part in relpath.split("/"))
 
 
+def _read_bytes(fs, path: str) -> bytes:
+    return storage.with_retries(lambda: fs.cat_file(path), what=f"read {path}")
+
+
 def _read_text(fs, path: str) -> str:
-    return storage.with_retries(lambda: fs.cat_file(path), what=f"read {path}").decode("utf-8-sig")
+    return _read_bytes(fs, path).decode("utf-8-sig")
 
 
 def _csv_rows(fs, path: str) -> list[dict]:
@@ -307,7 +311,7 @@ class TableAdapter(Adapter):
         if not storage.with_retries(lambda: fs.exists(table_path), what=f"stat {table_path}"):
             raise AdapterError(f"table layout: {table_path} not found; set options.table or point uri at the file")
         if table_path.endswith(".parquet"):
-            rows = pq.read_table(io.BytesIO(fs.cat_file(table_path))).to_pylist()
+            rows = pq.read_table(io.BytesIO(_read_bytes(fs, table_path))).to_pylist()
         else:
             rows = _csv_rows(fs, table_path)
         col = {k: self.options.get(f"{k}_column", k) for k in ("uri", "label", "patient_id", "patient_label", "split")}

@@ -164,7 +164,6 @@ def deduplicate(manifest, embeddings: np.ndarray | None, cfg: DedupConfig,
                 ii += [first] * (len(idx) - 1)
                 jj += list(idx[1:])
                 ss += [1.0] * (len(idx) - 1)
-    n_exact_edges = len(ii)
     if cfg.near and n > 1 and (thumbs is not None or embeddings is not None):
         if thumbs is not None:
             a, b, s = dihedral_knn_edges(thumbs, cfg.k, cfg.threshold, cfg)
@@ -175,13 +174,12 @@ def deduplicate(manifest, embeddings: np.ndarray | None, cfg: DedupConfig,
         ss += s.tolist()
     i, j = np.asarray(ii, dtype=np.int64), np.asarray(jj, dtype=np.int64)
     comp = connected_components(n, i, j)
-    exact_pairs = set(zip(i[:n_exact_edges].tolist(), j[:n_exact_edges].tolist()))
     sim = {}
     for a, b, s in zip(i.tolist(), j.tolist(), ss):
         sim[(a, b)] = sim[(b, a)] = max(s, sim.get((a, b), 0.0))
     keep = np.ones(n, dtype=bool)
     dups = []
-    ids = manifest["image_id"].tolist()
+    ids, sha = manifest["image_id"].tolist(), manifest["pixel_sha256"].tolist()
     by_comp: dict[int, list[int]] = {}
     for node, c in enumerate(comp.tolist()):
         by_comp.setdefault(c, []).append(node)
@@ -193,8 +191,7 @@ def deduplicate(manifest, embeddings: np.ndarray | None, cfg: DedupConfig,
             if m == keeper:
                 continue
             keep[m] = False
-            is_exact = (keeper, m) in exact_pairs or (m, keeper) in exact_pairs or \
-                manifest["pixel_sha256"].iat[m] == manifest["pixel_sha256"].iat[keeper]
+            is_exact = sha[m] == sha[keeper]
             s = 1.0 if is_exact else sim.get((keeper, m))
             if s is None:  # linked through other members of the component: compare the two directly
                 s = (_pair_similarity(thumbs, m, keeper) if thumbs is not None

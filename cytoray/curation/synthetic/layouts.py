@@ -320,15 +320,10 @@ def plan_segpc(name, rng, n_fields):
             mask = np.zeros((style.height, style.width), np.uint8)
             mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= r**2] = 20
             mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= (0.5 * r) ** 2] = 40
-            plan.metadata[f"train/y/{stem}_{k + 1}.bmp"] = _encode_mask(mask)
+            plan.metadata[f"train/y/{stem}_{k + 1}.bmp"] = encode(mask, "bmp", mode="L")
             plan.crops.append({"relpath": f"train/x/{stem}.bmp", "index": k, "cell_class": c})
     return plan
 
-
-def _encode_mask(mask: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(mask, mode="L").save(buf, "BMP")
-    return buf.getvalue()
 
 
 def plan_class_folders(name, rng, n):
