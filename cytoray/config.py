@@ -36,15 +36,17 @@ def load_config(
     defaults: str | os.PathLike | None = None,
     override_files: Sequence[str | os.PathLike] = (),
     cli: Sequence[str] = (),
+    base: Sequence[tuple[str, dict]] = (),
 ) -> T:
     """Build a validated config object of ``schema`` (a dataclass); returns an OmegaConf-typed view.
 
     ``cli`` items look like ``ingest.batch_size=64`` or ``+extra.key=1`` is *not* accepted: unknown keys are
-    errors by design.
+    errors by design. ``base`` holds (origin, mapping) layers merged before ``defaults`` (e.g. a model preset
+    placed under its key).
     """
     cfg = OmegaConf.structured(schema)
     OmegaConf.set_struct(cfg, True)
-    sources: list[tuple[str, DictConfig]] = []
+    sources: list[tuple[str, DictConfig]] = [(origin, OmegaConf.create(data)) for origin, data in base]
     for path in [p for p in [defaults, *override_files] if p is not None]:
         if not Path(path).is_file():
             raise ConfigError(f"config file not found: {path} (pass an existing yaml file)")

@@ -148,3 +148,33 @@ class FlakyProxy:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def write_cell_manifest(directory: str, num_images: int = 48, seed: int = 0, repeats: list[int] | None = None) -> str:
+    """Synthetic cells as PNG files plus a minimal training manifest (image_id, uri, cell_type[, repeats]).
+
+    For training tests that do not need a whole curated collection; returns the manifest's path.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cytoray.curation.synthetic.cells import CLASS_NAMES, Stain, render_cell
+    from cytoray.images import encode_png
+
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = {"image_id": [], "uri": [], "cell_type": []}
+    for i in range(num_images):
+        cls = CLASS_NAMES[i % 10]
+        path = os.path.join(directory, f"cell_{i:05d}.png")
+        with open(path, "wb") as f:
+            f.write(encode_png(render_cell(cls, 80, 0.3, Stain(), rng)))
+        rows["image_id"].append(f"cell_{i:05d}")
+        rows["uri"].append(path)
+        rows["cell_type"].append(cls)
+    if repeats is not None:
+        rows["repeats"] = repeats
+    out = os.path.join(directory, "manifest.parquet")
+    pq.write_table(pa.table(rows), out)
+    return out

@@ -13,8 +13,12 @@ from dataclasses import dataclass, field
 from cytoray import config as config_lib
 from cytoray.platform import schedules
 from cytoray.platform.data.augment import AugmentConfig
+from cytoray.platform.data.stream import StreamConfig
 from cytoray.platform.models.vit import ViTConfig
 from cytoray.platform.objective import ObjectiveConfig
+from cytoray.platform.parallelize import ParallelConfig
+from cytoray.runtime import RayConfig
+from cytoray.storage import StorageConfig
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -83,3 +87,63 @@ def make_schedules(p: ModelPreset, total_batch_size: int) -> schedules.Schedules
         momentum_end=o.final_momentum_teacher, teacher_temp=o.teacher_temp,
         warmup_teacher_temp=o.warmup_teacher_temp, teacher_temp_warmup_iters=o.teacher_temp_warmup_iters,
         freeze_last_layer_iters=min(o.freeze_last_layer_iters, p.total_iters))
+
+
+@dataclass
+class TrainConfig:
+    """The Ray Train job: workers, checkpoint cadence, fault tolerance."""
+
+    num_workers: int = 8  # Ray Train workers (one per GPU)
+    use_gpu: bool = True
+    cpus_per_worker: float = 1.0  # fractional on small machines so data actors get CPUs (0.5 on 2 cores)
+    seed: int = 0  # model init, data order, augmentation and masks all derive from it
+    max_steps: int | None = None  # stop after this step (schedules still span total_iters); None: total_iters
+    log_every: int = 10  # console line + ray.train.report of metrics
+    checkpoint_every: int = 1000  # sharded checkpoint (resume point)
+    export_every: int = 5000  # teacher backbone in DinoBloom format to <run>/exports/; 0: only at the end
+    keep_checkpoints: int = 3
+    max_failures: int = 3  # worker-group restarts from the last checkpoint before the run fails
+    skip_nonfinite: bool = False  # skip steps with a non-finite loss instead of stopping
+    init_checkpoint: str | None = None  # DINOv2 / DinoBloom / cytoray backbone to start student and teacher from
+    fail_at_step: int | None = None  # fault injection (tests): the last rank raises once at this step
+
+
+@dataclass
+class RunSpec:
+    name: str = "???"  # a rerun with the same name and storage_path resumes from its last checkpoint
+    storage_path: str = "runs"  # local directory or s3://bucket/prefix
+
+
+@dataclass
+class PretrainConfig:
+    """Everything a pretraining run needs; what ``recipes/pretrain_vit*.py`` load."""
+
+    preset: str = "dinobloom_l"  # cytoray/configs/<preset>.yaml fills `model`
+    model: ModelPreset = field(default_factory=ModelPreset)
+    data: StreamConfig = field(default_factory=StreamConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    run: RunSpec = field(default_factory=RunSpec)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    log_level: str = "INFO"
+
+
+def load_pretrain_config(argv, preset: str, defaults: str | None = None):
+    """Layers: schema <- preset yaml (under ``model``) <- recipe defaults <- --config files <- key=value.
+
+    ``preset=NAME`` on the command line (or in a --config file) picks another preset.
+    """
+    import yaml
+
+    files, overrides = config_lib.split_cli(argv)
+    for path in [defaults, *files]:
+        if path and os.path.exists(path):
+            preset = (yaml.safe_load(open(path)) or {}).get("preset", preset)
+    for item in overrides:
+        if item.startswith("preset="):
+            preset = item.split("=", 1)[1]
+    with open(preset_path(preset)) as f:
+        model = yaml.safe_load(f) or {}
+    return config_lib.load_config(PretrainConfig, defaults, files, overrides,
+                                  base=[(preset_path(preset), {"preset": preset, "model": model})])

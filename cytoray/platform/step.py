@@ -6,11 +6,10 @@ step -> EMA teacher. Device- and parallelism-agnostic: FSDP-wrapped modules pass
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from cytoray.platform import schedules
+from cytoray.platform.loss.distributed import all_reduce_sum
 from cytoray.platform.objective import DINOv2Objective
 
 
@@ -35,7 +34,9 @@ def train_step(objective: DINOv2Objective, optimizer: torch.optim.Optimizer, bat
     schedules.apply_schedule(optimizer, values)
     optimizer.zero_grad(set_to_none=True)
     loss, metrics = objective(batch, values["teacher_temp"])
-    if not math.isfinite(float(loss.detach())):
+    # Decided across ranks: one rank skipping backward while the others reduce gradients would hang.
+    non_finite = all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
+    if float(non_finite) > 0:
         if skip_nonfinite:
             return None
         raise NonFiniteLossError(step, metrics)

@@ -102,10 +102,16 @@ def load_backbone(model: VisionTransformer, ckpt_or_uri, storage_cfg: storage.St
 def export_dinobloom(model: VisionTransformer, uri: str | None = None,
                      storage_cfg: storage.StorageConfig | None = None, extra: dict | None = None) -> dict:
     """The teacher backbone as a DinoBloom-style file: {"teacher": {"backbone.<k>": tensor}, "cytoray": meta}."""
+    return export_state_dict(model.state_dict(), model.cfg, uri, storage_cfg, extra)
+
+
+def export_state_dict(state: dict[str, torch.Tensor], vit: ViTConfig, uri: str | None = None,
+                      storage_cfg: storage.StorageConfig | None = None, extra: dict | None = None) -> dict:
+    """:func:`export_dinobloom` from a full backbone state dict (e.g. gathered from FSDP shards)."""
     from dataclasses import asdict
 
-    ckpt = {"teacher": {f"backbone.{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()},
-            "cytoray": {"format_version": 1, "vit": asdict(model.cfg), **(extra or {})}}
+    ckpt = {"teacher": {f"backbone.{k}": v.detach().cpu().clone() for k, v in state.items()},
+            "cytoray": {"format_version": 1, "vit": asdict(vit), **(extra or {})}}
     if uri is not None:
         buf = io.BytesIO()
         torch.save(ckpt, buf)

@@ -1,0 +1,302 @@
+"""DINOv2 pretraining as a Ray Train job: ``train_loop_per_worker`` (read it top to bottom) and ``pretrain``.
+
+Per worker, in a fixed order: device mesh -> model (same seed on every rank, optional DINOv2/DinoBloom
+init) -> FSDP2 -> optimizer and schedules -> restore (sharded checkpoint: model, teacher, optimizer, loss
+centres, data position) -> this rank's data stream -> loop. Per step: batch -> masks -> schedule values ->
+forward/backward -> non-finite check -> clip -> step -> EMA teacher (``step.train_step``) -> log ->
+report (+ sharded checkpoint every ``checkpoint_every`` steps, teacher export every ``export_every``).
+
+Resuming needs nothing but the run's name: Ray Train hands the last reported checkpoint to restarted
+workers (``FailureConfig``) and to a rerun of the driver with the same ``RunConfig(name, storage_path)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from cytoray import config as config_lib
+from cytoray import storage
+from cytoray.platform import checkpointing
+from cytoray.platform.config import PretrainConfig, make_schedules
+from cytoray.platform.data.batch import MaskCollator
+from cytoray.platform.data.stream import build_stream, iter_steps, read_manifest
+from cytoray.platform.metrics import MetricsLog
+from cytoray.platform.models.checkpoints import export_state_dict, load_backbone
+from cytoray.platform.objective import build_objective
+from cytoray.platform.parallelize import apply_fsdp, local_numel
+from cytoray.platform.step import build_optimizer, train_step
+
+log = logging.getLogger(__name__)
+
+
+class InjectedFailure(RuntimeError):
+    """Raised once by ``train.fail_at_step`` so tests can watch the run recover."""
+
+
+def run_uri(cfg: PretrainConfig) -> str:
+    return storage.join_uri(cfg.run.storage_path, cfg.run.name)
+
+
+def end_step(cfg: PretrainConfig) -> int:
+    return min(cfg.model.total_iters, cfg.train.max_steps or cfg.model.total_iters)
+
+
+# ----------------------------------------------------------------------------------------------- worker side
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    from torch.distributed.device_mesh import init_device_mesh
+
+    cfg: PretrainConfig = config["cfg"]
+    p, t = cfg.model, cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    global_batch = p.batch_size_per_device * world
+
+    # 1. device mesh over all workers (gloo on CPU, NCCL on GPU: Ray's TorchConfig set up the process group)
+    device = ray.train.torch.get_device()
+    mesh = init_device_mesh(device.type, (world,))
+
+    # 2. model: identical full weights on every rank before sharding; optional pretrained backbone
+    torch.manual_seed(t.seed)
+    objective = build_objective(p.vit, p.objective)
+    if t.init_checkpoint:
+        init_backbones(objective, t.init_checkpoint, cfg.storage)
+    objective.to(device)
+
+    # 3. FSDP2: each block, each backbone/head, then the objective as root
+    apply_fsdp(objective, mesh, cfg.parallel)
+
+    # 4. optimizer and schedules (lr scaled with the global batch)
+    optimizer = build_optimizer(objective, p.optim.layer_decay, p.optim.patch_embed_lr_mult,
+                                (p.optim.adamw_beta1, p.optim.adamw_beta2))
+    sched = make_schedules(p, global_batch)
+
+    # 5. restore the last checkpoint: model, teacher, optimizer, loss centres, data position
+    state = restore(objective, optimizer)
+    start, last = state["step"], end_step(cfg)
+
+    # 6. this rank's data: steps [start, last) from the saved sample position on
+    ds = build_stream(cfg.data, cfg.storage, p.augment, t.seed, p.batch_size_per_device, world, rank,
+                      start, last, state["samples_consumed"])
+    masks = MaskCollator(p.augment.global_crops.size, p.vit.patch_size, p.mask.mask_ratio, p.mask.mask_probability,
+                         p.mask.min_num_patches, p.mask.min_aspect)
+    metrics_log = MetricsLog(run_uri(cfg), start, cfg.storage) if rank == 0 else None
+    if rank == 0:
+        held, total = local_numel(objective)
+        print(f"[cytoray] {p.vit.arch}: {total / 1e6:.1f}M parameters (student+teacher), rank 0 holds "
+              f"{held / 1e6:.1f}M; {world} workers x {p.batch_size_per_device} images; steps {start} -> {last}",
+              flush=True)
+
+    samples = state["samples_consumed"]
+    wait_t, t_prev = 0.0, time.perf_counter()
+    for step, batch in iter_steps(ds, cfg.data.prefetch_batches):
+        wait_t = time.perf_counter() - t_prev
+        maybe_inject_failure(cfg, step, rank, world)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "positions"}
+        n_global = batch["global_crops"].shape[0] * batch["global_crops"].shape[1]
+        batch.update(masks(n_global, np.random.default_rng([t.seed, step, rank, 0x3A5C])))
+        torch.manual_seed(hash((t.seed, step, rank)) % 2**62)  # stochastic depth: a function of the step
+        values = sched.at(step)
+
+        metrics = train_step(objective, optimizer, batch, values, p.optim.clip_grad, step, t.skip_nonfinite)
+
+        samples += global_batch
+        step_t = time.perf_counter() - t_prev
+        row = step_metrics(metrics, values, step_t, wait_t, global_batch, device)
+        if metrics_log is not None:
+            metrics_log.log(step, row)
+        done = step + 1
+        if done % t.log_every == 0 or done == last:
+            if rank == 0:
+                print(progress_line(done, last, row), flush=True)
+        train_state = {"step": done, "samples_consumed": samples, "world_size": world,
+                       "batch_size_per_device": p.batch_size_per_device, "seed": t.seed, "preset": cfg.preset,
+                       "epoch": samples // max(1, _epoch_len(cfg))}
+        if done % t.checkpoint_every == 0 or done == last:
+            if (t.export_every and done % t.export_every == 0) or done == last:
+                export_teacher(objective, cfg, done, rank)
+            if metrics_log is not None:
+                metrics_log.sync()
+            save_and_report(objective, optimizer, train_state, {**row, "step": done}, rank)
+        elif done % t.log_every == 0:
+            ray.train.report({**row, "step": done})
+        t_prev = time.perf_counter()
+    if metrics_log is not None:
+        metrics_log.close()
+
+
+def init_backbones(objective, uri: str, storage_cfg) -> None:
+    """Student and teacher backbones from a DINOv2 / DinoBloom / cytoray file (heads stay fresh)."""
+    fmt = load_backbone(objective.student["backbone"], uri, storage_cfg)
+    objective.teacher["backbone"].load_state_dict(objective.student["backbone"].state_dict())
+    log.info("initialised backbones from %s (%s format)", storage.redact(uri), fmt)
+
+
+def restore(objective, optimizer) -> dict:
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return {"step": 0, "samples_consumed": 0}
+    with ckpt.as_directory() as path:
+        state = checkpointing.load_sharded(path, objective, optimizer)
+    print(f"[cytoray] resumed from {ckpt.path} at step {state['step']} "
+          f"({state['samples_consumed']} samples consumed)", flush=True)
+    return state
+
+
+def maybe_inject_failure(cfg: PretrainConfig, step: int, rank: int, world: int) -> None:
+    """The last rank raises once at ``train.fail_at_step`` (a marker in the run dir makes it once)."""
+    if cfg.train.fail_at_step is None or step != cfg.train.fail_at_step or rank != world - 1:
+        return
+    marker = storage.join_uri(run_uri(cfg), f"_injected_failure_step{step}")
+    if storage.exists(marker, cfg.storage):
+        return
+    storage.write_bytes(marker, b"", cfg.storage)
+    raise InjectedFailure(f"injected failure at step {step} on rank {rank} (train.fail_at_step)")
+
+
+def step_metrics(metrics: dict | None, values: dict, step_t: float, wait_t: float, global_batch: int,
+                 device: torch.device) -> dict[str, float]:
+    """Loss terms averaged over ranks, schedule values, throughput, data wait (and GPU memory)."""
+    from cytoray.platform.loss.distributed import all_reduce_sum, world_size
+
+    row: dict[str, float] = {}
+    if metrics is not None:
+        keys = sorted(metrics)
+        vec = all_reduce_sum(torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device))
+        row.update({k: float(v) / world_size() for k, v in zip(keys, vec)})
+    else:
+        row["skipped_nonfinite"] = 1.0
+    row.update(lr=values["lr"], wd=values["wd"], momentum=values["momentum"], teacher_temp=values["teacher_temp"])
+    row.update(images_per_s=global_batch / max(step_t, 1e-9), step_time_s=step_t, data_wait_s=wait_t,
+               data_wait_frac=wait_t / max(step_t, 1e-9))
+    if device.type == "cuda":
+        row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return row
+
+
+def progress_line(done: int, last: int, row: dict) -> str:
+    loss = row.get("loss", math.nan)
+    return (f"[cytoray] step {done}/{last} loss {loss:.4f} lr {row['lr']:.2e} "
+            f"{row['images_per_s']:.1f} img/s data-wait {100 * row['data_wait_frac']:.0f}%")
+
+
+def save_and_report(objective, optimizer, train_state: dict, metrics: dict, rank: int) -> None:
+    """Every rank writes its shards to a local dir; Ray merges the dirs in the run's storage."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="cytoray-ckpt-") as tmp:
+        checkpointing.save_sharded(tmp, objective, optimizer, train_state, rank)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_{train_state['step']:08d}")
+
+
+def export_teacher(objective, cfg: PretrainConfig, step: int, rank: int) -> None:
+    state = checkpointing.gather_teacher_backbone(objective)  # collective
+    if rank == 0:
+        uri = storage.join_uri(run_uri(cfg), "exports", f"teacher_{step:08d}.pth")
+        export_state_dict(state, cfg.model.vit, uri, cfg.storage, extra={"step": step, "preset": cfg.preset})
+        print(f"[cytoray] exported teacher backbone (DinoBloom format) to {uri}", flush=True)
+
+
+_EPOCH_LEN: dict[str, int] = {}
+
+
+def _epoch_len(cfg: PretrainConfig) -> int:
+    from cytoray.platform.data.stream import expand_repeats
+
+    if cfg.data.manifest_uri not in _EPOCH_LEN:
+        _EPOCH_LEN[cfg.data.manifest_uri] = len(expand_repeats(read_manifest(cfg.data.manifest_uri, cfg.storage)))
+    return _EPOCH_LEN[cfg.data.manifest_uri]
+
+
+# ----------------------------------------------------------------------------------------------- driver side
+
+
+def pretrain(cfg: PretrainConfig):
+    """Launch (or resume) the run ``cfg.run.name``; returns Ray Train's ``Result``."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cytoray.runtime import init_ray
+
+    cfg = config_lib.to_object(cfg)
+    init_ray(cfg.ray)
+    validate(cfg)
+    protocol, path = storage.split_protocol(cfg.run.storage_path)
+    if protocol == "file":
+        cfg.run.storage_path = os.path.abspath(path)
+        fs = None
+    else:
+        fs, _ = storage.arrow_filesystem(cfg.run.storage_path, cfg.storage)
+    config_lib.save_config(cfg, run_uri(cfg), cfg.storage)
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg},
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name, storage_path=path if fs is not None else cfg.run.storage_path,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints)),
+    )
+    result = trainer.fit()
+    return result
+
+
+def validate(cfg: PretrainConfig) -> None:
+    """Fail at start-up, naming the key, for settings that would fail later inside the workers."""
+    t, p = cfg.train, cfg.model
+    if t.use_gpu and not _gpus_visible():
+        raise config_lib.ConfigError("train.use_gpu=true but this cluster has no GPUs; set train.use_gpu=false "
+                                     "(CPU, gloo) or run on a GPU cluster")
+    if t.num_workers < 1 or t.cpus_per_worker <= 0:
+        raise config_lib.ConfigError("train.num_workers must be >= 1 and train.cpus_per_worker > 0")
+    if p.augment.global_crops.size % p.vit.patch_size or p.augment.local_crops.size % p.vit.patch_size:
+        raise config_lib.ConfigError(
+            f"crop sizes ({p.augment.global_crops.size}, {p.augment.local_crops.size}) must be multiples of "
+            f"model.vit.patch_size={p.vit.patch_size}")
+    if t.checkpoint_every < 1:
+        raise config_lib.ConfigError("train.checkpoint_every must be >= 1")
+    read_manifest(cfg.data.manifest_uri, cfg.storage)  # names the file and missing columns
+
+
+def _gpus_visible() -> bool:
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return torch.cuda.is_available()
+
+
+def main(argv: list[str], preset: str, defaults: str | None = None):
+    """What the ``recipes/pretrain_vit*.py`` scripts run: load config, train, say where things are."""
+    from cytoray.platform.config import load_pretrain_config
+    from cytoray.runtime import setup_logging
+
+    cfg = load_pretrain_config(argv, preset, defaults)
+    setup_logging(cfg.log_level)
+    result = pretrain(cfg)
+    if result.error is not None:
+        raise result.error
+    run = run_uri(config_lib.to_object(cfg))
+    print(f"[cytoray] run:        {run}")
+    print(f"[cytoray] checkpoint: {result.checkpoint.path if result.checkpoint else None}")
+    print(f"[cytoray] metrics:    {storage.join_uri(run, 'metrics.csv')} (+ tensorboard/)")
+    print(f"[cytoray] exports:    {storage.join_uri(run, 'exports')}")
+    return result

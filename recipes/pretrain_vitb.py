@@ -1,0 +1,19 @@
+"""DinoBloom-B pretraining (ViT-B/14, preset ``dinobloom_b``) on a curated manifest, as a Ray Train job.
+
+    ray job submit --working-dir . -- python recipes/pretrain_vitb.py \
+        data.manifest_uri=s3://bucket/curate/manifest.parquet run.name=dinobloom_b run.storage_path=s3://bucket/runs \
+        [train.init_checkpoint=s3://bucket/dinov2_vitb14_pretrain.pth] [key=value ...]
+    python recipes/pretrain_vitb.py --config recipes/configs/cpu_debug.yaml data.manifest_uri=... run.name=debug
+
+Rerunning with the same run.name and run.storage_path resumes from the last checkpoint.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cytoray.platform.train import main  # noqa: E402
+
+if __name__ == "__main__":
+    main(sys.argv[1:], preset="dinobloom_b")
