@@ -14,9 +14,9 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from torch.distributed._composable import checkpoint as checkpoint_activations
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-from torch.distributed._composable import checkpoint as checkpoint_activations
 
 from cytoray.platform.objective import DINOv2Objective
 

@@ -5,8 +5,17 @@ import pyarrow as pa
 import pytest
 
 from cytoray.platform.config import load_preset
-from cytoray.platform.data.stream import (EpochOrder, ManifestError, StreamConfig, batch_positions, build_stream,
-                                          epoch_permutation, expand_repeats, iter_steps, read_manifest)
+from cytoray.platform.data.stream import (
+    EpochOrder,
+    ManifestError,
+    StreamConfig,
+    batch_positions,
+    build_stream,
+    epoch_permutation,
+    expand_repeats,
+    iter_steps,
+    read_manifest,
+)
 from cytoray.testing import write_cell_manifest
 
 
