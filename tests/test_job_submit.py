@@ -54,6 +54,18 @@ def _stop_cluster(temp: str) -> None:
         p.kill()
 
 
+def _submit(cmd, env):
+    deadline = time.time() + 120
+    while True:  # the head's job agent comes up a few seconds after `ray start` returns
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+        if "No available agent" not in proc.stderr + proc.stdout or time.time() > deadline:
+            break
+        time.sleep(3)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "succeeded" in proc.stdout
+    return proc
+
+
 def test_curate_recipe_runs_under_ray_job_submit(head_node, collection, tmp_path):
     import yaml
 
@@ -65,15 +77,32 @@ def test_curate_recipe_runs_under_ray_job_submit(head_node, collection, tmp_path
     cmd = [f"{BIN}/ray", "job", "submit", f"--address={dashboard}", "--working-dir", REPO, "--",
            "python", "recipes/curate.py", "--config", "recipes/configs/curate.yaml", "--config", str(ds_file),
            f"output_uri={out}"]
-    deadline = time.time() + 120
-    while True:  # the head's job agent comes up a few seconds after `ray start` returns
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
-        if "No available agent" not in proc.stderr + proc.stdout or time.time() > deadline:
-            break
-        time.sleep(3)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "succeeded" in proc.stdout
+    proc = _submit(cmd, env)
     summary = json.loads((out / "summary.json").read_text())
     t = summary["total"]
     assert t["input_files"] == t["kept_files"] + t["quarantined_files"] and t["kept_images"] > 0
     assert (out / "manifest.parquet").exists() and (out / "config.yaml").exists()
+
+
+def test_pretrain_recipe_runs_under_ray_job_submit(head_node, tmp_path):
+    """The README's cluster commands with the debug preset: 2 FSDP2 workers on CPU, checkpoints that load."""
+    from cytoray.platform.models.checkpoints import build_from_checkpoint
+    from cytoray.testing import write_cell_manifest
+
+    env, dashboard, _ = head_node
+    manifest = write_cell_manifest(str(tmp_path / "cells"), 24)
+    runs = tmp_path / "runs"
+    cmd = [f"{BIN}/ray", "job", "submit", f"--address={dashboard}", "--working-dir", REPO, "--",
+           "python", "recipes/pretrain_vitl.py", "--config", "recipes/configs/cpu_debug.yaml",
+           f"data.manifest_uri={manifest}", "run.name=e2e", f"run.storage_path={runs}", "train.max_steps=4",
+           "train.checkpoint_every=2", "model.batch_size_per_device=4", "data.num_cpus=0.25"]
+    proc = _submit(cmd, env)
+    assert "[cytoray] step 4/4" in proc.stdout
+    run = runs / "e2e"
+    assert sorted(p.name for p in run.glob("checkpoint_0*")) == ["checkpoint_00000002", "checkpoint_00000004"]
+    ckpt = run / "checkpoint_00000004"
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "train_state.json"} <= {p.name for p in ckpt.iterdir()}
+    assert json.loads((ckpt / "train_state.json").read_text())["samples_consumed"] == 4 * 2 * 4
+    model = build_from_checkpoint(str(run / "exports" / "teacher_00000004.pth"))
+    assert model.cfg.arch == "vit_debug"
+    assert (run / "config.yaml").exists() and (run / "metrics.csv").exists()
