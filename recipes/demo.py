@@ -1,6 +1,7 @@
-"""The embedded default main job (`make demo`): a synthetic collection in a local directory, then curation.
+"""The embedded default main job (`make demo`): a synthetic collection in a local directory, curation, then a
+short CPU pretraining run (tiny ViT, 2 Ray Train workers, FSDP2 over gloo) on the curated manifest.
 
-    python recipes/demo.py [--images 1500] [--out runs/demo]
+    python recipes/demo.py [--images 1500] [--steps 300] [--out runs/demo]
 """
 
 import argparse
@@ -11,6 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cytoray.curation import pipeline  # noqa: E402
 from cytoray.curation.synthetic.collection import CollectionSpec, generate_collection  # noqa: E402
+from cytoray.platform import train  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -18,16 +20,25 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=300, help="pretraining steps (0: curation only)")
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    data_dir = os.path.abspath(os.path.join(args.out, "data"))
+    out = os.path.abspath(args.out)
+    data_dir = os.path.join(out, "data")
     if not os.path.exists(os.path.join(data_dir, "datasets.yaml")):
         res = generate_collection(data_dir, CollectionSpec(images=args.images, seed=args.seed))
         print(f"synthetic collection: {sum(res['counts'].values())} ground-truth rows {res['counts']} in {data_dir}")
+    curate_dir = os.path.join(out, "curate")
     pipeline.main(["--config", os.path.join(HERE, "configs", "curate.yaml"),
-                   "--config", os.path.join(data_dir, "datasets.yaml"),
-                   f"output_uri={os.path.abspath(os.path.join(args.out, 'curate'))}", "ray.num_cpus=2"])
+                   "--config", os.path.join(data_dir, "datasets.yaml"), f"output_uri={curate_dir}", "ray.num_cpus=2"])
+    if args.steps:
+        # A rerun of the demo resumes this run (same name and storage path) and stops at the same step.
+        train.main(["--config", os.path.join(HERE, "configs", "cpu_debug.yaml"),
+                    f"data.manifest_uri={os.path.join(curate_dir, 'manifest.parquet')}", "run.name=pretrain",
+                    f"run.storage_path={out}", f"model.total_iters={args.steps}", "train.log_every=25",
+                    f"train.checkpoint_every={max(1, args.steps // 3)}", f"train.seed={args.seed}"],
+                   preset="debug")
 
 
 if __name__ == "__main__":

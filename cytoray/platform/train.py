@@ -253,7 +253,9 @@ def pretrain(cfg: PretrainConfig):
             name=cfg.run.name, storage_path=path if fs is not None else cfg.run.storage_path,
             storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            # Ray Train's print patch echoes every worker print twice on the driver's console
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
     )
     result = trainer.fit()
     return result

@@ -86,3 +86,32 @@ def test_bad_settings_fail_before_launch(ray_local, manifest, tmp_path):
         pretrain(_cfg(manifest, str(tmp_path), "x", "model.augment.local_crops.size=30"))
     with pytest.raises(ConfigError, match="unknown preset"):
         _cfg(manifest, str(tmp_path), "x", "preset=vit_tiny")
+
+
+def test_object_storage_run_streams_checkpoints_and_resumes(ray_local, s3, tmp_path):
+    """Images, manifest, checkpoints, metrics and exports all on the local S3 endpoint (moto's server)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cytoray import storage
+    from cytoray.testing import upload_dir
+
+    local = tmp_path / "cells"
+    table = pq.read_table(write_cell_manifest(str(local), 16, seed=2))
+    uris = [f"s3://cytoray-test/cells/{os.path.basename(u)}" for u in table.column("uri").to_pylist()]
+    pq.write_table(table.set_column(table.column_names.index("uri"), "uri", pa.array(uris)), local / "manifest.parquet")
+    upload_dir(str(local), "s3://cytoray-test/cells", s3)
+    creds = [f"storage.endpoint_url={s3.endpoint_url}", f"storage.region={s3.region}",
+             f"storage.access_key_id={s3.access_key_id}", f"storage.secret_access_key={s3.secret_access_key}"]
+    args = ("s3://cytoray-test/cells/manifest.parquet", "s3://cytoray-test/runs", "s3run", *creds)
+    assert pretrain(_cfg(*args, "train.max_steps=4")).error is None
+    result = pretrain(_cfg(*args, "train.max_steps=6", "train.checkpoint_every=2"))  # resumes from step 4
+    assert result.error is None
+    fs, _ = storage.filesystem("s3://cytoray-test", s3)
+    names = {p.rsplit("/", 1)[-1] for p in fs.find("cytoray-test/runs/s3run")}
+    assert {"__0_0.distcp", "__1_0.distcp", "train_state.json", "metrics.csv", "config.yaml",
+            "teacher_00000006.pth"} <= names
+    assert fs.exists("cytoray-test/runs/s3run/checkpoint_00000006/train_state.json")
+    csv_text = storage.read_bytes("s3://cytoray-test/runs/s3run/metrics.csv", s3).decode()
+    assert [int(line.split(",")[0]) for line in csv_text.splitlines()[1:]] == list(range(6))
+    assert s3.secret_access_key not in storage.read_bytes("s3://cytoray-test/runs/s3run/config.yaml", s3).decode()
