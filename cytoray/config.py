@@ -46,6 +46,7 @@ def load_config(
     """
     cfg = OmegaConf.structured(schema)
     OmegaConf.set_struct(cfg, True)
+    _open_free_form_dicts(cfg)
     sources: list[tuple[str, DictConfig]] = [(origin, OmegaConf.create(data)) for origin, data in base]
     for path in [p for p in [defaults, *override_files] if p is not None]:
         if not Path(path).is_file():
@@ -72,6 +73,19 @@ def load_config(
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{_describe(exc)} (set it in a config file or as key=value)") from exc
     return cfg  # type: ignore[return-value]
+
+
+def _open_free_form_dicts(node) -> None:
+    """``dict[str, X]`` fields (e.g. label selectors) take new keys; dataclass fields stay closed."""
+    if not isinstance(node, DictConfig):
+        return
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            if OmegaConf.get_type(child) is dict:
+                OmegaConf.set_struct(child, False)
+            else:
+                _open_free_form_dicts(child)
 
 
 def to_dict(cfg) -> dict:

@@ -1,0 +1,32 @@
+"""Pretraining config layering: preset under `model`, recipe default, --config files, key=value."""
+
+import pytest
+
+from cytoray.config import ConfigError
+from cytoray.platform.config import load_pretrain_config
+
+
+def test_recipe_preset_and_its_overrides(tmp_path):
+    c = load_pretrain_config(["run.name=a", "data.manifest_uri=m"], preset="dinobloom_l")
+    assert c.preset == "dinobloom_l" and c.model.vit.arch == "vit_large" and c.model.objective.out_dim == 65536
+    # preset=... on the command line replaces the recipe's preset before the other overrides apply
+    c = load_pretrain_config(["preset=debug", "model.vit.layerscale=0.5", "run.name=a", "data.manifest_uri=m"],
+                             preset="dinobloom_l")
+    assert c.model.vit.arch == "vit_debug" and c.model.vit.layerscale == 0.5
+    # a --config file can pick the preset too (recipes/configs/cpu_debug.yaml does)
+    f = tmp_path / "o.yaml"
+    f.write_text("preset: dinobloom_s\ntrain: {num_workers: 3}\n")
+    c = load_pretrain_config(["--config", str(f), "run.name=a", "data.manifest_uri=m"], preset="dinobloom_l")
+    assert c.model.vit.arch == "vit_small" and c.train.num_workers == 3
+
+
+def test_free_form_dicts_open_schema_closed():
+    c = load_pretrain_config(["run.name=a", "data.manifest_uri=m", "data.label_selector.cytoray-role=data"],
+                             preset="debug")
+    assert dict(c.data.label_selector) == {"cytoray-role": "data"}
+    with pytest.raises(ConfigError, match="data.bogus"):
+        load_pretrain_config(["run.name=a", "data.manifest_uri=m", "data.bogus=1"], preset="debug")
+    with pytest.raises(ConfigError, match="train.num_workers"):
+        load_pretrain_config(["run.name=a", "data.manifest_uri=m", "train.num_workers=many"], preset="debug")
+    with pytest.raises(ConfigError, match="run.name"):
+        load_pretrain_config(["data.manifest_uri=m"], preset="debug")
