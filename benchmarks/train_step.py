@@ -103,7 +103,6 @@ class _StepDataset(torch.utils.data.Dataset):
 
     def __init__(self, manifest: str, batch: int, steps: int, seed: int = 0):
         from cytoray.platform.config import load_preset
-        from cytoray.platform.data.stream import MultiCropBatches
 
         self.steps, self.fn = steps, None
         self.args = dict(manifest_uri=manifest, storage_cfg=None, augment=load_preset("debug", _DINOBLOOM_CROPS).augment,
@@ -146,7 +145,7 @@ def bench_stream(args) -> None:
         return stamps[-1] - t0, (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
     results = {}
-    for rep in range(2):  # second pass: warm processes
+    for _rep in range(2):  # second pass: warm processes
         loader = torch.utils.data.DataLoader(_StepDataset(manifest, args.batch, args.steps), batch_size=None,
                                              num_workers=args.workers, prefetch_factor=2, persistent_workers=False)
         results.setdefault("dataloader", []).append(timed(loader))

@@ -77,7 +77,7 @@ def test_curate_recipe_runs_under_ray_job_submit(head_node, collection, tmp_path
     cmd = [f"{BIN}/ray", "job", "submit", f"--address={dashboard}", "--working-dir", REPO, "--",
            "python", "recipes/curate.py", "--config", "recipes/configs/curate.yaml", "--config", str(ds_file),
            f"output_uri={out}"]
-    proc = _submit(cmd, env)
+    _submit(cmd, env)
     summary = json.loads((out / "summary.json").read_text())
     t = summary["total"]
     assert t["input_files"] == t["kept_files"] + t["quarantined_files"] and t["kept_images"] > 0

@@ -104,7 +104,8 @@ def test_object_storage_run_streams_checkpoints_and_resumes(ray_local, s3, tmp_p
     creds = [f"storage.endpoint_url={s3.endpoint_url}", f"storage.region={s3.region}",
              f"storage.access_key_id={s3.access_key_id}", f"storage.secret_access_key={s3.secret_access_key}"]
     args = ("s3://cytoray-test/cells/manifest.parquet", "s3://cytoray-test/runs", "s3run", *creds)
-    assert pretrain(_cfg(*args, "train.max_steps=4")).error is None
+    # activation checkpointing (composable: parameter names unchanged, so checkpoints stay interchangeable)
+    assert pretrain(_cfg(*args, "train.max_steps=4", "parallel.activation_checkpointing=true")).error is None
     result = pretrain(_cfg(*args, "train.max_steps=6", "train.checkpoint_every=2"))  # resumes from step 4
     assert result.error is None
     fs, _ = storage.filesystem("s3://cytoray-test", s3)
