@@ -80,7 +80,8 @@ def test_curate_recipe_runs_under_ray_job_submit(head_node, collection, tmp_path
     _submit(cmd, env)
     summary = json.loads((out / "summary.json").read_text())
     t = summary["total"]
-    assert t["input_files"] == t["kept_files"] + t["quarantined_files"] and t["kept_images"] > 0
+    assert t["input_files"] == t["kept_files"] + t["quarantined_files"] and t["kept"] > 0
+    assert t["images"] == t["kept"] + t["duplicates"]
     assert (out / "manifest.parquet").exists() and (out / "config.yaml").exists()
 
 

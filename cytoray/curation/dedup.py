@@ -200,3 +200,60 @@ def deduplicate(manifest, embeddings: np.ndarray | None, cfg: DedupConfig,
                          "reason": "exact" if is_exact else "near_duplicate"})
     log.info("dedup: %d images, %d duplicates (%d exact)", n, len(dups), sum(d["reason"] == "exact" for d in dups))
     return keep, dups
+
+
+DUPLICATES_SCHEMA = ("image_id", "duplicate_of", "similarity", "reason", "dataset", "duplicate_of_dataset")
+
+
+def run_dedup(out_uri: str, cfg: DedupConfig, storage_cfg=None, force: bool = False) -> dict:
+    """Dedup stage: ``ingested.parquet`` + ``embeddings.parquet`` -> ``deduplicated.parquet`` (kept rows) and
+    ``duplicates.parquet`` (every removed image, the one it duplicates, similarity, reason). Skips if done.
+    Reconciles per dataset: images in == kept + duplicates (the run fails otherwise)."""
+    import io
+    import json
+    import time
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cytoray import storage
+    from cytoray.curation.embed import load_embeddings
+    from cytoray.curation.ingest import _stage_marker, _write_table
+
+    marker = _stage_marker(out_uri, "dedup")
+    if not force and storage.exists(marker, storage_cfg):
+        return json.loads(storage.read_bytes(marker, storage_cfg))
+    t0 = time.time()
+    fs, out_path = storage.filesystem(out_uri, storage_cfg)
+    table = pq.read_table(io.BytesIO(fs.cat_file(f"{out_path}/ingested.parquet")))
+    ids, emb, thumbs = load_embeddings(out_uri, storage_cfg)
+    if ids != table.column("image_id").to_pylist():
+        raise AssertionError("embeddings.parquet rows do not match ingested.parquet; rerun the embed stage "
+                             "(force=true)")
+    frame = table.select(["image_id", "pixel_sha256", "cell_type", "width", "height", "dataset"]).to_pandas()
+    keep, dups = deduplicate(frame, emb, cfg, thumbs=thumbs)
+    dataset_of = dict(zip(frame["image_id"], frame["dataset"]))
+    for d in dups:
+        d["dataset"], d["duplicate_of_dataset"] = dataset_of[d["image_id"]], dataset_of[d["duplicate_of"]]
+    dup_table = pa.table({k: pa.array([d[k] for d in dups], type=pa.float32() if k == "similarity" else pa.string())
+                          for k in DUPLICATES_SCHEMA})
+    kept = table.filter(pa.array(keep))
+    _write_table(fs, kept, f"{out_path}/deduplicated.parquet", out_path)
+    _write_table(fs, dup_table, f"{out_path}/duplicates.parquet", out_path)
+
+    per: dict[str, dict] = {}
+    for name in sorted(set(frame["dataset"])):
+        images = int((frame["dataset"] == name).sum())
+        mine = [d for d in dups if d["dataset"] == name]
+        per[name] = {"images": images, "kept": int(keep[(frame["dataset"] == name).to_numpy()].sum()),
+                     "duplicates": len(mine), "exact": sum(d["reason"] == "exact" for d in mine),
+                     "near": sum(d["reason"] == "near_duplicate" for d in mine),
+                     "cross_dataset": sum(d["dataset"] != d["duplicate_of_dataset"] for d in mine)}
+        if per[name]["images"] != per[name]["kept"] + per[name]["duplicates"]:
+            raise AssertionError(f"dedup accounting broken for {name}: {per[name]}")
+    total = {k: sum(d[k] for d in per.values()) for k in ("images", "kept", "duplicates", "exact", "near",
+                                                            "cross_dataset")}
+    summary = {"stage": "dedup", "threshold": cfg.threshold, "k": cfg.k, "datasets": per, "total": total,
+               "seconds": round(time.time() - t0, 2)}
+    storage.write_bytes(marker, json.dumps(summary).encode(), storage_cfg)
+    return summary

@@ -11,16 +11,23 @@ ViT backbone plugs in next to the weights-free default without touching the pipe
   normalised CLS token.
 
 Output vectors are float32 and L2-normalised. Handcrafted features have very different ranges, so they are
-z-scored per dimension with the run's own mean and standard deviation (a streaming second pass over the
-small feature table, recorded in ``embeddings.json``) before normalisation.
+z-scored per dimension with the run's own mean and standard deviation (on the driver, over the small
+feature table; recorded in the stage marker ``_stages/embed.json`` with the embedder's name and config)
+before normalisation. The stage writes ``embeddings.parquet`` (image_id, embedding, fingerprint) in
+manifest order; dedup and clustering read it, and users may bring their own with the same columns.
 """
 
 from __future__ import annotations
 
+import io
+import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 WORK_SIZE = 64  # handcrafted features are computed on a WORK_SIZE×WORK_SIZE resample
 RINGS = 8
@@ -158,7 +165,10 @@ def get_embedder(cfg: EmbedConfig):
 
 
 class EmbedBatch:
-    """Ray Data actor: load the embedder once (``__init__``), embed batches of manifest rows (``__call__``)."""
+    """Ray Data actor: load the embedder once (``__init__``), embed batches of manifest rows (``__call__``).
+
+    Each image is decoded once for both outputs: the embedding (raw; standardised on the driver) and the
+    near-duplicate fingerprint (uint8 thumbnails, lossless and 3 KB per image)."""
 
     def __init__(self, cfg: EmbedConfig, storage_cfg):
         self.embedder, self.storage_cfg = get_embedder(cfg), storage_cfg
@@ -171,8 +181,11 @@ class EmbedBatch:
         uris = batch.column("uri").to_pylist()
         decoded = [images.decode(storage.read_bytes(u, self.storage_cfg), min_side=1).rgb for u in uris]
         feats = self.embedder.embed(decoded).astype(np.float32)
+        fps = np.stack([fingerprint_u8(im) for im in decoded]) if decoded else np.zeros((0, 1), np.uint8)
+        fps = fps.reshape(len(decoded), -1)
         return pa.table({"image_id": batch.column("image_id"),
-                         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(feats.ravel()), feats.shape[1])})
+                         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(feats.ravel()), feats.shape[1]),
+                         "fingerprint": pa.FixedSizeListArray.from_arrays(pa.array(fps.ravel()), fps.shape[1])})
 
 
 def standardise(features: np.ndarray, mean: np.ndarray | None = None, std: np.ndarray | None = None):
@@ -188,6 +201,25 @@ FINGERPRINT_SIZE = 32
 FINGERPRINT_ZOOMS = (1.0, 1.08, 1.16)
 
 
+def fingerprint_u8(rgb_u8: np.ndarray, size: int = FINGERPRINT_SIZE,
+                   zooms: tuple[float, ...] = FINGERPRINT_ZOOMS) -> np.ndarray:
+    """(len(zooms), size, size) uint8 gray thumbnails of the centre square (side = shorter side / zoom)."""
+    h, w = rgb_u8.shape[:2]
+    gray = Image.fromarray(rgb_u8).convert("L")
+    out = np.empty((len(zooms), size, size), np.uint8)
+    for z, zoom in enumerate(zooms):
+        s = max(1, int(min(h, w) / zoom))
+        top, left = (h - s) // 2, (w - s) // 2
+        out[z] = np.asarray(gray.resize((size, size), Image.BOX, box=(left, top, left + s, top + s)))
+    return out
+
+
+def fingerprints_from_u8(u8: np.ndarray) -> np.ndarray:
+    """(N, Z, s, s) uint8 -> float32 thumbnails with each one's mean removed (what dedup compares)."""
+    x = u8.astype(np.float32)
+    return x - x.mean(axis=(-2, -1), keepdims=True)
+
+
 def fingerprint_thumbnails(rgb_u8: np.ndarray, size: int = FINGERPRINT_SIZE,
                            zooms: tuple[float, ...] = FINGERPRINT_ZOOMS) -> np.ndarray:
     """(len(zooms), size, size) float32 near-duplicate fingerprints of one image.
@@ -198,12 +230,67 @@ def fingerprint_thumbnails(rgb_u8: np.ndarray, size: int = FINGERPRINT_SIZE,
     Global colour statistics cannot tell a re-export from another cell of the same class and source;
     this instance fingerprint can (see ``dedup.dihedral_knn_edges``).
     """
-    h, w = rgb_u8.shape[:2]
-    gray = Image.fromarray(rgb_u8).convert("L")
-    out = np.empty((len(zooms), size, size), np.float32)
-    for z, zoom in enumerate(zooms):
-        s = max(1, int(min(h, w) / zoom))
-        top, left = (h - s) // 2, (w - s) // 2
-        t = np.asarray(gray.resize((size, size), Image.BOX, box=(left, top, left + s, top + s)), np.float32)
-        out[z] = t - t.mean()
-    return out
+    return fingerprints_from_u8(fingerprint_u8(rgb_u8, size, zooms)[None])[0]
+
+
+def run_embed(out_uri: str, cfg: EmbedConfig, storage_cfg=None, force: bool = False) -> dict:
+    """Embedding stage: ``ingested.parquet`` -> ``embeddings.parquet`` (image_id; ``embedding`` float32,
+    L2-normalised; ``fingerprint`` uint8) in manifest order, on a Ray Data actor pool. Skips if done."""
+    import json
+    from dataclasses import asdict
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from cytoray import storage
+    from cytoray.curation.ingest import _stage_marker, _write_table, data_context
+
+    marker = _stage_marker(out_uri, "embed")
+    if not force and storage.exists(marker, storage_cfg):
+        return json.loads(storage.read_bytes(marker, storage_cfg))
+    t0 = time.time()
+    fs, out_path = storage.filesystem(out_uri, storage_cfg)
+    manifest = pq.read_table(io.BytesIO(fs.cat_file(f"{out_path}/ingested.parquet")), columns=["image_id", "uri"])
+    n = manifest.num_rows
+    rows = max(1, min(cfg.batch_size, -(-n // max(1, 4 * cfg.concurrency))))
+    with data_context(op_resource_reservation_enabled=False):
+        ds = ray.data.from_arrow([manifest.slice(i, rows) for i in range(0, n, rows)] or [manifest])
+        ds = ds.map_batches(EmbedBatch, fn_constructor_kwargs={"cfg": cfg, "storage_cfg": storage_cfg},
+                            batch_size=rows, batch_format="pyarrow", num_cpus=cfg.num_cpus,
+                            num_gpus=cfg.num_gpus or None, compute=ray.data.ActorPoolStrategy(size=cfg.concurrency))
+        parts = [ray.get(ref) for ref in ds.to_arrow_refs()]
+    table = pa.concat_tables(parts) if parts else None
+    if table is None or table.num_rows != n:
+        raise AssertionError(f"embed: {0 if table is None else table.num_rows} embeddings for {n} manifest rows")
+    order = {k: i for i, k in enumerate(table.column("image_id").to_pylist())}
+    table = table.take([order[k] for k in manifest.column("image_id").to_pylist()])  # manifest order
+    raw = np.asarray(table.column("embedding").combine_chunks().values, np.float32).reshape(n, -1)
+    meta = {"stage": "embed", "embedder": cfg.name, "config": asdict(cfg), "count": n, "dim": int(raw.shape[1])}
+    if cfg.name == "handcrafted":  # feature scales differ by orders of magnitude: z-score, then unit length
+        emb, mean, std = standardise(raw)
+        meta["standardise"] = {"mean": mean.tolist(), "std": std.tolist()}
+    else:
+        emb = raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
+    table = table.set_column(1, "embedding", pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), emb.shape[1]))
+    _write_table(fs, table, f"{out_path}/embeddings.parquet", out_path)
+    meta["seconds"] = round(time.time() - t0, 2)
+    log.info("embed: %d images with %s (%d dims) in %.1fs", n, cfg.name, meta["dim"], meta["seconds"])
+    storage.write_bytes(marker, json.dumps(meta).encode(), storage_cfg)
+    return meta
+
+
+def load_embeddings(out_uri: str, storage_cfg=None) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(image_ids, embeddings (N, D) float32, fingerprints (N, Z, s, s) float32) from ``embeddings.parquet``."""
+    import pyarrow.parquet as pq
+
+    from cytoray import storage
+
+    fs, path = storage.filesystem(out_uri, storage_cfg)
+    t = pq.read_table(io.BytesIO(fs.cat_file(f"{path}/embeddings.parquet")))
+    n = t.num_rows
+    emb = np.asarray(t.column("embedding").combine_chunks().values, np.float32).reshape(n, -1)
+    fp = np.asarray(t.column("fingerprint").combine_chunks().values, np.uint8)
+    zoom = len(FINGERPRINT_ZOOMS)
+    fp = fingerprints_from_u8(fp.reshape(n, zoom, FINGERPRINT_SIZE, FINGERPRINT_SIZE))
+    return t.column("image_id").to_pylist(), emb, fp

@@ -1,9 +1,10 @@
 """Ingest stage: list datasets (adapters) -> Ray Data read + decode + validate -> manifest + quarantine.
 
-Every listed image file ends up either in ``manifest.parquet`` (one row per image; detection and
-segmentation fields give one row per cropped cell) or in ``quarantine.parquet`` with a reason code
-(see :mod:`cytoray.images`). Files outside a layout are counted in ``summary.json`` under ``ignored``.
-``summary.json`` reconciles per dataset: ``input_files == kept_files + quarantined_files``.
+Every listed image file ends up either in ``ingested.parquet`` (the manifest before deduplication: one
+row per image; detection and segmentation fields give one row per cropped cell) or in
+``quarantine.parquet`` with a reason code (see :mod:`cytoray.images`). Files outside a layout are counted
+in ``summary.json`` under ``ignored``. ``summary.json`` reconciles per dataset:
+``input_files == kept_files + quarantined_files``.
 """
 
 from __future__ import annotations
@@ -260,7 +261,7 @@ def run_ingest(specs: list[DatasetSpec], out_uri: str, cfg: IngestConfig | None 
     log.info("ingest: decode + validate done in %.1fs (%.0f files/s)", t_exec - t0,
              num_inputs / max(t_exec - t0, 1e-9))
     # Commit: staged partitions -> final names (a rerun never sees half-written output).
-    manifest_path, quarantine_path = f"{out_path}/manifest.parquet", f"{out_path}/quarantine.parquet"
+    manifest_path, quarantine_path = f"{out_path}/ingested.parquet", f"{out_path}/quarantine.parquet"
     for p in (manifest_path, quarantine_path):
         if fs.exists(p):
             fs.rm(p, recursive=True)

@@ -22,7 +22,7 @@ def ingested(ray_local, collection, tmp_path_factory):
 
 def test_every_input_is_kept_or_quarantined(ingested, ground_truth):
     out, summary = ingested
-    manifest = pq.read_table(f"{out}/manifest.parquet").to_pandas()
+    manifest = pq.read_table(f"{out}/ingested.parquet").to_pandas()
     quarantine = pq.read_table(f"{out}/quarantine.parquet").to_pandas()
     for name, d in summary["datasets"].items():
         assert d["input_files"] == d["kept_files"] + d["quarantined_files"], name
@@ -53,7 +53,7 @@ def test_bad_files_are_quarantined_with_the_right_reason(ingested, ground_truth,
 
 def test_manifest_schema_labels_and_patients(ingested, ground_truth):
     out, _ = ingested
-    m = pq.read_table(f"{out}/manifest.parquet").to_pandas().set_index("image_id")
+    m = pq.read_table(f"{out}/ingested.parquet").to_pandas().set_index("image_id")
     for col in ("uri", "dataset", "modality", "source_label", "cell_type", "patient_id", "patient_label", "width",
                 "height", "content_sha256", "pixel_sha256"):
         assert col in m.columns
@@ -70,7 +70,7 @@ def test_manifest_schema_labels_and_patients(ingested, ground_truth):
 
 def test_unknown_labels_are_kept_and_reported(ingested):
     out, summary = ingested
-    m = pq.read_table(f"{out}/manifest.parquet").to_pandas()
+    m = pq.read_table(f"{out}/ingested.parquet").to_pandas()
     unknown = m[m.cell_type.isna() & m.source_label.notna()]
     assert len(unknown) > 0  # e.g. the private set's "Blast cells" folder, LISC's "mixt"
     for name, d in summary["datasets"].items():
@@ -81,7 +81,7 @@ def test_unknown_labels_are_kept_and_reported(ingested):
 
 def test_crops_are_written_one_per_cell(ingested, ground_truth):
     out, summary = ingested
-    m = pq.read_table(f"{out}/manifest.parquet").to_pandas()
+    m = pq.read_table(f"{out}/ingested.parquet").to_pandas()
     crops = m[m.crop_box.notna()]
     assert len(crops) == (ground_truth.kind == "crop").sum() == summary["total"]["cropped_cells"]
     assert set(crops.dataset) == {"bccd", "segpc"}
@@ -94,7 +94,7 @@ def test_crops_are_written_one_per_cell(ingested, ground_truth):
 
 def test_formats_modes_and_unicode_names(ingested):
     out, _ = ingested
-    m = pq.read_table(f"{out}/manifest.parquet").to_pandas()
+    m = pq.read_table(f"{out}/ingested.parquet").to_pandas()
     private = m[m.dataset == "private"]
     assert set(private.format) >= {"PNG", "JPEG", "TIFF", "BMP"}
     assert (private.num_frames > 1).any()  # multi-page TIFF kept (first page), page count recorded
@@ -106,12 +106,12 @@ def test_rerun_skips_and_forced_rerun_gives_same_ids(ray_local, collection, tmp_
     specs = specs_of(collection, {"matek", "bccd", "private"})
     out = str(tmp_path / "run")
     first = run_ingest(specs, out)
-    ids1 = sorted(pq.read_table(f"{out}/manifest.parquet").column("image_id").to_pylist())
-    mtime = os.path.getmtime(f"{out}/manifest.parquet")
+    ids1 = sorted(pq.read_table(f"{out}/ingested.parquet").column("image_id").to_pylist())
+    mtime = os.path.getmtime(f"{out}/ingested.parquet")
     again = run_ingest(specs, out)  # marker present: skipped, nothing rewritten
-    assert again["total"] == first["total"] and os.path.getmtime(f"{out}/manifest.parquet") == mtime
+    assert again["total"] == first["total"] and os.path.getmtime(f"{out}/ingested.parquet") == mtime
     run_ingest(specs, out, force=True)
-    assert sorted(pq.read_table(f"{out}/manifest.parquet").column("image_id").to_pylist()) == ids1
+    assert sorted(pq.read_table(f"{out}/ingested.parquet").column("image_id").to_pylist()) == ids1
     assert not os.path.exists(f"{out}/_staging") or not os.listdir(f"{out}/_staging")
 
 

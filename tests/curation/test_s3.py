@@ -41,8 +41,8 @@ def test_ingest_from_and_to_s3_matches_local(ray_local, s3, s3_collection, colle
     local_summary, local_out = _local_baseline(ray_local, collection, tmp_path_factory)
     summary = run_ingest(s3_collection, "s3://cytoray-test/runs/direct", storage_cfg=s3)
     assert summary["total"] == local_summary["total"]
-    m = _manifest("s3://cytoray-test/runs/direct/manifest.parquet", s3)
-    local = pq.read_table(f"{local_out}/manifest.parquet").to_pandas()
+    m = _manifest("s3://cytoray-test/runs/direct/ingested.parquet", s3)
+    local = pq.read_table(f"{local_out}/ingested.parquet").to_pandas()
     assert sorted(m.image_id) == sorted(local.image_id)
     assert (m.sort_values("image_id").pixel_sha256.values == local.sort_values("image_id").pixel_sha256.values).all()
     assert m.uri.str.startswith("s3://cytoray-test/").all()
@@ -63,8 +63,8 @@ def test_transient_s3_failures_are_retried_and_nothing_is_lost(ray_local, s3, s3
     assert summary["total"] == direct["total"]
     for d in summary["datasets"].values():
         assert "unreadable" not in d["quarantine_reasons"]  # no failure leaked into quarantine
-    a = _manifest("s3://cytoray-test/runs/flaky/manifest.parquet", s3)
-    b = _manifest("s3://cytoray-test/runs/direct/manifest.parquet", s3)
+    a = _manifest("s3://cytoray-test/runs/flaky/ingested.parquet", s3)
+    b = _manifest("s3://cytoray-test/runs/direct/ingested.parquet", s3)
     assert sorted(a.image_id) == sorted(b.image_id)
 
 
