@@ -26,7 +26,7 @@ from cytoray import storage
 from cytoray.platform import checkpointing
 from cytoray.platform.config import PretrainConfig, make_schedules
 from cytoray.platform.data.batch import MaskCollator
-from cytoray.platform.data.stream import build_stream, iter_steps, read_manifest
+from cytoray.platform.data.stream import build_stream, expand_repeats, iter_steps, read_manifest
 from cytoray.platform.metrics import MetricsLog
 from cytoray.platform.models.checkpoints import export_state_dict, load_backbone
 from cytoray.platform.objective import build_objective
@@ -121,7 +121,7 @@ def train_loop_per_worker(config: dict) -> None:
                 print(progress_line(done, last, row), flush=True)
         train_state = {"step": done, "samples_consumed": samples, "world_size": world,
                        "batch_size_per_device": p.batch_size_per_device, "seed": t.seed, "preset": cfg.preset,
-                       "epoch": samples // max(1, _epoch_len(cfg))}
+                       "epoch": samples // config["epoch_len"]}
         if done % t.checkpoint_every == 0 or done == last:
             if (t.export_every and done % t.export_every == 0) or done == last:
                 export_teacher(objective, cfg, done, rank)
@@ -210,17 +210,6 @@ def export_teacher(objective, cfg: PretrainConfig, step: int, rank: int) -> None
         print(f"[cytoray] exported teacher backbone (DinoBloom format) to {uri}", flush=True)
 
 
-_EPOCH_LEN: dict[str, int] = {}
-
-
-def _epoch_len(cfg: PretrainConfig) -> int:
-    from cytoray.platform.data.stream import expand_repeats
-
-    if cfg.data.manifest_uri not in _EPOCH_LEN:
-        _EPOCH_LEN[cfg.data.manifest_uri] = len(expand_repeats(read_manifest(cfg.data.manifest_uri, cfg.storage)))
-    return _EPOCH_LEN[cfg.data.manifest_uri]
-
-
 # ----------------------------------------------------------------------------------------------- driver side
 
 
@@ -233,7 +222,7 @@ def pretrain(cfg: PretrainConfig):
 
     cfg = config_lib.to_object(cfg)
     init_ray(cfg.ray)
-    validate(cfg)
+    epoch_len = validate(cfg)
     protocol, path = storage.split_protocol(cfg.run.storage_path)
     if protocol == "file":
         cfg.run.storage_path = os.path.abspath(path)
@@ -245,7 +234,7 @@ def pretrain(cfg: PretrainConfig):
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg},
+        train_loop_config={"cfg": cfg, "epoch_len": epoch_len},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker=resources),
@@ -261,8 +250,9 @@ def pretrain(cfg: PretrainConfig):
     return result
 
 
-def validate(cfg: PretrainConfig) -> None:
-    """Fail at start-up, naming the key, for settings that would fail later inside the workers."""
+def validate(cfg: PretrainConfig) -> int:
+    """Fail at start-up, naming the key, for settings that would fail later inside the workers; returns the
+    epoch length (samples, after repeats) so workers need not read the manifest for it."""
     t, p = cfg.train, cfg.model
     if t.use_gpu and not _gpus_visible():
         raise config_lib.ConfigError("train.use_gpu=true but this cluster has no GPUs; set train.use_gpu=false "
@@ -275,7 +265,7 @@ def validate(cfg: PretrainConfig) -> None:
             f"model.vit.patch_size={p.vit.patch_size}")
     if t.checkpoint_every < 1:
         raise config_lib.ConfigError("train.checkpoint_every must be >= 1")
-    read_manifest(cfg.data.manifest_uri, cfg.storage)  # names the file and missing columns
+    return len(expand_repeats(read_manifest(cfg.data.manifest_uri, cfg.storage)))  # names file / missing columns
 
 
 def _gpus_visible() -> bool:
