@@ -11,12 +11,18 @@ Keep policy — one image per component, the first by:
 4. ``image_id`` (deterministic tie-break).
 Every other member goes to ``duplicates.parquet`` (image_id, duplicate_of, similarity, reason).
 
+Leakage guard: with ``eval_manifests`` (held-out labelled sets), their images are embedded the same way and
+every remaining training image whose fingerprint similarity to any evaluation image exceeds the stricter
+``leakage_threshold`` is dropped too (``reason = "leakage"``, ``duplicate_of`` = the evaluation image,
+``duplicate_of_dataset`` = ``eval:<manifest uri>``), counted per dataset.
+
 Search is exact (``IndexFlatIP``) up to ``flat_max`` vectors and IVF above it (``nlist`` ≈ 4·√N,
 ``nprobe`` configurable), so 1M+ embeddings fit one machine; a faiss GPU index is used when faiss sees a GPU.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass, field
 
@@ -34,7 +40,12 @@ class DedupConfig:
     # with seed 0 (1,500 images: precision 1.00, recall 1.00 at 0.985; 0.98 gave precision 0.94);
     # held-out seed 123 at 0.985: precision 1.00, recall 1.00.
     threshold: float = 0.985
-    leakage_threshold: float = 0.90  # stricter guard against evaluation manifests
+    # Leakage guard: training images whose fingerprint cosine to any image of these evaluation manifests
+    # (Parquet with a ``uri`` column; ``image_id`` optional) exceeds ``leakage_threshold`` are dropped.
+    eval_manifests: list[str] = field(default_factory=list)
+    # Stricter than ``threshold`` (it removes more): on seed 0 every planted copy scores >= 0.993 and 0.5% of
+    # unrelated images score above 0.975 against their closest non-copy; dropping those few is the safe error.
+    leakage_threshold: float = 0.975
     dataset_priority: list[str] = field(default_factory=list)
     flat_max: int = 200_000  # exact search up to this many vectors, IVF above
     nprobe: int = 16
@@ -85,6 +96,28 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
 
 
+def _dihedral_search(query_thumbs: np.ndarray, index_base: np.ndarray, k: int, threshold: float, cfg: DedupConfig,
+                     exclude_self: bool) -> dict[tuple[int, int], float]:
+    """{(query row, index row): best cosine over all zooms × flips × rotations of the query} above threshold."""
+    index = build_index(index_base, cfg)
+    best: dict[tuple[int, int], float] = {}
+    kk = min(k + int(exclude_self), len(index_base))
+    for z in range(query_thumbs.shape[1]):
+        for flip in (False, True):
+            for rot in range(4):
+                t = query_thumbs[:, z, :, ::-1] if flip else query_thumbs[:, z]
+                sims, nbrs = index.search(_unit_rows(np.rot90(t, rot, axes=(1, 2))), kk)
+                rows = np.repeat(np.arange(len(t)), nbrs.shape[1])
+                cols, s = nbrs.ravel(), sims.ravel()
+                ok = (cols >= 0) & (s > threshold)
+                if exclude_self:
+                    ok &= cols != rows
+                for i, j, v in zip(rows[ok].tolist(), cols[ok].tolist(), s[ok].tolist()):
+                    if v > best.get((i, j), -1.0):
+                        best[(i, j)] = v
+    return best
+
+
 def dihedral_knn_edges(thumbs: np.ndarray, k: int, threshold: float, cfg: DedupConfig):
     """Near-duplicate edges from fingerprint thumbnails (N, Z, s, s) (``embed.fingerprint_thumbnails``).
 
@@ -93,20 +126,21 @@ def dihedral_knn_edges(thumbs: np.ndarray, k: int, threshold: float, cfg: DedupC
     (query expansion instead of an invariant, lossy descriptor). Returns (i, j, cosine) with the best
     cosine per pair above ``threshold``.
     """
-    base = _unit_rows(thumbs[:, 0])
-    index = build_index(base, cfg)
     best: dict[tuple[int, int], float] = {}
-    for z in range(thumbs.shape[1]):
-        for flip in (False, True):
-            for rot in range(4):
-                t = thumbs[:, z, :, ::-1] if flip else thumbs[:, z]
-                q = _unit_rows(np.rot90(t, rot, axes=(1, 2)))
-                sims, nbrs = index.search(q, min(k + 1, len(base)))
-                for i, j, s in zip(np.repeat(np.arange(len(q)), nbrs.shape[1]).tolist(), nbrs.ravel().tolist(),
-                                   sims.ravel().tolist()):
-                    if j >= 0 and j != i and s > threshold:
-                        key = (min(i, j), max(i, j))
-                        best[key] = max(best.get(key, -1.0), s)
+    for (i, j), v in _dihedral_search(thumbs, _unit_rows(thumbs[:, 0]), k, threshold, cfg, True).items():
+        key = (min(i, j), max(i, j))
+        best[key] = max(best.get(key, -1.0), v)
+    pairs = np.array(list(best.keys()), dtype=np.int64).reshape(-1, 2)
+    return pairs[:, 0], pairs[:, 1], np.array(list(best.values()), dtype=np.float32)
+
+
+def cross_edges(train_thumbs: np.ndarray, eval_thumbs: np.ndarray, k: int, threshold: float, cfg: DedupConfig):
+    """Leakage guard edges: (train row, eval row, best cosine) above ``threshold``, searched both ways
+    (training images against the evaluation index and evaluation images against the training index), so
+    a copy is found whichever of the two was cropped or zoomed."""
+    best = _dihedral_search(train_thumbs, _unit_rows(eval_thumbs[:, 0]), k, threshold, cfg, False)
+    for (e, t), v in _dihedral_search(eval_thumbs, _unit_rows(train_thumbs[:, 0]), k, threshold, cfg, False).items():
+        best[(t, e)] = max(best.get((t, e), -1.0), v)
     pairs = np.array(list(best.keys()), dtype=np.int64).reshape(-1, 2)
     return pairs[:, 0], pairs[:, 1], np.array(list(best.values()), dtype=np.float32)
 
@@ -202,14 +236,46 @@ def deduplicate(manifest, embeddings: np.ndarray | None, cfg: DedupConfig,
     return keep, dups
 
 
+def read_eval_manifest(uri: str, storage_cfg=None):
+    """An evaluation manifest as a pyarrow table (image_id, uri); image_id defaults to the uri."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cytoray import storage
+
+    try:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(uri, storage_cfg)))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"dedup.eval_manifests: {uri} does not exist") from None
+    if "uri" not in table.column_names:
+        raise ValueError(f"dedup.eval_manifests: {uri} has no 'uri' column (columns: {table.column_names}); "
+                         "an evaluation manifest lists its images by uri, like manifest.parquet")
+    ids = table.column("image_id") if "image_id" in table.column_names else table.column("uri")
+    return pa.table({"image_id": pa.array([f"{i}" for i in ids.to_pylist()]), "uri": table.column("uri")})
+
+
+def leakage_guard(train_fp: np.ndarray, eval_sets: list[tuple[str, list[str], np.ndarray]], cfg: DedupConfig):
+    """{train row: (eval image id, eval set name, cosine)} for every training row above leakage_threshold
+    (the closest evaluation image over all sets)."""
+    hits: dict[int, tuple[str, str, float]] = {}
+    for name, eval_ids, eval_fp in eval_sets:
+        if len(eval_ids) == 0 or len(train_fp) == 0:
+            continue
+        t, e, s = cross_edges(train_fp, eval_fp, cfg.k, cfg.leakage_threshold, cfg)
+        for ti, ei, v in zip(t.tolist(), e.tolist(), s.tolist()):
+            if ti not in hits or v > hits[ti][2]:
+                hits[ti] = (eval_ids[ei], name, v)
+    return hits
+
+
 DUPLICATES_SCHEMA = ("image_id", "duplicate_of", "similarity", "reason", "dataset", "duplicate_of_dataset")
 
 
-def run_dedup(out_uri: str, cfg: DedupConfig, storage_cfg=None, force: bool = False) -> dict:
+def run_dedup(out_uri: str, cfg: DedupConfig, storage_cfg=None, force: bool = False, embed_cfg=None) -> dict:
     """Dedup stage: ``ingested.parquet`` + ``embeddings.parquet`` -> ``deduplicated.parquet`` (kept rows) and
-    ``duplicates.parquet`` (every removed image, the one it duplicates, similarity, reason). Skips if done.
-    Reconciles per dataset: images in == kept + duplicates (the run fails otherwise)."""
-    import io
+    ``duplicates.parquet`` (every removed image, the one it duplicates, similarity, reason), then the leakage
+    guard against ``cfg.eval_manifests`` (embedded with ``embed_cfg``). Skips if done.
+    Reconciles per dataset: images in == kept + duplicates (incl. leakage) (the run fails otherwise)."""
     import json
     import time
 
@@ -235,6 +301,26 @@ def run_dedup(out_uri: str, cfg: DedupConfig, storage_cfg=None, force: bool = Fa
     dataset_of = dict(zip(frame["image_id"], frame["dataset"]))
     for d in dups:
         d["dataset"], d["duplicate_of_dataset"] = dataset_of[d["image_id"]], dataset_of[d["duplicate_of"]]
+    if cfg.eval_manifests:
+        from cytoray.curation.embed import EmbedConfig, embed_rows, fingerprints_from_u8
+
+        eval_sets = []
+        for uri in cfg.eval_manifests:
+            rows = read_eval_manifest(uri, storage_cfg)
+            fp = embed_rows(rows, embed_cfg or EmbedConfig(), storage_cfg).column("fingerprint").combine_chunks()
+            fp = fingerprints_from_u8(np.asarray(fp.values, np.uint8).reshape(rows.num_rows, *thumbs.shape[1:]))
+            eval_sets.append((f"eval:{uri}", rows.column("image_id").to_pylist(), fp))
+        kept_rows = np.flatnonzero(keep)
+        hits = leakage_guard(thumbs[kept_rows], eval_sets, cfg)
+        ids = frame["image_id"].tolist()
+        for r in sorted(hits):
+            eval_id, name, v = hits[r]
+            keep[kept_rows[r]] = False
+            i = ids[kept_rows[r]]
+            dups.append({"image_id": i, "duplicate_of": eval_id, "similarity": float(v), "reason": "leakage",
+                         "dataset": dataset_of[i], "duplicate_of_dataset": name})
+        log.info("leakage guard: %d training images dropped as near-copies of %d evaluation images",
+                 len(hits), sum(len(e[1]) for e in eval_sets))
     dup_table = pa.table({k: pa.array([d[k] for d in dups], type=pa.float32() if k == "similarity" else pa.string())
                           for k in DUPLICATES_SCHEMA})
     kept = table.filter(pa.array(keep))
@@ -248,12 +334,15 @@ def run_dedup(out_uri: str, cfg: DedupConfig, storage_cfg=None, force: bool = Fa
         per[name] = {"images": images, "kept": int(keep[(frame["dataset"] == name).to_numpy()].sum()),
                      "duplicates": len(mine), "exact": sum(d["reason"] == "exact" for d in mine),
                      "near": sum(d["reason"] == "near_duplicate" for d in mine),
-                     "cross_dataset": sum(d["dataset"] != d["duplicate_of_dataset"] for d in mine)}
+                     "leakage": sum(d["reason"] == "leakage" for d in mine),
+                     "cross_dataset": sum(d["dataset"] != d["duplicate_of_dataset"] and d["reason"] != "leakage"
+                                          for d in mine)}
         if per[name]["images"] != per[name]["kept"] + per[name]["duplicates"]:
             raise AssertionError(f"dedup accounting broken for {name}: {per[name]}")
     total = {k: sum(d[k] for d in per.values()) for k in ("images", "kept", "duplicates", "exact", "near",
-                                                            "cross_dataset")}
+                                                            "leakage", "cross_dataset")}
     summary = {"stage": "dedup", "threshold": cfg.threshold, "k": cfg.k, "datasets": per, "total": total,
+               "leakage_threshold": cfg.leakage_threshold, "eval_manifests": list(cfg.eval_manifests),
                "seconds": round(time.time() - t0, 2)}
     storage.write_bytes(marker, json.dumps(summary).encode(), storage_cfg)
     return summary

@@ -233,25 +233,14 @@ def fingerprint_thumbnails(rgb_u8: np.ndarray, size: int = FINGERPRINT_SIZE,
     return fingerprints_from_u8(fingerprint_u8(rgb_u8, size, zooms)[None])[0]
 
 
-def run_embed(out_uri: str, cfg: EmbedConfig, storage_cfg=None, force: bool = False) -> dict:
-    """Embedding stage: ``ingested.parquet`` -> ``embeddings.parquet`` (image_id; ``embedding`` float32,
-    L2-normalised; ``fingerprint`` uint8) in manifest order, on a Ray Data actor pool. Skips if done."""
-    import json
-    from dataclasses import asdict
-
+def embed_rows(manifest, cfg: EmbedConfig, storage_cfg=None):
+    """(image_id, uri) rows -> table (image_id, raw ``embedding``, uint8 ``fingerprint``) in the same order,
+    computed by ``EmbedBatch`` on a Ray Data actor pool."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
     import ray
 
-    from cytoray import storage
-    from cytoray.curation.ingest import _stage_marker, _write_table, data_context
+    from cytoray.curation.ingest import data_context
 
-    marker = _stage_marker(out_uri, "embed")
-    if not force and storage.exists(marker, storage_cfg):
-        return json.loads(storage.read_bytes(marker, storage_cfg))
-    t0 = time.time()
-    fs, out_path = storage.filesystem(out_uri, storage_cfg)
-    manifest = pq.read_table(io.BytesIO(fs.cat_file(f"{out_path}/ingested.parquet")), columns=["image_id", "uri"])
     n = manifest.num_rows
     rows = max(1, min(cfg.batch_size, -(-n // max(1, 4 * cfg.concurrency))))
     with data_context(op_resource_reservation_enabled=False):
@@ -264,7 +253,31 @@ def run_embed(out_uri: str, cfg: EmbedConfig, storage_cfg=None, force: bool = Fa
     if table is None or table.num_rows != n:
         raise AssertionError(f"embed: {0 if table is None else table.num_rows} embeddings for {n} manifest rows")
     order = {k: i for i, k in enumerate(table.column("image_id").to_pylist())}
-    table = table.take([order[k] for k in manifest.column("image_id").to_pylist()])  # manifest order
+    if len(order) != n:
+        raise ValueError("embed: image_id values are not unique")
+    return table.take([order[k] for k in manifest.column("image_id").to_pylist()])  # manifest order
+
+
+def run_embed(out_uri: str, cfg: EmbedConfig, storage_cfg=None, force: bool = False) -> dict:
+    """Embedding stage: ``ingested.parquet`` -> ``embeddings.parquet`` (image_id; ``embedding`` float32,
+    L2-normalised; ``fingerprint`` uint8) in manifest order, on a Ray Data actor pool. Skips if done."""
+    import json
+    from dataclasses import asdict
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cytoray import storage
+    from cytoray.curation.ingest import _stage_marker, _write_table
+
+    marker = _stage_marker(out_uri, "embed")
+    if not force and storage.exists(marker, storage_cfg):
+        return json.loads(storage.read_bytes(marker, storage_cfg))
+    t0 = time.time()
+    fs, out_path = storage.filesystem(out_uri, storage_cfg)
+    manifest = pq.read_table(io.BytesIO(fs.cat_file(f"{out_path}/ingested.parquet")), columns=["image_id", "uri"])
+    n = manifest.num_rows
+    table = embed_rows(manifest, cfg, storage_cfg)
     raw = np.asarray(table.column("embedding").combine_chunks().values, np.float32).reshape(n, -1)
     meta = {"stage": "embed", "embedder": cfg.name, "config": asdict(cfg), "count": n, "dim": int(raw.shape[1])}
     if cfg.name == "handcrafted":  # feature scales differ by orders of magnitude: z-score, then unit length

@@ -3,10 +3,12 @@
 Stages write into one run directory (local or object storage) with a completion marker each
 (``_stages/<stage>.json``), so a rerun skips what is finished:
 
-ingest (``ingested.parquet``, ``quarantine.parquet``) -> embed (``embeddings.parquet``) -> dedup
-(``deduplicated.parquet``, ``duplicates.parquet``) -> ``manifest.parquet`` (the curated manifest) and
-``summary.json``, which reconciles per dataset: input files = kept files + quarantined files, and images
-= kept + duplicates. Clustering and balancing append here.
+ingest (``ingested.parquet``, ``quarantine.parquet``) -> embed (``embeddings.parquet``) -> dedup + leakage
+guard (``deduplicated.parquet``, ``duplicates.parquet``) -> cluster (``clusters.parquet``,
+``centroids_l<t>.npy``) -> balance (``unbalanced.parquet``, ``balanced.parquet``,
+``group_mapping_template.csv``) -> ``manifest.parquet`` (the balanced manifest), ``summary.json`` and
+``report.html``. The summary reconciles per dataset: input files = kept files + quarantined files, images =
+kept + duplicates (exact, near, leakage), and kept = sampled + not sampled.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ import logging
 from dataclasses import dataclass, field
 
 from cytoray import config, storage
+from cytoray.curation.balance import BalanceConfig, run_balance
+from cytoray.curation.cluster import ClusterConfig, run_cluster
 from cytoray.curation.dedup import DedupConfig, run_dedup
 from cytoray.curation.embed import EmbedConfig, run_embed
-from cytoray.curation.ingest import DatasetSpec, IngestConfig, _write_table, run_ingest
+from cytoray.curation.ingest import DatasetSpec, IngestConfig, _stage_marker, _write_table, run_ingest
+from cytoray.curation.report import ReportConfig, write_report
 from cytoray.runtime import RayConfig, init_ray, setup_logging
 
 log = logging.getLogger(__name__)
@@ -31,6 +36,12 @@ class CurateConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    # Bring your own embeddings for clustering/balancing: Parquet (image_id, embedding) or .npy aligned with
+    # deduplicated.parquet. Default: the embed stage's embeddings.parquet.
+    embeddings: str | None = None
     storage: storage.StorageConfig = field(default_factory=storage.StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     force: bool = False  # rerun stages even if their completion marker exists
@@ -42,46 +53,104 @@ def run_curation(cfg: CurateConfig) -> dict:
     cfg = config.to_object(cfg)
     init_ray(cfg.ray)
     config.save_config(cfg, cfg.output_uri, cfg.storage)
-    results = {"ingest": run_ingest(cfg.datasets, cfg.output_uri, cfg.ingest, cfg.storage, force=cfg.force)}
-    force = cfg.force
-    results["embed"] = run_embed(cfg.output_uri, cfg.embed, cfg.storage, force=force)
-    results["dedup"] = run_dedup(cfg.output_uri, cfg.dedup, cfg.storage, force=force)
-    results["summary"] = finalize(cfg.output_uri, results, cfg.storage)
+    out, st = cfg.output_uri, cfg.storage
+    stages = [
+        ("ingest", lambda f: run_ingest(cfg.datasets, out, cfg.ingest, st, force=f), (cfg.datasets, cfg.ingest)),
+        ("embed", lambda f: run_embed(out, cfg.embed, st, force=f), cfg.embed),
+        ("dedup", lambda f: run_dedup(out, cfg.dedup, st, force=f, embed_cfg=cfg.embed), (cfg.dedup, cfg.embed)),
+        ("cluster", lambda f: run_cluster(out, cfg.cluster, st, force=f, embeddings=cfg.embeddings),
+         (cfg.cluster, cfg.embeddings)),
+        ("balance", lambda f: run_balance(out, cfg.balance, st, force=f, embeddings=cfg.embeddings),
+         (cfg.balance, cfg.embeddings)),
+    ]
+    results, force = {}, cfg.force
+    for name, fn, settings in stages:
+        settings = _settings(settings)
+        marker = _stage_marker(out, name)
+        if not force:
+            done = json.loads(storage.read_bytes(marker, st)) if storage.exists(marker, st) else None
+            if done is None or done.get("settings") != settings:
+                if done is not None:
+                    log.info("%s: settings changed since the last run; rerunning it and every later stage", name)
+                force = True  # this stage and everything downstream of it
+        results[name] = fn(force)
+        if force:  # record what the stage ran with, so a later run can tell whether it is still valid
+            results[name]["settings"] = settings
+            storage.write_bytes(marker, json.dumps(results[name]).encode(), st)
+    results["summary"] = finalize(cfg.output_uri, results, cfg.storage, balanced=cfg.balance.enabled)
+    if cfg.report.enabled:
+        results["report"] = write_report(cfg.output_uri, cfg.report, cfg.storage)
     return results
 
 
-def finalize(out_uri: str, results: dict, storage_cfg) -> dict:
-    """Publish the last stage's rows as ``manifest.parquet``; write the reconciled ``summary.json``."""
+def _settings(obj):
+    """A stage's settings as plain JSON data (dataclasses, lists and tuples), for comparison with its marker."""
+    from dataclasses import asdict, is_dataclass
+
+    def plain(o):
+        if is_dataclass(o):
+            return plain(asdict(o))
+        if isinstance(o, dict):
+            return {str(k): plain(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [plain(v) for v in o]
+        return o
+
+    return json.loads(json.dumps(plain(obj), sort_keys=True))
+
+
+def finalize(out_uri: str, results: dict, storage_cfg, balanced: bool = True) -> dict:
+    """Publish ``manifest.parquet`` (the balanced rows; with balancing off, every kept row with repeats=1);
+    write the reconciled ``summary.json``."""
     import io
 
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     fs, path = storage.filesystem(out_uri, storage_cfg)
-    table = pq.read_table(io.BytesIO(fs.cat_file(f"{path}/deduplicated.parquet")))
+    table = pq.read_table(io.BytesIO(fs.cat_file(f"{path}/{'balanced' if balanced else 'unbalanced'}.parquet")))
+    if not balanced:
+        table = table.set_column(table.column_names.index("repeats"), "repeats",
+                                 pa.array([1] * table.num_rows, pa.int32()))
     _write_table(fs, table, f"{path}/manifest.parquet", path)
-    ingest, dedup = results["ingest"], results["dedup"]
+    ingest, dedup, bal = results["ingest"], results["dedup"], results["balance"]
     per = {}
+    zero = {"kept": 0, "duplicates": 0, "exact": 0, "near": 0, "leakage": 0, "cross_dataset": 0}
     for name, d in ingest["datasets"].items():
-        dd = dedup["datasets"].get(name, {"kept": 0, "duplicates": 0, "exact": 0, "near": 0, "cross_dataset": 0})
+        dd = dedup["datasets"].get(name, zero)
+        bb = bal["datasets"].get(name, {"sampled_images": 0, "samples_per_epoch": 0})
         per[name] = {"input_files": d["input_files"], "quarantined_files": d["quarantined_files"],
                      "kept_files": d["kept_files"], "images": d["kept_images"], "cropped_cells": d["cropped_cells"],
                      "duplicates": dd["duplicates"], "exact_duplicates": dd["exact"], "near_duplicates": dd["near"],
-                     "cross_dataset_duplicates": dd["cross_dataset"], "kept": dd["kept"],
+                     "leakage": dd.get("leakage", 0), "cross_dataset_duplicates": dd["cross_dataset"],
+                     "kept": dd["kept"],
+                     "sampled_images": bb["sampled_images"] if balanced else dd["kept"],
+                     "samples_per_epoch": bb["samples_per_epoch"] if balanced else dd["kept"],
                      "quarantine_reasons": d["quarantine_reasons"], "cell_types": d["cell_types"],
                      "ignored_files": d["ignored_files"]}
         p = per[name]
-        if p["input_files"] != p["kept_files"] + p["quarantined_files"] or p["images"] != p["kept"] + p["duplicates"]:
+        if p["input_files"] != p["kept_files"] + p["quarantined_files"] or p["images"] != p["kept"] + p["duplicates"] \
+                or p["sampled_images"] > p["kept"]:
             raise AssertionError(f"curation accounting broken for {name}: {p}")
     keys = ("input_files", "quarantined_files", "kept_files", "images", "cropped_cells", "duplicates",
-            "exact_duplicates", "near_duplicates", "cross_dataset_duplicates", "kept", "ignored_files")
+            "exact_duplicates", "near_duplicates", "leakage", "cross_dataset_duplicates", "kept", "sampled_images",
+            "samples_per_epoch", "ignored_files")
     total = {k: sum(p[k] for p in per.values()) for k in keys}
-    if table.num_rows != total["kept"]:
-        raise AssertionError(f"manifest has {table.num_rows} rows, summary says {total['kept']} kept")
+    if table.num_rows != total["sampled_images"]:
+        raise AssertionError(f"manifest has {table.num_rows} rows, summary says {total['sampled_images']} sampled")
     summary = {"reconciliation": "input_files = kept_files + quarantined_files (files); "
-                                 "images = kept + duplicates (images incl. crops)",
+                                 "images = kept + duplicates (exact, near, leakage; images incl. crops); "
+                                 "manifest rows = sampled_images <= kept (unbalanced.parquet holds every kept image)",
                "datasets": per, "total": total,
                "stages": {k: {"seconds": v.get("seconds")} for k, v in results.items()},
-               "embedder": results["embed"]["embedder"], "dedup_threshold": dedup["threshold"]}
+               "embedder": results["embed"]["embedder"], "dedup_threshold": dedup["threshold"],
+               "leakage_threshold": dedup.get("leakage_threshold"), "eval_manifests": dedup.get("eval_manifests", []),
+               "clusters": {"levels": results["cluster"]["levels"], "columns": results["cluster"]["columns"]},
+               "balance": {k: bal[k] for k in ("target_size", "samples_per_epoch", "sampled_images", "max_repeat",
+                                               "seed", "groups_from", "top_cluster_column")} | {
+                   "enabled": balanced,
+                   "before": {k: v for k, v in bal["before"].items() if k != "counts"},
+                   "after": {k: v for k, v in bal["after"].items() if k != "counts"}}}
     storage.write_bytes(storage.join_uri(out_uri, "summary.json"), json.dumps(summary, indent=2).encode(),
                         storage_cfg)
     return summary
@@ -98,10 +167,19 @@ def main(argv: list[str]) -> dict:
           f"{total['ignored_files']} outside layouts")
     t = results["summary"]["total"]
     print(f"dedup:  {t['images']} images -> {t['kept']} kept, {t['duplicates']} duplicates "
-          f"({t['exact_duplicates']} exact, {t['near_duplicates']} near, {t['cross_dataset_duplicates']} across datasets)")
+          f"({t['exact_duplicates']} exact, {t['near_duplicates']} near, {t['cross_dataset_duplicates']} across datasets), "
+          f"{t['leakage']} dropped by the leakage guard")
+    b = results["summary"]["balance"]
+    print(f"cluster: levels {results['cluster']['levels']}; balance: {t['kept']} kept -> {t['sampled_images']} "
+          f"sampled images, {t['samples_per_epoch']} samples/epoch; largest dataset share "
+          f"{b['before']['largest_dataset_share']:.2f} -> {b['after']['largest_dataset_share']:.2f}, "
+          f"kNN dataset mixing {b['before']['knn_dataset_mixing']:.2f} -> {b['after']['knn_dataset_mixing']:.2f}")
     print(f"manifest:   {storage.join_uri(cfg.output_uri, 'manifest.parquet')}")
+    print(f"unbalanced: {storage.join_uri(cfg.output_uri, 'unbalanced.parquet')}")
     print(f"duplicates: {storage.join_uri(cfg.output_uri, 'duplicates.parquet')}")
     print(f"quarantine: {storage.join_uri(cfg.output_uri, 'quarantine.parquet')}")
     print(f"summary:    {storage.join_uri(cfg.output_uri, 'summary.json')}")
+    if "report" in results:
+        print(f"report:     {storage.join_uri(cfg.output_uri, 'report.html')}")
     log.debug(json.dumps(results, indent=2))
     return results

@@ -1,0 +1,242 @@
+"""``report.html``: one self-contained page an expert can review (every plot and thumbnail is embedded as a
+data URI; no network, no side files).
+
+Sections: counts per stage and dataset; bar charts before/after balancing by dataset, cell type, group and
+top-level cluster with the balance metrics; one montage per top-level cluster (to name and weight clusters in
+``group_mapping_template.csv``); example duplicate pairs side by side with their similarity; quarantine
+reasons; a 2-D PCA map of the embeddings coloured by dataset and by cell type. A small script counts the
+images the browser decoded and writes the figure into ``#render-check`` (the headless-browser test reads it).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReportConfig:
+    enabled: bool = True
+    thumbs_per_cluster: int = 12
+    max_clusters: int = 40  # montages for the largest top-level clusters
+    duplicate_pairs: int = 24
+    quarantine_examples: int = 30
+    thumb_size: int = 72
+    map_points: int = 5000
+    seed: int = 0
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _thumb(uri: str, size: int, storage_cfg) -> str:
+    from PIL import Image
+
+    from cytoray import images, storage
+
+    try:
+        rgb = images.decode(storage.read_bytes(uri, storage_cfg), min_side=1).rgb
+    except Exception as exc:  # noqa: BLE001 - the report shows what it could not read instead of failing
+        log.warning("report: cannot read %s for a thumbnail: %s", uri, exc)
+        rgb = np.full((size, size, 3), 200, np.uint8)
+    im = Image.fromarray(rgb)
+    im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _bars(before: dict, after: dict, title: str, top: int = 30):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(set(before) | set(after), key=lambda k: -before.get(k, 0))[:top]
+    x = np.arange(len(keys))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.38 * len(keys) + 2), 3.2))
+    tb, ta = sum(before.values()) or 1, sum(after.values()) or 1
+    ax.bar(x - 0.2, [before.get(k, 0) / tb for k in keys], 0.4, label="before (kept images)")
+    ax.bar(x + 0.2, [after.get(k, 0) / ta for k in keys], 0.4, label="after (samples per epoch)")
+    ax.set_xticks(x, [str(k) for k in keys], rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("share")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _pca_maps(emb: np.ndarray, datasets: np.ndarray, cell_types: np.ndarray, cfg: ReportConfig) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(cfg.seed)
+    idx = np.sort(rng.choice(len(emb), min(len(emb), cfg.map_points), replace=False))
+    x = emb[idx] - emb[idx].mean(0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    xy = x @ vt[:2].T
+    out = []
+    for name, labels in (("dataset", datasets[idx]), ("cell type", cell_types[idx])):
+        fig, ax = plt.subplots(figsize=(6.5, 5))
+        cats = sorted(set(labels.tolist()))
+        cmap = plt.get_cmap("tab20", max(len(cats), 1))
+        for i, c in enumerate(cats):
+            m = labels == c
+            ax.scatter(xy[m, 0], xy[m, 1], s=6, color=cmap(i), label=f"{c} ({int(m.sum())})", alpha=0.75)
+        ax.set_title(f"PCA of the embeddings, coloured by {name}")
+        ax.set_xlabel("PC1")
+        ax.set_ylabel("PC2")
+        ax.legend(fontsize=7, markerscale=2, bbox_to_anchor=(1.01, 1), loc="upper left")
+        out.append(_png(fig))
+    return out
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
+table{border-collapse:collapse;margin:8px 0 16px;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;
+text-align:right}th{background:#f2f2f2}td:first-child{text-align:left}.montage{margin:10px 0 18px}
+.montage img,.pair img{margin:1px;border:1px solid #ddd}.pair{display:inline-block;margin:6px 12px 6px 0;
+font-size:12px;text-align:center}h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:32px}
+.note{color:#555;font-size:13px}"""
+
+SCRIPT = """window.addEventListener('load', function () {
+  var imgs = document.images, ok = 0;
+  for (var i = 0; i < imgs.length; i++) { if (imgs[i].complete && imgs[i].naturalWidth > 0) ok++; }
+  var el = document.getElementById('render-check');
+  el.textContent = ok + ' of ' + imgs.length + ' images rendered';
+  el.setAttribute('data-loaded', ok); el.setAttribute('data-total', imgs.length);
+});"""
+
+
+def build_report(out_uri: str, cfg: ReportConfig, storage_cfg=None) -> str:
+    """The report's HTML from the run directory's outputs."""
+    import pyarrow.parquet as pq
+
+    from cytoray import storage
+    from cytoray.curation.cluster import load_stage_embeddings
+
+    fs, path = storage.filesystem(out_uri, storage_cfg)
+
+    def read(name):
+        return pq.read_table(io.BytesIO(fs.cat_file(f"{path}/{name}"))).to_pandas()
+
+    summary = json.loads(storage.read_bytes(storage.join_uri(out_uri, "summary.json"), storage_cfg))
+    balance = json.loads(storage.read_bytes(storage.join_uri(out_uri, "_stages", "balance.json"), storage_cfg))
+    unbalanced, dups, quarantine = read("unbalanced.parquet"), read("duplicates.parquet"), read("quarantine.parquet")
+    uri_of = dict(zip(*[read("ingested.parquet")[c] for c in ("image_id", "uri")]))
+    top_col = balance["top_cluster_column"]
+    rng = np.random.default_rng(cfg.seed)
+    parts = [f"<h1>cytoray curation report</h1><p class='note'>Run directory: {html.escape(out_uri)} &middot; "
+             f"embedder {html.escape(str(summary['embedder']))} &middot; cluster levels {summary['clusters']['levels']}"
+             f" &middot; groups from {html.escape(str(summary['balance']['groups_from']))}</p>"
+             "<p id='render-check' class='note'>images not yet rendered</p>"]
+
+    # counts
+    cols = ["input_files", "quarantined_files", "images", "exact_duplicates", "near_duplicates", "leakage", "kept",
+            "sampled_images", "samples_per_epoch"]
+    rows = [[name] + [p[c] for c in cols] for name, p in sorted(summary["datasets"].items())]
+    rows.append(["total"] + [summary["total"][c] for c in cols])
+    parts.append("<section id='counts'><h2>Counts per stage</h2><p class='note'>images = kept + duplicates "
+                 "(exact, near, leakage); input files = kept files + quarantined files; cropped detection / "
+                 "segmentation cells count as images.</p>" + _table(["dataset"] + cols, rows) + "</section>")
+
+    # balance
+    metric_rows = []
+    for key in ("dataset", "group", "cell_type", "cluster"):
+        b, a = balance["before"][key], balance["after"][key]
+        metric_rows.append([key, b["normalized_entropy"], a["normalized_entropy"], b["kl_to_uniform"],
+                            a["kl_to_uniform"], b["largest_share"], a["largest_share"]])
+    mix = (balance["before"]["knn_dataset_mixing"], balance["after"]["knn_dataset_mixing"])
+    charts = "".join(f"<img alt='{k} before/after' src='{_bars(balance['before']['counts'][k], balance['after']['counts'][k], f'by {k}')}'>"
+                     for k in ("dataset", "cell_type", "group", "cluster"))
+    parts.append("<section id='balance'><h2>Before / after balancing</h2>"
+                 + _table(["distribution", "norm. entropy before", "after", "KL to uniform before", "after",
+                           "largest share before", "after"], metric_rows)
+                 + f"<p>kNN dataset mixing (1 = datasets indistinguishable in the embedding): {mix[0]} &rarr; "
+                   f"{mix[1]}. Target {balance['target_size']} samples per epoch from {balance['sampled_images']} "
+                   f"images, max repeat {balance['max_repeat']}, seed {balance['seed']}.</p>" + charts + "</section>")
+
+    # cluster montages
+    sizes = unbalanced[top_col].value_counts()
+    mont = [f"<section id='clusters'><h2>Top-level clusters ({top_col})</h2><p class='note'>Name and weight "
+            "clusters in <code>group_mapping_template.csv</code> (columns cluster, group, weight; weight 0 drops a "
+            "cluster) and pass it as <code>balance.mapping_file</code>.</p>"]
+    for c, size in list(sizes.items())[: cfg.max_clusters]:
+        members = unbalanced[unbalanced[top_col] == c]
+        pick = members.iloc[np.sort(rng.choice(len(members), min(len(members), cfg.thumbs_per_cluster), replace=False))]
+        ds = ", ".join(f"{k} {v}" for k, v in members["dataset"].value_counts().head(3).items())
+        ct = ", ".join(f"{k} {v}" for k, v in members["cell_type"].fillna("unlabelled").value_counts().head(3).items())
+        imgs = "".join(f"<img title='{html.escape(r.image_id)}' src='{_thumb(r.uri, cfg.thumb_size, storage_cfg)}'>"
+                       for r in pick.itertuples())
+        mont.append(f"<div class='montage'><b>cluster {c}</b> &middot; {size} images &middot; sampled "
+                    f"{int(members['repeats'].sum())}/epoch &middot; {html.escape(ds)} &middot; {html.escape(ct)}"
+                    f"<br>{imgs}</div>")
+    parts.append("".join(mont) + "</section>")
+
+    # duplicate pairs
+    shown = dups.sort_values(["reason", "similarity"]).groupby("reason", group_keys=False).head(
+        max(1, cfg.duplicate_pairs // max(1, dups["reason"].nunique()))) if len(dups) else dups
+    pairs = []
+    for r in shown.itertuples():
+        other = uri_of.get(r.duplicate_of)
+        if other is None and r.reason == "leakage":
+            other = r.duplicate_of if "://" in r.duplicate_of or r.duplicate_of.startswith("/") else None
+        right = (f"<img src='{_thumb(other, cfg.thumb_size, storage_cfg)}'>" if other
+                 else "<span>(evaluation image)</span>")
+        pairs.append(f"<div class='pair'><img src='{_thumb(uri_of[r.image_id], cfg.thumb_size, storage_cfg)}'>{right}"
+                     f"<br>{html.escape(r.reason)} {r.similarity:.3f}<br>{html.escape(r.dataset)} &rarr; "
+                     f"{html.escape(r.duplicate_of_dataset)}</div>")
+    by_reason = dups["reason"].value_counts().to_dict() if len(dups) else {}
+    parts.append(f"<section id='duplicates'><h2>Duplicates ({len(dups)})</h2><p class='note'>{by_reason}; the "
+                 "lowest-similarity examples per reason (the ones to check): removed image left, kept or "
+                 "evaluation image right.</p>" + "".join(pairs) + "</section>")
+
+    # quarantine
+    q_rows = [[d, r, n] for (d, r), n in quarantine.groupby(["dataset", "reason"]).size().items()] if len(quarantine) else []
+    ex = quarantine.head(cfg.quarantine_examples)
+    parts.append(f"<section id='quarantine'><h2>Quarantine ({len(quarantine)} files)</h2>"
+                 + _table(["dataset", "reason", "files"], q_rows)
+                 + _table(["uri", "reason", "detail"], [[r.uri, r.reason, r.detail] for r in ex.itertuples()])
+                 + "</section>")
+
+    # embedding map
+    emb = load_stage_embeddings(out_uri, unbalanced["image_id"].tolist(), None, storage_cfg)
+    maps = _pca_maps(emb, unbalanced["dataset"].to_numpy(dtype=object).astype(str),
+                     unbalanced["cell_type"].fillna("unlabelled").to_numpy(dtype=object).astype(str), cfg)
+    parts.append("<section id='map'><h2>Embedding map</h2>" + "".join(f"<img alt='PCA map' src='{m}'>" for m in maps)
+                 + "</section>")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>cytoray curation report</title>"
+            f"<style>{CSS}</style><script>{SCRIPT}</script></head><body>{''.join(parts)}</body></html>")
+
+
+def write_report(out_uri: str, cfg: ReportConfig, storage_cfg=None) -> dict:
+    import time
+
+    from cytoray import storage
+
+    t0 = time.time()
+    page = build_report(out_uri, cfg, storage_cfg)
+    uri = storage.join_uri(out_uri, "report.html")
+    storage.write_bytes(uri, page.encode(), storage_cfg)
+    log.info("report: %s (%.1f MB) in %.1fs", uri, len(page) / 1e6, time.time() - t0)
+    return {"uri": uri, "bytes": len(page), "images": page.count("<img"), "seconds": round(time.time() - t0, 2)}
