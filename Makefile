@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cytoray-installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install browser demo test lint bench clean
 
 # torch 2.13.0 first: on CPU hosts that pin resolves to the local CPU build; anything else would pull
 # several GB of CUDA wheels through the `torch` requirement of ray/kornia/etc.
@@ -21,7 +21,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	RAY_AUTH_MODE=disabled $(PY) recipes/demo.py
 
-test: $(STAMP)
+# The report test opens report.html in a real headless Chromium (Debian's package; needs root + apt).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium)
+
+test: $(STAMP) browser
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q tests
 
 lint: $(STAMP)

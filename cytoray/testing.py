@@ -178,3 +178,27 @@ def write_cell_manifest(directory: str, num_images: int = 48, seed: int = 0, rep
     out = os.path.join(directory, "manifest.parquet")
     pq.write_table(pa.table(rows), out)
     return out
+
+
+def write_eval_manifest(directory: str, leaked_paths: list[str], fresh: int = 40, seed: int = 777) -> str:
+    """An evaluation manifest for leakage tests: ``fresh`` unrelated synthetic cells plus a mirrored,
+    re-encoded copy of every file in ``leaked_paths`` (the planted leaks). Returns the manifest's path."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cytoray.images import decode, encode_png
+
+    base = pq.read_table(write_cell_manifest(directory, fresh, seed=seed))
+    ids, uris = base.column("image_id").to_pylist(), base.column("uri").to_pylist()
+    for i, src in enumerate(leaked_paths):
+        with open(src, "rb") as fh:
+            rgb = decode(fh.read(), min_side=1).rgb
+        path = os.path.join(directory, f"leak_{i:03d}.png")
+        with open(path, "wb") as fh:
+            fh.write(encode_png(np.ascontiguousarray(rgb[:, ::-1])))
+        ids.append(f"leak_{i:03d}")
+        uris.append(path)
+    out = os.path.join(directory, "eval_manifest.parquet")
+    pq.write_table(pa.table({"image_id": ids, "uri": uris}), out)
+    return out

@@ -82,7 +82,8 @@ def test_curate_recipe_runs_under_ray_job_submit(head_node, collection, tmp_path
     t = summary["total"]
     assert t["input_files"] == t["kept_files"] + t["quarantined_files"] and t["kept"] > 0
     assert t["images"] == t["kept"] + t["duplicates"]
-    assert (out / "manifest.parquet").exists() and (out / "config.yaml").exists()
+    assert (out / "manifest.parquet").exists() and (out / "config.yaml").exists() and (out / "report.html").exists()
+    assert summary["total"]["sampled_images"] > 0 and summary["balance"]["samples_per_epoch"] == t["kept"]
 
 
 def test_pretrain_recipe_runs_under_ray_job_submit(head_node, tmp_path):

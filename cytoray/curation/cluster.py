@@ -4,8 +4,10 @@ Learning: A Clustering-Based Approach", arXiv 2405.15613).
 Level 1 clusters the embeddings into ``k_1`` clusters; level ``t`` clusters the ``k_{t-1}`` centroids of the
 level below into ``k_t`` clusters, so every image gets one cluster id per level (``cluster_l1`` finest ...
 ``cluster_lT`` coarsest) and the ids form a tree. After the plain k-means of each level come the paper's
-*resampling-clustering* steps: each centroid is replaced by the mean of the ``resample_points`` points of its
-cluster closest to it, then the points are reassigned. k-means alone puts many centroids in dense regions
+*resampling-clustering* steps: from every cluster the ``resample_points`` points closest to its centroid are
+drawn, k-means runs afresh on that union (each cluster weighs the same there, so the next centroids follow the
+density of centroids, flatter than the density of data), and all points are
+reassigned. k-means alone puts many centroids in dense regions
 (a big dataset, a common cell type); the resampling pulls centroids towards a uniform cover of the support,
 which is what the balanced sampling on top of the tree needs.
 
@@ -31,7 +33,9 @@ class ClusterConfig:
     levels: list[int] = field(default_factory=lambda: [1000, 100, 10])  # k per level, finest first
     min_cluster_size: int = 5  # caps k_t at (points at level t-1) // min_cluster_size
     niter: int = 20  # k-means iterations per level
-    resample_steps: int = 5  # Vo et al. resampling-clustering steps per level (0: plain k-means)
+    # Vo et al. resampling-clustering steps per level (0: plain k-means). On the seed-0 synthetic collection
+    # (group_by=none) 3 steps with r=10 raised the cell-type entropy of the balanced sample 0.80 -> 0.85.
+    resample_steps: int = 3
     resample_points: int = 10  # r: points closest to each centroid that define it in a resampling step
     max_train_points: int = 256  # faiss: training points per centroid (subsampled above)
     seed: int = 0
@@ -76,15 +80,20 @@ def kmeans_with_resampling(x: np.ndarray, k: int, cfg: ClusterConfig, seed: int)
     centroids = km.centroids.copy()
     labels, dist = _assign(x, centroids, gpu)
     for _ in range(cfg.resample_steps):
+        # S = the r points of every cluster closest to its centroid: each cluster weighs the same in S
+        # however dense its region, so k-means on S moves surplus centroids out of dense regions.
         order = np.lexsort((dist, labels))  # by cluster, closest first
         sorted_labels = labels[order]
         starts = np.searchsorted(sorted_labels, np.arange(k))
-        ends = np.searchsorted(sorted_labels, np.arange(k), side="right")
-        new = centroids.copy()
-        for c in range(k):
-            if ends[c] > starts[c]:
-                new[c] = x[order[starts[c]:min(ends[c], starts[c] + cfg.resample_points)]].mean(0)
-        centroids = new
+        ends = np.minimum(np.searchsorted(sorted_labels, np.arange(k), side="right"), starts + cfg.resample_points)
+        sample = np.concatenate([order[a:b] for a, b in zip(starts, ends)])
+        if len(sample) <= k:
+            break
+        km = faiss.Kmeans(x.shape[1], k, niter=cfg.niter, seed=seed, min_points_per_centroid=1,
+                          max_points_per_centroid=max(cfg.max_train_points, cfg.resample_points), gpu=gpu,
+                          verbose=False)
+        km.train(x[sample])
+        centroids = km.centroids.copy()
         labels, dist = _assign(x, centroids, gpu)
     return centroids, labels
 

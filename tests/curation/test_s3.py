@@ -79,6 +79,15 @@ def test_curate_recipe_over_s3_never_writes_credentials(ray_local, s3, s3_collec
     results = pipeline.main(["--config", "recipes/configs/curate.yaml", "--config", str(ds_file), *overrides])
     assert results["ingest"]["total"]["kept_images"] > 0
     fs, _ = storage.filesystem("s3://cytoray-test", s3)
+    # the whole curation ran against object storage: every output lands there and reconciles
+    for name in ("manifest.parquet", "unbalanced.parquet", "duplicates.parquet", "quarantine.parquet",
+                 "summary.json", "report.html", "group_mapping_template.csv", "clusters.parquet"):
+        assert fs.exists(f"cytoray-test/runs/recipe/{name}"), name
+    summary = json.loads(fs.cat_file("cytoray-test/runs/recipe/summary.json"))
+    t = summary["total"]
+    assert t["images"] == t["kept"] + t["duplicates"] and t["input_files"] == t["kept_files"] + t["quarantined_files"]
+    assert len(_manifest("s3://cytoray-test/runs/recipe/manifest.parquet", s3)) == t["sampled_images"] > 0
+    assert fs.cat_file("cytoray-test/runs/recipe/report.html").count(b"data:image/") >= 6
     for path in fs.find("cytoray-test/runs/recipe"):
         if path.endswith((".yaml", ".json")):
             text = fs.cat_file(path).decode()
