@@ -77,9 +77,72 @@ def build_index(x: np.ndarray, cfg: DedupConfig):
     return index
 
 
+def partitioned_edges(x: np.ndarray, threshold: float, cfg: DedupConfig, k: int | None = None,
+                      list_size: int = 1000, probe: int = 2, chunk: int = 4096):
+    """Near-duplicate pairs at scale (N > ``flat_max``): an IVF-style search with dense BLAS inside each list.
+
+    faiss k-means splits the rows into ~N/``list_size`` lists (trained on a subsample); each row is stored
+    in its nearest list and probes its ``probe`` nearest lists, so a pair is missed only if neither row's
+    ``probe`` nearest centroids hold the other — for near-duplicates (cosine > 0.9) practically never,
+    because a copy lands next to its original. Inside a list, queries × members is one matrix product.
+    Cost ≈ N · probe · list_size · d flops instead of N² · d. Returns (i, j, cosine), i < j, with at most
+    ``k`` partners per row when ``k`` is given.
+    """
+    import faiss
+
+    n, d = x.shape
+    nlist = max(1, n // list_size)
+    km = faiss.Kmeans(d, nlist, niter=10, seed=1234, max_points_per_centroid=64, spherical=True, verbose=False)
+    km.train(x)
+    index = faiss.IndexFlatIP(d)
+    index.add(km.centroids)
+    _, lists = index.search(x, min(probe, nlist))
+    home = lists[:, 0]
+    order = np.argsort(home, kind="stable")
+    bounds = np.searchsorted(home[order], np.arange(nlist + 1))
+    probe_rows = np.repeat(np.arange(n), lists.shape[1])
+    probe_lists = lists.ravel()
+    porder = np.argsort(probe_lists, kind="stable")
+    pbounds = np.searchsorted(probe_lists[porder], np.arange(nlist + 1))
+    out_i, out_j, out_s = [], [], []
+    for c in range(nlist):
+        members = order[bounds[c]:bounds[c + 1]]
+        queries = probe_rows[porder[pbounds[c]:pbounds[c + 1]]]
+        if len(members) == 0 or len(queries) == 0:
+            continue
+        xm = x[members]
+        for a in range(0, len(queries), chunk):
+            q = queries[a:a + chunk]
+            sims = x[q] @ xm.T
+            qi, mi = np.nonzero(sims > threshold)
+            keep = q[qi] != members[mi]
+            out_i.append(q[qi[keep]])
+            out_j.append(members[mi[keep]])
+            out_s.append(sims[qi[keep], mi[keep]])
+    if not out_i:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    i, j, s = np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s).astype(np.float32)
+    a, b = np.minimum(i, j), np.maximum(i, j)
+    key = a.astype(np.int64) * n + b
+    order = np.lexsort((-s, key))
+    first = np.ones(len(key), bool)
+    first[1:] = key[order][1:] != key[order][:-1]
+    sel = order[first]  # each pair once (found from both sides / several lists)
+    a, b, s = a[sel], b[sel], s[sel]
+    if k is not None:  # at most k partners per row, the most similar first
+        o = np.lexsort((-s, a))
+        rank = np.arange(len(o)) - np.searchsorted(a[o], a[o])
+        sel = o[rank < k]
+        a, b, s = a[sel], b[sel], s[sel]
+    return a, b, s
+
+
 def knn_edges(x: np.ndarray, k: int, threshold: float, cfg: DedupConfig, queries: np.ndarray | None = None):
     """Pairs (i, j, cosine) with cosine > threshold among each row's k nearest neighbours (self excluded
-    when ``queries`` is None)."""
+    when ``queries`` is None). Exact flat search up to ``flat_max`` rows (or on a GPU), the partitioned
+    search above."""
+    if queries is None and x.shape[0] > cfg.flat_max and not (cfg.use_gpu and _gpu_count() > 0):
+        return partitioned_edges(x, threshold, cfg, k=k)
     index = build_index(x, cfg)
     q = x if queries is None else queries
     sims, nbrs = index.search(q, min(k + (queries is None), x.shape[0]))
