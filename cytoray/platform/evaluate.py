@@ -27,6 +27,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from cytoray.runtime import RayConfig
+from cytoray.storage import StorageConfig
+
 log = logging.getLogger(__name__)
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -172,7 +175,7 @@ def extract_features(spec: str, rows, cfg: ProbeConfig, storage_cfg=None) -> np.
     f = np.asarray(table.column("feature").combine_chunks().values, np.float32).reshape(n, -1)
     if spec == "handcrafted":  # very different scales per feature: z-score before unit length
         f = (f - f.mean(0)) / np.maximum(f.std(0), 1e-6)
-    f /= np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
     if cache:
         buf = io.BytesIO()
         np.savez(buf, features=f)
@@ -364,3 +367,58 @@ def results_table(results: list[dict]) -> str:
 
 def config_dict(cfg: ProbeConfig) -> dict:
     return asdict(cfg)
+
+
+def run_probe(checkpoints: list[str], manifests: list[str], cfg: ProbeConfig, out_uri: str | None = None,
+              storage_cfg=None) -> list[dict]:
+    """Score every checkpoint on every manifest; write results.json + confusion PNGs under ``out_uri``."""
+    from cytoray import storage
+
+    results = []
+    for spec in checkpoints:
+        results.extend(evaluate(spec, manifests, cfg, storage_cfg))
+    if out_uri:
+        for n, r in enumerate(results):
+            png = f"confusion_{n:02d}_{hashlib.sha1((r['checkpoint'] + r['manifest']).encode()).hexdigest()[:8]}.png"
+            storage.write_bytes(storage.join_uri(out_uri, png), confusion_png(r), storage_cfg)
+            r["confusion_png"] = storage.join_uri(out_uri, png)
+        storage.write_bytes(storage.join_uri(out_uri, "results.json"), json.dumps(results, indent=2).encode(),
+                            storage_cfg)
+    return results
+
+
+@dataclass
+class ProbeSettings:
+    """What ``recipes/probe.py`` reads from --config files and key=value overrides."""
+
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    log_level: str = "WARNING"
+
+
+def main(argv: list[str]) -> list[dict]:
+    import argparse
+
+    from cytoray import config, storage
+    from cytoray.runtime import init_ray, setup_logging
+
+    ap = argparse.ArgumentParser(description="linear probe + kNN scores of checkpoints on labelled manifests")
+    ap.add_argument("--checkpoint", action="append", required=True,
+                    help="checkpoint URI, random:<arch> or handcrafted (repeatable)")
+    ap.add_argument("--manifest", action="append", required=True, help="labelled manifest URI (repeatable)")
+    ap.add_argument("--out", default=None, help="directory for results.json and confusion matrices")
+    ap.add_argument("--mil", action="store_true", help="also run patient-level ABMIL where patient labels exist")
+    args, rest = ap.parse_known_args(argv)
+    files, overrides = config.split_cli(rest)
+    cfg = config.load_config(ProbeSettings, files[0] if files else None, files[1:], overrides)
+    cfg = config.to_object(cfg)
+    if args.mil:
+        cfg.probe.mil = True
+    setup_logging(cfg.log_level)
+    init_ray(cfg.ray)
+    results = run_probe(args.checkpoint, args.manifest, cfg.probe, args.out, cfg.storage)
+    print(results_table(results))
+    if args.out:
+        print(f"results: {storage.join_uri(args.out, 'results.json')}")
+    return results

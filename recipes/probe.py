@@ -1,0 +1,21 @@
+"""Score checkpoints on labelled manifests: linear probe, kNN (and ABMIL with --mil), as a DinoBloom-style table.
+
+    python recipes/probe.py --checkpoint runs/demo/pretrain/exports/teacher_00000300.pth \
+        --checkpoint random:vit_debug --checkpoint handcrafted --manifest runs/demo/eval/manifest.parquet \
+        [--out runs/demo/probe] [probe.folds=5 probe.cls_and_patch=true ...]
+    ray job submit --working-dir . -- python recipes/probe.py --checkpoint s3://... --manifest s3://...
+
+A checkpoint is a DINOv2 / DinoBloom / cytoray file, ``random:<arch>`` (random init) or ``handcrafted``
+(the curation features). Writes ``results.json`` and one confusion-matrix PNG per (checkpoint, manifest)
+under --out, and prints the table; every row names its checkpoint and manifest.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cytoray.platform.evaluate import main  # noqa: E402
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,98 @@
+"""Evaluation: linear probe, kNN, ABMIL on known features; feature extraction on Ray with the cache; recipe."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cytoray.platform.evaluate import ProbeConfig, ProbeError, knn_predict, score_features
+from cytoray.platform.mil import MILConfig, evaluate_mil
+
+
+def _blobs(n_per=30, classes=4, dim=16, sep=3.0, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dim)) * sep
+    x = np.concatenate([c + rng.normal(size=(n_per, dim)) for c in centres]).astype(np.float32)
+    y = np.repeat([f"class_{i}" for i in range(classes)], n_per)
+    return x / np.linalg.norm(x, axis=1, keepdims=True), y
+
+
+def test_probe_and_knn_separate_known_classes_and_not_noise():
+    x, y = _blobs()
+    cfg = ProbeConfig(c_grid=[0.1, 1.0], folds=5)
+    res = score_features(x, y.tolist(), None, cfg)
+    assert res["protocol"] == "kfold" and res["folds"] == 5 and res["images"] == 120
+    assert set(res["methods"]) == {"linear", "knn1", "knn20", "knn20_T0.07"}
+    for m in res["methods"].values():
+        assert m["balanced_accuracy"] > 0.9 and sum(map(sum, m["confusion"])) == 120
+    noise = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
+    chance = score_features(noise, y.tolist(), None, cfg)
+    assert chance["methods"]["linear"]["balanced_accuracy"] < 0.45  # 4 classes: chance 0.25
+    # fixed split (BMC-style) is picked automatically when the manifest has train and test rows
+    split = np.where(np.arange(120) % 4 == 0, "test", "train").tolist()
+    fixed = score_features(x, y.tolist(), split, cfg)
+    assert fixed["protocol"] == "fixed" and fixed["images"] == 120 and sum(map(sum, fixed["methods"]["linear"]["confusion"])) == 30
+    # unlabelled rows and too-rare classes are reported, not silently used
+    labels = y.tolist()[:-1] + [None]
+    labels[0] = "singleton"
+    part = score_features(x, labels, None, cfg)
+    assert part["unlabelled"] == 1 and part["left_out_classes"] == {"singleton": 1} and part["images"] == 118
+    with pytest.raises(ProbeError, match=">= 2 classes"):
+        score_features(x, ["a"] * 120, None, cfg)
+    with pytest.raises(ProbeError, match="protocol=fixed needs a 'split' column"):
+        score_features(x, y.tolist(), None, ProbeConfig(protocol="fixed"))
+
+
+def test_knn_votes():
+    x_tr = np.array([[1, 0], [0.9, 0.1], [0, 1]], np.float32)
+    x_tr /= np.linalg.norm(x_tr, axis=1, keepdims=True)
+    y_tr = np.array([0, 0, 1])
+    q = np.array([[0.2, 1.0]], np.float32)
+    assert knn_predict(x_tr, y_tr, q, 1, 2, None).tolist() == [1]
+    assert knn_predict(x_tr, y_tr, q, 3, 2, None).tolist() == [0]  # uniform: two votes beat one
+    assert knn_predict(x_tr, y_tr, q, 3, 2, 0.07).tolist() == [1]  # weighted: the close one wins
+
+
+def test_abmil_beats_chance_on_patient_bags():
+    rng = np.random.default_rng(0)
+    feats, pids, labels = [], [], []
+    protos = rng.normal(size=(3, 16))  # cell types; a subtype = a different share of type 2 ("blasts")
+    for p in range(24):
+        sub = p % 2
+        for _ in range(30):
+            t = 2 if rng.random() < (0.5 if sub else 0.05) else rng.integers(0, 2)
+            feats.append(protos[t] + 0.5 * rng.normal(size=16))
+            pids.append(f"P{p}")
+            labels.append(["AML_A", "AML_B"][sub])
+    res = evaluate_mil(np.array(feats, np.float32), pids, labels, MILConfig(epochs=15, folds=4))
+    assert res["patients"] == 24 and res["folds"] == 4 and res["cells"] == 720
+    assert res["balanced_accuracy"] >= 0.85, res
+
+
+def test_probe_recipe_on_ray_with_feature_cache(ray_local, tmp_path):
+    from cytoray.platform import evaluate
+    from cytoray.testing import write_cell_manifest
+
+    manifest = write_cell_manifest(str(tmp_path / "cells"), 60, seed=5)
+    out = tmp_path / "probe"
+    args = ["--checkpoint", "random:vit_debug", "--checkpoint", "handcrafted", "--manifest", manifest,
+            "--out", str(out), "probe.folds=3", "probe.c_grid=[1.0]", f"probe.cache_dir={tmp_path / 'cache'}",
+            "ray.num_cpus=2"]
+    results = evaluate.main(args)
+    assert [r["checkpoint"] for r in results] == ["random:vit_debug", "handcrafted"]
+    assert all(r["manifest"] == manifest and r["images"] == 60 for r in results)
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved) == 2 and all(os.path.exists(r["confusion_png"]) for r in saved)
+    assert len(os.listdir(tmp_path / "cache")) == 2
+    # handcrafted colour/texture features separate the synthetic classes well
+    assert results[1]["methods"]["linear"]["balanced_accuracy"] > 0.6
+    # second run: features come from the cache, identical scores
+    again = evaluate.main(args)
+    assert again[0]["methods"] == results[0]["methods"]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image_id": ["a"], "uri": ["x"]}), tmp_path / "bad.parquet")
+    with pytest.raises(ProbeError, match="lacks columns \\['cell_type'\\]"):
+        evaluate.main(["--checkpoint", "handcrafted", "--manifest", str(tmp_path / "bad.parquet")])
