@@ -71,7 +71,8 @@ def run_curation(cfg: CurateConfig) -> dict:
             done = json.loads(storage.read_bytes(marker, st)) if storage.exists(marker, st) else None
             if done is None or done.get("settings") != settings:
                 if done is not None:
-                    log.info("%s: settings changed since the last run; rerunning it and every later stage", name)
+                    log.info("%s: settings differ from (or were not recorded by) the last run; rerunning it and "
+                             "every later stage", name)
                 force = True  # this stage and everything downstream of it
         results[name] = fn(force)
         if force:  # record what the stage ran with, so a later run can tell whether it is still valid

@@ -187,7 +187,13 @@ def extract_features(spec: str, rows, cfg: ProbeConfig, storage_cfg=None) -> np.
 
 
 def metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, recall_score
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        f1_score,
+        recall_score,
+    )
 
     labels = np.arange(len(classes))
     rec = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0)

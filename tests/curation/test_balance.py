@@ -4,8 +4,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cytoray.curation.balance import (BalanceConfig, BalanceError, assign_groups, cap_allocation,
-                                      distribution_stats, hierarchical_sample, knn_mixing, read_mapping)
+from cytoray.curation.balance import (
+    BalanceConfig,
+    BalanceError,
+    assign_groups,
+    cap_allocation,
+    distribution_stats,
+    hierarchical_sample,
+    knn_mixing,
+    read_mapping,
+)
 from cytoray.curation.cluster import ClusterConfig, hierarchical_kmeans, scaled_levels
 
 
