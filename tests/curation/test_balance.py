@@ -101,3 +101,24 @@ def test_hierarchical_kmeans_ids_form_a_tree():
     assert scaled_levels(30, [1000, 100, 10], 5) == [6, 1][:1]
     again = hierarchical_kmeans(x, ClusterConfig(levels=[60, 12, 3], resample_steps=2, min_cluster_size=4))
     assert np.array_equal(h.labels, again.labels)  # deterministic for a seed
+
+
+def test_bring_your_own_embeddings_npy_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cytoray.curation.cluster import load_stage_embeddings
+
+    ids = ["a", "b", "c"]
+    x = np.array([[3, 4], [1, 0], [0, 2]], np.float32)
+    np.save(tmp_path / "e.npy", x)
+    got = load_stage_embeddings(str(tmp_path), ids, str(tmp_path / "e.npy"))
+    assert np.allclose(got, [[0.6, 0.8], [1, 0], [0, 1]])  # normalised, row order kept
+    pq.write_table(pa.table({"image_id": ["c", "a", "b"], "embedding": [[0.0, 2.0], [3.0, 4.0], [1.0, 0.0]]}),
+                   tmp_path / "e.parquet")
+    assert np.allclose(load_stage_embeddings(str(tmp_path), ids, str(tmp_path / "e.parquet")), got)  # by image_id
+    with pytest.raises(ValueError, match="shape \\(2, 2\\), expected \\(3, D\\)"):
+        np.save(tmp_path / "short.npy", x[:2])
+        load_stage_embeddings(str(tmp_path), ids, str(tmp_path / "short.npy"))
+    with pytest.raises(ValueError, match="1 images have no embedding"):
+        load_stage_embeddings(str(tmp_path), ids + ["d"], str(tmp_path / "e.parquet"))
