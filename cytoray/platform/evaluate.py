@@ -248,7 +248,7 @@ def knn_predict(x_tr, y_tr, x_te, k: int, n_classes: int, temperature: float | N
     index = faiss.IndexFlatIP(x_tr.shape[1])
     index.add(np.ascontiguousarray(x_tr, np.float32))
     sims, nbrs = index.search(np.ascontiguousarray(x_te, np.float32), min(k, len(x_tr)))
-    w = np.ones_like(sims) if temperature is None else np.exp(sims / temperature)
+    w = np.ones_like(sims) if temperature is None else np.exp((sims - sims.max(1, keepdims=True)) / temperature)
     votes = np.zeros((len(x_te), n_classes))
     np.add.at(votes, (np.repeat(np.arange(len(x_te)), nbrs.shape[1]), y_tr[nbrs].ravel()), w.ravel())
     return votes.argmax(1)
