@@ -260,7 +260,6 @@ def run_balance(out_uri: str, cfg: BalanceConfig, storage_cfg=None, force: bool 
     import time
 
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from cytoray import storage
     from cytoray.curation.cluster import load_stage_embeddings
@@ -272,10 +271,8 @@ def run_balance(out_uri: str, cfg: BalanceConfig, storage_cfg=None, force: bool 
     t0 = time.time()
     fs, path = storage.filesystem(out_uri, storage_cfg)
 
-    def read(name):
-        return pq.read_table(io.BytesIO(fs.cat_file(f"{path}/{name}")))
-
-    table, clusters = read("deduplicated.parquet"), read("clusters.parquet")
+    table, clusters = (storage.read_parquet(storage.join_uri(out_uri, name), storage_cfg)
+                       for name in ("deduplicated.parquet", "clusters.parquet"))
     if clusters.column("image_id").to_pylist() != table.column("image_id").to_pylist():
         raise AssertionError("clusters.parquet rows do not match deduplicated.parquet; rerun the cluster stage "
                              "(force=true)")

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cytoray.curation.dedup import gpu_count
+
 log = logging.getLogger(__name__)
 
 
@@ -60,7 +62,7 @@ def _assign(x: np.ndarray, centroids: np.ndarray, use_gpu: bool) -> tuple[np.nda
     import faiss
 
     index = faiss.IndexFlatL2(centroids.shape[1])
-    if use_gpu and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
+    if use_gpu:
         index = faiss.index_cpu_to_all_gpus(index)
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     dist, lab = index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
@@ -73,7 +75,7 @@ def kmeans_with_resampling(x: np.ndarray, k: int, cfg: ClusterConfig, seed: int)
     import faiss
 
     x = np.ascontiguousarray(x, dtype=np.float32)
-    gpu = cfg.use_gpu and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+    gpu = cfg.use_gpu and gpu_count() > 0
     km = faiss.Kmeans(x.shape[1], k, niter=cfg.niter, seed=seed, max_points_per_centroid=cfg.max_train_points,
                       min_points_per_centroid=1, gpu=gpu, verbose=False)
     km.train(x)
@@ -131,7 +133,6 @@ def hierarchical_kmeans(x: np.ndarray, cfg: ClusterConfig) -> Hierarchy:
 def load_stage_embeddings(out_uri: str, image_ids: list[str], source: str | None, storage_cfg=None) -> np.ndarray:
     """Embeddings aligned with ``image_ids``: from the run's ``embeddings.parquet`` (default) or a user's own
     (``source``: a Parquet file with image_id + embedding, or an .npy whose rows follow ``image_ids``)."""
-    import pyarrow.parquet as pq
 
     from cytoray import storage
     from cytoray.curation.embed import load_embeddings
@@ -143,7 +144,7 @@ def load_stage_embeddings(out_uri: str, image_ids: list[str], source: str | None
                              "per row of deduplicated.parquet, in its order")
         ids, emb = list(image_ids), x.astype(np.float32)
     elif source:
-        t = pq.read_table(io.BytesIO(storage.read_bytes(source, storage_cfg)))
+        t = storage.read_parquet(source, storage_cfg)
         if not {"image_id", "embedding"} <= set(t.column_names):
             raise ValueError(f"cluster.embeddings {source}: needs columns image_id and embedding "
                              f"(found {t.column_names})")
@@ -168,7 +169,6 @@ def run_cluster(out_uri: str, cfg: ClusterConfig, storage_cfg=None, force: bool 
     import time
 
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from cytoray import storage
     from cytoray.curation.ingest import _stage_marker, _write_table
@@ -178,7 +178,7 @@ def run_cluster(out_uri: str, cfg: ClusterConfig, storage_cfg=None, force: bool 
         return json.loads(storage.read_bytes(marker, storage_cfg))
     t0 = time.time()
     fs, path = storage.filesystem(out_uri, storage_cfg)
-    ids = pq.read_table(io.BytesIO(fs.cat_file(f"{path}/deduplicated.parquet")), columns=["image_id"])
+    ids = storage.read_parquet(storage.join_uri(out_uri, "deduplicated.parquet"), storage_cfg, ["image_id"])
     ids = ids.column("image_id").to_pylist()
     emb = load_stage_embeddings(out_uri, ids, embeddings, storage_cfg)
     h = hierarchical_kmeans(emb, cfg) if cfg.enabled else Hierarchy([1], np.zeros((len(ids), 1), np.int64))

@@ -22,7 +22,6 @@ Search is exact (``IndexFlatIP``) up to ``flat_max`` vectors and IVF above it (`
 
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass, field
 
@@ -52,7 +51,7 @@ class DedupConfig:
     use_gpu: bool = True  # when faiss has GPUs
 
 
-def _gpu_count() -> int:
+def gpu_count() -> int:
     import faiss
 
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
@@ -71,7 +70,7 @@ def build_index(x: np.ndarray, cfg: DedupConfig):
         train = x[np.random.default_rng(0).choice(n, min(n, nlist * 64), replace=False)]
         index.train(train)
         index.nprobe = cfg.nprobe
-    if cfg.use_gpu and _gpu_count() > 0:
+    if cfg.use_gpu and gpu_count() > 0:
         index = faiss.index_cpu_to_all_gpus(index)
     index.add(x)
     return index
@@ -124,10 +123,10 @@ def partitioned_edges(x: np.ndarray, threshold: float, cfg: DedupConfig, k: int 
     i, j, s = np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s).astype(np.float32)
     a, b = np.minimum(i, j), np.maximum(i, j)
     key = a.astype(np.int64) * n + b
-    order = np.lexsort((-s, key))
+    by_pair = np.lexsort((-s, key))
     first = np.ones(len(key), bool)
-    first[1:] = key[order][1:] != key[order][:-1]
-    sel = order[first]  # each pair once (found from both sides / several lists)
+    first[1:] = key[by_pair][1:] != key[by_pair][:-1]
+    sel = by_pair[first]  # each pair once (found from both sides / several lists)
     a, b, s = a[sel], b[sel], s[sel]
     if k is not None:  # at most k partners per row, the most similar first
         o = np.lexsort((-s, a))
@@ -141,7 +140,7 @@ def knn_edges(x: np.ndarray, k: int, threshold: float, cfg: DedupConfig, queries
     """Pairs (i, j, cosine) with cosine > threshold among each row's k nearest neighbours (self excluded
     when ``queries`` is None). Exact flat search up to ``flat_max`` rows (or on a GPU), the partitioned
     search above."""
-    if queries is None and x.shape[0] > cfg.flat_max and not (cfg.use_gpu and _gpu_count() > 0):
+    if queries is None and x.shape[0] > cfg.flat_max and not (cfg.use_gpu and gpu_count() > 0):
         return partitioned_edges(x, threshold, cfg, k=k)
     index = build_index(x, cfg)
     q = x if queries is None else queries
@@ -302,12 +301,11 @@ def deduplicate(manifest, embeddings: np.ndarray | None, cfg: DedupConfig,
 def read_eval_manifest(uri: str, storage_cfg=None):
     """An evaluation manifest as a pyarrow table (image_id, uri); image_id defaults to the uri."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from cytoray import storage
 
     try:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(uri, storage_cfg)))
+        table = storage.read_parquet(uri, storage_cfg)
     except FileNotFoundError:
         raise FileNotFoundError(f"dedup.eval_manifests: {uri} does not exist") from None
     if "uri" not in table.column_names:
@@ -343,7 +341,6 @@ def run_dedup(out_uri: str, cfg: DedupConfig, storage_cfg=None, force: bool = Fa
     import time
 
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from cytoray import storage
     from cytoray.curation.embed import load_embeddings
@@ -354,7 +351,7 @@ def run_dedup(out_uri: str, cfg: DedupConfig, storage_cfg=None, force: bool = Fa
         return json.loads(storage.read_bytes(marker, storage_cfg))
     t0 = time.time()
     fs, out_path = storage.filesystem(out_uri, storage_cfg)
-    table = pq.read_table(io.BytesIO(fs.cat_file(f"{out_path}/ingested.parquet")))
+    table = storage.read_parquet(storage.join_uri(out_uri, "ingested.parquet"), storage_cfg)
     ids, emb, thumbs = load_embeddings(out_uri, storage_cfg)
     if ids != table.column("image_id").to_pylist():
         raise AssertionError("embeddings.parquet rows do not match ingested.parquet; rerun the embed stage "
@@ -365,13 +362,12 @@ def run_dedup(out_uri: str, cfg: DedupConfig, storage_cfg=None, force: bool = Fa
     for d in dups:
         d["dataset"], d["duplicate_of_dataset"] = dataset_of[d["image_id"]], dataset_of[d["duplicate_of"]]
     if cfg.eval_manifests:
-        from cytoray.curation.embed import EmbedConfig, embed_rows, fingerprints_from_u8
+        from cytoray.curation.embed import EmbedConfig, embed_rows, fingerprints_of
 
         eval_sets = []
         for uri in cfg.eval_manifests:
             rows = read_eval_manifest(uri, storage_cfg)
-            fp = embed_rows(rows, embed_cfg or EmbedConfig(), storage_cfg).column("fingerprint").combine_chunks()
-            fp = fingerprints_from_u8(np.asarray(fp.values, np.uint8).reshape(rows.num_rows, *thumbs.shape[1:]))
+            fp = fingerprints_of(embed_rows(rows, embed_cfg or EmbedConfig(), storage_cfg))
             eval_sets.append((f"eval:{uri}", rows.column("image_id").to_pylist(), fp))
         kept_rows = np.flatnonzero(keep)
         hits = leakage_guard(thumbs[kept_rows], eval_sets, cfg)

@@ -19,7 +19,6 @@ manifest order; dedup and clustering read it, and users may bring their own with
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from dataclasses import dataclass
@@ -143,16 +142,27 @@ class ViTEmbedder:
         self.cfg, self.dim = cfg, self.model.embed_dim
 
     def embed(self, images: list[np.ndarray]) -> np.ndarray:
-        import torch
+        return vit_features(self.model, images, self.cfg.image_size, self.device)
 
-        size = self.cfg.image_size
-        x = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in images])
-        t = torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(255.0)
-        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-        with torch.no_grad():
-            out = self.model(((t - mean) / std).to(self.device))
-        return out.float().cpu().numpy()
+
+def vit_features(model, images: list[np.ndarray], size: int, device: str = "cpu",
+                 cls_and_patch: bool = False) -> np.ndarray:
+    """(N, D) float32 raw features of uint8 RGB images: bicubic resize to size×size, ImageNet normalisation,
+    the backbone's normalised CLS token (optionally ‖ the mean patch token)."""
+    import torch
+
+    from cytoray.platform.data.augment import IMAGENET_MEAN, IMAGENET_STD
+
+    x = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in images])
+    t = torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        out = model.forward_features(((t - mean) / std).to(device))
+    f = out["x_norm_clstoken"]
+    if cls_and_patch:
+        f = torch.cat([f, out["x_norm_patchtokens"].mean(1)], dim=1)
+    return f.float().cpu().numpy()
 
 
 EMBEDDERS = {"handcrafted": HandcraftedEmbedder, "vit": ViTEmbedder}
@@ -233,29 +243,39 @@ def fingerprint_thumbnails(rgb_u8: np.ndarray, size: int = FINGERPRINT_SIZE,
     return fingerprints_from_u8(fingerprint_u8(rgb_u8, size, zooms)[None])[0]
 
 
-def embed_rows(manifest, cfg: EmbedConfig, storage_cfg=None):
-    """(image_id, uri) rows -> table (image_id, raw ``embedding``, uint8 ``fingerprint``) in the same order,
-    computed by ``EmbedBatch`` on a Ray Data actor pool."""
+def map_rows_on_actor_pool(rows, actor_cls, ctor_kwargs: dict, batch_size: int, actors: int, num_cpus: float,
+                           num_gpus: float, what: str):
+    """Run a Ray Data actor class over (image_id, uri) rows; returns its output table in ``rows`` order.
+
+    Blocks are cut on the driver (>= 4 per actor, at most ``batch_size`` rows); every row must come back
+    exactly once (checked)."""
     import pyarrow as pa
     import ray
 
     from cytoray.curation.ingest import data_context
 
-    n = manifest.num_rows
-    rows = max(1, min(cfg.batch_size, -(-n // max(1, 4 * cfg.concurrency))))
+    n = rows.num_rows
+    per = max(1, min(batch_size, -(-n // max(1, 4 * actors))))
     with data_context(op_resource_reservation_enabled=False):
-        ds = ray.data.from_arrow([manifest.slice(i, rows) for i in range(0, n, rows)] or [manifest])
-        ds = ds.map_batches(EmbedBatch, fn_constructor_kwargs={"cfg": cfg, "storage_cfg": storage_cfg},
-                            batch_size=rows, batch_format="pyarrow", num_cpus=cfg.num_cpus,
-                            num_gpus=cfg.num_gpus or None, compute=ray.data.ActorPoolStrategy(size=cfg.concurrency))
+        ds = ray.data.from_arrow([rows.slice(i, per) for i in range(0, n, per)] or [rows])
+        ds = ds.map_batches(actor_cls, fn_constructor_kwargs=ctor_kwargs, batch_size=per, batch_format="pyarrow",
+                            num_cpus=num_cpus, num_gpus=num_gpus or None,
+                            compute=ray.data.ActorPoolStrategy(size=actors))
         parts = [ray.get(ref) for ref in ds.to_arrow_refs()]
     table = pa.concat_tables(parts) if parts else None
     if table is None or table.num_rows != n:
-        raise AssertionError(f"embed: {0 if table is None else table.num_rows} embeddings for {n} manifest rows")
+        raise AssertionError(f"{what}: {0 if table is None else table.num_rows} outputs for {n} manifest rows")
     order = {k: i for i, k in enumerate(table.column("image_id").to_pylist())}
     if len(order) != n:
-        raise ValueError("embed: image_id values are not unique")
-    return table.take([order[k] for k in manifest.column("image_id").to_pylist()])  # manifest order
+        raise ValueError(f"{what}: image_id values are not unique")
+    return table.take([order[k] for k in rows.column("image_id").to_pylist()])  # input order
+
+
+def embed_rows(manifest, cfg: EmbedConfig, storage_cfg=None):
+    """(image_id, uri) rows -> table (image_id, raw ``embedding``, uint8 ``fingerprint``) in the same order,
+    computed by ``EmbedBatch`` on a Ray Data actor pool."""
+    return map_rows_on_actor_pool(manifest, EmbedBatch, {"cfg": cfg, "storage_cfg": storage_cfg}, cfg.batch_size,
+                                  cfg.concurrency, cfg.num_cpus, cfg.num_gpus, "embed")
 
 
 def run_embed(out_uri: str, cfg: EmbedConfig, storage_cfg=None, force: bool = False) -> dict:
@@ -265,7 +285,6 @@ def run_embed(out_uri: str, cfg: EmbedConfig, storage_cfg=None, force: bool = Fa
     from dataclasses import asdict
 
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from cytoray import storage
     from cytoray.curation.ingest import _stage_marker, _write_table
@@ -275,7 +294,7 @@ def run_embed(out_uri: str, cfg: EmbedConfig, storage_cfg=None, force: bool = Fa
         return json.loads(storage.read_bytes(marker, storage_cfg))
     t0 = time.time()
     fs, out_path = storage.filesystem(out_uri, storage_cfg)
-    manifest = pq.read_table(io.BytesIO(fs.cat_file(f"{out_path}/ingested.parquet")), columns=["image_id", "uri"])
+    manifest = storage.read_parquet(storage.join_uri(out_uri, "ingested.parquet"), storage_cfg, ["image_id", "uri"])
     n = manifest.num_rows
     table = embed_rows(manifest, cfg, storage_cfg)
     raw = np.asarray(table.column("embedding").combine_chunks().values, np.float32).reshape(n, -1)
@@ -295,15 +314,15 @@ def run_embed(out_uri: str, cfg: EmbedConfig, storage_cfg=None, force: bool = Fa
 
 def load_embeddings(out_uri: str, storage_cfg=None) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(image_ids, embeddings (N, D) float32, fingerprints (N, Z, s, s) float32) from ``embeddings.parquet``."""
-    import pyarrow.parquet as pq
 
     from cytoray import storage
 
-    fs, path = storage.filesystem(out_uri, storage_cfg)
-    t = pq.read_table(io.BytesIO(fs.cat_file(f"{path}/embeddings.parquet")))
-    n = t.num_rows
-    emb = np.asarray(t.column("embedding").combine_chunks().values, np.float32).reshape(n, -1)
-    fp = np.asarray(t.column("fingerprint").combine_chunks().values, np.uint8)
-    zoom = len(FINGERPRINT_ZOOMS)
-    fp = fingerprints_from_u8(fp.reshape(n, zoom, FINGERPRINT_SIZE, FINGERPRINT_SIZE))
-    return t.column("image_id").to_pylist(), emb, fp
+    t = storage.read_parquet(storage.join_uri(out_uri, "embeddings.parquet"), storage_cfg)
+    emb = np.asarray(t.column("embedding").combine_chunks().values, np.float32).reshape(t.num_rows, -1)
+    return t.column("image_id").to_pylist(), emb, fingerprints_of(t)
+
+
+def fingerprints_of(table) -> np.ndarray:
+    """The ``fingerprint`` column of an embed table (uint8, flattened) as (N, Z, s, s) float32 thumbnails."""
+    fp = np.asarray(table.column("fingerprint").combine_chunks().values, np.uint8)
+    return fingerprints_from_u8(fp.reshape(table.num_rows, len(FINGERPRINT_ZOOMS), FINGERPRINT_SIZE, FINGERPRINT_SIZE))

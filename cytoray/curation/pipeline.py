@@ -103,13 +103,11 @@ def _settings(obj):
 def finalize(out_uri: str, results: dict, storage_cfg, balanced: bool = True) -> dict:
     """Publish ``manifest.parquet`` (the balanced rows; with balancing off, every kept row with repeats=1);
     write the reconciled ``summary.json``."""
-    import io
-
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     fs, path = storage.filesystem(out_uri, storage_cfg)
-    table = pq.read_table(io.BytesIO(fs.cat_file(f"{path}/{'balanced' if balanced else 'unbalanced'}.parquet")))
+    table = storage.read_parquet(storage.join_uri(out_uri, f"{'balanced' if balanced else 'unbalanced'}.parquet"),
+                                 storage_cfg)
     if not balanced:
         table = table.set_column(table.column_names.index("repeats"), "repeats",
                                  pa.array([1] * table.num_rows, pa.int32()))

@@ -130,15 +130,11 @@ SCRIPT = """window.addEventListener('load', function () {
 
 def build_report(out_uri: str, cfg: ReportConfig, storage_cfg=None) -> str:
     """The report's HTML from the run directory's outputs."""
-    import pyarrow.parquet as pq
-
     from cytoray import storage
     from cytoray.curation.cluster import load_stage_embeddings
 
-    fs, path = storage.filesystem(out_uri, storage_cfg)
-
     def read(name):
-        return pq.read_table(io.BytesIO(fs.cat_file(f"{path}/{name}"))).to_pandas()
+        return storage.read_parquet(storage.join_uri(out_uri, name), storage_cfg).to_pandas()
 
     summary = json.loads(storage.read_bytes(storage.join_uri(out_uri, "summary.json"), storage_cfg))
     balance = json.loads(storage.read_bytes(storage.join_uri(out_uri, "_stages", "balance.json"), storage_cfg))

@@ -32,9 +32,6 @@ from cytoray.storage import StorageConfig
 
 log = logging.getLogger(__name__)
 
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
-
 
 @dataclass
 class ProbeConfig:
@@ -111,25 +108,16 @@ class FeatureBatch:
 
     def __call__(self, batch):
         import pyarrow as pa
-        import torch
-        from PIL import Image
 
         from cytoray import images, storage
+        from cytoray.curation.embed import vit_features
 
         rgb = [images.decode(storage.read_bytes(u, self.storage_cfg), min_side=1).rgb
                for u in batch.column("uri").to_pylist()]
         if self.handcrafted is not None:
             feats = self.handcrafted.embed(rgb).astype(np.float32)
         else:
-            x = np.stack([np.asarray(Image.fromarray(im).resize((self.size, self.size), Image.BICUBIC), np.float32)
-                          for im in rgb]) / 255.0
-            t = torch.from_numpy((x - MEAN) / STD).permute(0, 3, 1, 2).contiguous().to(self.device)
-            with torch.no_grad():
-                out = self.model.forward_features(t)
-            f = out["x_norm_clstoken"]
-            if self.cls_and_patch:
-                f = torch.cat([f, out["x_norm_patchtokens"].mean(1)], dim=1)
-            feats = f.float().cpu().numpy()
+            feats = vit_features(self.model, rgb, self.size, self.device, self.cls_and_patch)
         return pa.table({"image_id": batch.column("image_id"),
                          "feature": pa.FixedSizeListArray.from_arrays(pa.array(feats.ravel()), feats.shape[1])})
 
@@ -150,32 +138,22 @@ def _cache_key(spec: str, rows, cfg: ProbeConfig, storage_cfg) -> str:
 
 def extract_features(spec: str, rows, cfg: ProbeConfig, storage_cfg=None) -> np.ndarray:
     """(N, D) float32 L2-normalised features of ``rows`` (pyarrow table with image_id, uri), in row order."""
-    import pyarrow as pa
-    import ray
-
     from cytoray import storage
-    from cytoray.curation.ingest import data_context
+    from cytoray.curation.embed import map_rows_on_actor_pool, standardise
 
     key = _cache_key(spec, rows, cfg, storage_cfg) if cfg.cache_dir else None
     cache = storage.join_uri(cfg.cache_dir, f"{key}.npz") if key else None
     if cache and storage.exists(cache, storage_cfg):
         return np.load(io.BytesIO(storage.read_bytes(cache, storage_cfg)))["features"]
-    n = rows.num_rows
-    per = max(1, min(cfg.batch_size, -(-n // max(1, 4 * cfg.num_actors))))
-    with data_context(op_resource_reservation_enabled=False):
-        ds = ray.data.from_arrow([rows.slice(i, per) for i in range(0, n, per)])
-        ds = ds.map_batches(FeatureBatch, fn_constructor_kwargs={
-            "spec": spec, "image_size": cfg.image_size, "cls_and_patch": cfg.cls_and_patch,
-            "storage_cfg": storage_cfg, "use_gpu": cfg.num_gpus > 0},
-            batch_size=per, batch_format="pyarrow", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus or None,
-            compute=ray.data.ActorPoolStrategy(size=cfg.num_actors))
-        table = pa.concat_tables([ray.get(r) for r in ds.to_arrow_refs()])
-    pos = {k: i for i, k in enumerate(table.column("image_id").to_pylist())}
-    table = table.take([pos[k] for k in rows.column("image_id").to_pylist()])
-    f = np.asarray(table.column("feature").combine_chunks().values, np.float32).reshape(n, -1)
+    table = map_rows_on_actor_pool(
+        rows, FeatureBatch, {"spec": spec, "image_size": cfg.image_size, "cls_and_patch": cfg.cls_and_patch,
+                             "storage_cfg": storage_cfg, "use_gpu": cfg.num_gpus > 0},
+        cfg.batch_size, cfg.num_actors, cfg.num_cpus, cfg.num_gpus, "probe features")
+    f = np.asarray(table.column("feature").combine_chunks().values, np.float32).reshape(rows.num_rows, -1)
     if spec == "handcrafted":  # very different scales per feature: z-score before unit length
-        f = (f - f.mean(0)) / np.maximum(f.std(0), 1e-6)
-    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+        f = standardise(f)[0]
+    else:
+        f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
     if cache:
         buf = io.BytesIO()
         np.savez(buf, features=f)
@@ -316,12 +294,11 @@ def confusion_png(result: dict, method: str = "linear") -> bytes:
 
 
 def read_labelled_manifest(uri: str, cfg: ProbeConfig, storage_cfg=None):
-    import pyarrow.parquet as pq
 
     from cytoray import storage
 
     try:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(uri, storage_cfg)))
+        table = storage.read_parquet(uri, storage_cfg)
     except FileNotFoundError:
         raise ProbeError(f"labelled manifest {uri} does not exist") from None
     need = {"image_id", "uri", cfg.label_column}
