@@ -46,7 +46,7 @@ class ProbeConfig:
     image_size: int | None = None  # default: the backbone's img_size
     cls_and_patch: bool = False  # features = CLS ‖ mean patch token
     batch_size: int = 64
-    num_actors: int = 1
+    num_actors: int = 1  # Ray Data actor pool size; 0: extract in the calling process (per-checkpoint scoring)
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     cache_dir: str | None = None  # feature cache; None: no cache
@@ -124,10 +124,14 @@ class FeatureBatch:
 
 def _cache_key(spec: str, rows, cfg: ProbeConfig, storage_cfg) -> str:
     from cytoray import storage
+    from cytoray.platform.models.checkpoints import TRAIN_STATE, is_training_checkpoint
 
     h = hashlib.sha256()
     if spec.startswith("random:") or spec == "handcrafted":
         h.update(spec.encode())
+    elif is_training_checkpoint(spec, storage_cfg):  # DCP directory: its metadata names every shard's bytes
+        for name in (".metadata", TRAIN_STATE):
+            h.update(hashlib.sha256(storage.read_bytes(storage.join_uri(spec, name), storage_cfg)).digest())
     else:
         h.update(hashlib.sha256(storage.read_bytes(spec, storage_cfg)).digest())
     h.update("\n".join(f"{i}\t{u}" for i, u in zip(rows.column("image_id").to_pylist(),
@@ -145,10 +149,16 @@ def extract_features(spec: str, rows, cfg: ProbeConfig, storage_cfg=None) -> np.
     cache = storage.join_uri(cfg.cache_dir, f"{key}.npz") if key else None
     if cache and storage.exists(cache, storage_cfg):
         return np.load(io.BytesIO(storage.read_bytes(cache, storage_cfg)))["features"]
-    table = map_rows_on_actor_pool(
-        rows, FeatureBatch, {"spec": spec, "image_size": cfg.image_size, "cls_and_patch": cfg.cls_and_patch,
-                             "storage_cfg": storage_cfg, "use_gpu": cfg.num_gpus > 0},
-        cfg.batch_size, cfg.num_actors, cfg.num_cpus, cfg.num_gpus, "probe features")
+    ctor = {"spec": spec, "image_size": cfg.image_size, "cls_and_patch": cfg.cls_and_patch,
+            "storage_cfg": storage_cfg, "use_gpu": cfg.num_gpus > 0}
+    if cfg.num_actors > 0:
+        table = map_rows_on_actor_pool(rows, FeatureBatch, ctor, cfg.batch_size, cfg.num_actors, cfg.num_cpus,
+                                       cfg.num_gpus, "probe features")
+    else:
+        import pyarrow as pa
+
+        fb = FeatureBatch(**ctor)
+        table = pa.concat_tables([fb(rows.slice(i, cfg.batch_size)) for i in range(0, rows.num_rows, cfg.batch_size)])
     f = np.asarray(table.column("feature").combine_chunks().values, np.float32).reshape(rows.num_rows, -1)
     if spec == "handcrafted":  # very different scales per feature: z-score before unit length
         f = standardise(f)[0]
@@ -301,11 +311,21 @@ def read_labelled_manifest(uri: str, cfg: ProbeConfig, storage_cfg=None):
         table = storage.read_parquet(uri, storage_cfg)
     except FileNotFoundError:
         raise ProbeError(f"labelled manifest {uri} does not exist") from None
-    need = {"image_id", "uri", cfg.label_column}
-    if not need <= set(table.column_names):
-        raise ProbeError(f"labelled manifest {uri} lacks columns {sorted(need - set(table.column_names))} "
-                         f"(has {table.column_names}); probe.label_column picks the label column")
+    cols = set(table.column_names)
+    missing = {"image_id", "uri"} - cols
+    has_patients = {"patient_id", cfg.mil_label_column} <= cols
+    if not missing and cfg.label_column not in cols and not (cfg.mil and has_patients):
+        missing = {cfg.label_column} | ({"patient_id", cfg.mil_label_column} - cols if cfg.mil else set())
+    if missing:
+        raise ProbeError(f"labelled manifest {uri} lacks columns {sorted(missing)} (has {table.column_names}); "
+                         "probe.label_column picks the cell label column; with --mil (probe.mil=true) a manifest "
+                         "of patient_id + probe.mil_label_column suffices")
     return table
+
+
+def _has_cell_labels(table, cfg: ProbeConfig) -> bool:
+    col = table.column(cfg.label_column) if cfg.label_column in table.column_names else None
+    return col is not None and col.null_count < len(col)
 
 
 def evaluate(spec: str, manifests: list[str], cfg: ProbeConfig, storage_cfg=None) -> list[dict]:
@@ -313,17 +333,23 @@ def evaluate(spec: str, manifests: list[str], cfg: ProbeConfig, storage_cfg=None
     results = []
     for uri in manifests:
         table = read_labelled_manifest(uri, cfg, storage_cfg)
+        cells = _has_cell_labels(table, cfg)
+        patients = cfg.mil and {"patient_id", cfg.mil_label_column} <= set(table.column_names)
+        if not cells and not patients:
+            raise ProbeError(f"{uri}: column {cfg.label_column!r} has no labels; set probe.label_column, or pass "
+                             "--mil (probe.mil=true) with patient_id + probe.mil_label_column for ABMIL only")
         feats = extract_features(spec, table.select(["image_id", "uri"]), cfg, storage_cfg)
-        split_col = table.column("split").to_pylist() if "split" in table.column_names else None
-        res = score_features(feats, table.column(cfg.label_column).to_pylist(), split_col, cfg)
+        res = {"methods": {}, "protocol": "-", "images": table.num_rows}
+        if cells:  # a MIL-only manifest (patient labels, unlabelled cells) skips the cell-level probe
+            split_col = table.column("split").to_pylist() if "split" in table.column_names else None
+            res = score_features(feats, table.column(cfg.label_column).to_pylist(), split_col, cfg)
         res.update({"checkpoint": spec, "manifest": uri, "feature_dim": int(feats.shape[1])})
-        if cfg.mil:
+        if patients:
             from cytoray.platform.mil import MILConfig, evaluate_mil
 
-            if cfg.mil_label_column in table.column_names and "patient_id" in table.column_names:
-                res["mil"] = evaluate_mil(feats, table.column("patient_id").to_pylist(),
-                                          table.column(cfg.mil_label_column).to_pylist(),
-                                          MILConfig(folds=cfg.mil_folds, epochs=cfg.mil_epochs, seed=cfg.seed))
+            res["mil"] = evaluate_mil(feats, table.column("patient_id").to_pylist(),
+                                      table.column(cfg.mil_label_column).to_pylist(),
+                                      MILConfig(folds=cfg.mil_folds, epochs=cfg.mil_epochs, seed=cfg.seed))
         results.append(res)
     return results
 
@@ -360,8 +386,12 @@ def run_probe(checkpoints: list[str], manifests: list[str], cfg: ProbeConfig, ou
     results = []
     for spec in checkpoints:
         results.extend(evaluate(spec, manifests, cfg, storage_cfg))
+    if cfg.mil and not any("mil" in r for r in results):
+        raise ProbeError(f"--mil: none of {manifests} has patient_id and {cfg.mil_label_column!r} columns")
     if out_uri:
         for n, r in enumerate(results):
+            if not r["methods"]:
+                continue
             png = f"confusion_{n:02d}_{hashlib.sha1((r['checkpoint'] + r['manifest']).encode()).hexdigest()[:8]}.png"
             storage.write_bytes(storage.join_uri(out_uri, png), confusion_png(r), storage_cfg)
             r["confusion_png"] = storage.join_uri(out_uri, png)

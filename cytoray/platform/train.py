@@ -4,7 +4,9 @@ Per worker, in a fixed order: device mesh -> model (same seed on every rank, opt
 init) -> FSDP2 -> optimizer and schedules -> restore (sharded checkpoint: model, teacher, optimizer, loss
 centres, data position) -> this rank's data stream -> loop. Per step: batch -> masks -> schedule values ->
 forward/backward -> non-finite check -> clip -> step -> EMA teacher (``step.train_step``) -> log ->
-report (+ sharded checkpoint every ``checkpoint_every`` steps, teacher export every ``export_every``).
+report (+ sharded checkpoint every ``checkpoint_every`` steps, teacher export every ``export_every``; with
+``eval.manifests`` the checkpoint is reported for validation: Ray Train probes it in a separate task while the
+workers go on, see ``validation.py``).
 
 Resuming needs nothing but the run's name: Ray Train hands the last reported checkpoint to restarted
 workers (``FailureConfig``) and to a rerun of the driver with the same ``RunConfig(name, storage_path)``.
@@ -17,13 +19,14 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
 from cytoray import config as config_lib
 from cytoray import storage
-from cytoray.platform import checkpointing
+from cytoray.platform import checkpointing, validation
 from cytoray.platform.config import PretrainConfig, make_schedules
 from cytoray.platform.data.batch import MaskCollator
 from cytoray.platform.data.stream import build_stream, expand_repeats, iter_steps, read_manifest
@@ -121,13 +124,16 @@ def train_loop_per_worker(config: dict) -> None:
                 print(progress_line(done, last, row), flush=True)
         train_state = {"step": done, "samples_consumed": samples, "world_size": world,
                        "batch_size_per_device": p.batch_size_per_device, "seed": t.seed, "preset": cfg.preset,
-                       "epoch": samples // config["epoch_len"]}
+                       "epoch": samples // config["epoch_len"], "vit": asdict(p.vit)}
         if done % t.checkpoint_every == 0 or done == last:
             if (t.export_every and done % t.export_every == 0) or done == last:
                 export_teacher(objective, cfg, done, rank)
             if metrics_log is not None:
                 metrics_log.sync()
-            save_and_report(objective, optimizer, train_state, {**row, "step": done}, rank)
+            n_ckpt = done // t.checkpoint_every
+            probe = bool(cfg.eval.manifests) and (n_ckpt % cfg.eval.every == 0 or done == last)
+            extra = {validation.SCORE: math.nan} if cfg.eval.keep_best else {}  # filled in by the validation
+            save_and_report(objective, optimizer, train_state, {**row, **extra, "step": done}, rank, probe)
         elif done % t.log_every == 0:
             ray.train.report({**row, "step": done})
         t_prev = time.perf_counter()
@@ -192,14 +198,15 @@ def progress_line(done: int, last: int, row: dict) -> str:
             f"{row['images_per_s']:.1f} img/s data-wait {100 * row['data_wait_frac']:.0f}%")
 
 
-def save_and_report(objective, optimizer, train_state: dict, metrics: dict, rank: int) -> None:
-    """Every rank writes its shards to a local dir; Ray merges the dirs in the run's storage."""
+def save_and_report(objective, optimizer, train_state: dict, metrics: dict, rank: int, probe: bool = False) -> None:
+    """Every rank writes its shards to a local dir; Ray merges the dirs in the run's storage (and, with
+    ``probe``, queues the checkpoint for the validation task)."""
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="cytoray-ckpt-") as tmp:
         checkpointing.save_sharded(tmp, objective, optimizer, train_state, rank)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_{train_state['step']:08d}")
+                         checkpoint_dir_name=f"checkpoint_{train_state['step']:08d}", validation=probe)
 
 
 def export_teacher(objective, cfg: PretrainConfig, step: int, rank: int) -> None:
@@ -213,8 +220,9 @@ def export_teacher(objective, cfg: PretrainConfig, step: int, rank: int) -> None
 # ----------------------------------------------------------------------------------------------- driver side
 
 
-def pretrain(cfg: PretrainConfig):
-    """Launch (or resume) the run ``cfg.run.name``; returns Ray Train's ``Result``."""
+def pretrain(cfg: PretrainConfig, callbacks=()):
+    """Launch (or resume) the run ``cfg.run.name``; returns Ray Train's ``Result``. ``callbacks``: Ray Train
+    ``UserCallback``s (the sweep passes Tune's ``TuneReportCallback``)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -232,6 +240,10 @@ def pretrain(cfg: PretrainConfig):
     config_lib.save_config(cfg, run_uri(cfg), cfg.storage)
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    keep = ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints)
+    if cfg.eval.keep_best and cfg.eval.manifests:
+        keep = ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_order="max",
+                                          checkpoint_score_attribute=validation.SCORE)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "epoch_len": epoch_len},
@@ -242,9 +254,10 @@ def pretrain(cfg: PretrainConfig):
             name=cfg.run.name, storage_path=path if fs is not None else cfg.run.storage_path,
             storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            checkpoint_config=keep, callbacks=list(callbacks),
             # Ray Train's print patch echoes every worker print twice on the driver's console
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
+        validation_config=validation.validation_config(cfg.eval, run_uri(cfg), cfg.storage),
     )
     result = trainer.fit()
     return result
@@ -265,6 +278,7 @@ def validate(cfg: PretrainConfig) -> int:
             f"model.vit.patch_size={p.vit.patch_size}")
     if t.checkpoint_every < 1:
         raise config_lib.ConfigError("train.checkpoint_every must be >= 1")
+    validation.check(cfg.eval, cfg.storage)
     return len(expand_repeats(read_manifest(cfg.data.manifest_uri, cfg.storage)))  # names file / missing columns
 
 
@@ -286,9 +300,15 @@ def main(argv: list[str], preset: str, defaults: str | None = None):
     result = pretrain(cfg)
     if result.error is not None:
         raise result.error
-    run = run_uri(config_lib.to_object(cfg))
+    obj = config_lib.to_object(cfg)
+    run = run_uri(obj)
     print(f"[cytoray] run:        {run}")
     print(f"[cytoray] checkpoint: {result.checkpoint.path if result.checkpoint else None}")
     print(f"[cytoray] metrics:    {storage.join_uri(run, 'metrics.csv')} (+ tensorboard/)")
     print(f"[cytoray] exports:    {storage.join_uri(run, 'exports')}")
+    rows = validation.read_results_table(run, obj.storage)
+    if rows:
+        print(f"[cytoray] probe of every scored checkpoint (balanced accuracy; all metrics in "
+              f"{storage.join_uri(run, validation.EVAL_DIR, validation.RESULTS_CSV)})")
+        print(validation.format_results_table(rows))
     return result

@@ -77,6 +77,48 @@ def test_failure_and_driver_restart_resume_exactly(ray_local, manifest, tmp_path
     assert out.shape == (2, 64) and torch.isfinite(out).all()
 
 
+def test_every_checkpoint_is_probed_while_training(ray_local, manifest, tmp_path):
+    """Ray Train V2 validation: each checkpoint is probed in a separate task; the scores land in the checkpoint's
+    metrics (best-by-probe retention uses them) and in <run>/eval/results.csv; they equal the standalone probe."""
+    from cytoray.platform import evaluate, validation
+
+    storage = str(tmp_path / "runs")
+    heldout = write_cell_manifest(str(tmp_path / "heldout"), 60, seed=7)
+    result = pretrain(_cfg(manifest, storage, "probed", "train.max_steps=12", f"eval.manifests=[{heldout}]",
+                           "eval.keep_best=true", "train.keep_checkpoints=1", "eval.probe.folds=3"))
+    assert result.error is None
+    run = os.path.join(storage, "probed")
+    with open(os.path.join(run, "eval", "results.csv")) as f:
+        rows = list(csv.DictReader(f))
+    methods = {"linear", "knn1", "knn20", "knn20_T0.07"}
+    assert {(int(r["step"]), r["method"]) for r in rows} == {(s, m) for s in (4, 8, 12) for m in methods}
+    assert all(r["manifest"] == "heldout" and r["images"] == "60" for r in rows)
+    score = {int(r["step"]): float(r["balanced_accuracy"]) for r in rows if r["method"] == "linear"}
+    assert min(score.values()) > 1 / 11 + 0.2  # 11 cell types: well above chance even after 4 steps
+
+    # the scores are the checkpoint's metrics; with keep_best the best-by-probe checkpoint (+ the latest) remain
+    kept = {int(os.path.basename(c.path).split("_")[1]): m for c, m in result.best_checkpoints}
+    for step, m in kept.items():
+        assert m["probe_step"] == step and m["probe_score"] == pytest.approx(score[step], abs=1e-6)
+        assert m["probe/heldout/knn20_T0.07/balanced_accuracy"] >= 0
+    best = max(score, key=lambda s: (score[s], s))  # ties: the later checkpoint
+    assert set(kept) == {best}  # Ray's ranking; the latest checkpoint stays on disk too (the resume point)
+    assert sorted(d for d in os.listdir(run) if d.startswith("checkpoint_0")) == \
+        [f"checkpoint_{s:08d}" for s in sorted({best, 12})]
+
+    # the validation task read only the teacher from the sharded checkpoint: same weights as the export ...
+    from_dcp = build_from_checkpoint(os.path.join(run, "checkpoint_00000012"))
+    exported = build_from_checkpoint(os.path.join(run, "exports", "teacher_00000012.pth"))
+    for (k, a), b in zip(from_dcp.state_dict().items(), exported.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    # ... and the standalone probe of that checkpoint directory gives the same numbers
+    cfg = evaluate.ProbeConfig(num_actors=0, folds=3)
+    standalone = evaluate.evaluate(os.path.join(run, "checkpoint_00000012"), [heldout], cfg)[0]
+    assert standalone["methods"]["linear"]["balanced_accuracy"] == pytest.approx(score[12], abs=1e-6)
+    assert "probe of every scored checkpoint" not in validation.format_results_table(rows)  # table only
+    assert len(validation.format_results_table(rows).splitlines()) == 2 + 3
+
+
 def test_bad_settings_fail_before_launch(ray_local, manifest, tmp_path):
     with pytest.raises(ConfigError, match="train.use_gpu=true but this cluster has no GPUs"):
         pretrain(_cfg(manifest, str(tmp_path), "x", "train.use_gpu=true"))
@@ -84,6 +126,10 @@ def test_bad_settings_fail_before_launch(ray_local, manifest, tmp_path):
         pretrain(_cfg(str(tmp_path / "nope.parquet"), str(tmp_path), "x"))
     with pytest.raises(ConfigError, match="multiples of model.vit.patch_size=8"):
         pretrain(_cfg(manifest, str(tmp_path), "x", "model.augment.local_crops.size=30"))
+    with pytest.raises(ConfigError, match=r"eval.manifests: labelled manifest .*nope.parquet does not exist"):
+        pretrain(_cfg(manifest, str(tmp_path), "x", f"eval.manifests=[{tmp_path / 'nope.parquet'}]"))
+    with pytest.raises(ConfigError, match="eval.every must be >= 1"):
+        pretrain(_cfg(manifest, str(tmp_path), "x", f"eval.manifests=[{manifest}]", "eval.every=0"))
     with pytest.raises(ConfigError, match="unknown preset"):
         _cfg(manifest, str(tmp_path), "x", "preset=vit_tiny")
 
@@ -96,18 +142,34 @@ def test_object_storage_run_streams_checkpoints_and_resumes(ray_local, s3, tmp_p
     from cytoray import storage
     from cytoray.testing import upload_dir
 
-    local = tmp_path / "cells"
-    table = pq.read_table(write_cell_manifest(str(local), 16, seed=2))
-    uris = [f"s3://cytoray-test/cells/{os.path.basename(u)}" for u in table.column("uri").to_pylist()]
-    pq.write_table(table.set_column(table.column_names.index("uri"), "uri", pa.array(uris)), local / "manifest.parquet")
-    upload_dir(str(local), "s3://cytoray-test/cells", s3)
+    def upload_cells(name, n, seed):
+        local = tmp_path / name
+        table = pq.read_table(write_cell_manifest(str(local), n, seed=seed))
+        uris = [f"s3://cytoray-test/{name}/{os.path.basename(u)}" for u in table.column("uri").to_pylist()]
+        pq.write_table(table.set_column(table.column_names.index("uri"), "uri", pa.array(uris)),
+                       local / "manifest.parquet")
+        upload_dir(str(local), f"s3://cytoray-test/{name}", s3)
+
+    upload_cells("cells", 16, 2)
+    upload_cells("heldout", 40, 7)
     creds = [f"storage.endpoint_url={s3.endpoint_url}", f"storage.region={s3.region}",
              f"storage.access_key_id={s3.access_key_id}", f"storage.secret_access_key={s3.secret_access_key}"]
     args = ("s3://cytoray-test/cells/manifest.parquet", "s3://cytoray-test/runs", "s3run", *creds)
     # activation checkpointing (composable: parameter names unchanged, so checkpoints stay interchangeable)
     assert pretrain(_cfg(*args, "train.max_steps=4", "parallel.activation_checkpointing=true")).error is None
-    result = pretrain(_cfg(*args, "train.max_steps=6", "train.checkpoint_every=2"))  # resumes from step 4
+    # resumes from step 4; its checkpoint is probed on a held-out manifest on S3
+    result = pretrain(_cfg(*args, "train.max_steps=6", "train.checkpoint_every=2", "eval.probe.folds=2",
+                           "eval.manifests=[s3://cytoray-test/heldout/manifest.parquet]"))
     assert result.error is None
+    assert result.metrics["probe_step"] == 6 and 0 < result.metrics["probe_score"] <= 1
+    table = storage.read_bytes("s3://cytoray-test/runs/s3run/eval/results.csv", s3).decode().splitlines()
+    assert len(table) == 1 + 4 and all(line.startswith("6,s3://cytoray-test/runs/s3run/checkpoint_00000006,heldout")
+                                       for line in table[1:])
+    # the teacher read from the sharded checkpoint on S3 (ranged reads) is the exported teacher
+    from_dcp = build_from_checkpoint("s3://cytoray-test/runs/s3run/checkpoint_00000006", s3)
+    exported = build_from_checkpoint("s3://cytoray-test/runs/s3run/exports/teacher_00000006.pth", s3)
+    for (k, a), b in zip(from_dcp.state_dict().items(), exported.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
     fs, _ = storage.filesystem("s3://cytoray-test", s3)
     names = {p.rsplit("/", 1)[-1] for p in fs.find("cytoray-test/runs/s3run")}
     assert {"__0_0.distcp", "__1_0.distcp", "train_state.json", "metrics.csv", "config.yaml",

@@ -8,6 +8,10 @@
 - ``cytoray``: what :func:`export_dinobloom` writes — the DinoBloom layout plus a ``cytoray`` metadata entry
   (arch and options), so DinoBloom users load it unchanged and cytoray rebuilds the architecture from it.
 
+A cytoray *training* checkpoint directory (``<run>/checkpoint_<step>``: sharded ``torch.distributed.checkpoint``
+files + ``train_state.json``) also loads with :func:`build_from_checkpoint`: only the teacher backbone's tensors
+are read (ranged reads, no optimizer state, no process group), the architecture comes from ``train_state.json``.
+
 A file of the wrong architecture or size fails with the mismatched keys named.
 """
 
@@ -119,8 +123,55 @@ def export_state_dict(state: dict[str, torch.Tensor], vit: ViTConfig, uri: str |
     return ckpt
 
 
+TRAIN_STATE = "train_state.json"
+
+
+def is_training_checkpoint(uri: str, storage_cfg: storage.StorageConfig | None = None) -> bool:
+    """A Ray Train checkpoint directory written by cytoray's pretraining (train_state.json + DCP shards)."""
+    return storage.exists(storage.join_uri(uri, TRAIN_STATE), storage_cfg)
+
+
+def load_training_checkpoint(uri: str, storage_cfg: storage.StorageConfig | None = None,
+                             **vit_overrides) -> VisionTransformer:
+    """The EMA teacher backbone of a sharded training checkpoint, on CPU, in a single process."""
+    import json
+
+    import torch.distributed.checkpoint as dcp
+
+    state = json.loads(storage.read_bytes(storage.join_uri(uri, TRAIN_STATE), storage_cfg))
+    if "vit" not in state and not vit_overrides:
+        raise CheckpointError(f"{uri}/{TRAIN_STATE} does not name the architecture (checkpoint written before "
+                              "cytoray recorded it); pass the model settings, e.g. arch=vit_small patch_size=14")
+    model = build_vit(ViTConfig(**{**state.get("vit", {}), **vit_overrides}))
+    want = {f"teacher.backbone.{k}": v for k, v in model.state_dict().items()}
+    protocol, path = storage.split_protocol(uri)
+    if protocol == "file":
+        reader = dcp.FileSystemReader(path)
+    else:  # ranged reads from object storage with the configured endpoint and credentials
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+        fs, _ = storage.filesystem(uri, storage_cfg)
+        reader = FsspecReader(uri, **fs.storage_options)
+    have = set(reader.read_metadata().state_dict_metadata)
+    missing = sorted(k for k in want if f"model.{k}" not in have)
+    if missing:
+        raise CheckpointError(f"{uri} has no teacher tensors {missing[:5]} (+{max(0, len(missing) - 5)}); "
+                              "is it a cytoray pretraining checkpoint of this architecture?")
+    import warnings
+
+    with warnings.catch_warnings():  # "torch.distributed ... uninitialized, assuming ... a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        sd = {"model": want}
+        dcp.load(sd, storage_reader=reader)
+    model.load_state_dict({k[len("teacher.backbone."):]: v for k, v in sd["model"].items()}, strict=True)
+    return model
+
+
 def build_from_checkpoint(uri: str, storage_cfg: storage.StorageConfig | None = None, **vit_overrides):
-    """Rebuild a backbone from a cytoray export (arch in its metadata) or, for other formats, from overrides."""
+    """Rebuild a backbone from a cytoray export (arch in its metadata), a cytoray training checkpoint directory,
+    or, for other formats, from overrides."""
+    if is_training_checkpoint(uri, storage_cfg):
+        return load_training_checkpoint(uri, storage_cfg, **vit_overrides)
     ckpt = read_checkpoint(uri, storage_cfg)
     meta = ckpt.get("cytoray", {}).get("vit", {}) if isinstance(ckpt.get("cytoray"), dict) else {}
     cfg = ViTConfig(**{**meta, **vit_overrides})

@@ -1,0 +1,178 @@
+"""Every checkpoint scored while training runs: Ray Train V2's per-checkpoint validation.
+
+The training loop reports each sharded checkpoint with ``validation=True`` (every ``eval.every``-th, and the last
+one); Ray Train's controller then runs :class:`CheckpointScorer` as a separate Ray task (``eval.probe.num_cpus`` /
+``num_gpus``) while the workers go on training. The task reads only the EMA teacher's tensors from the
+checkpoint (``models.checkpoints.load_training_checkpoint``), runs the probe of ``cytoray.platform.evaluate`` on
+every ``eval.manifests`` entry, and
+
+- returns flat metrics that Ray Train merges into the checkpoint's metrics: ``probe_score`` (mean linear-probe
+  balanced accuracy over the manifests; ABMIL's for a patient-only manifest) and
+  ``probe/<manifest>/<method>/<metric>`` — ``eval.keep_best`` keeps the best checkpoints by ``probe_score``;
+- writes ``<run>/eval/checkpoint_<step>.json`` (everything, per-class recall and confusion included) and
+  rewrites ``<run>/eval/results.csv`` (one row per step x manifest x method), the run's results table.
+
+Ray Train runs one validation at a time and waits for queued ones before ``fit()`` returns, so the table is
+complete when the run ends. A failed or timed-out validation is logged and marks only that checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+
+from cytoray import storage
+from cytoray.platform.evaluate import ProbeConfig, evaluate
+
+log = logging.getLogger(__name__)
+
+EVAL_DIR = "eval"
+RESULTS_CSV = "results.csv"
+SCORE = "probe_score"
+CSV_FIELDS = ["step", "checkpoint", "manifest", "method", "images", "accuracy", "balanced_accuracy", "weighted_f1"]
+
+
+@dataclass
+class EvalConfig:
+    manifests: list[str] = field(default_factory=list)  # labelled manifests scored per checkpoint; []: off
+    every: int = 1  # score every N-th checkpoint (and always the last)
+    # in-task feature extraction (no nested actor pool): the validation task is the unit Ray schedules
+    probe: ProbeConfig = field(default_factory=lambda: ProbeConfig(num_actors=0, num_cpus=0.25, mil_epochs=30))
+    timeout_s: float | None = None  # a validation running longer is cancelled (the checkpoint is kept)
+    keep_best: bool = False  # keep train.keep_checkpoints best by probe_score (+ the latest) instead of newest
+
+
+def manifest_names(manifests: list[str]) -> list[str]:
+    """Short unique names: file stem, or the folder for ``.../<name>/manifest.parquet``."""
+    names = []
+    for uri in manifests:
+        stem = os.path.splitext(os.path.basename(uri.rstrip("/")))[0]
+        name = os.path.basename(os.path.dirname(uri.rstrip("/"))) if stem == "manifest" else stem
+        name = name or stem
+        names.append(name if name not in names else f"{name}{len(names)}")
+    return names
+
+
+def flat_metrics(results: list[dict], names: list[str]) -> dict[str, float]:
+    """Ray Train checkpoint metrics from probe results (numbers only)."""
+    out: dict[str, float] = {}
+    headline = []
+    for name, r in zip(names, results):
+        for method, m in r["methods"].items():
+            for key in ("accuracy", "balanced_accuracy", "weighted_f1"):
+                out[f"probe/{name}/{method}/{key}"] = m[key]
+        if "mil" in r:
+            for key in ("accuracy", "balanced_accuracy", "weighted_f1"):
+                out[f"probe/{name}/abmil/{key}"] = r["mil"][key]
+        if "linear" in r["methods"]:
+            headline.append(r["methods"]["linear"]["balanced_accuracy"])
+        elif "mil" in r:
+            headline.append(r["mil"]["balanced_accuracy"])
+    out[SCORE] = float(sum(headline) / len(headline)) if headline else math.nan
+    return out
+
+
+def table_rows(step: int, checkpoint: str, results: list[dict], names: list[str]) -> list[dict]:
+    rows = []
+    for name, r in zip(names, results):
+        parts = list(r["methods"].items()) + ([("abmil", r["mil"])] if "mil" in r else [])
+        for method, m in parts:
+            rows.append({"step": step, "checkpoint": checkpoint, "manifest": name, "method": method,
+                         "images": m.get("patients", r["images"]) if method == "abmil" else r["images"],
+                         **{k: round(m[k], 6) for k in ("accuracy", "balanced_accuracy", "weighted_f1")}})
+    return rows
+
+
+def write_results_table(run: str, storage_cfg=None) -> str:
+    """(Re)build ``<run>/eval/results.csv`` from every ``<run>/eval/checkpoint_*.json``; returns its URI."""
+    fs, path = storage.filesystem(storage.join_uri(run, EVAL_DIR), storage_cfg)
+    files = sorted(p for p in storage.with_retries(lambda: fs.ls(path, detail=False), storage_cfg, "list eval")
+                   if os.path.basename(p).startswith("checkpoint_") and p.endswith(".json"))
+    rows = []
+    for p in files:
+        rows.extend(json.loads(storage.with_retries(lambda p=p: fs.cat_file(p), storage_cfg, "read eval"))["rows"])
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+    w.writeheader()
+    w.writerows(sorted(rows, key=lambda r: (r["step"], r["manifest"], r["method"])))
+    uri = storage.join_uri(run, EVAL_DIR, RESULTS_CSV)
+    storage.write_bytes(uri, buf.getvalue().encode(), storage_cfg)
+    return uri
+
+
+def read_results_table(run: str, storage_cfg=None) -> list[dict]:
+    uri = storage.join_uri(run, EVAL_DIR, RESULTS_CSV)
+    if not storage.exists(uri, storage_cfg):
+        return []
+    return list(csv.DictReader(io.StringIO(storage.read_bytes(uri, storage_cfg).decode())))
+
+
+def format_results_table(rows: list[dict], methods=("linear", "knn20", "abmil")) -> str:
+    """Balanced accuracy per step (rows) and manifest/method (columns)."""
+    cols = sorted({(r["manifest"], r["method"]) for r in rows if r["method"] in methods})
+    steps = sorted({int(r["step"]) for r in rows})
+    val = {(int(r["step"]), r["manifest"], r["method"]): float(r["balanced_accuracy"]) for r in rows}
+    head = f"{'step':>8s} " + " ".join(f"{(m + ':' + k)[-22:]:>22s}" for m, k in cols)
+    lines = [head, "-" * len(head)]
+    for s in steps:
+        lines.append(f"{s:8d} " + " ".join(f"{val.get((s, m, k), math.nan):22.3f}" for m, k in cols))
+    return "\n".join(lines)
+
+
+class CheckpointScorer:
+    """Ray Train ``ValidationConfig.fn``: probe a reported checkpoint, record and return the scores."""
+
+    def __init__(self, cfg: EvalConfig, run: str, storage_cfg=None):
+        self.cfg, self.run, self.storage_cfg = cfg, run, storage_cfg
+
+    def __call__(self, checkpoint, **_) -> dict:
+        from cytoray.platform.models.checkpoints import TRAIN_STATE
+
+        uri = storage.join_uri(self.run, os.path.basename(checkpoint.path.rstrip("/")))
+        state = json.loads(storage.read_bytes(storage.join_uri(uri, TRAIN_STATE), self.storage_cfg))
+        step = int(state["step"])
+        names = manifest_names(self.cfg.manifests)
+        results = evaluate(uri, list(self.cfg.manifests), self.cfg.probe, self.storage_cfg)
+        rows = table_rows(step, uri, results, names)
+        record = {"step": step, "checkpoint": uri, "manifests": dict(zip(names, self.cfg.manifests)),
+                  "rows": rows, "results": results}
+        storage.write_bytes(storage.join_uri(self.run, EVAL_DIR, f"checkpoint_{step:08d}.json"),
+                            json.dumps(record, indent=1).encode(), self.storage_cfg)
+        write_results_table(self.run, self.storage_cfg)
+        out = flat_metrics(results, names)
+        out["probe_step"] = step
+        shown = ", ".join(f"{r['manifest']} {r['method']} {r['balanced_accuracy']:.3f}" for r in rows
+                          if r["method"] in ("linear", "knn20", "abmil"))
+        print(f"[cytoray] probe of step {step} (balanced accuracy): {shown}", flush=True)
+        return out
+
+
+def validation_config(cfg: EvalConfig, run: str, storage_cfg=None):
+    """Ray Train's ``ValidationConfig`` for the run, or None when ``eval.manifests`` is empty."""
+    if not cfg.manifests:
+        return None
+    from ray.train.v2.api.validation_config import ValidationConfig, ValidationTaskConfig
+
+    p = cfg.probe
+    remote = {"num_cpus": p.num_cpus, **({"num_gpus": p.num_gpus} if p.num_gpus else {})}
+    return ValidationConfig(fn=CheckpointScorer(cfg, run, storage_cfg),
+                            task_config=ValidationTaskConfig(timeout_s=cfg.timeout_s), ray_remote_kwargs=remote)
+
+
+def check(cfg: EvalConfig, storage_cfg=None) -> None:
+    """Fail at start-up, naming the manifest, rather than in every validation task."""
+    from cytoray.config import ConfigError
+    from cytoray.platform.evaluate import ProbeError, read_labelled_manifest
+
+    if cfg.every < 1:
+        raise ConfigError("eval.every must be >= 1 (score every N-th checkpoint)")
+    for uri in cfg.manifests:
+        try:
+            read_labelled_manifest(uri, cfg.probe, storage_cfg)
+        except ProbeError as exc:
+            raise ConfigError(f"eval.manifests: {exc}") from None
