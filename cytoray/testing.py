@@ -180,6 +180,39 @@ def write_cell_manifest(directory: str, num_images: int = 48, seed: int = 0, rep
     return out
 
 
+def write_patient_manifest(directory: str, patients: int = 20, cells_per_patient: int = 16, seed: int = 0) -> str:
+    """Patient bags for MIL tests: each patient's cells drawn from its AML subtype's cell mix (the synthetic
+    AML Hehr layout's ``HEHR_SUBTYPES``); manifest columns image_id, uri, patient_id, patient_label (no cell
+    labels, as in AML Hehr). Returns the manifest's path."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cytoray.curation.synthetic.cells import Stain, render_cell
+    from cytoray.curation.synthetic.layouts import HEHR_SUBTYPES
+    from cytoray.images import encode_png
+
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    subtypes = list(HEHR_SUBTYPES)
+    rows = {"image_id": [], "uri": [], "patient_id": [], "patient_label": []}
+    for p in range(patients):
+        sub = subtypes[p % len(subtypes)]
+        mix = HEHR_SUBTYPES[sub]
+        names, weights = list(mix), np.array(list(mix.values()), np.float64)
+        for j in range(cells_per_patient):
+            cls = names[rng.choice(len(names), p=weights / weights.sum())]
+            image_id = f"P{p:03d}_{j:03d}"
+            path = os.path.join(directory, f"{image_id}.png")
+            with open(path, "wb") as f:
+                f.write(encode_png(render_cell(cls, 80, 0.3, Stain(), rng)))
+            for k, v in zip(rows, (image_id, path, f"P{p:03d}", sub)):
+                rows[k].append(v)
+    out = os.path.join(directory, "manifest.parquet")
+    pq.write_table(pa.table(rows), out)
+    return out
+
+
 def write_eval_manifest(directory: str, leaked_paths: list[str], fresh: int = 40, seed: int = 777) -> str:
     """An evaluation manifest for leakage tests: ``fresh`` unrelated synthetic cells plus a mirrored,
     re-encoded copy of every file in ``leaked_paths`` (the planted leaks). Returns the manifest's path."""

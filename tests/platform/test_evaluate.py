@@ -96,3 +96,23 @@ def test_probe_recipe_on_ray_with_feature_cache(ray_local, tmp_path):
     pq.write_table(pa.table({"image_id": ["a"], "uri": ["x"]}), tmp_path / "bad.parquet")
     with pytest.raises(ProbeError, match="lacks columns \\['cell_type'\\]"):
         evaluate.main(["--checkpoint", "handcrafted", "--manifest", str(tmp_path / "bad.parquet")])
+
+
+def test_mil_only_manifest_beats_chance(tmp_path):
+    """Patient-labelled cells without cell labels (AML Hehr style): --mil runs ABMIL only, k-fold by patient."""
+    from cytoray.platform import evaluate
+    from cytoray.testing import write_patient_manifest
+
+    manifest = write_patient_manifest(str(tmp_path / "patients"), patients=20, cells_per_patient=16, seed=3)
+    out = tmp_path / "probe"
+    args = ["--checkpoint", "handcrafted", "--manifest", manifest, "--out", str(out), "probe.num_actors=0",
+            "probe.mil_folds=4", "probe.mil_epochs=30"]
+    with pytest.raises(ProbeError, match="lacks columns \\['cell_type'\\]"):  # cell probe needs cell labels
+        evaluate.main(args)
+    results = evaluate.main(["--mil", *args])
+    (r,) = results
+    assert r["methods"] == {} and r["mil"]["patients"] == 20 and r["mil"]["cells"] == 320
+    assert r["mil"]["folds"] == 4 and r["mil"]["chance_balanced_accuracy"] == pytest.approx(0.2)
+    assert r["mil"]["balanced_accuracy"] >= 0.6, r["mil"]  # 5 subtypes: chance is 0.2
+    assert "ABMIL" in evaluate.results_table(results)
+    assert json.loads((out / "results.json").read_text())[0]["mil"]["patients"] == 20
