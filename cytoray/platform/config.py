@@ -131,7 +131,7 @@ class PretrainConfig:
     log_level: str = "INFO"
 
 
-def load_pretrain_config(argv, preset: str, defaults: str | None = None):
+def load_pretrain_config(argv, preset: str, defaults: str | None = None, schema=None):
     """Layers: schema <- preset yaml (under ``model``) <- recipe defaults <- --config files <- key=value.
 
     ``preset=NAME`` on the command line (or in a --config file) picks another preset.
@@ -147,5 +147,5 @@ def load_pretrain_config(argv, preset: str, defaults: str | None = None):
             preset = item.split("=", 1)[1]
     with open(preset_path(preset)) as f:
         model = yaml.safe_load(f) or {}
-    return config_lib.load_config(PretrainConfig, defaults, files, overrides,
+    return config_lib.load_config(schema or PretrainConfig, defaults, files, overrides,
                                   base=[(preset_path(preset), {"preset": preset, "model": model})])

@@ -159,7 +159,8 @@ def validation_config(cfg: EvalConfig, run: str, storage_cfg=None):
     from ray.train.v2.api.validation_config import ValidationConfig, ValidationTaskConfig
 
     p = cfg.probe
-    remote = {"num_cpus": p.num_cpus, **({"num_gpus": p.num_gpus} if p.num_gpus else {})}
+    # DEFAULT: not inside a placement group the caller may run in (a Tune trial's bundle would capture it)
+    remote = {"num_cpus": p.num_cpus, "scheduling_strategy": "DEFAULT", **({"num_gpus": p.num_gpus} if p.num_gpus else {})}
     return ValidationConfig(fn=CheckpointScorer(cfg, run, storage_cfg),
                             task_config=ValidationTaskConfig(timeout_s=cfg.timeout_s), ray_remote_kwargs=remote)
 

@@ -1,0 +1,24 @@
+"""Ray Tune sweep of augmentation settings: each trial a short pretraining run (a Ray Train job inside a Tune
+function trainable), scored by the probe's balanced accuracy on held-out labelled manifests, ASHA early stopping.
+Writes <sweep.storage_path>/<sweep.name>/{results.csv, scores.png, best_overrides.yaml, best.json}.
+
+    ray job submit --working-dir . -- python recipes/sweep_augmentations.py \
+        data.manifest_uri=s3://bucket/curate/manifest.parquet eval.manifests=[s3://bucket/eval/acevedo.parquet] \
+        sweep.storage_path=s3://bucket/sweeps sweep.name=aug1 sweep.num_samples=16 sweep.rungs=[500,1000,2000]
+    # laptop / CI (tiny ViT on CPU, two trials at once on 2 CPUs):
+    python recipes/sweep_augmentations.py --config recipes/configs/cpu_debug.yaml \
+        --config recipes/configs/sweep_cpu.yaml data.manifest_uri=... eval.manifests=[...]
+
+Knobs: sweep.knobs=[global_crop_scale,local_crop_scale,jitter_strength,stain,local_crops,rotation_flip,reinhard],
+values in sweep.space.<knob>=[...]. The preset (default dinobloom_s) is the base every trial starts from.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cytoray.platform.sweep import main  # noqa: E402
+
+if __name__ == "__main__":
+    main(sys.argv[1:], preset="dinobloom_s")

@@ -1,0 +1,73 @@
+"""The augmentation sweep: Ray Tune over short Ray Train pretraining runs on 2 CPUs, ASHA on the probe score."""
+
+import csv
+import os
+
+import pytest
+
+from cytoray.config import ConfigError
+from cytoray.platform import sweep
+from cytoray.platform.config import load_pretrain_config
+from cytoray.testing import write_cell_manifest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIGS = ["--config", os.path.join(REPO, "recipes", "configs", "cpu_debug.yaml"),
+           "--config", os.path.join(REPO, "recipes", "configs", "sweep_cpu.yaml")]
+
+
+def test_two_trials_on_two_cpus_write_table_plot_and_best_config(ray_local, tmp_path):
+    import ray
+
+    cells = write_cell_manifest(str(tmp_path / "cells"), 40, seed=1)
+    heldout = write_cell_manifest(str(tmp_path / "heldout"), 60, seed=7)
+    args = [*CONFIGS, f"data.manifest_uri={cells}", f"eval.manifests=[{heldout}]",
+            f"sweep.storage_path={tmp_path / 'sweeps'}"]
+    summary = sweep.main(args, preset="debug")
+
+    out = tmp_path / "sweeps" / "sweep_cpu"
+    assert summary["trials"] == 2 and summary["completed"] == 2
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(float(r["stain"]) for r in rows) == [0.0, 0.05]  # the grid: one trial per setting
+    assert all(not r["error"] and r["steps"] in ("20", "40") for r in rows)
+    assert any(r["steps"] == "40" for r in rows)  # ASHA lets the better trial reach the last rung
+    for r in rows:  # each trial's score is its own run's probe of that step
+        trial_csv = tmp_path / "sweeps" / "sweep_cpu" / "trials" / f"trial_{r['trial']}" / "eval" / "results.csv"
+        with open(trial_csv) as f:
+            linear = {int(x["step"]): float(x["balanced_accuracy"]) for x in csv.DictReader(f)
+                      if x["method"] == "linear"}
+        assert float(r["probe_score"]) == pytest.approx(linear[int(r["steps"])], abs=1e-5)
+        assert 0.2 < float(r["probe_score"]) <= 1.0
+    assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # nothing left behind: every placement group of the trials' training jobs is removed
+    assert {pg["state"] for pg in ray.util.placement_group_table().values()} <= {"REMOVED"}
+
+    # the best config is an override file that pretraining takes as it is
+    best = max((r for r in rows if r["steps"] == "40"), key=lambda r: float(r["probe_score"]))
+    assert summary["best_trial"] == best["trial"]
+    cfg = load_pretrain_config(["--config", summary["best_overrides"], "data.manifest_uri=x", "run.name=y"],
+                               preset="debug")
+    assert cfg.model.augment.hed_p == (0.5 if float(best["stain"]) > 0 else 0.0)
+
+
+def test_sweep_settings_are_checked_before_any_trial(ray_local, tmp_path):
+    base = [*CONFIGS, "data.manifest_uri=x", f"sweep.storage_path={tmp_path}"]
+
+    def load(*extra):
+        cfg = load_pretrain_config(["run.name=unused", *base, *extra], "debug", schema=sweep.SweepRunConfig)
+        return sweep.check(cfg, {"CPU": 2.0})
+
+    assert load("eval.manifests=[m]") == 2  # 0.95 CPU per trial: two at a time on 2 CPUs
+    assert load("eval.manifests=[m]", "train.num_workers=2") == 1
+    with pytest.raises(ConfigError, match="set eval.manifests"):
+        load()
+    with pytest.raises(ConfigError, match="one trial needs 2.9 CPU .* the cluster has 2"):
+        load("eval.manifests=[m]", "train.num_workers=4")
+    with pytest.raises(ConfigError, match="unknown knob 'blur'"):
+        load("eval.manifests=[m]", "sweep.knobs=[blur]")
+    with pytest.raises(ConfigError, match="rotation_flip value 'spin'"):
+        load("eval.manifests=[m]", "sweep.knobs=[rotation_flip]", "sweep.space.rotation_flip=[spin]")
+    with pytest.raises(ConfigError, match="must be increasing"):
+        load("eval.manifests=[m]", "sweep.rungs=[20,10]")
+    with pytest.raises(ConfigError, match="model.total_iters=40"):
+        load("eval.manifests=[m]", "sweep.rungs=[20,80]")
