@@ -1,7 +1,9 @@
 """The embedded default main job (`make demo`): a synthetic collection in a local directory, curation (with a
 held-out labelled evaluation set guarded against leakage), a short CPU pretraining run (tiny ViT, 2 Ray Train
-workers, FSDP2 over gloo) on the curated manifest, then the probe table: the demo's teacher vs random init vs
-the handcrafted curation features, on the held-out set (synthetic data: the numbers show the machinery works).
+workers, FSDP2 over gloo) on the curated manifest whose every checkpoint is probed on the held-out set while it
+trains, then the probe table: the demo's teacher vs random init vs the handcrafted curation features, cell
+types on the held-out set (linear probe, kNN) and AML subtypes of the synthetic AML Hehr patients (ABMIL, by
+patient). Synthetic data: the numbers show the machinery works, not what real smears give.
 
     python recipes/demo.py [--images 1500] [--steps 300] [--out runs/demo]
 """
@@ -13,6 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from cytoray import storage  # noqa: E402
 from cytoray.curation import pipeline  # noqa: E402
 from cytoray.curation.synthetic.collection import CollectionSpec, generate_collection  # noqa: E402
 from cytoray.platform import evaluate, train  # noqa: E402
@@ -42,20 +45,38 @@ def main(argv=None):
                    f"dedup.eval_manifests=[{eval_manifest}]"])
     if args.steps:
         # A rerun of the demo resumes this run (same name and storage path) and stops at the same step.
+        # Every checkpoint is probed on the held-out set by a Ray task while training goes on (eval.manifests).
         train.main(["--config", os.path.join(HERE, "configs", "cpu_debug.yaml"),
                     f"data.manifest_uri={os.path.join(curate_dir, 'manifest.parquet')}", "run.name=pretrain",
                     f"run.storage_path={out}", f"model.total_iters={args.steps}", "train.log_every=25",
                     f"train.checkpoint_every={max(1, args.steps // 3)}", f"train.seed={args.seed}",
-                    f"train.export_every={max(1, args.steps // 3)}"],
+                    f"train.export_every={max(1, args.steps // 3)}", f"eval.manifests=[{eval_manifest}]"],
                    preset="debug")
         exports = sorted(glob.glob(os.path.join(out, "pretrain", "exports", "teacher_*.pth")))
-        print("\nprobe on the held-out synthetic evaluation set (linear probe: stratified 5-fold; kNN):")
+        patients = patient_manifest(curate_dir, os.path.join(out, "eval", "aml_hehr_patients.parquet"))
+        print("\nprobe: cell types on the held-out synthetic set (linear probe: stratified 5-fold; kNN) and AML "
+              "subtypes of the synthetic AML Hehr patients (ABMIL, k-fold by patient; patient labels only):")
         evaluate.main(["--checkpoint", exports[-1], "--checkpoint", "random:vit_debug", "--checkpoint", "handcrafted",
-                       "--manifest", eval_manifest, "--out", os.path.join(out, "probe"),
-                       f"probe.cache_dir={os.path.join(out, 'probe', 'cache')}"])
+                       "--manifest", eval_manifest, "--manifest", patients, "--mil", "--out",
+                       os.path.join(out, "probe"), f"probe.cache_dir={os.path.join(out, 'probe', 'cache')}"])
     print(f"curation report: {os.path.join(curate_dir, 'report.html')}")
     if args.steps:
-        print(f"training metrics: {os.path.join(out, 'pretrain', 'metrics.csv')}")
+        print(f"training metrics: {os.path.join(out, 'pretrain', 'metrics.csv')} (+ tensorboard/)")
+        print(f"per-checkpoint probe: {os.path.join(out, 'pretrain', 'eval', 'results.csv')}")
+        print(f"probe results: {os.path.join(out, 'probe', 'results.json')}")
+
+
+def patient_manifest(curate_dir: str, out: str) -> str:
+    """The curated AML Hehr cells with their patients' subtype labels (no cell labels), for ABMIL. The cells were
+    in the self-supervised pretraining data (as DinoBloom's AML Hehr was); the labels never were."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = storage.read_parquet(os.path.join(curate_dir, "unbalanced.parquet"))
+    hehr = table.filter(pc.equal(table["dataset"], "aml_hehr")).select(
+        ["image_id", "uri", "patient_id", "patient_label"])
+    pq.write_table(hehr, out)
+    return out
 
 
 if __name__ == "__main__":
