@@ -77,12 +77,12 @@ def extraction(n_images: int, actors: int) -> list[tuple[str, int, float]]:
 def probe_time(n: int, dim: int, classes: int, seed: int = 0) -> list[tuple[str, float, str]]:
     from sklearn.neighbors import NearestNeighbors
 
-    from cytoray.platform.evaluate import ProbeConfig, knn_predict, linear_probe, metrics
+    from cytoray.platform.evaluate import ProbeConfig, knn_search, knn_vote, linear_probe, metrics
 
     rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(classes, dim))
+    centres = 0.1 * rng.normal(size=(classes, dim))  # overlapping classes: a probe that has work to do
     y = rng.integers(0, classes, n)
-    x = (centres[y] + 2.5 * rng.normal(size=(n, dim))).astype(np.float32)
+    x = (centres[y] + rng.normal(size=(n, dim))).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     cut = int(0.8 * n)
     xtr, ytr, xte, yte = x[:cut], y[:cut], x[cut:], y[cut:]
@@ -90,16 +90,17 @@ def probe_time(n: int, dim: int, classes: int, seed: int = 0) -> list[tuple[str,
     out = []
     cfg = ProbeConfig()
     t0 = time.perf_counter()
+    sims, nbrs = knn_search(xtr, xte, max([*cfg.knn_k, cfg.knn_weighted_k]))  # one search serves every k
     for k in cfg.knn_k:
-        pred = knn_predict(xtr, ytr, xte, k, classes, None)
-    pred = knn_predict(xtr, ytr, xte, cfg.knn_weighted_k, classes, cfg.knn_temperature)
+        knn_vote(sims, nbrs, ytr, k, classes, None)
+    pred = knn_vote(sims, nbrs, ytr, cfg.knn_weighted_k, classes, cfg.knn_temperature)
     t_knn = time.perf_counter() - t0
-    out.append(("kNN (faiss): k=1, k=20, k=20 T=0.07", t_knn,
-                f"bal.acc {metrics(yte, pred, names)['balanced_accuracy']:.3f}"))
+    out.append(("kNN (faiss, one search): k=1, k=20, k=20 T=0.07", t_knn,
+                f"k=20 T=0.07 bal.acc {metrics(yte, pred, names)['balanced_accuracy']:.3f}"))
     t0 = time.perf_counter()
     NearestNeighbors(n_neighbors=20, metric="cosine", algorithm="brute").fit(xtr).kneighbors(xte)
     t_sk = time.perf_counter() - t0
-    out.append(("kNN baseline: sklearn brute cosine, one k=20 search", t_sk, f"faiss (3 searches) {t_sk / t_knn:.1f}x faster"))
+    out.append(("kNN baseline: sklearn brute cosine, one k=20 search", t_sk, f"faiss path {t_sk / t_knn:.1f}x faster"))
     t0 = time.perf_counter()
     pred, c = linear_probe(xtr, ytr, xte, ProbeConfig(c_grid=[1.0]))
     out.append(("linear probe, one C (lbfgs, multinomial)", time.perf_counter() - t0,

@@ -229,17 +229,29 @@ def linear_probe(x_tr, y_tr, x_te, cfg: ProbeConfig) -> tuple[np.ndarray, float]
     return pipe.predict(x_te), float(cfg.c_grid[len(cfg.c_grid) // 2])
 
 
-def knn_predict(x_tr, y_tr, x_te, k: int, n_classes: int, temperature: float | None) -> np.ndarray:
-    """Cosine kNN vote with faiss: uniform (temperature None) or exp(sim / T) weights."""
+def knn_search(x_tr, x_te, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine similarities and indices of the k nearest training rows (faiss, exact inner product)."""
     import faiss
 
     index = faiss.IndexFlatIP(x_tr.shape[1])
     index.add(np.ascontiguousarray(x_tr, np.float32))
-    sims, nbrs = index.search(np.ascontiguousarray(x_te, np.float32), min(k, len(x_tr)))
+    return index.search(np.ascontiguousarray(x_te, np.float32), min(k, len(x_tr)))
+
+
+def knn_vote(sims: np.ndarray, nbrs: np.ndarray, y_tr, k: int, n_classes: int,
+             temperature: float | None) -> np.ndarray:
+    """Vote over the first k neighbours (sorted by similarity): uniform (temperature None) or exp(sim / T)."""
+    sims, nbrs = sims[:, :k], nbrs[:, :k]
     w = np.ones_like(sims) if temperature is None else np.exp((sims - sims.max(1, keepdims=True)) / temperature)
-    votes = np.zeros((len(x_te), n_classes))
-    np.add.at(votes, (np.repeat(np.arange(len(x_te)), nbrs.shape[1]), y_tr[nbrs].ravel()), w.ravel())
+    votes = np.zeros((len(sims), n_classes))
+    np.add.at(votes, (np.repeat(np.arange(len(sims)), nbrs.shape[1]), y_tr[nbrs].ravel()), w.ravel())
     return votes.argmax(1)
+
+
+def knn_predict(x_tr, y_tr, x_te, k: int, n_classes: int, temperature: float | None) -> np.ndarray:
+    """Cosine kNN vote with faiss: uniform (temperature None) or exp(sim / T) weights."""
+    sims, nbrs = knn_search(x_tr, x_te, k)
+    return knn_vote(sims, nbrs, y_tr, k, n_classes, temperature)
 
 
 def score_features(feats: np.ndarray, labels: list, split_col, cfg: ProbeConfig) -> dict:
@@ -263,10 +275,11 @@ def score_features(feats: np.ndarray, labels: list, split_col, cfg: ProbeConfig)
         pred, c = linear_probe(x[tr], y[tr], x[te], cfg)
         cs.append(c)
         methods["linear"].append((y[te], pred))
+        sims, nbrs = knn_search(x[tr], x[te], max([*cfg.knn_k, cfg.knn_weighted_k]))  # one search, every k
         for k in cfg.knn_k:
-            methods[f"knn{k}"].append((y[te], knn_predict(x[tr], y[tr], x[te], k, len(classes), None)))
+            methods[f"knn{k}"].append((y[te], knn_vote(sims, nbrs, y[tr], k, len(classes), None)))
         methods[f"knn{cfg.knn_weighted_k}_T{cfg.knn_temperature:g}"].append(
-            (y[te], knn_predict(x[tr], y[tr], x[te], cfg.knn_weighted_k, len(classes), cfg.knn_temperature)))
+            (y[te], knn_vote(sims, nbrs, y[tr], cfg.knn_weighted_k, len(classes), cfg.knn_temperature)))
     out = {"protocol": protocol, "folds": len(folds), "images": int(use.sum()), "classes": classes,
            "left_out_classes": dropped, "unlabelled": int((~have).sum()), "chosen_C": cs, "methods": {}}
     for name, parts in methods.items():
