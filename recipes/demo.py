@@ -54,6 +54,7 @@ def main(argv=None):
                    preset="debug")
         exports = sorted(glob.glob(os.path.join(out, "pretrain", "exports", "teacher_*.pth")))
         patients = patient_manifest(curate_dir, os.path.join(out, "eval", "aml_hehr_patients.parquet"))
+        wait_for_cpus(1.0)  # Ray Train releases the run's workers and placement group a few seconds after fit()
         print("\nprobe: cell types on the held-out synthetic set (linear probe: stratified 5-fold; kNN) and AML "
               "subtypes of the synthetic AML Hehr patients (ABMIL, k-fold by patient; patient labels only):")
         evaluate.main(["--checkpoint", exports[-1], "--checkpoint", "random:vit_debug", "--checkpoint", "handcrafted",
@@ -64,6 +65,16 @@ def main(argv=None):
         print(f"training metrics: {os.path.join(out, 'pretrain', 'metrics.csv')} (+ tensorboard/)")
         print(f"per-checkpoint probe: {os.path.join(out, 'pretrain', 'eval', 'results.csv')}")
         print(f"probe results: {os.path.join(out, 'probe', 'results.json')}")
+
+
+def wait_for_cpus(need: float, timeout_s: float = 120.0) -> None:
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while ray.is_initialized() and ray.available_resources().get("CPU", 0.0) < need and time.monotonic() < deadline:
+        time.sleep(1.0)
 
 
 def patient_manifest(curate_dir: str, out: str) -> str:
