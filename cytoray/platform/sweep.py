@@ -209,13 +209,32 @@ def _space(cfg: SweepRunConfig) -> dict:
     return {knob: make(list(cfg.sweep.space[knob])) for knob in cfg.sweep.knobs}
 
 
-def run_sweep(cfg: SweepRunConfig) -> dict:
-    """Run the sweep; write results.csv, scores.png, best_overrides.yaml, best.json; returns a summary."""
-    import ray
+def make_tuner(trainable, space: dict, s: SweepConfig, concurrent: int, storage_path: str, fs=None):
+    """The Tuner of a sweep: ASHA on the probe score over ``s.rungs``, at most ``concurrent`` trials at once.
+
+    The cap goes to the search algorithm: Tune ignores ``TuneConfig.max_concurrent_trials`` when it is handed
+    a ready-made ``BasicVariantGenerator`` (a warning, then every grid point starts at once -- on a small
+    cluster the trials' training jobs then wait on each other's CPUs)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     from cytoray.platform import validation
+
+    scheduler = ASHAScheduler(time_attr="step", max_t=s.rungs[-1], grace_period=s.rungs[0],
+                              reduction_factor=s.reduction_factor)
+    search = tune.search.BasicVariantGenerator(random_state=s.seed, max_concurrent=concurrent)
+    return tune.Tuner(
+        trainable, param_space=space,
+        tune_config=tune.TuneConfig(metric=validation.SCORE, mode="max", scheduler=scheduler,
+                                    num_samples=s.num_samples, search_alg=search),
+        run_config=tune.RunConfig(name=s.name, storage_path=storage_path, storage_filesystem=fs))
+
+
+def run_sweep(cfg: SweepRunConfig) -> dict:
+    """Run the sweep; write results.csv, scores.png, best_overrides.yaml, best.json; returns a summary."""
+    import ray
+    from ray import tune
+
     from cytoray.runtime import init_ray
 
     cfg = config_lib.to_object(cfg)
@@ -233,16 +252,9 @@ def run_sweep(cfg: SweepRunConfig) -> dict:
     config_lib.save_config(cfg, out, cfg.storage)
     # training results (from TuneReportCallback) carry no probe_score; ASHA skips them, Tune must not reject them
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    scheduler = ASHAScheduler(time_attr="step", max_t=s.rungs[-1], grace_period=s.rungs[0],
-                              reduction_factor=s.reduction_factor)
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg), {"CPU": s.trial_cpus})
-    tuner = tune.Tuner(
-        trainable, param_space=_space(cfg),
-        tune_config=tune.TuneConfig(metric=validation.SCORE, mode="max", scheduler=scheduler,
-                                    num_samples=s.num_samples, max_concurrent_trials=concurrent,
-                                    search_alg=tune.search.BasicVariantGenerator(random_state=s.seed)),
-        run_config=tune.RunConfig(name=s.name, storage_path=os.path.join(tune_storage, s.name, "tune")
-                                  if fs is None else f"{tune_storage}/{s.name}/tune", storage_filesystem=fs))
+    tune_path = os.path.join(tune_storage, s.name, "tune") if fs is None else f"{tune_storage}/{s.name}/tune"
+    tuner = make_tuner(trainable, _space(cfg), s, concurrent, tune_path, fs)
     print(f"[cytoray] sweep {s.name}: {s.num_samples} x {s.search} over {list(s.knobs)}; rungs {list(s.rungs)}; "
           f"{concurrent} trial(s) at a time ({trial_demand(cfg)['CPU']:g} CPU each)", flush=True)
     grid = tuner.fit()

@@ -71,3 +71,27 @@ def test_sweep_settings_are_checked_before_any_trial(ray_local, tmp_path):
         load("eval.manifests=[m]", "sweep.rungs=[20,10]")
     with pytest.raises(ConfigError, match="model.total_iters=40"):
         load("eval.manifests=[m]", "sweep.rungs=[20,80]")
+
+
+def _sleepy_trial(config):
+    import time
+
+    import ray.tune
+
+    start = time.time()
+    time.sleep(1.5)
+    ray.tune.report({"step": 20, "probe_score": config["stain"], "start": start, "end": time.time()})
+
+
+def test_tuner_runs_at_most_the_checked_number_of_trials_at_once(ray_local, tmp_path):
+    from ray import tune
+
+    s = sweep.SweepConfig(knobs=["stain"], rungs=[20], name="cap", num_samples=1)
+    trainable = tune.with_resources(_sleepy_trial, {"CPU": 0.05})  # 4 would fit at once without the cap
+    tuner = sweep.make_tuner(trainable, {"stain": tune.grid_search([0.0, 0.02, 0.05, 0.1])}, s, 2,
+                             str(tmp_path / "tune"))
+    grid = tuner.fit()
+    spans = sorted((r.metrics["start"], r.metrics["end"]) for r in grid)
+    assert len(spans) == 4 and not grid.errors
+    most = max(sum(a < t < b for a, b in spans) for t, _ in spans for t in (t + 1e-3,))
+    assert most == 2  # two at a time, never four
