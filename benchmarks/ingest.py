@@ -135,6 +135,10 @@ def main():
     # or any run after the first): no worker start-up and module imports in the measurement.
     dt, _, _ = ray_ingest(specs, os.path.join(work, f"out{n}"))
     report(f"local Ray Data N={n} (warm workers)", len(uris), dt, nbytes, base_dt)
+    # This shared VM's speed drifts by ~10% over minutes: the loop again, after the Ray runs, brackets them.
+    after_dt, _ = plain_loop(uris)
+    report(f"local loop (1 process) N={n}, again after", len(uris), after_dt, nbytes)
+    print(f"warm Ray Data vs the mean of both loops: {(base_dt + after_dt) / 2 / dt:.2f}x")
     n_small, n_big = sorted(peaks)
     print(f"peak RSS (driver + Ray processes): N={n_small}: {peaks[n_small] / 2**20:.0f} MiB, "
           f"N={n_big}: {peaks[n_big] / 2**20:.0f} MiB (x{peaks[n_big] / peaks[n_small]:.2f} for 10x the images)")

@@ -16,6 +16,37 @@ class RayConfig:
     include_dashboard: bool = False  # local instance only
 
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_malloc_tuned: bool | None = None
+
+
+def keep_image_buffers_on_heap(mmap_threshold: int = 32 << 20, trim_threshold: int = 64 << 20) -> bool:
+    """Serve image-sized allocations (decoded pixels, 0.1-30 MB) from the heap in this process; glibc only.
+
+    Measured in Ray worker processes (benchmarks/RESULTS.md): every decoded image's buffers were mmap'ed and
+    unmapped afresh -- ~110 page faults per image, ~27% more CPU, mostly in the kernel -- while the same code
+    in a ``multiprocessing`` process reuses heap memory: glibc normally raises its mmap threshold the first
+    time such a buffer is freed, but in those workers it stayed at 128 KiB. The values set here are what that
+    adaptation would reach (its 32 MiB ceiling on 64-bit; trim at twice that), so a process keeps at most
+    ~64 MiB of freed memory for reuse. Called by the decode callables on first use; idempotent; returns
+    whether the settings were applied (False off glibc).
+    """
+    global _malloc_tuned
+    if _malloc_tuned is None:
+        _malloc_tuned = False
+        try:
+            import ctypes
+            import ctypes.util
+
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _malloc_tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and \
+                bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
+            pass
+    return _malloc_tuned
+
+
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -31,8 +31,11 @@ def free_port() -> int:
 @contextlib.contextmanager
 def local_s3(bucket: str = "cytoray-test") -> Iterator[StorageConfig]:
     """A moto S3 server on 127.0.0.1 with ``bucket`` created; yields the StorageConfig to reach it."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request (thousands in a benchmark)
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -181,6 +181,9 @@ class EmbedBatch:
     near-duplicate fingerprint (uint8 thumbnails, lossless and 3 KB per image)."""
 
     def __init__(self, cfg: EmbedConfig, storage_cfg):
+        from cytoray.runtime import keep_image_buffers_on_heap
+
+        keep_image_buffers_on_heap()
         self.embedder, self.storage_cfg = get_embedder(cfg), storage_cfg
 
     def __call__(self, batch):

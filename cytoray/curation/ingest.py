@@ -28,6 +28,7 @@ from PIL import Image
 from cytoray import images, storage
 from cytoray.curation import taxonomy
 from cytoray.curation.adapters import get_adapter
+from cytoray.runtime import keep_image_buffers_on_heap
 
 log = logging.getLogger(__name__)
 MODALITIES = ("peripheral_blood", "bone_marrow")
@@ -155,6 +156,7 @@ class DecodeBatch:
         self.cfg, self.storage_cfg, self.crops_uri = cfg, storage_cfg, crops_uri
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        keep_image_buffers_on_heap()
         out = []
         for rec in batch.to_pylist():
             try:

@@ -94,6 +94,9 @@ class FeatureBatch:
     def __init__(self, spec: str, image_size: int | None, cls_and_patch: bool, storage_cfg, use_gpu: bool):
         import torch
 
+        from cytoray.runtime import keep_image_buffers_on_heap
+
+        keep_image_buffers_on_heap()
         self.spec, self.storage_cfg, self.cls_and_patch = spec, storage_cfg, cls_and_patch
         if spec == "handcrafted":
             from cytoray.curation.embed import EmbedConfig, HandcraftedEmbedder

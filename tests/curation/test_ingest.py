@@ -127,3 +127,59 @@ def test_spec_validation_names_the_problem(collection):
         validate_specs([DatasetSpec("x", "matek")])
     with pytest.raises(ValueError, match="unknown layout"):
         validate_specs([DatasetSpec("x", "nope", "/tmp")])
+
+
+def _fault_counts():
+    """Page faults per 2 MB buffer allocated, filled and freed 50 times: in the malloc state seen in Ray workers
+    (mmap threshold fixed at 128 KiB), then after ``keep_image_buffers_on_heap``."""
+    import ctypes
+    import resource
+
+    import numpy as np
+
+    from cytoray import runtime
+
+    def churn():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(50):
+            np.ones(2 << 20, np.uint8)  # a decoded 800 x 870 RGB image's worth
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 50
+
+    ctypes.CDLL("libc.so.6").mallopt(runtime._M_MMAP_THRESHOLD, 128 << 10)
+    stuck = churn()
+    assert runtime.keep_image_buffers_on_heap()
+    churn()  # the heap grows once
+    return stuck, churn()
+
+
+def _decode_sets_up_malloc(rows):
+    from cytoray import runtime, storage
+    from cytoray.curation.ingest import DecodeBatch
+
+    before = runtime._malloc_tuned
+    DecodeBatch(IngestConfig(), storage.StorageConfig(), "/unused")(rows)
+    return before, runtime._malloc_tuned
+
+
+def test_decode_workers_reuse_image_buffers_instead_of_faulting_them_in(ray_local, tmp_path):
+    """Ray workers were seen with glibc's mmap threshold stuck at 128 KiB: every decoded image's buffers were
+    mmap'ed and unmapped afresh (110-320 page faults and ~27% more CPU per image, benchmarks/RESULTS.md)."""
+    import pyarrow as pa
+    from PIL import Image
+
+    if not __import__("cytoray.runtime").runtime.keep_image_buffers_on_heap():
+        pytest.skip("not glibc: nothing to tune")
+    import uuid
+
+    def fresh(fn):  # a new worker process (its own runtime env): no earlier task has touched its heap
+        return ray_local.remote(num_cpus=0.5, max_calls=1,
+                                runtime_env={"env_vars": {"CYTORAY_FRESH": uuid.uuid4().hex}})(fn)
+    stuck, tuned = ray_local.get(fresh(_fault_counts).remote())
+    assert stuck > 400 and tuned < 5, (stuck, tuned)  # 512 pages per buffer mapped afresh, then none
+
+    Image.new("RGB", (64, 64), (200, 100, 150)).save(tmp_path / "a.png")
+    rows = pa.Table.from_pylist([{"dataset": "d", "layout": "class_folders", "modality": "peripheral_blood",
+                                  "uri": str(tmp_path / "a.png"), "relpath": "a.png", "source_label": None,
+                                  "patient_id": None, "patient_label": None, "split": None, "boxes": None,
+                                  "box_labels": None, "mask_uris": None}])
+    assert ray_local.get(fresh(_decode_sets_up_malloc).remote(rows)) == (None, True)  # the decode task tunes

@@ -26,6 +26,7 @@ import torch
 
 from cytoray import images, storage
 from cytoray.platform.data.augment import AugmentConfig, MultiCrop
+from cytoray.runtime import keep_image_buffers_on_heap
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,7 @@ class MultiCropBatches:
     def __init__(self, manifest_uri: str, storage_cfg: storage.StorageConfig | None, augment: AugmentConfig,
                  seed: int, batch_size: int, world_size: int, rank: int, start_step: int, start_samples: int,
                  max_pixels: int = 50_000_000):
+        keep_image_buffers_on_heap()
         table = read_manifest(manifest_uri, storage_cfg)
         self.uris = table.column("uri").to_pylist()
         self.order = EpochOrder(expand_repeats(table), seed)
