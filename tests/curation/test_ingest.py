@@ -164,12 +164,15 @@ def _decode_sets_up_malloc(rows):
 def test_decode_workers_reuse_image_buffers_instead_of_faulting_them_in(ray_local, tmp_path):
     """Ray workers were seen with glibc's mmap threshold stuck at 128 KiB: every decoded image's buffers were
     mmap'ed and unmapped afresh (110-320 page faults and ~27% more CPU per image, benchmarks/RESULTS.md)."""
+    import uuid
+
     import pyarrow as pa
     from PIL import Image
 
-    if not __import__("cytoray.runtime").runtime.keep_image_buffers_on_heap():
+    from cytoray.runtime import keep_image_buffers_on_heap
+
+    if not keep_image_buffers_on_heap():
         pytest.skip("not glibc: nothing to tune")
-    import uuid
 
     def fresh(fn):  # a new worker process (its own runtime env): no earlier task has touched its heap
         return ray_local.remote(num_cpus=0.5, max_calls=1,
