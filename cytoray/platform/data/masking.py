@@ -11,8 +11,8 @@ import torch
 class MaskingGenerator:
     """Random rectangular blocks on a (h, w) patch grid until ``num_masking_patches`` are masked.
 
-    Each block has between ``min_num_patches`` and ``max_num_patches`` patches and an aspect ratio in
-    [min_aspect, 1/min_aspect] (log-uniform), as in BEiT / DINOv2.
+    Each block has between ``min_num_patches`` and ``max_num_patches`` patches (fewer when it fills the last
+    remainder) and an aspect ratio in [min_aspect, 1/min_aspect] (log-uniform), as in BEiT / DINOv2.
     """
 
     def __init__(self, input_size: tuple[int, int], min_num_patches: int = 4, max_num_patches: int | None = None,
@@ -25,9 +25,15 @@ class MaskingGenerator:
         self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
 
     def _block(self, mask: np.ndarray, max_patches: int, rng: np.random.Generator) -> int:
+        """Mask one block of at most ``max_patches`` new patches; returns how many it masked (0 after 10 misses).
+
+        The area is drawn between ``min_num_patches`` and the remaining budget also when the budget is the
+        smaller bound, as DINOv2's ``random.uniform(min, budget)`` (``a + (b - a) * random()``; numpy's
+        ``uniform`` refuses b < a), so the last blocks can fill a remainder below ``min_num_patches``.
+        """
         delta = 0
         for _ in range(10):
-            target = rng.uniform(self.min_num_patches, max(self.min_num_patches, max_patches))
+            target = self.min_num_patches + (max_patches - self.min_num_patches) * rng.random()
             aspect = math.exp(rng.uniform(*self.log_aspect))
             h, w = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
             if 0 < w < self.width and 0 < h < self.height:
