@@ -16,11 +16,14 @@ from torch import nn
 
 def cosine_schedule(base: float, final: float, total_iters: int, warmup_iters: int = 0,
                     start_warmup: float = 0.0, freeze_iters: int = 0) -> np.ndarray:
-    """[0]*freeze, linear start_warmup->base over warmup, then cosine base->final; length total_iters."""
+    """[0]*freeze, linear start_warmup->base over warmup, then cosine base->final; length total_iters.
+
+    Element-wise DINOv2's ``CosineScheduler``: the warmup includes its end point (its last step is at base).
+    """
     if freeze_iters + warmup_iters > total_iters:
         raise ValueError(f"freeze ({freeze_iters}) + warmup ({warmup_iters}) exceed total iterations ({total_iters})")
     freeze = np.zeros(freeze_iters)
-    warm = np.linspace(start_warmup, base, warmup_iters, endpoint=False) if warmup_iters else np.zeros(0)
+    warm = np.linspace(start_warmup, base, warmup_iters)
     n = total_iters - freeze_iters - warmup_iters
     t = np.arange(n)
     cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / max(n, 1)))
@@ -28,8 +31,12 @@ def cosine_schedule(base: float, final: float, total_iters: int, warmup_iters: i
 
 
 def linear_warmup_constant(start: float, end: float, warmup_iters: int, total_iters: int) -> np.ndarray:
-    """Teacher temperature: start -> end over warmup_iters (DINOv2: 0.04 -> 0.07 over 30 epochs), then end."""
-    warm = np.linspace(start, end, min(warmup_iters, total_iters), endpoint=False)
+    """Teacher temperature: start -> end over warmup_iters (DINOv2: 0.04 -> 0.07 over 30 epochs), then end.
+
+    As DINOv2's ``CosineScheduler(end, end, warmup_iters, warmup_iters, start)``: the last warmup step is at end,
+    and a warmup longer than the run is cut, not compressed.
+    """
+    warm = np.linspace(start, end, warmup_iters)[:total_iters]
     return np.concatenate([warm, np.full(total_iters - len(warm), end)])
 
 

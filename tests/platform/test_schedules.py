@@ -12,7 +12,7 @@ from cytoray.platform.models.vit import build_vit
 
 def test_cosine_schedule_known_points():
     s = schedules.cosine_schedule(1.0, 0.0, total_iters=110, warmup_iters=10, start_warmup=0.0)
-    assert len(s) == 110 and s[0] == 0.0 and math.isclose(s[5], 0.5)
+    assert len(s) == 110 and s[0] == 0.0 and math.isclose(s[3], 1 / 3) and s[9] == 1.0  # warmup ends at base
     assert s[10] == 1.0 and math.isclose(s[60], 0.5) and s[-1] < 1e-3
     assert np.all(np.diff(s[10:]) <= 0)
     f = schedules.cosine_schedule(1.0, 0.0, 20, freeze_iters=5)
@@ -21,11 +21,38 @@ def test_cosine_schedule_known_points():
         schedules.cosine_schedule(1, 0, 10, warmup_iters=11)
 
 
+def dinov2_cosine(base, final, total_iters, warmup_iters=0, start_warmup_value=0.0, freeze_iters=0):
+    """DINOv2's ``CosineScheduler`` (dinov2/utils/utils.py), indexed as it is: past the end, the final value."""
+    warmup = np.linspace(start_warmup_value, base, warmup_iters)
+    iters = np.arange(total_iters - warmup_iters - freeze_iters)
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters))) if len(iters) else iters
+    schedule = np.concatenate((np.zeros(freeze_iters), warmup, cosine))
+    return lambda it: final if it >= total_iters else schedule[it]
+
+
+@pytest.mark.parametrize("base,final,total,warmup,start,freeze", [
+    (1e-3, 1e-6, 100, 10, 0.0, 0), (0.04, 0.2, 50, 0, 0.0, 0), (0.994, 1.0, 37, 0, 0.0, 0),
+    (5e-4, 1e-5, 60, 7, 1e-6, 5), (1.0, 0.0, 12, 12, 0.5, 0)])
+def test_cosine_schedule_is_dinov2_element_wise(base, final, total, warmup, start, freeze):
+    ours = schedules.cosine_schedule(base, final, total, warmup, start, freeze)
+    ref = dinov2_cosine(base, final, total, warmup, start, freeze)
+    assert np.array_equal(ours, [ref(i) for i in range(total)])
+
+
+@pytest.mark.parametrize("warmup,total", [(30, 100), (30, 30), (40, 25), (1, 10), (0, 5)])
+def test_teacher_temp_is_dinov2_element_wise(warmup, total):
+    """dinov2/train/train.py: CosineScheduler(base=final=teacher_temp, total=warmup=warmup_teacher_temp_iters,
+    start=warmup_teacher_temp), read past its end as teacher_temp."""
+    ref = dinov2_cosine(0.07, 0.07, warmup, warmup, 0.04)
+    assert np.array_equal(schedules.linear_warmup_constant(0.04, 0.07, warmup, total), [ref(i) for i in range(total)])
+
+
 def test_teacher_temp_and_momentum_and_last_layer():
     s = schedules.build_schedules(100, lr=1e-3, min_lr=1e-6, warmup_iters=10, wd=0.04, wd_end=0.2, momentum=0.994,
                                   momentum_end=1.0, teacher_temp=0.07, warmup_teacher_temp=0.04,
                                   teacher_temp_warmup_iters=30, freeze_last_layer_iters=5)
-    assert math.isclose(s.teacher_temp[0], 0.04) and math.isclose(s.teacher_temp[15], 0.055) and s.teacher_temp[30] == 0.07
+    assert math.isclose(s.teacher_temp[0], 0.04) and math.isclose(s.teacher_temp[29], 0.07)  # reached at the end
+    assert math.isclose(s.teacher_temp[10], 0.04 + 0.03 * 10 / 29) and (s.teacher_temp[29:] == s.teacher_temp[29]).all()
     assert math.isclose(s.momentum[0], 0.994) and s.momentum[-1] > 0.9999
     assert math.isclose(s.wd[0], 0.04) and s.wd[-1] > 0.199
     assert (s.last_layer_lr[:5] == 0).all() and s.last_layer_lr[5] == s.lr[5]
