@@ -68,13 +68,12 @@ def main():
     images = [pool[i % len(pool)] for i in range(args.images)]
     cfg = AugmentConfig()  # DinoBloom setting: 2x224 global, 8x98 local
     mc = MultiCrop(cfg)
-    gen = torch.Generator().manual_seed(0)
     batches = [images[i : i + args.batch] for i in range(0, len(images), args.batch)]
-    mc(batches[0], rng, gen)
+    mc(batches[0], [np.random.default_rng([0, i]) for i in range(args.batch)])
     pil_multicrop(batches[0][:2], cfg, rng)  # warm-up
     t0 = time.perf_counter()
     for b in batches:
-        out = mc(b, rng, gen)
+        out = mc(b, [np.random.default_rng([0, i]) for i in range(len(b))])
     fast = time.perf_counter() - t0
     t0 = time.perf_counter()
     for b in batches:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from cytoray import config as config_lib
 from cytoray.platform import schedules
@@ -64,6 +65,9 @@ class ModelPreset:
     optim: OptimConfig = field(default_factory=OptimConfig)
     total_iters: int = 125000
     batch_size_per_device: int = 32  # images per rank per step (each yields all global + local crops)
+    # Images per step over all ranks. Set it to make the run independent of the number of workers (each takes
+    # global_batch_size / workers; elastic runs need it); None: batch_size_per_device x train.num_workers.
+    global_batch_size: int | None = None
 
 
 def preset_path(name: str) -> str:
@@ -94,7 +98,7 @@ def make_schedules(p: ModelPreset, total_batch_size: int) -> schedules.Schedules
 class TrainConfig:
     """The Ray Train job: workers, checkpoint cadence, fault tolerance."""
 
-    num_workers: int = 8  # Ray Train workers (one per GPU)
+    num_workers: Any = 8  # Ray Train workers (one per GPU); [min, max] for an elastic run (Ray Train V2)
     use_gpu: bool = True
     cpus_per_worker: float = 1.0  # fractional on small machines so data actors get CPUs (0.5 on 2 cores)
     seed: int = 0  # model init, data order, augmentation and masks all derive from it
@@ -107,6 +111,42 @@ class TrainConfig:
     skip_nonfinite: bool = False  # skip steps with a non-finite loss instead of stopping
     init_checkpoint: str | None = None  # DINOv2 / DinoBloom / cytoray backbone to start student and teacher from
     fail_at_step: int | None = None  # fault injection (tests): the last rank raises once at this step
+
+
+def worker_range(t: TrainConfig) -> tuple[int, int]:
+    """(min, max) workers: equal for a fixed-size run; validated here, so a bad value fails at start-up."""
+    n = t.num_workers
+    if isinstance(n, int) and not isinstance(n, bool):
+        lo = hi = n
+    elif isinstance(n, (list, tuple)) and len(n) == 2 and all(isinstance(v, int) for v in n):
+        lo, hi = n
+    else:
+        raise config_lib.ConfigError(f"train.num_workers must be an int or [min, max] (elastic), got {n!r}")
+    if not 1 <= lo <= hi:
+        raise config_lib.ConfigError(f"train.num_workers={list(n) if lo != hi else n}: need 1 <= min <= max")
+    return lo, hi
+
+
+def global_batch(p: ModelPreset, t: TrainConfig) -> int:
+    """Images per step over all workers (what schedules and the sample order are a function of)."""
+    lo, hi = worker_range(t)
+    if p.global_batch_size is None:
+        if lo != hi:
+            raise config_lib.ConfigError(
+                f"an elastic run (train.num_workers=[{lo}, {hi}]) needs model.global_batch_size, so that the "
+                f"batch, the lr and the sample order stay the same when workers come and go")
+        return p.batch_size_per_device * lo
+    bad = [n for n in range(lo, hi + 1) if p.global_batch_size % n]
+    if p.global_batch_size < 1 or bad:
+        raise config_lib.ConfigError(
+            f"model.global_batch_size={p.global_batch_size} must be a positive multiple of every worker count "
+            f"the run may use ({lo}..{hi}); it is not divisible by {bad}. Pick a batch divisible by each, or "
+            f"narrow train.num_workers")
+    return p.global_batch_size
+
+
+def per_worker_batch(p: ModelPreset, t: TrainConfig, world_size: int) -> int:
+    return global_batch(p, t) // world_size if p.global_batch_size is not None else p.batch_size_per_device
 
 
 @dataclass

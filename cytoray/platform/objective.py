@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from cytoray.platform.loss.dino import DINOLoss, sinkhorn_knopp
+from cytoray.platform.loss.distributed import all_reduce_sum
 from cytoray.platform.loss.ibot import iBOTPatchLoss
-from cytoray.platform.loss.koleo import koleo_loss
+from cytoray.platform.loss.koleo import KOLEO_SCOPES, koleo_loss
 from cytoray.platform.models.heads import DINOHead
 from cytoray.platform.models.vit import ViTConfig, build_vit
 
@@ -28,12 +29,14 @@ class ObjectiveConfig:
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
     head_nlayers: int = 3
+    head_freeze_weight_g: bool = False  # keep the prototypes' weight_g at 1 (DINO v1 norm_last_layer); DINOv2 trains it
     ibot_separate_head: bool = False
     ibot_out_dim: int = 65536
     dino_loss_weight: float = 1.0
     ibot_loss_weight: float = 1.0
     koleo_loss_weight: float = 0.1
     koleo_eps: float = 1e-4  # DinoBloom raised KoLeo's epsilon from 1e-8 after infinite losses
+    koleo_scope: str = "global"  # neighbours searched in the global batch | rank (DINOv2: per GPU), see loss/koleo.py
     centering: str = "sinkhorn_knopp"  # sinkhorn_knopp | centering (EMA centre, DINO v1)
     student_temp: float = 0.1
     center_momentum: float = 0.9
@@ -44,14 +47,17 @@ class DINOv2Objective(nn.Module):
         super().__init__()
         if cfg.centering not in ("sinkhorn_knopp", "centering"):
             raise ValueError(f"objective.centering must be sinkhorn_knopp or centering, got {cfg.centering!r}")
+        if cfg.koleo_scope not in KOLEO_SCOPES:
+            raise ValueError(f"objective.koleo_scope must be one of {KOLEO_SCOPES}, got {cfg.koleo_scope!r}")
         self.cfg = cfg
         backbone = build_vit(vit)
         dim = backbone.embed_dim
         student = {"backbone": backbone,
-                   "dino_head": DINOHead(dim, cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.head_nlayers)}
+                   "dino_head": DINOHead(dim, cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.head_nlayers,
+                                         freeze_weight_g=cfg.head_freeze_weight_g)}
         if cfg.ibot_separate_head:
             student["ibot_head"] = DINOHead(dim, cfg.ibot_out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim,
-                                            cfg.head_nlayers)
+                                            cfg.head_nlayers, freeze_weight_g=cfg.head_freeze_weight_g)
         self.student = nn.ModuleDict(student)
         # Teacher: same weights, no stochastic depth, never trained by gradients (EMA only).
         self.teacher = nn.ModuleDict({k: copy.deepcopy(v) for k, v in student.items()})
@@ -89,14 +95,16 @@ class DINOv2Objective(nn.Module):
 
     def forward(self, batch: dict, teacher_temp: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """batch: global_crops (G,B,3,S,S), local_crops (L,B,3,s,s), masks (G*B,N), mask_indices (M,),
-        masks_weight (M,). Returns (loss, detached metrics)."""
+        masks_weight (M,); optional drop_noise_global (G*B, depth, 2) and drop_noise_local (L*B, depth, 2):
+        uniforms that decide the student's stochastic depth per crop (``data/keys.py`` draws them per sample,
+        so they do not depend on how the global batch is split). Returns (loss, detached metrics)."""
         cfg = self.cfg
         n_g, n_l = batch["global_crops"].shape[0], batch["local_crops"].shape[0]
         globals_, locals_ = batch["global_crops"].flatten(0, 1), batch["local_crops"].flatten(0, 1)
         masks, idx = batch["masks"], batch["mask_indices"]
         teacher_cls, teacher_patch = self.teacher_targets(globals_, idx, n_g, teacher_temp)
 
-        s_g = self.student["backbone"].forward_features(globals_, masks=masks)
+        s_g = self.student["backbone"].forward_features(globals_, masks=masks, drop_noise=batch.get("drop_noise_global"))
         s_g_cls = s_g["x_norm_clstoken"]
         s_patches = s_g["x_norm_patchtokens"].flatten(0, 1)[idx]
         s_g_logits, s_patch_logits = self._heads(self.student, s_g_cls, s_patches)
@@ -106,7 +114,8 @@ class DINOv2Objective(nn.Module):
         loss = s_g_logits.new_zeros(())
         t_views = list(teacher_cls.chunk(n_g))
         if n_l > 0:
-            s_l_cls = self.student["backbone"].forward_features(locals_)["x_norm_clstoken"]
+            s_l_cls = self.student["backbone"].forward_features(
+                locals_, drop_noise=batch.get("drop_noise_local"))["x_norm_clstoken"]
             s_l_logits = self.student["dino_head"](s_l_cls)
             local = self.dino_loss(list(s_l_logits.chunk(n_l)), t_views) / n_pairs  # every local vs every global
             metrics["dino_local_loss"] = local.detach()
@@ -115,7 +124,7 @@ class DINOv2Objective(nn.Module):
         metrics["dino_global_loss"] = glob.detach()
         loss = loss + cfg.dino_loss_weight * glob
         if cfg.koleo_loss_weight:
-            koleo = sum(koleo_loss(x, cfg.koleo_eps) for x in s_g_cls.chunk(n_g))
+            koleo = sum(koleo_loss(x, cfg.koleo_eps, cfg.koleo_scope) for x in s_g_cls.chunk(n_g))
             metrics["koleo_loss"] = koleo.detach()
             loss = loss + cfg.koleo_loss_weight * koleo
         if cfg.ibot_loss_weight:
@@ -127,7 +136,7 @@ class DINOv2Objective(nn.Module):
         with torch.no_grad():  # collapse monitors: teacher target entropy, spread of student features
             p = teacher_cls.float().clamp_min(1e-12)
             metrics["teacher_entropy"] = -(p * p.log()).sum(-1).mean()
-            metrics["student_feature_std"] = torch.nn.functional.normalize(s_g_cls.float(), dim=-1).std(0).mean()
+            metrics["student_feature_std"] = global_std(torch.nn.functional.normalize(s_g_cls.float(), dim=-1)).mean()
         return loss, metrics
 
     @torch.no_grad()
@@ -136,6 +145,13 @@ class DINOv2Objective(nn.Module):
         s_params = [p for k, m in self.student.items() for p in m.parameters()]
         t_params = [p for k, m in self.teacher.items() for p in m.parameters()]
         torch._foreach_lerp_(t_params, [p.detach() for p in s_params], 1.0 - momentum)
+
+
+def global_std(x: torch.Tensor) -> torch.Tensor:
+    """(B, D) rows of this rank -> (D,) unbiased std over the rows of all ranks (the same value on every rank)."""
+    stats = all_reduce_sum(torch.cat([x.new_tensor([x.shape[0]]), x.sum(0), x.square().sum(0)]))
+    n, total, squares = stats[0], stats[1 : 1 + x.shape[1]], stats[1 + x.shape[1] :]
+    return ((squares - total.square() / n) / (n - 1).clamp(min=1)).clamp(min=0).sqrt()
 
 
 def build_objective(vit: ViTConfig, cfg: ObjectiveConfig, drop_path_rate: float | None = None) -> DINOv2Objective:

@@ -21,14 +21,14 @@ import tempfile
 import time
 from dataclasses import asdict
 
-import numpy as np
 import torch
 
 from cytoray import config as config_lib
 from cytoray import storage
 from cytoray.platform import checkpointing, validation
-from cytoray.platform.config import PretrainConfig, make_schedules
-from cytoray.platform.data.batch import MaskCollator
+from cytoray.platform.config import PretrainConfig, make_schedules, per_worker_batch, worker_range
+from cytoray.platform.config import global_batch as global_batch_size
+from cytoray.platform.data.batch import SampleDraws
 from cytoray.platform.data.stream import build_stream, expand_repeats, iter_steps, read_manifest
 from cytoray.platform.metrics import MetricsLog
 from cytoray.platform.models.checkpoints import export_state_dict, load_backbone
@@ -62,8 +62,9 @@ def train_loop_per_worker(config: dict) -> None:
     cfg: PretrainConfig = config["cfg"]
     p, t = cfg.model, cfg.train
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    global_batch = p.batch_size_per_device * world
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()  # world: any size in train.num_workers' range
+    global_batch = global_batch_size(p, t)
+    batch_size = per_worker_batch(p, t, world)
 
     # 1. device mesh over all workers (gloo on CPU, NCCL on GPU: Ray's TorchConfig set up the process group)
     device = ray.train.torch.get_device()
@@ -89,15 +90,16 @@ def train_loop_per_worker(config: dict) -> None:
     start, last = state["step"], end_step(cfg)
 
     # 6. this rank's data: steps [start, last) from the saved sample position on
-    ds = build_stream(cfg.data, cfg.storage, p.augment, t.seed, p.batch_size_per_device, world, rank,
+    ds = build_stream(cfg.data, cfg.storage, p.augment, t.seed, batch_size, world, rank,
                       start, last, state["samples_consumed"])
-    masks = MaskCollator(p.augment.global_crops.size, p.vit.patch_size, p.mask.mask_ratio, p.mask.mask_probability,
-                         p.mask.min_num_patches, p.mask.min_aspect)
+    draws = SampleDraws(p.augment.global_crops.size, p.vit.patch_size, p.mask.mask_ratio, p.mask.mask_probability,
+                        p.mask.min_num_patches, p.mask.min_aspect, objective.student["backbone"].n_blocks,
+                        p.vit.drop_path_rate)
     metrics_log = MetricsLog(run_uri(cfg), start, cfg.storage) if rank == 0 else None
     if rank == 0:
         held, total = local_numel(objective)
         print(f"[cytoray] {p.vit.arch}: {total / 1e6:.1f}M parameters (student+teacher), rank 0 holds "
-              f"{held / 1e6:.1f}M; {world} workers x {p.batch_size_per_device} images; steps {start} -> {last}",
+              f"{held / 1e6:.1f}M; {world} workers x {batch_size} images; steps {start} -> {last}",
               flush=True)
 
     samples = state["samples_consumed"]
@@ -105,10 +107,10 @@ def train_loop_per_worker(config: dict) -> None:
     for step, batch in iter_steps(ds, cfg.data.prefetch_batches):
         wait_t = time.perf_counter() - t_prev
         maybe_inject_failure(cfg, step, rank, world)
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "positions"}
-        n_global = batch["global_crops"].shape[0] * batch["global_crops"].shape[1]
-        batch.update(masks(n_global, np.random.default_rng([t.seed, step, rank, 0x3A5C])))
-        torch.manual_seed(hash((t.seed, step, rank)) % 2**62)  # stochastic depth: a function of the step
+        positions = batch.pop("positions").numpy()  # global sample positions: keys of every random draw
+        batch.update(draws(t.seed, step, positions, positions - samples, global_batch, p.augment.global_crops.number,
+                           p.augment.local_crops.number))
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         values = sched.at(step)
 
         metrics = train_step(objective, optimizer, batch, values, p.optim.clip_grad, step, t.skip_nonfinite)
@@ -123,7 +125,7 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 print(progress_line(done, last, row), flush=True)
         train_state = {"step": done, "samples_consumed": samples, "world_size": world,
-                       "batch_size_per_device": p.batch_size_per_device, "seed": t.seed, "preset": cfg.preset,
+                       "batch_size_per_device": batch_size, "global_batch": global_batch, "seed": t.seed, "preset": cfg.preset,
                        "epoch": samples // config["epoch_len"], "vit": asdict(p.vit)}
         if done % t.checkpoint_every == 0 or done == last:
             if (t.export_every and done % t.export_every == 0) or done == last:
@@ -239,6 +241,7 @@ def pretrain(cfg: PretrainConfig, callbacks=()):
         fs, _ = storage.arrow_filesystem(cfg.run.storage_path, cfg.storage)
     config_lib.save_config(cfg, run_uri(cfg), cfg.storage)
     t = cfg.train
+    workers = worker_range(t)  # (min, max): an elastic run when they differ
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     keep = ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints)
     if cfg.eval.keep_best and cfg.eval.manifests:
@@ -248,8 +251,8 @@ def pretrain(cfg: PretrainConfig, callbacks=()):
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "epoch_len": epoch_len},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                               resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers if workers[0] < workers[1] else workers[0],
+                                               use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=path if fs is not None else cfg.run.storage_path,
             storage_filesystem=fs,
@@ -270,8 +273,9 @@ def validate(cfg: PretrainConfig) -> int:
     if t.use_gpu and not _gpus_visible():
         raise config_lib.ConfigError("train.use_gpu=true but this cluster has no GPUs; set train.use_gpu=false "
                                      "(CPU, gloo) or run on a GPU cluster")
-    if t.num_workers < 1 or t.cpus_per_worker <= 0:
-        raise config_lib.ConfigError("train.num_workers must be >= 1 and train.cpus_per_worker > 0")
+    global_batch_size(p, t)  # worker range, and a global batch every worker count divides
+    if t.cpus_per_worker <= 0:
+        raise config_lib.ConfigError("train.cpus_per_worker must be > 0")
     if p.augment.global_crops.size % p.vit.patch_size or p.augment.local_crops.size % p.vit.patch_size:
         raise config_lib.ConfigError(
             f"crop sizes ({p.augment.global_crops.size}, {p.augment.local_crops.size}) must be multiples of "

@@ -39,7 +39,7 @@ def test_multicrop_shapes_and_grayscale_rate():
                           mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), second_global_blur_p=0.0)
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (50, 60, 3), dtype=np.uint8) for _ in range(250)]
-    out = A.MultiCrop(cfg)(images, rng, torch.Generator().manual_seed(0))
+    out = A.MultiCrop(cfg)(images, [np.random.default_rng([0, i]) for i in range(len(images))])
     assert out["global_crops"].shape == (2, 250, 3, 32, 32) and out["local_crops"].shape == (4, 250, 3, 16, 16)
     locs = out["local_crops"].flatten(0, 1)
     gray = (locs[:, 0] == locs[:, 1]).flatten(1).all(1) & (locs[:, 1] == locs[:, 2]).flatten(1).all(1)

@@ -16,8 +16,7 @@ from cytoray.platform.objective import DINOv2Objective
 def _batch(p, n=6):
     rng = np.random.default_rng(0)
     images = [render_cell(CLASS_NAMES[i % 10], 80, 0.3, Stain(), rng) for i in range(n)]
-    return BatchBuilder(MultiCrop(p.augment), p.vit.patch_size, p.mask.mask_ratio, 1.0)(
-        images, rng, torch.Generator().manual_seed(0))
+    return BatchBuilder(MultiCrop(p.augment), p.vit.patch_size, p.mask.mask_ratio, 1.0)(images, seed=0)
 
 
 @pytest.mark.parametrize("overrides,terms", [

@@ -109,12 +109,40 @@ def crop_geometry(img: np.ndarray | Image.Image, spec: CropSpec, cfg: AugmentCon
     return np.asarray(out)
 
 
-def _per(n: int, p: float, g: torch.Generator) -> torch.Tensor:
-    return torch.rand(n, generator=g) < p
+class Uniforms:
+    """Per-crop U[0, 1) draws, consumed column by column: row i belongs to crop i alone.
+
+    Training fills each crop's row from its sample's own generator (keyed by the global sample position), so
+    a crop's photometric choices do not depend on which other images share its batch or rank. A
+    ``torch.Generator`` is accepted wherever a ``Uniforms`` is (one draw per crop from it), for direct use.
+    """
+
+    COLUMNS = 24  # enough for every photometric draw of one crop (reinhard 2, hed 7, jitter+gray 6, blur 2, solarize 2)
+
+    def __init__(self, u: torch.Tensor):
+        self.u, self.used = u, 0  # (n, COLUMNS)
+
+    @classmethod
+    def of(cls, g: Uniforms | torch.Generator, n: int) -> Uniforms:
+        return g if isinstance(g, Uniforms) else cls(torch.rand(n, cls.COLUMNS, generator=g))
+
+    def take(self, k: int | None = None) -> torch.Tensor:
+        """(n,) next column, or (n, k) next k columns."""
+        width = 1 if k is None else k
+        if self.used + width > self.u.shape[1]:
+            raise RuntimeError(f"Uniforms: {self.used + width} draws per crop requested, {self.u.shape[1]} held; "
+                               "raise Uniforms.COLUMNS")
+        out = self.u[:, self.used : self.used + width]
+        self.used += width
+        return out[:, 0] if k is None else out
 
 
-def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
-    return lo + (hi - lo) * torch.rand(n, generator=g)
+def _per(p: float | torch.Tensor, g: Uniforms) -> torch.Tensor:
+    return g.take() < p
+
+
+def _uniform(lo: float, hi: float, g: Uniforms, k: int | None = None) -> torch.Tensor:
+    return lo + (hi - lo) * g.take(k)
 
 
 _GRAY_W = torch.tensor([0.299, 0.587, 0.114])
@@ -122,7 +150,7 @@ _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.
 _RGB_FROM_YIQ = torch.linalg.inv(_YIQ)
 
 
-def colour_affine(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator,
+def colour_affine(x: torch.Tensor, cfg: AugmentConfig, g: Uniforms | torch.Generator,
                   grayscale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-crop (A (n,3,3), t (n,3)) such that jitter + grayscale = A·rgb + t.
 
@@ -133,16 +161,17 @@ def colour_affine(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator,
     Each crop is jittered with probability ``jitter_p``.
     """
     n = x.shape[0]
-    on = _per(n, cfg.jitter_p, g).float()
+    g = Uniforms.of(g, n)
+    on = _per(cfg.jitter_p, g).float()
 
     def factor(strength):
-        return 1 + on * _uniform(n, -strength, strength, g)
+        return 1 + on * _uniform(-strength, strength, g)
 
     b, c, sat = factor(cfg.brightness), factor(cfg.contrast), factor(cfg.saturation)
     eye = torch.eye(3).expand(n, 3, 3)
     gray_m = _GRAY_W.expand(3, 3)  # every output channel = luma
     m_sat = sat.view(n, 1, 1) * eye + (1 - sat).view(n, 1, 1) * gray_m
-    theta = on * _uniform(n, -cfg.hue, cfg.hue, g) * 2 * math.pi if cfg.hue else torch.zeros(n)
+    theta = on * _uniform(-cfg.hue, cfg.hue, g) * 2 * math.pi if cfg.hue else torch.zeros(n)
     rot = torch.zeros(n, 3, 3)
     rot[:, 0, 0] = 1
     rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = theta.cos(), -theta.sin(), theta.sin(), theta.cos()
@@ -160,18 +189,21 @@ def apply_affine(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor) -> torch.Ten
     return torch.baddbmm(t.unsqueeze(-1), a, x.reshape(n, 3, -1)).view_as(x).clamp_(0, 1)
 
 
-def color_jitter(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+def color_jitter(x: torch.Tensor, cfg: AugmentConfig, g: Uniforms | torch.Generator) -> torch.Tensor:
     """x: (N,3,H,W) float in [0,1]; each crop jittered with probability jitter_p."""
     return apply_affine(x, *colour_affine(x, cfg, g))
 
 
-def gaussian_blur(x: torch.Tensor, p: float, sigma_range, g: torch.Generator) -> torch.Tensor:
-    """Blur each crop with probability p, sigma ~ U(sigma_range); kernel covers ±3σ (odd size)."""
+def gaussian_blur(x: torch.Tensor, p: float | torch.Tensor, sigma_range, g: Uniforms | torch.Generator) -> torch.Tensor:
+    """Blur each crop with probability p (a float, or one per crop), sigma ~ U(sigma_range); kernel covers ±3σ
+    (odd size)."""
     n = x.shape[0]
-    which = torch.nonzero(_per(n, p, g)).flatten()
+    g = Uniforms.of(g, n)
+    on, u_sigma = _per(p, g), g.take()
+    which = torch.nonzero(on).flatten()
     if len(which) == 0:
         return x
-    sigmas = _uniform(len(which), *sigma_range, g)
+    sigmas = sigma_range[0] + (sigma_range[1] - sigma_range[0]) * u_sigma[which]
     radius = int(math.ceil(3 * float(sigmas.max())))
     t = torch.arange(-radius, radius + 1, dtype=torch.float32)
     k = torch.exp(-(t[None] ** 2) / (2 * sigmas[:, None] ** 2))
@@ -187,15 +219,16 @@ def gaussian_blur(x: torch.Tensor, p: float, sigma_range, g: torch.Generator) ->
     return x
 
 
-def hed_jitter(x: torch.Tensor, p: float, sigma: float, g: torch.Generator) -> torch.Tensor:
+def hed_jitter(x: torch.Tensor, p: float, sigma: float, g: Uniforms | torch.Generator) -> torch.Tensor:
     """Stain augmentation in HED optical-density space (Tellez et al. 2018): per crop and stain,
     od' = od·U(1±σ) + U(±σ)."""
     n = x.shape[0]
-    on = _per(n, p, g).float().view(n, 1, 1)
+    g = Uniforms.of(g, n)
+    on = _per(p, g).float().view(n, 1, 1)
     od = -torch.log(x.clamp(min=1 / 255.0))
     hed = torch.einsum("ij,njhw->nihw", HED_FROM_RGB.t(), od)
-    alpha = 1 + on * _uniform(3 * n, -sigma, sigma, g).view(n, 3, 1)
-    beta = on * _uniform(3 * n, -sigma, sigma, g).view(n, 3, 1)
+    alpha = 1 + on * _uniform(-sigma, sigma, g, 3).view(n, 3, 1)
+    beta = on * _uniform(-sigma, sigma, g, 3).view(n, 3, 1)
     hed = hed * alpha.unsqueeze(-1) + beta.unsqueeze(-1)
     od = torch.einsum("ij,njhw->nihw", RGB_FROM_HED.t(), hed)
     return torch.exp(-od).clamp_(0, 1)
@@ -211,13 +244,19 @@ def _from_lab(lab: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ij,njhw->nihw", torch.linalg.inv(_LMS), lms).clamp_(0, 1)
 
 
-def reinhard_transfer(x: torch.Tensor, image_index: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
-    """Match each selected crop's lαβ mean/std to a crop of a *different* image of the batch (RudolfV)."""
+def reinhard_transfer(x: torch.Tensor, image_index: torch.Tensor, p: float,
+                      g: Uniforms | torch.Generator) -> torch.Tensor:
+    """Match each selected crop's lαβ mean/std to a crop of a *different* image of the batch (RudolfV).
+
+    The one augmentation that looks beyond its own sample: the donor comes from the images that share the
+    batch, so with ``reinhard_p > 0`` a crop's colours depend on how the global batch is split into per-rank
+    batches (every other choice is keyed by the sample alone)."""
     n = x.shape[0]
-    images = image_index.unique()
-    if len(images) < 2:
+    g = Uniforms.of(g, n)
+    on, u_donor = _per(p, g), g.take()
+    if len(image_index.unique()) < 2:
         return x
-    which = torch.nonzero(_per(n, p, g)).flatten()
+    which = torch.nonzero(on).flatten()
     if len(which) == 0:
         return x
     lab = _to_lab(x[which])
@@ -225,7 +264,7 @@ def reinhard_transfer(x: torch.Tensor, image_index: torch.Tensor, p: float, g: t
     donors = []
     for i in which.tolist():
         others = torch.nonzero(image_index != image_index[i]).flatten()
-        donors.append(int(others[torch.randint(len(others), (1,), generator=g)]))
+        donors.append(int(others[min(int(u_donor[i] * len(others)), len(others) - 1)]))
     dlab = _to_lab(x[donors])
     dmu, dsd = dlab.mean(dim=(2, 3), keepdim=True), dlab.std(dim=(2, 3), keepdim=True)
     x = x.clone()
@@ -235,61 +274,67 @@ def reinhard_transfer(x: torch.Tensor, image_index: torch.Tensor, p: float, g: t
 
 class MultiCrop:
     """images (list of uint8 H×W×3) -> {"global_crops": (G,B,3,S,S), "local_crops": (L,B,3,s,s)} float,
-    normalised. ``rng`` drives geometry, ``generator`` the photometric draws (both seedable)."""
+    normalised. Every random choice of image i comes from ``rngs[i]`` (geometry first, then one row of
+    photometric draws per crop), so an image's views depend on its generator only, not on its batch."""
 
     def __init__(self, cfg: AugmentConfig | None = None):
         self.cfg = cfg or AugmentConfig()
 
     def _photometric(self, crops: np.ndarray, image_index: torch.Tensor, blur_p: torch.Tensor | float,
-                     solarize_p: float, g: torch.Generator) -> torch.Tensor:
+                     solarize_p: float, g: Uniforms) -> torch.Tensor:
         cfg = self.cfg
         x = torch.from_numpy(crops).permute(0, 3, 1, 2).float().div_(255.0)  # (N,3,S,S): the one conversion
         if cfg.reinhard_p:
             x = reinhard_transfer(x, image_index, cfg.reinhard_p, g)
         if cfg.hed_p:
             x = hed_jitter(x, cfg.hed_p, cfg.hed_sigma, g)
-        gray = _per(x.shape[0], cfg.grayscale_p, g)
+        gray = _per(cfg.grayscale_p, g)
         x = apply_affine(x, *colour_affine(x, cfg, g, gray))
-        if isinstance(blur_p, float):
-            x = gaussian_blur(x, blur_p, cfg.blur_sigma, g)
-        else:  # per-crop probabilities (first vs second global crop)
-            for p in blur_p.unique().tolist():
-                idx = torch.nonzero(blur_p == p).flatten()
-                x[idx] = gaussian_blur(x[idx], p, cfg.blur_sigma, g)
+        x = gaussian_blur(x, blur_p, cfg.blur_sigma, g)
         if solarize_p:
-            sol = _per(x.shape[0], solarize_p, g).view(-1, 1, 1, 1)
+            sol = _per(solarize_p, g).view(-1, 1, 1, 1)
             x = torch.where(sol & (x >= 0.5), 1 - x, x)
         mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
         std = torch.tensor(cfg.std).view(1, 3, 1, 1)
         return x.sub_(mean).div_(std)
 
-    def __call__(self, images: list[np.ndarray], rng: np.random.Generator, generator: torch.Generator) -> dict:
+    def __call__(self, images: list[np.ndarray], rngs: list[np.random.Generator]) -> dict:
         cfg, b = self.cfg, len(images)
-        out = {}
-        for key, spec in (("global_crops", cfg.global_crops), ("local_crops", cfg.local_crops)):
+        if len(rngs) != b:
+            raise ValueError(f"MultiCrop: {b} images but {len(rngs)} generators (one per image)")
+        specs = (("global_crops", cfg.global_crops), ("local_crops", cfg.local_crops))
+        pils = [Image.fromarray(img) for img in images]  # wraps, once per image
+        # geometry: each image draws its crops from its own generator, global crops first
+        geometry = {key: [[crop_geometry(pil, spec, cfg, rng) for _ in range(spec.number)]
+                          for pil, rng in zip(pils, rngs)] for key, spec in specs}
+        n_crops = cfg.global_crops.number + cfg.local_crops.number
+        draws = torch.from_numpy(np.stack([rng.random((n_crops, Uniforms.COLUMNS)) for rng in rngs])
+                                 ).float()  # (B, crops, COLUMNS)
+        out, first = {}, 0
+        for key, spec in specs:
             if spec.number == 0:
                 out[key] = torch.zeros(0, b, 3, spec.size, spec.size)
                 continue
-            pils = [Image.fromarray(img) for img in images]  # wraps, once per image
-            crops = np.stack([crop_geometry(im, spec, cfg, rng)
-                              for c in range(spec.number) for im in pils])  # crop-major: (n*B,S,S,3)
+            crops = np.stack([geometry[key][i][c] for c in range(spec.number) for i in range(b)])  # (n*B,S,S,3)
+            g = Uniforms(draws[:, first : first + spec.number].transpose(0, 1).flatten(0, 1))  # crop-major rows
+            first += spec.number
             index = torch.arange(b).repeat(spec.number)
             if key == "global_crops" and spec.number >= 2:
                 blur = torch.full((spec.number * b,), spec.blur_p)
                 blur[b : 2 * b] = cfg.second_global_blur_p
-                x = self._photometric(crops, index, blur, 0.0, generator)
+                x = self._photometric(crops, index, blur, 0.0, g)
                 if cfg.second_global_solarize_p:
-                    second = x[b : 2 * b]
-                    x[b : 2 * b] = self._solarize_normalised(second, cfg.second_global_solarize_p, generator)
+                    x[b : 2 * b] = self._solarize_normalised(x[b : 2 * b], cfg.second_global_solarize_p,
+                                                             g.take()[b : 2 * b])
             else:
-                x = self._photometric(crops, index, spec.blur_p, spec.solarize_p, generator)
+                x = self._photometric(crops, index, spec.blur_p, spec.solarize_p, g)
             out[key] = x.view(spec.number, b, 3, spec.size, spec.size)
         return out
 
-    def _solarize_normalised(self, x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
+    def _solarize_normalised(self, x: torch.Tensor, p: float, u: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.cfg.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.cfg.std).view(1, 3, 1, 1)
         raw = x * std + mean
-        sol = _per(x.shape[0], p, g).view(-1, 1, 1, 1)
+        sol = (u < p).view(-1, 1, 1, 1)
         raw = torch.where(sol & (raw >= 0.5), 1 - raw, raw)
         return (raw - mean) / std

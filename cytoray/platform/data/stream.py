@@ -3,8 +3,10 @@
 Order is a pure function, so resume is exact: epoch ``e`` is the manifest expanded by ``repeats``
 (curation's balancing) and permuted with a seed derived from (run seed, e). Sample positions run on across
 epochs; rank ``r`` at training step ``s`` takes positions ``consumed(s) + r·B … + B-1`` where ``B`` is the
-per-rank batch, and each batch's augmentation RNG is seeded by its first position. Restoring a checkpoint
-restores ``samples_consumed``; the next batch is the one that would have come, with the same crops.
+per-rank batch (the global batch divided by the workers), and each sample's crops come from a generator
+keyed by its position (``keys.py``), so the views of a step do not depend on the number of workers.
+Restoring a checkpoint restores ``samples_consumed``; the next batch is the one that would have come, with
+the same crops, on any number of workers that divides the global batch.
 
 Why each rank builds its own Ray Data pipeline (not ``TorchTrainer(datasets=...)``): Ray Train's
 ``streaming_split`` hands blocks to ranks dynamically and restarts from the first row after a worker-group
@@ -22,9 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from cytoray import images, storage
+from cytoray.platform.data import keys
 from cytoray.platform.data.augment import AugmentConfig, MultiCrop
 from cytoray.runtime import keep_image_buffers_on_heap
 
@@ -120,9 +122,6 @@ class EpochOrder:
     def __init__(self, index: np.ndarray, seed: int):
         self.index, self.seed, self._cached = index, seed, (-1, None)
 
-    def epoch_of(self, position: int) -> int:
-        return int(position // len(self.index))
-
     def rows(self, positions: np.ndarray) -> np.ndarray:
         out = np.empty(len(positions), dtype=np.int64)
         epochs = positions // len(self.index)
@@ -171,9 +170,7 @@ class MultiCropBatches:
         for step in batch["step"]:
             pos = self.positions(int(step))
             imgs = [self._load(int(r)) for r in self.order.rows(pos)]
-            rng = np.random.default_rng([self.seed, int(pos[0]), 0xC209])
-            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            crops = self.multicrop(imgs, rng, gen)
+            crops = self.multicrop(imgs, keys.crop_rngs(self.seed, pos))
             out["global_crops"].append(crops["global_crops"].numpy())
             out["local_crops"].append(crops["local_crops"].numpy())
             out["positions"].append(pos)

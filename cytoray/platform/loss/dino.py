@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cytoray.platform.loss.distributed import all_reduce_sum, world_size
+from cytoray.platform.loss.distributed import all_reduce_max, all_reduce_sum, world_size
 
 
 @torch.no_grad()
@@ -20,13 +20,19 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temp: float, n_iterations: int 
                    num_samples: torch.Tensor | int | None = None) -> torch.Tensor:
     """(B, K) logits -> (B, K) assignment whose rows sum to 1 and columns to B/K over the global batch.
 
-    ``num_samples`` overrides the global B (iBOT passes the number of masked patches across ranks).
+    ``num_samples`` overrides the global B (iBOT passes the number of masked patches across ranks, which
+    differs from rank to rank and may be zero on some). The logits are shifted by their *global* maximum
+    before ``exp``: a constant shift cancels in the first normalisation and keeps ``exp`` finite, whereas a
+    per-rank shift would weight each rank's rows by exp(-its own max) in the cross-rank sums (DINOv2 does not
+    shift at all).
     """
     logits = teacher_logits.float() / temp
-    q = torch.exp(logits - logits.max()).t()  # (K, B); max-shift is exact after normalisation, avoids inf
+    local_max = logits.max() if logits.numel() else logits.new_tensor(float("-inf"))
+    shift = all_reduce_max(local_max.reshape(1).clone())
+    q = torch.exp(logits - shift).t()  # (K, B)
     k = q.shape[0]
     b = num_samples if num_samples is not None else q.shape[1] * world_size()
-    total = all_reduce_sum(q.sum())
+    total = all_reduce_sum(q.sum().reshape(1))
     q /= total
     for _ in range(n_iterations):
         rows = all_reduce_sum(q.sum(dim=1, keepdim=True))

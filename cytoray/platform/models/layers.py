@@ -107,11 +107,17 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
-def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
-    """Stochastic depth per sample (scaled so the expectation is unchanged)."""
+def drop_path(x: torch.Tensor, rate: float, training: bool, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Stochastic depth per sample (scaled so the expectation is unchanged). ``noise`` (B,) uniforms in [0, 1)
+    decide which samples keep the branch (noise >= rate); without it, a Bernoulli draw from the global RNG.
+    Training passes noise drawn per sample (``data/keys.py``), so a sample's drops do not depend on its rank."""
     if rate == 0.0 or not training:
         return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - rate)
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    if noise is None:
+        keep = x.new_empty(shape).bernoulli_(1 - rate)
+    else:
+        keep = (noise >= rate).to(x.dtype).view(shape)
     return x * keep / (1 - rate)
 
 
@@ -128,6 +134,8 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
         self.drop_path_rate = drop_path_rate
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_path_rate, self.training)
-        return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path_rate, self.training)
+    def forward(self, x: torch.Tensor, drop_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D); ``drop_noise`` (B, 2): stochastic-depth uniforms for the attention and MLP branches."""
+        n_attn, n_mlp = (None, None) if drop_noise is None else drop_noise.unbind(-1)
+        x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_path_rate, self.training, n_attn)
+        return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path_rate, self.training, n_mlp)

@@ -114,11 +114,15 @@ class VisionTransformer(nn.Module):
             x = torch.cat((x[:, :1], self.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]), dim=1)
         return x
 
-    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict:
-        """Normalised CLS (B,D), register (B,R,D) and patch (B,N,D) tokens, plus the pre-norm sequence."""
+    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None,
+                         drop_noise: torch.Tensor | None = None) -> dict:
+        """Normalised CLS (B,D), register (B,R,D) and patch (B,N,D) tokens, plus the pre-norm sequence.
+
+        ``drop_noise`` (B, depth, 2) uniforms decide stochastic depth per sample, block and branch (see
+        ``layers.drop_path``); without it the global RNG does."""
         x = self.prepare_tokens(x, masks)
-        for blk in self.blocks:
-            x = blk(x)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x) if drop_noise is None else blk(x, drop_noise[:, i])
         x_norm = self.norm(x)
         r = self.num_register_tokens
         return {"x_norm_clstoken": x_norm[:, 0], "x_norm_regtokens": x_norm[:, 1 : r + 1],
@@ -126,7 +130,9 @@ class VisionTransformer(nn.Module):
 
     def get_intermediate_layers(self, x: torch.Tensor, n: int | list[int] = 1, reshape: bool = False,
                                 return_class_token: bool = False, norm: bool = True):
-        """Outputs of the last ``n`` blocks (or the listed block indices), as DINOv2's evaluation uses."""
+        """Outputs of the last ``n`` blocks (or the listed block indices), as DINOv2's evaluation uses;
+        ``reshape`` gives (B, D, H/p, W/p) maps laid out as the input image, also for non-square inputs."""
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         x = self.prepare_tokens(x)
         wanted = set(range(len(self.blocks) - n, len(self.blocks)) if isinstance(n, int) else n)
         outs = []
@@ -142,9 +148,7 @@ class VisionTransformer(nn.Module):
         cls = [o[:, 0] for o in outs]
         patches = [o[:, r + 1 :] for o in outs]
         if reshape:
-            b, _, d = patches[0].shape
-            hp = int(math.isqrt(patches[0].shape[1]))
-            patches = [p.reshape(b, hp, -1, d).permute(0, 3, 1, 2).contiguous() for p in patches]
+            patches = [p.reshape(p.shape[0], *grid, p.shape[-1]).permute(0, 3, 1, 2).contiguous() for p in patches]
         return tuple(zip(patches, cls)) if return_class_token else tuple(patches)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
