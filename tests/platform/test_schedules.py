@@ -7,7 +7,8 @@ import torch
 from cytoray.platform import schedules
 from cytoray.platform.config import load_preset, make_schedules
 from cytoray.platform.models.heads import DINOHead
-from cytoray.platform.models.vit import build_vit
+from cytoray.platform.models.vit import ViTConfig, build_vit
+from cytoray.platform.objective import DINOv2Objective, ObjectiveConfig
 
 
 def test_cosine_schedule_known_points():
@@ -82,12 +83,34 @@ def test_param_groups_decay_multipliers_and_no_weight_decay():
     assert by_name["backbone.blocks.0.mlp.fc1.weight"]["wd_multiplier"] == 1.0
     assert by_name["backbone.cls_token"]["wd_multiplier"] == 1.0  # DINOv2 decays tokens and pos_embed
     assert by_name["dino_head.last_layer.weight_v"]["is_last_layer"]
-    assert "dino_head.last_layer.weight_g" not in by_name  # frozen at 1, not optimised
     opt = torch.optim.AdamW(groups)
     schedules.apply_schedule(opt, {"lr": 1.0, "wd": 0.1, "last_layer_lr": 0.0})
     for g in opt.param_groups:
         assert g["lr"] == (0.0 if g["is_last_layer"] else g["lr_multiplier"])
         assert g["weight_decay"] == 0.1 * g["wd_multiplier"]
+
+
+def test_prototype_weight_g_trains_by_default_and_freezes_on_request():
+    """DINOv2 trains the weight-norm gain (weight_norm(nn.Linear), g filled with 1) in the last-layer group with
+    weight decay (its name has no bias/norm/gamma); ``head_freeze_weight_g`` keeps DINO v1's g = 1."""
+    torch.manual_seed(0)
+    trained, frozen = DINOHead(64, 32, 32, 16), DINOHead(64, 32, 32, 16, freeze_weight_g=True)
+    for head in (trained, frozen):
+        head(torch.randn(8, 64)).logsumexp(-1).sum().backward()
+    assert torch.equal(trained.last_layer.weight_g, torch.ones(32, 1))
+    assert trained.last_layer.weight_g.grad is not None and trained.last_layer.weight_g.grad.abs().sum() > 0
+    assert not frozen.last_layer.weight_g.requires_grad and frozen.last_layer.weight_g.grad is None
+    groups = schedules.param_groups(torch.nn.ModuleDict({"dino_head": trained}), num_layers=2)
+    g = next(g for g in groups if "dino_head.last_layer.weight_g" in g["names"])
+    assert g["is_last_layer"] and g["wd_multiplier"] == 1.0 and g["lr_multiplier"] == 1.0
+    assert "dino_head.last_layer.weight_g" not in {n for g in schedules.param_groups(
+        torch.nn.ModuleDict({"dino_head": frozen}), num_layers=2) for n in g["names"]}
+    vit = ViTConfig(arch="vit_debug", patch_size=8, img_size=32)
+    small = {"out_dim": 32, "ibot_out_dim": 32, "head_hidden_dim": 32, "head_bottleneck_dim": 16,
+             "ibot_separate_head": True}
+    for freeze in (False, True):
+        obj = DINOv2Objective(vit, ObjectiveConfig(**small, head_freeze_weight_g=freeze))
+        assert [obj.student[h].last_layer.weight_g.requires_grad for h in ("dino_head", "ibot_head")] == [not freeze] * 2
 
 
 @pytest.mark.parametrize("name,arch", [("dinobloom_s", "vit_small"), ("dinobloom_b", "vit_base"),

@@ -2,8 +2,8 @@
 
 Parameter names follow DINOv2 (``mlp.0/2/4``, ``last_layer.weight_g``/``weight_v``) so that DINOv2 and
 DinoBloom training checkpoints keep their head weights. The weight norm is written out (not
-``torch.nn.utils.weight_norm``) so that FSDP2 shards plain parameters; ``weight_g`` stays fixed at 1 as in
-DINO's ``norm_last_layer=True``.
+``torch.nn.utils.weight_norm``) so that FSDP2 shards plain parameters. ``weight_g`` starts at 1 and is trained,
+as in DINOv2's ``DINOHead``; ``freeze_weight_g`` keeps it at 1 (DINO v1's ``norm_last_layer=True``).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from torch import nn
 
 
 class WeightNormLinear(nn.Module):
-    """y = x @ (g * v / ||v||)^T, row-wise norm; no bias."""
+    """y = x @ (g * v / ||v||)^T, row-wise norm; no bias. ``freeze_g`` keeps every row's norm g at 1."""
 
-    def __init__(self, in_dim: int, out_dim: int):
+    def __init__(self, in_dim: int, out_dim: int, freeze_g: bool = False):
         super().__init__()
         self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
-        self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=False)
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not freeze_g)
         nn.init.trunc_normal_(self.weight_v, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -29,7 +29,7 @@ class WeightNormLinear(nn.Module):
 
 class DINOHead(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 nlayers: int = 3):
+                 nlayers: int = 3, freeze_weight_g: bool = False):
         super().__init__()
         layers: list[nn.Module] = []
         dims = [in_dim] + [hidden_dim] * (max(nlayers, 1) - 1) + [bottleneck_dim]
@@ -42,7 +42,7 @@ class DINOHead(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, freeze_weight_g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mlp(x)
