@@ -161,3 +161,15 @@ def test_checkpoints_are_data_never_code(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ck.CheckpointError):
         ck.read_checkpoint(str(tmp_path / "junk.pth"))
+
+
+@pytest.mark.parametrize("rows,cols", [(2, 3), (3, 2), (2, 5)])
+def test_intermediate_layers_reshape_non_square_input_row_major(rows, cols):
+    torch.manual_seed(0)
+    m = build_vit(arch="vit_debug", patch_size=8, img_size=32, num_register_tokens=2).eval()
+    x = torch.randn(2, 3, 8 * rows, 8 * cols)
+    (fmap, _), = m.get_intermediate_layers(x, n=1, reshape=True, return_class_token=True)
+    tokens, = m.get_intermediate_layers(x, n=1)
+    assert fmap.shape == (2, 64, rows, cols) and tokens.shape == (2, rows * cols, 64)
+    assert torch.equal(fmap, tokens.reshape(2, rows, cols, 64).permute(0, 3, 1, 2))
+    assert torch.equal(fmap[:, :, 1, 0], tokens[:, cols])  # the second row starts after the first row's patches
