@@ -43,7 +43,7 @@ class ProbeConfig:
     knn_k: list[int] = field(default_factory=lambda: [1, 20])
     knn_weighted_k: int = 20
     knn_temperature: float = 0.07
-    image_size: int | None = None  # default: the backbone's img_size
+    image_size: int | None = None  # default: the backbone's img_size, at most 224 (DINOv2 hub weights: 518)
     cls_and_patch: bool = False  # features = CLS ‖ mean patch token
     batch_size: int = 64
     num_actors: int = 1  # Ray Data actor pool size; 0: extract in the calling process (per-checkpoint scoring)
@@ -107,7 +107,7 @@ class FeatureBatch:
         self.model = load_backbone(spec, storage_cfg)
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.model.to(self.device)
-        self.size = image_size or self.model.cfg.img_size
+        self.size = image_size or min(self.model.cfg.img_size, 224)  # DinoBloom's probe size
 
     def __call__(self, batch):
         import pyarrow as pa

@@ -173,3 +173,63 @@ def test_intermediate_layers_reshape_non_square_input_row_major(rows, cols):
     assert fmap.shape == (2, 64, rows, cols) and tokens.shape == (2, rows * cols, 64)
     assert torch.equal(fmap, tokens.reshape(2, rows, cols, 64).permute(0, 3, 1, 2))
     assert torch.equal(fmap[:, :, 1, 0], tokens[:, cols])  # the second row starts after the first row's patches
+
+
+@pytest.mark.parametrize("content", ["tensor", "list", "empty", "non_tensors", "non_tensor_backbone"])
+def test_unloadable_checkpoints_name_the_file_and_what_was_expected(tmp_path, content):
+    path = tmp_path / f"{content}.pth"
+    if content == "tensor":
+        torch.save(torch.zeros(3), path)
+    elif content == "list":
+        torch.save([torch.zeros(3)], path)
+    elif content == "empty":
+        path.write_bytes(b"")
+    elif content == "non_tensors":
+        torch.save({"epoch": 3, "args": "lr=0.1"}, path)
+    else:
+        torch.save({"teacher": {"backbone.pos_embed": [0.0, 1.0]}}, path)
+    for load in (lambda: ck.load_backbone(_model(img_size=224), str(path)), lambda: ck.build_from_checkpoint(str(path))):
+        with pytest.raises(ck.CheckpointError) as err:
+            load()
+        assert str(path) in str(err.value) and "DinoBloom" in str(err.value), str(err.value)
+
+
+def _features(model, x) -> torch.Tensor:
+    out = model.forward_features(x)
+    return torch.cat([out["x_norm_clstoken"].unsqueeze(1), out["x_norm_patchtokens"]], dim=1)
+
+
+def _dinov2_reference_features(src, x, offset: float, antialias: bool) -> torch.Tensor:
+    """CLS and patch tokens of ``src`` with its pos_embed interpolated as DINOv2's ``interpolate_pos_encoding``."""
+    n, d = src.pos_embed.shape[1] - 1, src.pos_embed.shape[2]
+    m, h0, w0 = int(n**0.5), x.shape[-2] // src.patch_size, x.shape[-1] // src.patch_size
+    grid = src.pos_embed[:, 1:].reshape(1, m, m, d).permute(0, 3, 1, 2)
+    kw = {"scale_factor": ((h0 + offset) / m, (w0 + offset) / m)} if offset else {"size": (h0, w0)}
+    patch_pos = torch.nn.functional.interpolate(grid, mode="bicubic", antialias=antialias, **kw)
+    pos = torch.cat([src.pos_embed[:, :1], patch_pos.permute(0, 2, 3, 1).reshape(1, h0 * w0, d)], dim=1)
+    ref = build_vit(src.cfg, img_size=h0 * src.patch_size).eval()  # stored grid == input grid: no resampling
+    ref.load_state_dict({**src.state_dict(), "pos_embed": pos})
+    return _features(ref, x)
+
+
+@pytest.mark.parametrize("registers,offset,antialias", [(0, 0.1, False), (4, 0.0, True)])
+def test_dinov2_hub_checkpoint_for_evaluation_matches_the_official_model(tmp_path, registers, offset, antialias):
+    """The hub model keeps its pos_embed grid and interpolates at run time (offset 0.1; ``_reg``: antialiased,
+    offset 0): the evaluation build must too, whatever the input size; training init still resizes at load."""
+    torch.manual_seed(0)
+    src = build_vit(arch="vit_debug", patch_size=8, img_size=40, num_register_tokens=registers,
+                    layerscale=1.0).eval()  # 5x5 grid; LayerScale 1 as the hub's init_values
+    torch.nn.init.normal_(src.pos_embed, std=1.0)  # a rough pos_embed: interpolation differences show
+    path = tmp_path / "dinov2_vitdebug8_pretrain.pth"
+    torch.save(src.state_dict(), path)
+    built = ck.build_from_checkpoint(str(path)).eval()
+    assert (built.cfg.arch, built.cfg.img_size, built.cfg.patch_size, built.num_register_tokens) == \
+        ("vit_debug", 40, 8, registers)
+    assert (built.cfg.interpolate_offset, built.cfg.interpolate_antialias) == (offset, antialias)
+    x = torch.randn(2, 3, 24, 24)  # 3x3 grid
+    with torch.no_grad():
+        expected = _dinov2_reference_features(src, x, offset, antialias)
+        assert torch.allclose(_features(built, x), expected, atol=1e-5)
+        trained = build_vit(arch="vit_debug", patch_size=8, img_size=64, num_register_tokens=registers).eval()
+        assert ck.load_backbone(trained, str(path)) == "dinov2" and trained.pos_embed.shape == (1, 65, 64)
+        assert not torch.allclose(_features(trained, x), expected, atol=1e-3)  # resized at load: other features

@@ -1,7 +1,9 @@
 """Backbone checkpoints in the three formats users meet, loaded as data (``weights_only=True``).
 
 - ``dinov2``: a DINOv2 hub file (``dinov2_vitl14_pretrain.pth``): a flat backbone state dict, pos_embed for
-  518 px (1×1370×D for /14). Its pos_embed is resized to the model's grid (DinoBloom trained at 224: 16×16).
+  518 px (1×1370×D for /14). :func:`load_backbone` (training initialisation) resizes its pos_embed once to the
+  model's grid, as DinoBloom did (trained at 224: 16×16); :func:`build_from_checkpoint` (evaluation) keeps the
+  37×37 grid and interpolates at run time with the hub model's settings, so features match the official model.
 - ``dinobloom``: a DinoBloom release (``{"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}}``,
   pos_embed 1×257×D); heads are dropped. Also reads DINOv2 *training* checkpoints
   (``{"model": {"teacher.backbone.*", ...}}``) and chunked block names (``blocks.<chunk>.<i>.``).
@@ -18,14 +20,18 @@ A file of the wrong architecture or size fails with the mismatched keys named.
 from __future__ import annotations
 
 import io
+import math
 import re
 
 import torch
 
 from cytoray import storage
-from cytoray.platform.models.vit import VisionTransformer, ViTConfig, build_vit, resize_pos_embed
+from cytoray.platform.models.vit import ARCHS, VisionTransformer, ViTConfig, build_vit, resize_pos_embed
 
 HEAD_PREFIXES = ("dino_head.", "ibot_head.", "head.")
+EXPECTED = ("a dict state dict: a DINOv2 hub backbone ({'pos_embed': ..., 'blocks.0...': ...}), a DINOv2 training "
+            "checkpoint ({'model': {'teacher.backbone.*': ...}}), a DinoBloom release "
+            "({'teacher': {'backbone.*': ...}}) or a cytoray export")
 
 
 class CheckpointError(ValueError):
@@ -33,27 +39,36 @@ class CheckpointError(ValueError):
 
 
 def read_checkpoint(uri: str, storage_cfg: storage.StorageConfig | None = None) -> dict:
-    """torch.load with weights_only=True from a local path or any storage URI."""
+    """torch.load with weights_only=True from a local path or any storage URI; anything but a dict fails here,
+    naming the file, rather than deep inside the loading."""
     data = storage.read_bytes(uri, storage_cfg)
+    if not data:
+        raise CheckpointError(f"{uri} is empty (0 bytes); expected {EXPECTED}")
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{uri} is not a loadable weights-only torch checkpoint: {exc}") from exc
+        raise CheckpointError(f"{uri} is not a loadable weights-only torch checkpoint "
+                              f"({type(exc).__name__}: {exc}); expected {EXPECTED}") from exc
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{uri} holds a {type(ckpt).__name__}, not a dict; expected {EXPECTED}")
+    return ckpt
 
 
-def detect_format(ckpt: dict) -> str:
+def detect_format(ckpt: dict, source: str = "checkpoint") -> str:
+    """dinobloom | cytoray | dinov2_train | dinov2; ``source`` (the file) names it in the error."""
     if "teacher" in ckpt and isinstance(ckpt["teacher"], dict):
         return "cytoray" if "cytoray" in ckpt else "dinobloom"
     if "model" in ckpt and isinstance(ckpt["model"], dict):
         return "dinov2_train"
     if "pos_embed" in ckpt or "cls_token" in ckpt:
         return "dinov2"
-    raise CheckpointError(f"unrecognised checkpoint layout; top-level keys: {sorted(ckpt)[:10]}")
+    raise CheckpointError(f"{source} has an unrecognised layout (top-level keys: {sorted(map(str, ckpt))[:10]}); "
+                          f"expected {EXPECTED}")
 
 
-def backbone_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
+def backbone_state_dict(ckpt: dict, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The backbone's tensors with DINOv2 names, from any supported layout."""
-    fmt = detect_format(ckpt)
+    fmt = detect_format(ckpt, source)
     if fmt in ("dinobloom", "cytoray"):
         src, prefix = ckpt["teacher"], "backbone."
     elif fmt == "dinov2_train":
@@ -68,14 +83,45 @@ def backbone_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
         if k.startswith(HEAD_PREFIXES):
             continue
         out[re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k)] = v  # un-chunk blocks.<chunk>.<i>.
+    not_tensors = [f"{k} ({type(v).__name__})" for k, v in out.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"{source} ({fmt} layout) has non-tensor backbone entries {not_tensors[:5]}"
+                              f"{f' (+{len(not_tensors) - 5})' if len(not_tensors) > 5 else ''}; expected {EXPECTED}")
+    return out
+
+
+def source_vit_settings(sd: dict[str, torch.Tensor]) -> dict:
+    """ViTConfig fields fixed by a DINOv2-named backbone state dict: patch size, ``img_size`` whose grid is the
+    stored pos_embed's, registers, the arch its width and depth name, and the run-time pos_embed interpolation
+    of DINOv2's hub and eval configs (offset 0.1; with registers antialiased and offset 0)."""
+    out: dict = {}
+    if "patch_embed.proj.weight" in sd:
+        out["patch_size"] = sd["patch_embed.proj.weight"].shape[-1]
+        if "pos_embed" in sd:
+            out["img_size"] = math.isqrt(sd["pos_embed"].shape[1] - 1) * out["patch_size"]
+    registers = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
+    out.update(num_register_tokens=registers, interpolate_antialias=registers > 0,
+               interpolate_offset=0.0 if registers else 0.1)
+    if "cls_token" in sd:
+        depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+        arch = [a for a, (dim, d, _, _) in ARCHS.items() if (dim, d) == (sd["cls_token"].shape[-1], depth)]
+        if len(arch) == 1:
+            out["arch"] = arch[0]
     return out
 
 
 def load_backbone(model: VisionTransformer, ckpt_or_uri, storage_cfg: storage.StorageConfig | None = None) -> str:
-    """Load weights into ``model`` (resizing pos_embed to its grid); returns the detected format."""
+    """Load weights into ``model``, resizing the pos_embed once to its grid (training initialisation, as
+    DinoBloom from DINOv2); returns the detected format. Evaluation uses :func:`build_from_checkpoint`."""
+    source = ckpt_or_uri if isinstance(ckpt_or_uri, str) else "checkpoint"
     ckpt = read_checkpoint(ckpt_or_uri, storage_cfg) if isinstance(ckpt_or_uri, str) else ckpt_or_uri
-    fmt = detect_format(ckpt)
-    sd = backbone_state_dict(ckpt)
+    fmt = detect_format(ckpt, source)
+    load_state(model, backbone_state_dict(ckpt, source), f"{source} ({fmt})")
+    return fmt
+
+
+def load_state(model: VisionTransformer, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load of a backbone state dict, pos_embed resized to the model's grid, mismatches named."""
     own = model.state_dict()
     if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape \
             and sd["pos_embed"].shape[-1] == own["pos_embed"].shape[-1]:
@@ -96,11 +142,10 @@ def load_backbone(model: VisionTransformer, ckpt_or_uri, storage_cfg: storage.St
         if unexpected:
             details.append(f"not in model: {show(unexpected)}")
         raise CheckpointError(
-            f"{fmt} checkpoint does not fit {model.cfg.arch} (patch {model.patch_size}, "
+            f"{source} does not fit {model.cfg.arch} (patch {model.patch_size}, "
             f"{model.num_register_tokens} registers): " + "; ".join(details)
             + ". Check model.arch / num_register_tokens / patch_size against the checkpoint.")
     model.load_state_dict(sd, strict=True)
-    return fmt
 
 
 def export_dinobloom(model: VisionTransformer, uri: str | None = None,
@@ -168,13 +213,20 @@ def load_training_checkpoint(uri: str, storage_cfg: storage.StorageConfig | None
 
 
 def build_from_checkpoint(uri: str, storage_cfg: storage.StorageConfig | None = None, **vit_overrides):
-    """Rebuild a backbone from a cytoray export (arch in its metadata), a cytoray training checkpoint directory,
-    or, for other formats, from overrides."""
+    """The backbone as its source runs it, for evaluation and embedding: a cytoray export (architecture in its
+    metadata), a cytoray training checkpoint directory, or a DINOv2 / DinoBloom file, whose patch size,
+    pos_embed grid, registers and arch come from its tensors (:func:`source_vit_settings`); overrides win.
+
+    The pos_embed keeps the checkpoint's grid and is interpolated at run time with the source model's settings,
+    so a DINOv2 hub file gives the official model's features at any input size (resizing 37→16 at load time
+    with another offset, as :func:`load_backbone` does for training, gives different ones).
+    """
     if is_training_checkpoint(uri, storage_cfg):
         return load_training_checkpoint(uri, storage_cfg, **vit_overrides)
     ckpt = read_checkpoint(uri, storage_cfg)
-    meta = ckpt.get("cytoray", {}).get("vit", {}) if isinstance(ckpt.get("cytoray"), dict) else {}
-    cfg = ViTConfig(**{**meta, **vit_overrides})
-    model = build_vit(cfg)
-    load_backbone(model, ckpt)
+    fmt = detect_format(ckpt, uri)
+    sd = backbone_state_dict(ckpt, uri)
+    meta = ckpt["cytoray"].get("vit", {}) if isinstance(ckpt.get("cytoray"), dict) else source_vit_settings(sd)
+    model = build_vit(ViTConfig(**{**meta, **vit_overrides}))
+    load_state(model, sd, f"{uri} ({fmt})")
     return model
