@@ -101,6 +101,7 @@ class TrainConfig:
     num_workers: Any = 8  # Ray Train workers (one per GPU); [min, max] for an elastic run (Ray Train V2)
     use_gpu: bool = True
     cpus_per_worker: float = 1.0  # fractional on small machines so data actors get CPUs (0.5 on 2 cores)
+    label_selector: dict[str, str] = field(default_factory=dict)  # e.g. {cytoray-role: train}: the GPU nodes
     seed: int = 0  # model init, data order, augmentation and masks all derive from it
     max_steps: int | None = None  # stop after this step (schedules still span total_iters); None: total_iters
     log_every: int = 10  # console line + ray.train.report of metrics

@@ -252,7 +252,8 @@ def pretrain(cfg: PretrainConfig, callbacks=()):
         train_loop_config={"cfg": cfg, "epoch_len": epoch_len},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=workers if workers[0] < workers[1] else workers[0],
-                                               use_gpu=t.use_gpu, resources_per_worker=resources),
+                                               use_gpu=t.use_gpu, resources_per_worker=resources,
+                                               label_selector=dict(t.label_selector) or None),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=path if fs is not None else cfg.run.storage_path,
             storage_filesystem=fs,

@@ -178,3 +178,28 @@ def test_object_storage_run_streams_checkpoints_and_resumes(ray_local, s3, tmp_p
     csv_text = storage.read_bytes("s3://cytoray-test/runs/s3run/metrics.csv", s3).decode()
     assert [int(line.split(",")[0]) for line in csv_text.splitlines()[1:]] == list(range(6))
     assert s3.secret_access_key not in storage.read_bytes("s3://cytoray-test/runs/s3run/config.yaml", s3).decode()
+
+
+def test_losses_do_not_depend_on_the_number_of_workers_and_resume_reshards(ray_local, manifest, tmp_path):
+    """A run is a function of its config, seed and global batch: 1 worker, and 2 workers continued on 1 or on
+    4 workers from the step-4 checkpoint (DCP reshards model and optimizer), give the same loss at every step.
+    Stochastic depth is on, so its per-sample draws are covered too."""
+    import json
+
+    storage = str(tmp_path / "runs")
+    common = ("model.global_batch_size=4", "train.cpus_per_worker=0.2", "data.num_cpus=0.2",
+              "model.vit.drop_path_rate=0.2", "train.max_steps=8")
+    assert pretrain(_cfg(manifest, storage, "w1", "train.num_workers=1", *common)).error is None
+    for name, workers in (("w2to1", 1), ("w2to4", 4)):
+        assert pretrain(_cfg(manifest, storage, name, "train.num_workers=2", *common, "train.max_steps=4")).error is None
+        assert pretrain(_cfg(manifest, storage, name, f"train.num_workers={workers}", *common)).error is None
+        with open(os.path.join(storage, name, "checkpoint_00000008", "train_state.json")) as f:
+            state = json.load(f)
+        assert (state["world_size"], state["batch_size_per_device"], state["samples_consumed"]) == (workers, 4 // workers, 32)
+    steps, ref = _curve(os.path.join(storage, "w1"))
+    assert steps == list(range(8))
+    for name in ("w2to1", "w2to4"):
+        steps, got = _curve(os.path.join(storage, name))
+        assert steps == list(range(8)), name
+        np.testing.assert_allclose(got["lr"], ref["lr"], err_msg=name)
+        np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-4, err_msg=name)
