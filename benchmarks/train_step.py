@@ -39,11 +39,12 @@ def _objective(arch: str, device: torch.device):
 
 
 def _batch(b: int, device: torch.device, n_global=2, n_local=8, size=224, local=98, patch=14) -> dict:
-    from cytoray.platform.data.masking import MaskingGenerator, collate_masks
+    from cytoray.platform.data.keys import block_masks
+    from cytoray.platform.data.masking import MaskingGenerator
 
     grid = (size // patch, size // patch)
     out = {"global_crops": torch.randn(n_global, b, 3, size, size), "local_crops": torch.randn(n_local, b, 3, local, local)}
-    out.update(collate_masks(n_global * b, grid, (0.1, 0.5), 0.5, MaskingGenerator(grid), np.random.default_rng(0)))
+    out.update(block_masks(0, 0, np.arange(b), np.arange(b), n_global, b, grid, (0.1, 0.5), 0.5, MaskingGenerator(grid)))
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}
 
 

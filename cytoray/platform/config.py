@@ -8,6 +8,7 @@ schedules) come from pure functions in ``schedules.py``, never from placeholders
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,7 +120,8 @@ def worker_range(t: TrainConfig) -> tuple[int, int]:
     n = t.num_workers
     if isinstance(n, int) and not isinstance(n, bool):
         lo = hi = n
-    elif isinstance(n, (list, tuple)) and len(n) == 2 and all(isinstance(v, int) for v in n):
+    elif isinstance(n, Sequence) and not isinstance(n, str) and len(n) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in n):
         lo, hi = n
     else:
         raise config_lib.ConfigError(f"train.num_workers must be an int or [min, max] (elastic), got {n!r}")
@@ -188,5 +190,7 @@ def load_pretrain_config(argv, preset: str, defaults: str | None = None, schema=
             preset = item.split("=", 1)[1]
     with open(preset_path(preset)) as f:
         model = yaml.safe_load(f) or {}
-    return config_lib.load_config(schema or PretrainConfig, defaults, files, overrides,
-                                  base=[(preset_path(preset), {"preset": preset, "model": model})])
+    cfg = config_lib.load_config(schema or PretrainConfig, defaults, files, overrides,
+                                 base=[(preset_path(preset), {"preset": preset, "model": model})])
+    worker_range(cfg.train)  # an int or [min, max]: typed as Any in the schema, so checked here
+    return cfg

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from cytoray.platform.data import augment as A
-from cytoray.platform.data.masking import MaskingGenerator, collate_masks
+from cytoray.platform.data import keys
+from cytoray.platform.data.masking import MaskingGenerator
 
 N = 4000  # draws per measured probability; 4 sigma of a Bernoulli(0.5) rate is ~0.03
 
@@ -96,7 +97,7 @@ def test_masking_generator_and_collate_statistics():
     for target in (10, 40, 90):
         m = gen(target, rng)
         assert target * 0.7 <= m.sum() <= target
-    batch = collate_masks(200, (14, 14), (0.1, 0.5), 0.5, gen, rng)
+    batch = keys.block_masks(0, 0, np.arange(100), np.arange(100), 2, 100, (14, 14), (0.1, 0.5), 0.5, gen)
     per_image = batch["masks"].sum(1).float() / 196
     assert (per_image > 0).sum().item() == 100  # mask_probability of the images
     assert per_image.max() <= 0.5 + 1e-6 and per_image[per_image > 0].min() >= 0.05
@@ -141,3 +142,34 @@ def test_masks_reach_their_target_as_often_as_dinov2():
     ours = np.mean([gen(t, rng).sum() < t for t in targets])
     dinov2 = np.mean([_dinov2_mask((14, 14), t, 98, rng).sum() < t for t in targets])
     assert ours < 0.15 and abs(ours - dinov2) < 0.03, (ours, dinov2)
+
+
+def test_draws_of_a_sample_do_not_depend_on_how_the_global_batch_is_split():
+    """Crops, masks and stochastic-depth noise of each sample are the same whether one process builds the
+    global batch or 4 ranks each build their quarter (keys: seed, global sample position; mask plan per step)."""
+    from cytoray.platform.data.batch import SampleDraws
+
+    cfg = A.AugmentConfig(global_crops=A.CropSpec(2, 16, (0.3, 1.0), 0.5, 0.0), local_crops=A.CropSpec(3, 8),
+                          hed_p=0.5, second_global_solarize_p=0.3)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (30, 40, 3), dtype=np.uint8) for _ in range(8)]
+    draws = SampleDraws(16, 4, (0.1, 0.5), 0.5, depth=3, drop_path_rate=0.1)
+    positions = np.arange(24, 32)  # step 3 of a run with global batch 8
+
+    def build(part):
+        crops = A.MultiCrop(cfg)([images[i] for i in part], keys.crop_rngs(7, positions[part]))
+        crops.update(draws(7, 3, positions[part], np.asarray(part), 8, 2, 3))
+        crops["masks"] = crops["masks"].view(2, len(part), -1)
+        for k in ("drop_noise_global", "drop_noise_local"):
+            crops[k] = crops[k].view(-1, len(part), 3, 2)
+        return crops
+
+    whole = build(list(range(8)))
+    quarters = [build([2 * r, 2 * r + 1]) for r in range(4)]
+    for key in ("global_crops", "local_crops"):  # same draws; batched colour maths may round differently (1e-6)
+        torch.testing.assert_close(torch.cat([q[key] for q in quarters], dim=1), whole[key], rtol=0, atol=1e-5)
+    for key in ("masks", "drop_noise_global", "drop_noise_local"):
+        assert torch.equal(torch.cat([q[key] for q in quarters], dim=1), whole[key]), key
+    assert whole["masks"].any() and not whole["masks"].all(dim=-1).any()
+    other_seed = A.MultiCrop(cfg)(images, keys.crop_rngs(8, positions))
+    assert not torch.equal(other_seed["global_crops"], whole["global_crops"])

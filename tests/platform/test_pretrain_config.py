@@ -30,3 +30,23 @@ def test_free_form_dicts_open_schema_closed():
         load_pretrain_config(["run.name=a", "data.manifest_uri=m", "train.num_workers=many"], preset="debug")
     with pytest.raises(ConfigError, match="run.name"):
         load_pretrain_config(["data.manifest_uri=m"], preset="debug")
+
+
+def test_elastic_worker_range_needs_a_global_batch_every_count_divides():
+    from cytoray.platform.config import global_batch, per_worker_batch, worker_range
+
+    def cfg(*overrides):
+        return load_pretrain_config(["run.name=a", "data.manifest_uri=m", *overrides], preset="debug")
+
+    c = cfg("train.num_workers=[1,2]", "model.global_batch_size=4")
+    assert worker_range(c.train) == (1, 2) and global_batch(c.model, c.train) == 4
+    assert [per_worker_batch(c.model, c.train, n) for n in (1, 2)] == [4, 2]
+    fixed = cfg("train.num_workers=3", "model.batch_size_per_device=5")
+    assert global_batch(fixed.model, fixed.train) == 15 and per_worker_batch(fixed.model, fixed.train, 3) == 5
+    with pytest.raises(ConfigError, match="needs model.global_batch_size"):
+        global_batch(cfg("train.num_workers=[1,2]").model, cfg("train.num_workers=[1,2]").train)
+    c = cfg("train.num_workers=[2,4]", "model.global_batch_size=8")
+    with pytest.raises(ConfigError, match=r"not divisible by \[3\]"):
+        global_batch(c.model, c.train)
+    with pytest.raises(ConfigError, match="1 <= min <= max"):
+        cfg("train.num_workers=[3,2]")

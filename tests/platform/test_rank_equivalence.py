@@ -29,7 +29,7 @@ def reference():
 def _assert_same(got: dict, ref: dict, what: str):
     for key in ("teacher_cls", "teacher_patch"):
         assert got[key].shape == ref[key].shape, (what, key)
-        torch.testing.assert_close(got[key], ref[key], rtol=RTOL, atol=ATOL, msg=lambda m: f"{what} {key}: {m}")
+        torch.testing.assert_close(got[key], ref[key], rtol=RTOL, atol=ATOL, msg=lambda m, k=key: f"{what} {k}: {m}")
     for key, value in ref["metrics"].items():
         assert got["metrics"][key] == pytest.approx(value, rel=RTOL, abs=1e-6), (what, key)
     assert max(got["grad_norm_per_rank"]) == min(got["grad_norm_per_rank"]), what  # one global norm
@@ -38,7 +38,7 @@ def _assert_same(got: dict, ref: dict, what: str):
         atol = ATOL_PARAMS if group in ("student", "teacher") else ATOL
         for name, value in ref[group].items():
             torch.testing.assert_close(got[group][name], value, rtol=RTOL, atol=atol,
-                                       msg=lambda m: f"{what} {group} {name}: {m}")
+                                       msg=lambda m, g=group, n=name: f"{what} {g} {n}: {m}")
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])

@@ -204,9 +204,11 @@ def gaussian_blur(x: torch.Tensor, p: float | torch.Tensor, sigma_range, g: Unif
     if len(which) == 0:
         return x
     sigmas = sigma_range[0] + (sigma_range[1] - sigma_range[0]) * u_sigma[which]
-    radius = int(math.ceil(3 * float(sigmas.max())))
+    # each crop's kernel covers its own ±3σ (zero beyond), so its result does not depend on the batch's widest σ
+    own = torch.ceil(3 * sigmas)
+    radius = int(own.max())
     t = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-(t[None] ** 2) / (2 * sigmas[:, None] ** 2))
+    k = torch.exp(-(t[None] ** 2) / (2 * sigmas[:, None] ** 2)) * (t[None].abs() <= own[:, None])
     k = k / k.sum(1, keepdim=True)  # (m, K)
     sub = x[which]  # (m,3,H,W)
     m, _, h, w = sub.shape

@@ -1,11 +1,10 @@
-"""iBOT block masking (BEiT-style) and the collate that turns multi-crop output into a training batch."""
+"""iBOT block masking (BEiT-style): one mask of a target size on a patch grid (the plan over a batch: ``keys.py``)."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
-import torch
 
 
 class MaskingGenerator:
@@ -56,23 +55,3 @@ class MaskingGenerator:
                 break
             count += delta
         return mask
-
-
-def collate_masks(num_images: int, grid: tuple[int, int], mask_ratio: tuple[float, float], mask_probability: float,
-                  generator: MaskingGenerator, rng: np.random.Generator) -> dict:
-    """Masks for ``num_images`` global crops: a share ``mask_probability`` is masked, with target ratios
-    spread evenly over ``mask_ratio`` (DINOv2's linspace scheme), the rest unmasked; order shuffled.
-
-    Returns masks (B, N) bool, mask_indices (M,) into the flattened (B*N) patches, masks_weight (M,)
-    = 1 / masked patches of the image, and n_masked_patches.
-    """
-    n = grid[0] * grid[1]
-    n_masked_images = int(num_images * mask_probability)
-    probs = np.linspace(mask_ratio[0], mask_ratio[1], n_masked_images + 1)
-    masks = [generator(int(n * rng.uniform(probs[i], probs[i + 1])), rng) for i in range(n_masked_images)]
-    masks += [np.zeros(grid, dtype=bool) for _ in range(num_images - n_masked_images)]
-    order = rng.permutation(num_images)
-    m = torch.from_numpy(np.stack([masks[i] for i in order]).reshape(num_images, n))
-    indices = m.flatten().nonzero().flatten()
-    weights = (1.0 / m.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(m)[m]
-    return {"masks": m, "mask_indices": indices, "masks_weight": weights, "n_masked_patches": int(indices.numel())}
