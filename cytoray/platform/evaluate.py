@@ -125,6 +125,11 @@ class FeatureBatch:
                          "feature": pa.FixedSizeListArray.from_arrays(pa.array(feats.ravel()), feats.shape[1])})
 
 
+# Part of every cache key: raised whenever the same checkpoint and settings would give other features (2: DINOv2
+# hub weights keep their source grid and run-time interpolation), so no stale cache entry is ever reused.
+FEATURES_VERSION = 2
+
+
 def _cache_key(spec: str, rows, cfg: ProbeConfig, storage_cfg) -> str:
     from cytoray import storage
     from cytoray.platform.models.checkpoints import TRAIN_STATE, is_training_checkpoint
@@ -139,7 +144,7 @@ def _cache_key(spec: str, rows, cfg: ProbeConfig, storage_cfg) -> str:
         h.update(hashlib.sha256(storage.read_bytes(spec, storage_cfg)).digest())
     h.update("\n".join(f"{i}\t{u}" for i, u in zip(rows.column("image_id").to_pylist(),
                                                    rows.column("uri").to_pylist())).encode())
-    h.update(json.dumps([cfg.image_size, cfg.cls_and_patch]).encode())
+    h.update(json.dumps([cfg.image_size, cfg.cls_and_patch, FEATURES_VERSION]).encode())
     return h.hexdigest()[:24]
 
 
