@@ -17,6 +17,10 @@ import tempfile
 import numpy as np
 import torch
 
+from cytoray.platform.data.batch import SampleDraws
+from cytoray.platform.data.keys import mask_fields
+from cytoray.platform.models.vit import ARCHS
+
 GLOBAL_BATCH = 8  # samples; world sizes 1, 2, 4 divide it
 STEP_VALUES = {"lr": 2e-3, "wd": 0.04, "momentum": 0.9, "teacher_temp": 0.05, "last_layer_lr": 2e-3}
 CLIP_GRAD = 0.5  # small enough that clipping is active, so the global grad norm matters
@@ -25,15 +29,11 @@ CLIP_GRAD = 0.5  # small enough that clipping is active, so the global grad norm
 def build_global_batch(p, seed: int = 0, unmasked_tail: int = 2) -> dict:
     """A deterministic global batch for the debug preset: random crops, keyed masks and drop noise; the last
     ``unmasked_tail`` samples carry no masked patch (so at 4 ranks the last rank has none)."""
-    from cytoray.platform.data.batch import SampleDraws
-
     g = torch.Generator().manual_seed(seed)
     a = p.augment
     n_g, n_l = a.global_crops.number, a.local_crops.number
     batch = {"global_crops": torch.randn(n_g, GLOBAL_BATCH, 3, a.global_crops.size, a.global_crops.size, generator=g),
              "local_crops": torch.randn(n_l, GLOBAL_BATCH, 3, a.local_crops.size, a.local_crops.size, generator=g)}
-    from cytoray.platform.models.vit import ARCHS
-
     draws = SampleDraws(a.global_crops.size, p.vit.patch_size, p.mask.mask_ratio, 1.0, p.mask.min_num_patches,
                         p.mask.min_aspect, ARCHS[p.vit.arch][1], p.vit.drop_path_rate)
     positions = np.arange(GLOBAL_BATCH)
@@ -53,9 +53,7 @@ def slice_batch(batch: dict, rank: int, world: int) -> dict:
     part = slice(rank * b, (rank + 1) * b)
     masks = batch["masks"].view(n_g, b_global, -1)[:, part].flatten(0, 1)
     out = {"global_crops": batch["global_crops"][:, part].contiguous(),
-           "local_crops": batch["local_crops"][:, part].contiguous(), "masks": masks,
-           "mask_indices": masks.flatten().nonzero().flatten(),
-           "masks_weight": (1.0 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks]}
+           "local_crops": batch["local_crops"][:, part].contiguous(), **mask_fields(masks)}
     for key, n in (("drop_noise_global", n_g), ("drop_noise_local", batch["local_crops"].shape[0])):
         if key in batch:
             out[key] = batch[key].view(n, b_global, *batch[key].shape[1:])[:, part].flatten(0, 1)
@@ -94,6 +92,9 @@ def _one_step(overrides: list[str], rank: int, world: int, mesh) -> dict:
         grads={n: _full(q.grad) for n, q in objective.student.named_parameters() if q.grad is not None}))
     local = slice_batch(batch, rank, max(world, 1))
     metrics = train_step(objective, optimizer, local, STEP_VALUES, CLIP_GRAD, step=0)
+    b = local["masks"].shape[0] // p.augment.global_crops.number
+    record["patch_crop"] = torch.repeat_interleave(torch.arange(local["masks"].shape[0]) // b,
+                                                   local["masks"].sum(-1))  # crop index of each masked patch
     record["metrics"] = metrics
     record["student"] = {n: _full(q) for n, q in zip(names, objective.student.parameters())}
     record["teacher"] = {n: _full(q) for n, q in objective.teacher.named_parameters()}
@@ -129,23 +130,10 @@ def _worker(rank: int, world: int, port: int, configs: list[list[str]], out_dir:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         mesh = init_device_mesh("cpu", (world,))
-        results = []
-        for overrides in configs:
-            rec = _one_step(overrides, rank, world, mesh)
-            masks = slice_batch(build_global_batch(_preset(overrides)), rank, world)["masks"]
-            per_crop = masks.sum(-1)  # masked patches of each local crop, crop-major
-            b = masks.shape[0] // rec["n_global"]
-            rec["patch_crop"] = torch.repeat_interleave(torch.arange(masks.shape[0]) // b, per_crop)
-            results.append(rec)
+        results = [_one_step(overrides, rank, world, mesh) for overrides in configs]
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
-
-def _preset(overrides: list[str]):
-    from cytoray.platform.config import load_preset
-
-    return load_preset("debug", overrides)
 
 
 def run_step(world: int, configs: list[list[str]]) -> list[dict]:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from cytoray.platform.data.masking import MaskingGenerator
+from cytoray.platform.loss.ibot import mask_weights
 
 # Stream ids: independent generators for the different kinds of choice about one sample.
 CROPS, MASK_PLAN, MASK, DROP = 0xC209, 0x3A5C, 0x3A5D, 0xD409
@@ -60,10 +61,15 @@ def block_masks(seed: int, step: int, positions: np.ndarray, batch_index: np.nda
             target = int(plan[g * global_batch + int(b)])
             if target:
                 masks[g, j] = generator(target, sample_rng(seed, pos, MASK, g)).reshape(n)
-    m = torch.from_numpy(masks.reshape(-1, n))
-    indices = m.flatten().nonzero().flatten()
-    weights = (1.0 / m.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(m)[m]
-    return {"masks": m, "mask_indices": indices, "masks_weight": weights, "n_masked_patches": int(indices.numel())}
+    return mask_fields(torch.from_numpy(masks.reshape(-1, n)))
+
+
+def mask_fields(masks: torch.Tensor) -> dict:
+    """(crops, N) bool masks -> the batch fields the iBOT loss reads: masks, mask_indices (M,) into the
+    flattened patches, masks_weight (M,), n_masked_patches."""
+    indices = masks.flatten().nonzero().flatten()
+    return {"masks": masks, "mask_indices": indices, "masks_weight": mask_weights(masks),
+            "n_masked_patches": int(indices.numel())}
 
 
 def drop_noise(seed: int, positions: np.ndarray, num_global: int, num_local: int, depth: int) -> dict:
