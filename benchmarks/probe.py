@@ -36,8 +36,9 @@ def extraction(n_images: int, actors: int) -> list[tuple[str, int, float]]:
     import torch
 
     from cytoray import images, storage
-    from cytoray.curation.embed import vit_features
-    from cytoray.platform.evaluate import ProbeConfig, extract_features
+    from cytoray.eval.probe import ProbeConfig, extract_features
+    from cytoray.features.backbone import vit_features
+    from cytoray.features.preprocess import Preprocess
     from cytoray.platform.models.checkpoints import export_dinobloom
     from cytoray.platform.models.vit import build_vit
 
@@ -54,7 +55,7 @@ def extraction(n_images: int, actors: int) -> list[tuple[str, int, float]]:
             t0 = time.perf_counter()
             for i in range(0, len(uris), 64):
                 rgb = [images.decode(storage.read_bytes(u), min_side=1).rgb for u in uris[i:i + 64]]
-                vit_features(m, rgb, 224, device)
+                vit_features(m, rgb, Preprocess(224), device)
             if device == "cuda":
                 torch.cuda.synchronize()
             return time.perf_counter() - t0
@@ -77,7 +78,9 @@ def extraction(n_images: int, actors: int) -> list[tuple[str, int, float]]:
 def probe_time(n: int, dim: int, classes: int, seed: int = 0) -> list[tuple[str, float, str]]:
     from sklearn.neighbors import NearestNeighbors
 
-    from cytoray.platform.evaluate import ProbeConfig, knn_search, knn_vote, linear_probe, metrics
+    from cytoray.eval.methods import knn_search, knn_vote, linear_probe
+    from cytoray.eval.metrics import metrics
+    from cytoray.eval.probe import ProbeConfig
 
     rng = np.random.default_rng(seed)
     centres = 0.1 * rng.normal(size=(classes, dim))  # overlapping classes: a probe that has work to do

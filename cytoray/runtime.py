@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -69,3 +70,19 @@ def init_ray(cfg: RayConfig | None = None):
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard)
     logging.getLogger(__name__).info("ray resources: %s", ray.cluster_resources())
     return ray
+
+
+@contextlib.contextmanager
+def data_context(**settings):
+    """Set Ray Data context fields for one execution, restoring them afterwards."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    saved = {k: getattr(ctx, k) for k in settings}
+    for k, v in settings.items():
+        setattr(ctx, k, v)
+    try:
+        yield ctx
+    finally:
+        for k, v in saved.items():
+            setattr(ctx, k, v)

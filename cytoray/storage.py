@@ -170,15 +170,6 @@ def read_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:
     return with_retries(lambda: fs.cat_file(path), cfg, what=f"read {uri}")
 
 
-def read_parquet(uri: str, cfg: StorageConfig | None = None, columns: list[str] | None = None):
-    """One Parquet file as a pyarrow Table (read whole, with the transient-error retries of ``read_bytes``)."""
-    import io
-
-    import pyarrow.parquet as pq
-
-    return pq.read_table(io.BytesIO(read_bytes(uri, cfg)), columns=columns)
-
-
 def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None:
     """Write atomically where the filesystem allows: temp name, then rename (local) or single PUT (S3)."""
     fs, path = filesystem(uri, cfg)

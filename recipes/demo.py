@@ -11,15 +11,14 @@ patient). Synthetic data: the numbers show the machinery works, not what real sm
 import argparse
 import glob
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import pretrain  # recipes/pretrain.py (this script's directory is on sys.path)
 
-from cytoray import storage  # noqa: E402
-from cytoray.curation import pipeline  # noqa: E402
-from cytoray.curation.synthetic.collection import CollectionSpec, generate_collection  # noqa: E402
-from cytoray.platform import evaluate, train  # noqa: E402
-from cytoray.testing import write_cell_manifest  # noqa: E402
+from cytoray import tables
+from cytoray.curation import pipeline
+from cytoray.curation.synthetic.collection import CollectionSpec, generate_collection
+from cytoray.eval import probe
+from cytoray.testing import write_cell_manifest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -46,20 +45,20 @@ def main(argv=None):
     if args.steps:
         # A rerun of the demo resumes this run (same name and storage path) and stops at the same step.
         # Every checkpoint is probed on the held-out set by a Ray task while training goes on (eval.manifests).
-        train.main(["--config", os.path.join(HERE, "configs", "cpu_debug.yaml"),
-                    f"data.manifest_uri={os.path.join(curate_dir, 'manifest.parquet')}", "run.name=pretrain",
-                    f"run.storage_path={out}", f"model.total_iters={args.steps}", "train.log_every=25",
-                    f"train.checkpoint_every={max(1, args.steps // 3)}", f"train.seed={args.seed}",
-                    f"train.export_every={max(1, args.steps // 3)}", f"eval.manifests=[{eval_manifest}]"],
-                   preset="debug")
+        pretrain.main(["--config", os.path.join(HERE, "configs", "cpu_debug.yaml"),
+                       f"data.manifest_uri={os.path.join(curate_dir, 'manifest.parquet')}", "run.name=pretrain",
+                       f"run.storage_path={out}", f"model.total_iters={args.steps}", "train.log_every=25",
+                       f"train.checkpoint_every={max(1, args.steps // 3)}", f"train.seed={args.seed}",
+                       f"train.export_every={max(1, args.steps // 3)}", f"eval.manifests=[{eval_manifest}]"],
+                      preset="debug")
         exports = sorted(glob.glob(os.path.join(out, "pretrain", "exports", "teacher_*.pth")))
         patients = patient_manifest(curate_dir, os.path.join(out, "eval", "aml_hehr_patients.parquet"))
         wait_for_cpus(1.0)  # Ray Train releases the run's workers and placement group a few seconds after fit()
         print("\nprobe: cell types on the held-out synthetic set (linear probe: stratified 5-fold; kNN) and AML "
               "subtypes of the synthetic AML Hehr patients (ABMIL, k-fold by patient; patient labels only):")
-        evaluate.main(["--checkpoint", exports[-1], "--checkpoint", "random:vit_debug", "--checkpoint", "handcrafted",
-                       "--manifest", eval_manifest, "--manifest", patients, "--mil", "--out",
-                       os.path.join(out, "probe"), f"probe.cache_dir={os.path.join(out, 'probe', 'cache')}"])
+        probe.main(["--checkpoint", exports[-1], "--checkpoint", "random:vit_debug", "--checkpoint", "handcrafted",
+                    "--manifest", eval_manifest, "--manifest", patients, "--mil", "--out",
+                    os.path.join(out, "probe"), f"probe.cache_dir={os.path.join(out, 'probe', 'cache')}"])
     print(f"curation report: {os.path.join(curate_dir, 'report.html')}")
     if args.steps:
         print(f"training metrics: {os.path.join(out, 'pretrain', 'metrics.csv')} (+ tensorboard/)")
@@ -81,12 +80,11 @@ def patient_manifest(curate_dir: str, out: str) -> str:
     """The curated AML Hehr cells with their patients' subtype labels (no cell labels), for ABMIL. The cells were
     in the self-supervised pretraining data (as DinoBloom's AML Hehr was); the labels never were."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    table = storage.read_parquet(os.path.join(curate_dir, "unbalanced.parquet"))
+    table = tables.read_table(os.path.join(curate_dir, "unbalanced.parquet"))
     hehr = table.filter(pc.equal(table["dataset"], "aml_hehr")).select(
         ["image_id", "uri", "patient_id", "patient_label"])
-    pq.write_table(hehr, out)
+    tables.write_table(out, hehr, sort=False)
     return out
 
 

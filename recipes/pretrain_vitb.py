@@ -5,15 +5,13 @@
         [train.init_checkpoint=s3://bucket/dinov2_vitb14_pretrain.pth] [key=value ...]
     python recipes/pretrain_vitb.py --config recipes/configs/cpu_debug.yaml data.manifest_uri=... run.name=debug
 
-Rerunning with the same run.name and run.storage_path resumes from the last checkpoint.
+Rerunning with the same run.name and run.storage_path resumes from the last checkpoint. Equivalent to
+``python recipes/pretrain.py preset=dinobloom_b``.
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from cytoray.platform.train import main  # noqa: E402
+from pretrain import main  # recipes/pretrain.py: Python puts this script's directory on sys.path
 
 if __name__ == "__main__":
     main(sys.argv[1:], preset="dinobloom_b")

@@ -10,12 +10,9 @@ A checkpoint is a DINOv2 / DinoBloom / cytoray file, ``random:<arch>`` (random i
 under --out, and prints the table; every row names its checkpoint and manifest.
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from cytoray.platform.evaluate import main  # noqa: E402
+from cytoray.eval.probe import main
 
 if __name__ == "__main__":
     main(sys.argv[1:])

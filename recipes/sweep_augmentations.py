@@ -13,12 +13,9 @@ Knobs: sweep.knobs=[global_crop_scale,local_crop_scale,jitter_strength,stain,loc
 values in sweep.space.<knob>=[...]. The preset (default dinobloom_s) is the base every trial starts from.
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from cytoray.platform.sweep import main  # noqa: E402
+from cytoray.platform.sweep import main
 
 if __name__ == "__main__":
     main(sys.argv[1:], preset="dinobloom_s")

@@ -255,28 +255,25 @@ def run_balance(out_uri: str, cfg: BalanceConfig, storage_cfg=None, force: bool 
                 embeddings: str | None = None) -> dict:
     """Balance stage: ``deduplicated.parquet`` + ``clusters.parquet`` -> ``unbalanced.parquet`` (every kept
     image with cluster ids, group, weight, repeats) and ``balanced.parquet`` (rows with repeats >= 1), the
-    mapping template ``group_mapping_template.csv`` and before/after balance metrics. Skips if done."""
-    import json
-    import time
+    mapping template ``group_mapping_template.csv`` and before/after balance metrics."""
+    from cytoray.curation.stage import run_stage
 
+    settings = {"balance": cfg, "embeddings": embeddings}
+    return run_stage("balance", out_uri, settings, lambda run: _balance(run, cfg, embeddings, storage_cfg),
+                     storage_cfg, force)
+
+
+def _balance(run, cfg: BalanceConfig, embeddings: str | None, storage_cfg) -> dict:
     import pyarrow as pa
 
-    from cytoray import storage
     from cytoray.curation.cluster import load_stage_embeddings
-    from cytoray.curation.ingest import _stage_marker, _write_table
+    from cytoray.manifest import cluster_columns
 
-    marker = _stage_marker(out_uri, "balance")
-    if not force and storage.exists(marker, storage_cfg):
-        return json.loads(storage.read_bytes(marker, storage_cfg))
-    t0 = time.time()
-    fs, path = storage.filesystem(out_uri, storage_cfg)
-
-    table, clusters = (storage.read_parquet(storage.join_uri(out_uri, name), storage_cfg)
-                       for name in ("deduplicated.parquet", "clusters.parquet"))
+    table, clusters = run.read("deduplicated.parquet"), run.read("clusters.parquet")
     if clusters.column("image_id").to_pylist() != table.column("image_id").to_pylist():
         raise AssertionError("clusters.parquet rows do not match deduplicated.parquet; rerun the cluster stage "
                              "(force=true)")
-    cluster_cols = sorted((c for c in clusters.column_names if c.startswith("cluster_l")), key=lambda c: int(c[9:]))
+    cluster_cols = cluster_columns(clusters.column_names)
     for c in cluster_cols:
         table = table.append_column(c, clusters.column(c))
     frame = table.select(["image_id", "dataset", "modality", "cell_type", "patient_label"]).to_pandas()
@@ -296,11 +293,10 @@ def run_balance(out_uri: str, cfg: BalanceConfig, storage_cfg=None, force: bool 
     table = (table.append_column("group", pa.array(groups.astype(str).tolist(), pa.string()))
              .append_column("weight", pa.array(weights, pa.float32()))
              .append_column("repeats", pa.array(repeats, pa.int32())))
-    _write_table(fs, table, f"{path}/unbalanced.parquet", path)
-    _write_table(fs, table.filter(pa.array(repeats > 0)), f"{path}/balanced.parquet", path)
-    storage.write_bytes(storage.join_uri(out_uri, "group_mapping_template.csv"),
-                        mapping_template(frame, top, cluster_cols[-1]).encode(), storage_cfg)
-    emb = load_stage_embeddings(out_uri, frame["image_id"].tolist(), embeddings, storage_cfg)
+    run.publish("unbalanced.parquet", table)
+    run.publish("balanced.parquet", table.filter(pa.array(repeats > 0)))
+    run.publish_bytes("group_mapping_template.csv", mapping_template(frame, top, cluster_cols[-1]).encode())
+    emb = load_stage_embeddings(run.out_uri, frame["image_id"].tolist(), embeddings, storage_cfg)
     before = balance_metrics(frame, emb, None, top, groups, cfg)
     after = balance_metrics(frame, emb, repeats, top, groups, cfg)
     per = {}
@@ -311,9 +307,8 @@ def run_balance(out_uri: str, cfg: BalanceConfig, storage_cfg=None, force: bool 
     meta = {"stage": "balance", "target_size": target, "samples_per_epoch": sampled,
             "sampled_images": int((repeats > 0).sum()), "max_repeat": cfg.max_repeat, "seed": cfg.seed,
             "groups_from": cfg.mapping_file or cfg.group_by, "top_cluster_column": cluster_cols[-1],
-            "datasets": per, "before": before, "after": after, "seconds": round(time.time() - t0, 2)}
+            "datasets": per, "before": before, "after": after}
     log.info("balance: %d kept images -> %d samples/epoch from %d images; largest dataset share %.2f -> %.2f",
              len(frame), sampled, meta["sampled_images"], before["largest_dataset_share"],
              after["largest_dataset_share"])
-    storage.write_bytes(marker, json.dumps(meta).encode(), storage_cfg)
     return meta

@@ -136,6 +136,7 @@ def load_stage_embeddings(out_uri: str, image_ids: list[str], source: str | None
 
     from cytoray import storage
     from cytoray.curation.embed import load_embeddings
+    from cytoray.tables import read_table, unpack_vectors
 
     if source and source.endswith(".npy"):
         x = np.load(io.BytesIO(storage.read_bytes(source, storage_cfg)))
@@ -144,12 +145,12 @@ def load_stage_embeddings(out_uri: str, image_ids: list[str], source: str | None
                              "per row of deduplicated.parquet, in its order")
         ids, emb = list(image_ids), x.astype(np.float32)
     elif source:
-        t = storage.read_parquet(source, storage_cfg)
+        t = read_table(source, storage_cfg)
         if not {"image_id", "embedding"} <= set(t.column_names):
             raise ValueError(f"cluster.embeddings {source}: needs columns image_id and embedding "
                              f"(found {t.column_names})")
         ids = t.column("image_id").to_pylist()
-        emb = np.stack([np.asarray(v, np.float32) for v in t.column("embedding").to_pylist()])
+        emb = unpack_vectors(t.column("embedding"))
     else:
         ids, emb, _ = load_embeddings(out_uri, storage_cfg)
     pos = {k: i for i, k in enumerate(ids)}
@@ -164,37 +165,32 @@ def load_stage_embeddings(out_uri: str, image_ids: list[str], source: str | None
 def run_cluster(out_uri: str, cfg: ClusterConfig, storage_cfg=None, force: bool = False,
                 embeddings: str | None = None) -> dict:
     """Cluster stage: ``deduplicated.parquet`` + embeddings -> ``clusters.parquet`` (image_id, cluster_l1 ...
-    cluster_lT), the centroids in ``centroids_l<t>.npy``. Skips if done."""
-    import json
-    import time
+    cluster_lT), the centroids in ``centroids_l<t>.npy``."""
+    from cytoray.curation.stage import run_stage
 
+    settings = {"cluster": cfg, "embeddings": embeddings}
+    return run_stage("cluster", out_uri, settings, lambda run: _cluster(run, cfg, embeddings, storage_cfg),
+                     storage_cfg, force)
+
+
+def _cluster(run, cfg: ClusterConfig, embeddings: str | None, storage_cfg) -> dict:
     import pyarrow as pa
 
-    from cytoray import storage
-    from cytoray.curation.ingest import _stage_marker, _write_table
-
-    marker = _stage_marker(out_uri, "cluster")
-    if not force and storage.exists(marker, storage_cfg):
-        return json.loads(storage.read_bytes(marker, storage_cfg))
-    t0 = time.time()
-    fs, path = storage.filesystem(out_uri, storage_cfg)
-    ids = storage.read_parquet(storage.join_uri(out_uri, "deduplicated.parquet"), storage_cfg, ["image_id"])
-    ids = ids.column("image_id").to_pylist()
-    emb = load_stage_embeddings(out_uri, ids, embeddings, storage_cfg)
+    ids = run.read("deduplicated.parquet", ["image_id"]).column("image_id").to_pylist()
+    emb = load_stage_embeddings(run.out_uri, ids, embeddings, storage_cfg)
     h = hierarchical_kmeans(emb, cfg) if cfg.enabled else Hierarchy([1], np.zeros((len(ids), 1), np.int64))
     cols = {"image_id": pa.array(ids, pa.string())}
     cols.update({name: pa.array(h.labels[:, t], pa.int32()) for t, name in enumerate(h.column_names())})
-    _write_table(fs, pa.table(cols), f"{path}/clusters.parquet", path)
+    run.publish("clusters.parquet", pa.table(cols))
     for t, c in enumerate(h.centroids):
         buf = io.BytesIO()
         np.save(buf, c.astype(np.float32))
-        storage.write_bytes(storage.join_uri(out_uri, f"centroids_l{t + 1}.npy"), buf.getvalue(), storage_cfg)
+        run.publish_bytes(f"centroids_l{t + 1}.npy", buf.getvalue())
     sizes = [np.bincount(h.labels[:, t]) for t in range(h.labels.shape[1])]
     meta = {"stage": "cluster", "requested_levels": list(cfg.levels), "levels": h.levels,
             "columns": h.column_names(), "images": len(ids),
             "cluster_sizes": [{"min": int(s[s > 0].min()) if len(s) else 0, "max": int(s.max()) if len(s) else 0,
                                "non_empty": int((s > 0).sum())} for s in sizes],
-            "resample_steps": cfg.resample_steps, "seconds": round(time.time() - t0, 2)}
-    log.info("cluster: %d images, levels %s in %.1fs", len(ids), h.levels, meta["seconds"])
-    storage.write_bytes(marker, json.dumps(meta).encode(), storage_cfg)
+            "resample_steps": cfg.resample_steps}
+    log.info("cluster: %d images, levels %s", len(ids), h.levels)
     return meta

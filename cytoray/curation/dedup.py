@@ -302,15 +302,11 @@ def read_eval_manifest(uri: str, storage_cfg=None):
     """An evaluation manifest as a pyarrow table (image_id, uri); image_id defaults to the uri."""
     import pyarrow as pa
 
-    from cytoray import storage
+    from cytoray.manifest import read_manifest
 
-    try:
-        table = storage.read_parquet(uri, storage_cfg)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"dedup.eval_manifests: {uri} does not exist") from None
-    if "uri" not in table.column_names:
-        raise ValueError(f"dedup.eval_manifests: {uri} has no 'uri' column (columns: {table.column_names}); "
-                         "an evaluation manifest lists its images by uri, like manifest.parquet")
+    table = read_manifest(uri, storage_cfg, ("uri",), optional=("image_id",), purpose="dedup.eval_manifests",
+                          fix="an evaluation manifest lists its images by uri, like manifest.parquet",
+                          allow_empty=True)
     ids = table.column("image_id") if "image_id" in table.column_names else table.column("uri")
     return pa.table({"image_id": pa.array([f"{i}" for i in ids.to_pylist()]), "uri": table.column("uri")})
 
@@ -329,30 +325,27 @@ def leakage_guard(train_fp: np.ndarray, eval_sets: list[tuple[str, list[str], np
     return hits
 
 
-DUPLICATES_SCHEMA = ("image_id", "duplicate_of", "similarity", "reason", "dataset", "duplicate_of_dataset")
-
-
 def run_dedup(out_uri: str, cfg: DedupConfig, storage_cfg=None, force: bool = False, embed_cfg=None) -> dict:
     """Dedup stage: ``ingested.parquet`` + ``embeddings.parquet`` -> ``deduplicated.parquet`` (kept rows) and
     ``duplicates.parquet`` (every removed image, the one it duplicates, similarity, reason), then the leakage
-    guard against ``cfg.eval_manifests`` (embedded with ``embed_cfg``). Skips if done.
+    guard against ``cfg.eval_manifests`` (embedded with ``embed_cfg``, the run's embed settings).
     Reconciles per dataset: images in == kept + duplicates (incl. leakage) (the run fails otherwise)."""
-    import json
-    import time
+    from cytoray.curation.embed import EmbedConfig
+    from cytoray.curation.stage import run_stage
 
+    embed_cfg = embed_cfg or EmbedConfig()
+    return run_stage("dedup", out_uri, cfg, lambda run: _dedup(run, cfg, embed_cfg, storage_cfg), storage_cfg, force)
+
+
+def _dedup(run, cfg: DedupConfig, embed_cfg, storage_cfg) -> dict:
     import pyarrow as pa
 
-    from cytoray import storage
-    from cytoray.curation.embed import load_embeddings
-    from cytoray.curation.ingest import _stage_marker, _write_table
+    from cytoray.curation.embed import embed_rows, load_embeddings
+    from cytoray.features.fingerprint import fingerprints_of_table
+    from cytoray.manifest import DUPLICATES_SCHEMA
 
-    marker = _stage_marker(out_uri, "dedup")
-    if not force and storage.exists(marker, storage_cfg):
-        return json.loads(storage.read_bytes(marker, storage_cfg))
-    t0 = time.time()
-    fs, out_path = storage.filesystem(out_uri, storage_cfg)
-    table = storage.read_parquet(storage.join_uri(out_uri, "ingested.parquet"), storage_cfg)
-    ids, emb, thumbs = load_embeddings(out_uri, storage_cfg)
+    table = run.read("ingested.parquet")
+    ids, emb, thumbs = load_embeddings(run.out_uri, storage_cfg)
     if ids != table.column("image_id").to_pylist():
         raise AssertionError("embeddings.parquet rows do not match ingested.parquet; rerun the embed stage "
                              "(force=true)")
@@ -362,12 +355,10 @@ def run_dedup(out_uri: str, cfg: DedupConfig, storage_cfg=None, force: bool = Fa
     for d in dups:
         d["dataset"], d["duplicate_of_dataset"] = dataset_of[d["image_id"]], dataset_of[d["duplicate_of"]]
     if cfg.eval_manifests:
-        from cytoray.curation.embed import EmbedConfig, embed_rows, fingerprints_of
-
         eval_sets = []
         for uri in cfg.eval_manifests:
             rows = read_eval_manifest(uri, storage_cfg)
-            fp = fingerprints_of(embed_rows(rows, embed_cfg or EmbedConfig(), storage_cfg))
+            fp = fingerprints_of_table(embed_rows(rows, embed_cfg, storage_cfg))
             eval_sets.append((f"eval:{uri}", rows.column("image_id").to_pylist(), fp))
         kept_rows = np.flatnonzero(keep)
         hits = leakage_guard(thumbs[kept_rows], eval_sets, cfg)
@@ -380,11 +371,10 @@ def run_dedup(out_uri: str, cfg: DedupConfig, storage_cfg=None, force: bool = Fa
                          "dataset": dataset_of[i], "duplicate_of_dataset": name})
         log.info("leakage guard: %d training images dropped as near-copies of %d evaluation images",
                  len(hits), sum(len(e[1]) for e in eval_sets))
-    dup_table = pa.table({k: pa.array([d[k] for d in dups], type=pa.float32() if k == "similarity" else pa.string())
-                          for k in DUPLICATES_SCHEMA})
+    dup_table = pa.Table.from_pylist(dups, schema=DUPLICATES_SCHEMA)
     kept = table.filter(pa.array(keep))
-    _write_table(fs, kept, f"{out_path}/deduplicated.parquet", out_path)
-    _write_table(fs, dup_table, f"{out_path}/duplicates.parquet", out_path)
+    run.publish("deduplicated.parquet", kept)
+    run.publish("duplicates.parquet", dup_table)
 
     per: dict[str, dict] = {}
     for name in sorted(set(frame["dataset"])):
@@ -401,7 +391,5 @@ def run_dedup(out_uri: str, cfg: DedupConfig, storage_cfg=None, force: bool = Fa
     total = {k: sum(d[k] for d in per.values()) for k in ("images", "kept", "duplicates", "exact", "near",
                                                             "leakage", "cross_dataset")}
     summary = {"stage": "dedup", "threshold": cfg.threshold, "k": cfg.k, "datasets": per, "total": total,
-               "leakage_threshold": cfg.leakage_threshold, "eval_manifests": list(cfg.eval_manifests),
-               "seconds": round(time.time() - t0, 2)}
-    storage.write_bytes(marker, json.dumps(summary).encode(), storage_cfg)
+               "leakage_threshold": cfg.leakage_threshold, "eval_manifests": list(cfg.eval_manifests)}
     return summary

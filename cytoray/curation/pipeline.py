@@ -1,7 +1,8 @@
 """The curation run: config schema and the stage sequence behind ``recipes/curate.py``.
 
-Stages write into one run directory (local or object storage) with a completion marker each
-(``_stages/<stage>.json``), so a rerun skips what is finished:
+Stages write into one run directory (local or object storage); ``curation.stage`` gives each a completion
+marker (``_stages/<stage>.json``) with its settings and lineage, so a rerun skips what is finished and reruns
+what a changed setting affects:
 
 ingest (``ingested.parquet``, ``quarantine.parquet``) -> embed (``embeddings.parquet``) -> dedup + leakage
 guard (``deduplicated.parquet``, ``duplicates.parquet``) -> cluster (``clusters.parquet``,
@@ -22,7 +23,7 @@ from cytoray.curation.balance import BalanceConfig, run_balance
 from cytoray.curation.cluster import ClusterConfig, run_cluster
 from cytoray.curation.dedup import DedupConfig, run_dedup
 from cytoray.curation.embed import EmbedConfig, run_embed
-from cytoray.curation.ingest import DatasetSpec, IngestConfig, _stage_marker, _write_table, run_ingest
+from cytoray.curation.ingest import DatasetSpec, IngestConfig, run_ingest
 from cytoray.curation.report import ReportConfig, write_report
 from cytoray.runtime import RayConfig, init_ray, setup_logging
 
@@ -53,51 +54,18 @@ def run_curation(cfg: CurateConfig) -> dict:
     cfg = config.to_object(cfg)
     init_ray(cfg.ray)
     config.save_config(cfg, cfg.output_uri, cfg.storage)
-    out, st = cfg.output_uri, cfg.storage
-    stages = [
-        ("ingest", lambda f: run_ingest(cfg.datasets, out, cfg.ingest, st, force=f), (cfg.datasets, cfg.ingest)),
-        ("embed", lambda f: run_embed(out, cfg.embed, st, force=f), cfg.embed),
-        ("dedup", lambda f: run_dedup(out, cfg.dedup, st, force=f, embed_cfg=cfg.embed), (cfg.dedup, cfg.embed)),
-        ("cluster", lambda f: run_cluster(out, cfg.cluster, st, force=f, embeddings=cfg.embeddings),
-         (cfg.cluster, cfg.embeddings)),
-        ("balance", lambda f: run_balance(out, cfg.balance, st, force=f, embeddings=cfg.embeddings),
-         (cfg.balance, cfg.embeddings)),
-    ]
-    results, force = {}, cfg.force
-    for name, fn, settings in stages:
-        settings = _settings(settings)
-        marker = _stage_marker(out, name)
-        if not force:
-            done = json.loads(storage.read_bytes(marker, st)) if storage.exists(marker, st) else None
-            if done is None or done.get("settings") != settings:
-                if done is not None:
-                    log.info("%s: settings differ from (or were not recorded by) the last run; rerunning it and "
-                             "every later stage", name)
-                force = True  # this stage and everything downstream of it
-        results[name] = fn(force)
-        if force:  # record what the stage ran with, so a later run can tell whether it is still valid
-            results[name]["settings"] = settings
-            storage.write_bytes(marker, json.dumps(results[name]).encode(), st)
+    out, st, force = cfg.output_uri, cfg.storage, cfg.force
+    results = {
+        "ingest": run_ingest(cfg.datasets, out, cfg.ingest, st, force=force),
+        "embed": run_embed(out, cfg.embed, st, force=force),
+        "dedup": run_dedup(out, cfg.dedup, st, force=force, embed_cfg=cfg.embed),
+        "cluster": run_cluster(out, cfg.cluster, st, force=force, embeddings=cfg.embeddings),
+        "balance": run_balance(out, cfg.balance, st, force=force, embeddings=cfg.embeddings),
+    }
     results["summary"] = finalize(cfg.output_uri, results, cfg.storage, balanced=cfg.balance.enabled)
     if cfg.report.enabled:
         results["report"] = write_report(cfg.output_uri, cfg.report, cfg.storage)
     return results
-
-
-def _settings(obj):
-    """A stage's settings as plain JSON data (dataclasses, lists and tuples), for comparison with its marker."""
-    from dataclasses import asdict, is_dataclass
-
-    def plain(o):
-        if is_dataclass(o):
-            return plain(asdict(o))
-        if isinstance(o, dict):
-            return {str(k): plain(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [plain(v) for v in o]
-        return o
-
-    return json.loads(json.dumps(plain(obj), sort_keys=True))
 
 
 def finalize(out_uri: str, results: dict, storage_cfg, balanced: bool = True) -> dict:
@@ -105,13 +73,14 @@ def finalize(out_uri: str, results: dict, storage_cfg, balanced: bool = True) ->
     write the reconciled ``summary.json``."""
     import pyarrow as pa
 
-    fs, path = storage.filesystem(out_uri, storage_cfg)
-    table = storage.read_parquet(storage.join_uri(out_uri, f"{'balanced' if balanced else 'unbalanced'}.parquet"),
-                                 storage_cfg)
+    from cytoray import tables
+
+    table = tables.read_table(storage.join_uri(out_uri, f"{'balanced' if balanced else 'unbalanced'}.parquet"),
+                              storage_cfg)
     if not balanced:
         table = table.set_column(table.column_names.index("repeats"), "repeats",
                                  pa.array([1] * table.num_rows, pa.int32()))
-    _write_table(fs, table, f"{path}/manifest.parquet", path)
+    tables.write_table(storage.join_uri(out_uri, "manifest.parquet"), table, storage_cfg)
     ingest, dedup, bal = results["ingest"], results["dedup"], results["balance"]
     per = {}
     zero = {"kept": 0, "duplicates": 0, "exact": 0, "near": 0, "leakage": 0, "cross_dataset": 0}

@@ -130,14 +130,15 @@ SCRIPT = """window.addEventListener('load', function () {
 
 def build_report(out_uri: str, cfg: ReportConfig, storage_cfg=None) -> str:
     """The report's HTML from the run directory's outputs."""
-    from cytoray import storage
+    from cytoray import storage, tables
     from cytoray.curation.cluster import load_stage_embeddings
+    from cytoray.curation.stage import read_marker
 
     def read(name):
-        return storage.read_parquet(storage.join_uri(out_uri, name), storage_cfg).to_pandas()
+        return tables.read_table(storage.join_uri(out_uri, name), storage_cfg).to_pandas()
 
     summary = json.loads(storage.read_bytes(storage.join_uri(out_uri, "summary.json"), storage_cfg))
-    balance = json.loads(storage.read_bytes(storage.join_uri(out_uri, "_stages", "balance.json"), storage_cfg))
+    balance = read_marker(out_uri, "balance", storage_cfg)
     unbalanced, dups, quarantine = read("unbalanced.parquet"), read("duplicates.parquet"), read("quarantine.parquet")
     uri_of = dict(zip(*[read("ingested.parquet")[c] for c in ("image_id", "uri")]))
     top_col = balance["top_cluster_column"]

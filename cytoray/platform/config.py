@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cytoray import config as config_lib
+from cytoray.eval.validation import EvalConfig
 from cytoray.platform import schedules
 from cytoray.platform.data.augment import AugmentConfig
 from cytoray.platform.data.stream import StreamConfig
 from cytoray.platform.models.vit import ViTConfig
 from cytoray.platform.objective import ObjectiveConfig
 from cytoray.platform.parallelize import ParallelConfig
-from cytoray.platform.validation import EvalConfig
 from cytoray.runtime import RayConfig
 from cytoray.storage import StorageConfig
 
@@ -194,3 +194,12 @@ def load_pretrain_config(argv, preset: str, defaults: str | None = None, schema=
                                  base=[(preset_path(preset), {"preset": preset, "model": model})])
     worker_range(cfg.train)  # an int or [min, max]: typed as Any in the schema, so checked here
     return cfg
+
+
+def eval_preprocess(model: ModelPreset):
+    """How evaluation prepares images for this run's backbone: its training normalisation at the global-crop size.
+    Recorded in every checkpoint and export (``preprocess``), so probes and embedders read it back."""
+    from cytoray.features.preprocess import Preprocess
+
+    a = model.augment
+    return Preprocess(size=a.global_crops.size, mean=tuple(a.mean), std=tuple(a.std))

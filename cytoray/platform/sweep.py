@@ -181,7 +181,7 @@ def run_trial(config: dict, base: SweepRunConfig) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cytoray.platform import validation
+    from cytoray.eval import validation
     from cytoray.platform.train import pretrain
 
     trial_id = ray.tune.get_context().get_trial_id()
@@ -218,7 +218,7 @@ def make_tuner(trainable, space: dict, s: SweepConfig, concurrent: int, storage_
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from cytoray.platform import validation
+    from cytoray.eval import validation
 
     scheduler = ASHAScheduler(time_attr="step", max_t=s.rungs[-1], grace_period=s.rungs[0],
                               reduction_factor=s.reduction_factor)
@@ -263,7 +263,7 @@ def run_sweep(cfg: SweepRunConfig) -> dict:
 
 
 def trial_rows(grid, knobs: list[str]) -> list[dict]:
-    from cytoray.platform import validation
+    from cytoray.eval import validation
 
     rows = []
     for r in grid:

@@ -25,13 +25,20 @@ import torch
 
 from cytoray import config as config_lib
 from cytoray import storage
-from cytoray.platform import checkpointing, validation
-from cytoray.platform.config import PretrainConfig, make_schedules, per_worker_batch, worker_range
+from cytoray.eval import validation
+from cytoray.platform import checkpointing
+from cytoray.platform.config import (
+    PretrainConfig,
+    eval_preprocess,
+    make_schedules,
+    per_worker_batch,
+    worker_range,
+)
 from cytoray.platform.config import global_batch as global_batch_size
 from cytoray.platform.data.batch import SampleDraws
 from cytoray.platform.data.stream import build_stream, expand_repeats, iter_steps, read_manifest
 from cytoray.platform.metrics import MetricsLog
-from cytoray.platform.models.checkpoints import export_state_dict, load_backbone
+from cytoray.platform.models.checkpoints import export_state_dict, load_pretrained_weights
 from cytoray.platform.objective import build_objective
 from cytoray.platform.parallelize import apply_fsdp, local_numel
 from cytoray.platform.step import build_optimizer, train_step
@@ -126,7 +133,8 @@ def train_loop_per_worker(config: dict) -> None:
                 print(progress_line(done, last, row), flush=True)
         train_state = {"step": done, "samples_consumed": samples, "world_size": world,
                        "batch_size_per_device": batch_size, "global_batch": global_batch, "seed": t.seed, "preset": cfg.preset,
-                       "epoch": samples // config["epoch_len"], "vit": asdict(p.vit)}
+                       "epoch": samples // config["epoch_len"], "vit": asdict(p.vit),
+                       "preprocess": eval_preprocess(p).record()}
         if done % t.checkpoint_every == 0 or done == last:
             if (t.export_every and done % t.export_every == 0) or done == last:
                 export_teacher(objective, cfg, done, rank)
@@ -145,7 +153,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 def init_backbones(objective, uri: str, storage_cfg) -> None:
     """Student and teacher backbones from a DINOv2 / DinoBloom / cytoray file (heads stay fresh)."""
-    fmt = load_backbone(objective.student["backbone"], uri, storage_cfg)
+    fmt = load_pretrained_weights(objective.student["backbone"], uri, storage_cfg)
     objective.teacher["backbone"].load_state_dict(objective.student["backbone"].state_dict())
     log.info("initialised backbones from %s (%s format)", storage.redact(uri), fmt)
 
@@ -215,7 +223,8 @@ def export_teacher(objective, cfg: PretrainConfig, step: int, rank: int) -> None
     state = checkpointing.gather_teacher_backbone(objective)  # collective
     if rank == 0:
         uri = storage.join_uri(run_uri(cfg), "exports", f"teacher_{step:08d}.pth")
-        export_state_dict(state, cfg.model.vit, uri, cfg.storage, extra={"step": step, "preset": cfg.preset})
+        export_state_dict(state, cfg.model.vit, uri, cfg.storage, extra={"step": step, "preset": cfg.preset,
+                                                                             "preprocess": eval_preprocess(cfg.model).record()})
         print(f"[cytoray] exported teacher backbone (DinoBloom format) to {uri}", flush=True)
 
 
@@ -293,27 +302,3 @@ def _gpus_visible() -> bool:
     if ray.is_initialized():
         return ray.cluster_resources().get("GPU", 0) > 0
     return torch.cuda.is_available()
-
-
-def main(argv: list[str], preset: str, defaults: str | None = None):
-    """What the ``recipes/pretrain_vit*.py`` scripts run: load config, train, say where things are."""
-    from cytoray.platform.config import load_pretrain_config
-    from cytoray.runtime import setup_logging
-
-    cfg = load_pretrain_config(argv, preset, defaults)
-    setup_logging(cfg.log_level)
-    result = pretrain(cfg)
-    if result.error is not None:
-        raise result.error
-    obj = config_lib.to_object(cfg)
-    run = run_uri(obj)
-    print(f"[cytoray] run:        {run}")
-    print(f"[cytoray] checkpoint: {result.checkpoint.path if result.checkpoint else None}")
-    print(f"[cytoray] metrics:    {storage.join_uri(run, 'metrics.csv')} (+ tensorboard/)")
-    print(f"[cytoray] exports:    {storage.join_uri(run, 'exports')}")
-    rows = validation.read_results_table(run, obj.storage)
-    if rows:
-        print(f"[cytoray] probe of every scored checkpoint (balanced accuracy; all metrics in "
-              f"{storage.join_uri(run, validation.EVAL_DIR, validation.RESULTS_CSV)})")
-        print(validation.format_results_table(rows))
-    return result

@@ -1,15 +1,13 @@
-"""Building blocks of deduplication and embedding on small hand-checkable inputs.
-
-(The full dedup stage on the synthetic ground truth — precision/recall bars — is not wired yet; see the
-curation issue's note.)"""
+"""Building blocks of deduplication and embedding on small hand-checkable inputs, and near-duplicate detection
+against the synthetic ground truth (precision/recall bars)."""
 
 import numpy as np
 import pandas as pd
 
 from cytoray.curation.dedup import DedupConfig, connected_components, deduplicate, keep_order, knn_edges
-from cytoray.curation.embed import HANDCRAFTED_DIM, handcrafted_features, standardise
 from cytoray.curation.synthetic.cells import Stain, render_cell
 from cytoray.curation.synthetic.scoring import dedup_precision_recall
+from cytoray.features.handcrafted import HANDCRAFTED_DIM, handcrafted_features, standardise
 
 
 def test_union_find_components():
@@ -77,7 +75,8 @@ def test_vit_embedder_plugs_in_from_a_checkpoint(tmp_path):
     import torch
     from PIL import Image
 
-    from cytoray.curation.embed import EmbedBatch, EmbedConfig, get_embedder
+    from cytoray.curation.embed import EmbedConfig, feature_spec
+    from cytoray.features.extract import FeatureActor, FeatureSpec
     from cytoray.platform.models.checkpoints import export_dinobloom
     from cytoray.platform.models.vit import build_vit
 
@@ -86,16 +85,17 @@ def test_vit_embedder_plugs_in_from_a_checkpoint(tmp_path):
     cfg = EmbedConfig(name="vit", checkpoint=str(tmp_path / "b.pth"), image_size=56)
     rng = np.random.default_rng(0)
     imgs = [render_cell(c, 80, 0.3, Stain(), rng) for c in ("lymphocyte", "eosinophil", "blast")]
-    out = get_embedder(cfg).embed(imgs)
+    out = FeatureActor(feature_spec(cfg)).features(imgs)
     assert out.shape == (3, 64) and np.isfinite(out).all()
     for k, im in enumerate(imgs):
         Image.fromarray(im).save(tmp_path / f"{k}.png")
     batch = pa.table({"image_id": ["a", "b", "c"], "uri": [str(tmp_path / f"{k}.png") for k in range(3)]})
-    res = EmbedBatch(EmbedConfig(), None)(batch)  # the Ray Data callable, called directly
+    res = FeatureActor(feature_spec(EmbedConfig()))(batch)  # the Ray Data callable, called directly
     assert res.column("image_id").to_pylist() == ["a", "b", "c"]
-    assert len(res.column("embedding")[0]) == HANDCRAFTED_DIM
+    assert len(res.column("feature")[0]) == HANDCRAFTED_DIM and len(res.column("fingerprint")[0]) == 3 * 32 * 32
+    assert "fingerprint" not in FeatureActor(FeatureSpec())(batch).column_names
     try:
-        get_embedder(EmbedConfig(name="vit"))
+        feature_spec(EmbedConfig(name="vit"))
     except ValueError as exc:
         assert "embed.checkpoint" in str(exc)
     else:
@@ -110,8 +110,8 @@ def test_near_duplicate_detection_meets_the_bars_on_the_test_seed(tmp_path_facto
     import pyarrow.parquet as pq
 
     from cytoray import images
-    from cytoray.curation.embed import fingerprint_thumbnails
     from cytoray.curation.synthetic.collection import CollectionSpec, generate_collection
+    from cytoray.features.fingerprint import fingerprint_thumbnails
 
     from ..conftest import SEED
 

@@ -80,7 +80,7 @@ def test_failure_and_driver_restart_resume_exactly(ray_local, manifest, tmp_path
 def test_every_checkpoint_is_probed_while_training(ray_local, manifest, tmp_path):
     """Ray Train V2 validation: each checkpoint is probed in a separate task; the scores land in the checkpoint's
     metrics (best-by-probe retention uses them) and in <run>/eval/results.csv; they equal the standalone probe."""
-    from cytoray.platform import evaluate, validation
+    from cytoray.eval import probe, validation
 
     storage = str(tmp_path / "runs")
     heldout = write_cell_manifest(str(tmp_path / "heldout"), 60, seed=7)
@@ -112,8 +112,8 @@ def test_every_checkpoint_is_probed_while_training(ray_local, manifest, tmp_path
     for (k, a), b in zip(from_dcp.state_dict().items(), exported.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
     # ... and the standalone probe of that checkpoint directory gives the same numbers
-    cfg = evaluate.ProbeConfig(num_actors=0, folds=3)
-    standalone = evaluate.evaluate(os.path.join(run, "checkpoint_00000012"), [heldout], cfg)[0]
+    cfg = probe.ProbeConfig(num_actors=0, folds=3)
+    standalone = probe.evaluate(os.path.join(run, "checkpoint_00000012"), [heldout], cfg)[0]
     assert standalone["methods"]["linear"]["balanced_accuracy"] == pytest.approx(score[12], abs=1e-6)
     assert "probe of every scored checkpoint" not in validation.format_results_table(rows)  # table only
     assert len(validation.format_results_table(rows).splitlines()) == 2 + 3

@@ -95,7 +95,7 @@ def test_dinov2_hub_checkpoint_loads_with_pos_embed_resized(tmp_path):
     path = tmp_path / "dinov2_vitdebug14_pretrain.pth"
     torch.save(hub.state_dict(), path)
     m = _model(img_size=224)
-    assert ck.load_backbone(m, str(path)) == "dinov2"
+    assert ck.load_pretrained_weights(m, str(path)) == "dinov2"
     assert m.pos_embed.shape == (1, 257, 64)
     assert torch.equal(m.blocks[1].attn.qkv.weight, hub.blocks[1].attn.qkv.weight)
     expected = resize_pos_embed(hub.pos_embed.detach(), (16, 16), interpolate_offset=0.0)
@@ -119,7 +119,7 @@ def test_dinobloom_release_loads_exactly(tmp_path, chunked):
     src = _model(img_size=224)
     _dinobloom_file(src, tmp_path / "dinobloom.pth", chunked)
     m = build_vit(arch="vit_debug", patch_size=14, img_size=224)
-    assert ck.load_backbone(m, str(tmp_path / "dinobloom.pth")) == "dinobloom"
+    assert ck.load_pretrained_weights(m, str(tmp_path / "dinobloom.pth")) == "dinobloom"
     x = torch.randn(2, 3, 224, 224)
     assert torch.allclose(m.eval()(x), src(x), atol=1e-6)
 
@@ -143,11 +143,11 @@ def test_wrong_architecture_names_the_keys(tmp_path):
     torch.save(_model(img_size=224).state_dict(), tmp_path / "small.pth")
     bigger = build_vit(arch="vit_small", patch_size=14, img_size=224)
     with pytest.raises(ck.CheckpointError, match=r"blocks\.0\.attn\.qkv\.weight.*vs model") as err:
-        ck.load_backbone(bigger, str(tmp_path / "small.pth"))
+        ck.load_pretrained_weights(bigger, str(tmp_path / "small.pth"))
     assert "missing from checkpoint: blocks.10" in str(err.value) or "blocks.2" in str(err.value)
     regs = build_vit(arch="vit_debug", patch_size=14, img_size=224, num_register_tokens=4)
     with pytest.raises(ck.CheckpointError, match="register_tokens"):
-        ck.load_backbone(regs, str(tmp_path / "small.pth"))
+        ck.load_pretrained_weights(regs, str(tmp_path / "small.pth"))
 
 
 class NotData:
@@ -157,7 +157,7 @@ class NotData:
 def test_checkpoints_are_data_never_code(tmp_path):
     torch.save({"teacher": {}, "payload": NotData()}, tmp_path / "evil.pth")
     with pytest.raises(ck.CheckpointError, match="weights-only"):
-        ck.load_backbone(_model(img_size=224), str(tmp_path / "evil.pth"))
+        ck.load_pretrained_weights(_model(img_size=224), str(tmp_path / "evil.pth"))
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ck.CheckpointError):
         ck.read_checkpoint(str(tmp_path / "junk.pth"))
@@ -188,7 +188,7 @@ def test_unloadable_checkpoints_name_the_file_and_what_was_expected(tmp_path, co
         torch.save({"epoch": 3, "args": "lr=0.1"}, path)
     else:
         torch.save({"teacher": {"backbone.pos_embed": [0.0, 1.0]}}, path)
-    for load in (lambda: ck.load_backbone(_model(img_size=224), str(path)), lambda: ck.build_from_checkpoint(str(path))):
+    for load in (lambda: ck.load_pretrained_weights(_model(img_size=224), str(path)), lambda: ck.build_from_checkpoint(str(path))):
         with pytest.raises(ck.CheckpointError) as err:
             load()
         assert str(path) in str(err.value) and "DinoBloom" in str(err.value), str(err.value)
@@ -231,5 +231,5 @@ def test_dinov2_hub_checkpoint_for_evaluation_matches_the_official_model(tmp_pat
         expected = _dinov2_reference_features(src, x, offset, antialias)
         assert torch.allclose(_features(built, x), expected, atol=1e-5)
         trained = build_vit(arch="vit_debug", patch_size=8, img_size=64, num_register_tokens=registers).eval()
-        assert ck.load_backbone(trained, str(path)) == "dinov2" and trained.pos_embed.shape == (1, 65, 64)
+        assert ck.load_pretrained_weights(trained, str(path)) == "dinov2" and trained.pos_embed.shape == (1, 65, 64)
         assert not torch.allclose(_features(trained, x), expected, atol=1e-3)  # resized at load: other features

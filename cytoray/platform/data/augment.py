@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from cytoray.features.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 # Ruifrok & Johnston colour deconvolution (as skimage.color.hed_from_rgb); rows: H, E, DAB in OD space.
 RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from cytoray import images, storage
+from cytoray import images, manifest, storage
+from cytoray.manifest import ManifestError
 from cytoray.platform.data import keys
 from cytoray.platform.data.augment import AugmentConfig, MultiCrop
 from cytoray.runtime import keep_image_buffers_on_heap
@@ -45,36 +45,12 @@ class StreamConfig:
     max_pixels: int = 50_000_000  # decode guard (decompression bombs)
 
 
-class ManifestError(ValueError):
-    """A manifest that cannot feed training; the message names the file and the fix."""
-
-
 def read_manifest(uri: str, storage_cfg: storage.StorageConfig | None = None,
                   columns: tuple[str, ...] = ("image_id", "uri")) -> pa.Table:
-    """The manifest's ``columns`` plus ``repeats``/``weight`` when present."""
-    fs, path = storage.arrow_filesystem(uri, storage_cfg)
-    try:
-        schema = pq.read_schema(path, filesystem=fs) if not _is_dir(fs, path) else pq.ParquetDataset(
-            path, filesystem=fs).schema
-    except (FileNotFoundError, OSError) as exc:
-        raise ManifestError(f"manifest {uri!r} cannot be read ({exc}); point data.manifest_uri at a "
-                            f"curation run's manifest.parquet") from exc
-    missing = [c for c in columns if c not in schema.names]
-    if missing:
-        raise ManifestError(f"manifest {uri!r} lacks column(s) {missing}; it needs {list(columns)} "
-                            f"(write it with recipes/curate.py or add the columns)")
-    wanted = list(columns) + [c for c in ("repeats", "weight") if c in schema.names]
-    table = storage.with_retries(lambda: pq.read_table(path, filesystem=fs, columns=wanted), storage_cfg,
-                                 f"read manifest {uri}")
-    if table.num_rows == 0:
-        raise ManifestError(f"manifest {uri!r} has no rows; nothing to train on")
-    return table
-
-
-def _is_dir(fs, path: str) -> bool:
-    import pyarrow.fs as pafs
-
-    return fs.get_file_info(path).type == pafs.FileType.Directory
+    """The training manifest's ``columns`` plus ``repeats``/``weight`` when present."""
+    return manifest.read_manifest(uri, storage_cfg, columns, optional=manifest.SAMPLING_COLUMNS,
+                                  purpose="training manifest (data.manifest_uri)",
+                                  fix="point data.manifest_uri at a curation run's manifest.parquet")
 
 
 def expand_repeats(table: pa.Table) -> np.ndarray:

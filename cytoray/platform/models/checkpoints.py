@@ -1,7 +1,7 @@
 """Backbone checkpoints in the three formats users meet, loaded as data (``weights_only=True``).
 
 - ``dinov2``: a DINOv2 hub file (``dinov2_vitl14_pretrain.pth``): a flat backbone state dict, pos_embed for
-  518 px (1×1370×D for /14). :func:`load_backbone` (training initialisation) resizes its pos_embed once to the
+  518 px (1×1370×D for /14). :func:`load_pretrained_weights` (training initialisation) resizes its pos_embed once to the
   model's grid, as DinoBloom did (trained at 224: 16×16); :func:`build_from_checkpoint` (evaluation) keeps the
   37×37 grid and interpolates at run time with the hub model's settings, so features match the official model.
 - ``dinobloom``: a DinoBloom release (``{"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}}``,
@@ -110,7 +110,7 @@ def source_vit_settings(sd: dict[str, torch.Tensor]) -> dict:
     return out
 
 
-def load_backbone(model: VisionTransformer, ckpt_or_uri, storage_cfg: storage.StorageConfig | None = None) -> str:
+def load_pretrained_weights(model: VisionTransformer, ckpt_or_uri, storage_cfg: storage.StorageConfig | None = None) -> str:
     """Load weights into ``model``, resizing the pos_embed once to its grid (training initialisation, as
     DinoBloom from DINOv2); returns the detected format. Evaluation uses :func:`build_from_checkpoint`."""
     source = ckpt_or_uri if isinstance(ckpt_or_uri, str) else "checkpoint"
@@ -177,8 +177,9 @@ def is_training_checkpoint(uri: str, storage_cfg: storage.StorageConfig | None =
 
 
 def load_training_checkpoint(uri: str, storage_cfg: storage.StorageConfig | None = None,
-                             **vit_overrides) -> VisionTransformer:
-    """The EMA teacher backbone of a sharded training checkpoint, on CPU, in a single process."""
+                             **vit_overrides) -> tuple[VisionTransformer, dict]:
+    """(The EMA teacher backbone of a sharded training checkpoint, on CPU, in a single process; its
+    ``train_state.json``)."""
     import json
 
     import torch.distributed.checkpoint as dcp
@@ -209,24 +210,34 @@ def load_training_checkpoint(uri: str, storage_cfg: storage.StorageConfig | None
         sd = {"model": want}
         dcp.load(sd, storage_reader=reader)
     model.load_state_dict({k[len("teacher.backbone."):]: v for k, v in sd["model"].items()}, strict=True)
-    return model
+    return model, state
 
 
-def build_from_checkpoint(uri: str, storage_cfg: storage.StorageConfig | None = None, **vit_overrides):
-    """The backbone as its source runs it, for evaluation and embedding: a cytoray export (architecture in its
-    metadata), a cytoray training checkpoint directory, or a DINOv2 / DinoBloom file, whose patch size,
-    pos_embed grid, registers and arch come from its tensors (:func:`source_vit_settings`); overrides win.
+def load_model(uri: str, storage_cfg: storage.StorageConfig | None = None,
+               **vit_overrides) -> tuple[VisionTransformer, dict]:
+    """(The backbone as its source runs it, the checkpoint's cytoray metadata) for evaluation and embedding.
+
+    Reads a cytoray export (architecture in its metadata), a cytoray training checkpoint directory
+    (``train_state.json``), or a DINOv2 / DinoBloom file, whose patch size, pos_embed grid, registers and arch
+    come from its tensors (:func:`source_vit_settings`); overrides win. The metadata is the export's ``cytoray``
+    entry or the training state (both carry ``preprocess`` when the run recorded it); ``{}`` for other files.
 
     The pos_embed keeps the checkpoint's grid and is interpolated at run time with the source model's settings,
     so a DINOv2 hub file gives the official model's features at any input size (resizing 37→16 at load time
-    with another offset, as :func:`load_backbone` does for training, gives different ones).
+    with another offset, as :func:`load_pretrained_weights` does for training, gives different ones).
     """
     if is_training_checkpoint(uri, storage_cfg):
         return load_training_checkpoint(uri, storage_cfg, **vit_overrides)
     ckpt = read_checkpoint(uri, storage_cfg)
     fmt = detect_format(ckpt, uri)
     sd = backbone_state_dict(ckpt, uri)
-    meta = ckpt["cytoray"].get("vit", {}) if isinstance(ckpt.get("cytoray"), dict) else source_vit_settings(sd)
-    model = build_vit(ViTConfig(**{**meta, **vit_overrides}))
+    meta = ckpt["cytoray"] if isinstance(ckpt.get("cytoray"), dict) else {}
+    model = build_vit(ViTConfig(**{**(meta.get("vit") or source_vit_settings(sd)), **vit_overrides}))
     load_state(model, sd, f"{uri} ({fmt})")
-    return model
+    return model, meta
+
+
+def build_from_checkpoint(uri: str, storage_cfg: storage.StorageConfig | None = None,
+                          **vit_overrides) -> VisionTransformer:
+    """The backbone of :func:`load_model` without its metadata."""
+    return load_model(uri, storage_cfg, **vit_overrides)[0]

@@ -6,8 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from cytoray.platform.evaluate import ProbeConfig, ProbeError, knn_predict, score_features
-from cytoray.platform.mil import MILConfig, evaluate_mil
+from cytoray.eval.methods import knn_predict
+from cytoray.eval.metrics import ProbeError
+from cytoray.eval.mil import MILConfig, evaluate_mil
+from cytoray.eval.probe import ProbeConfig, score_features
 
 
 def _blobs(n_per=30, classes=4, dim=16, sep=3.0, seed=0):
@@ -71,7 +73,7 @@ def test_abmil_beats_chance_on_patient_bags():
 
 
 def test_probe_recipe_on_ray_with_feature_cache(ray_local, tmp_path):
-    from cytoray.platform import evaluate
+    from cytoray.eval import probe
     from cytoray.testing import write_cell_manifest
 
     manifest = write_cell_manifest(str(tmp_path / "cells"), 60, seed=5)
@@ -79,7 +81,7 @@ def test_probe_recipe_on_ray_with_feature_cache(ray_local, tmp_path):
     args = ["--checkpoint", "random:vit_debug", "--checkpoint", "handcrafted", "--manifest", manifest,
             "--out", str(out), "probe.folds=3", "probe.c_grid=[1.0]", f"probe.cache_dir={tmp_path / 'cache'}",
             "ray.num_cpus=2"]
-    results = evaluate.main(args)
+    results = probe.main(args)
     assert [r["checkpoint"] for r in results] == ["random:vit_debug", "handcrafted"]
     assert all(r["manifest"] == manifest and r["images"] == 60 for r in results)
     saved = json.loads((out / "results.json").read_text())
@@ -88,19 +90,19 @@ def test_probe_recipe_on_ray_with_feature_cache(ray_local, tmp_path):
     # handcrafted colour/texture features separate the synthetic classes well
     assert results[1]["methods"]["linear"]["balanced_accuracy"] > 0.6
     # second run: features come from the cache, identical scores
-    again = evaluate.main(args)
+    again = probe.main(args)
     assert again[0]["methods"] == results[0]["methods"]
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"image_id": ["a"], "uri": ["x"]}), tmp_path / "bad.parquet")
     with pytest.raises(ProbeError, match="lacks columns \\['cell_type'\\]"):
-        evaluate.main(["--checkpoint", "handcrafted", "--manifest", str(tmp_path / "bad.parquet")])
+        probe.main(["--checkpoint", "handcrafted", "--manifest", str(tmp_path / "bad.parquet")])
 
 
 def test_mil_only_manifest_beats_chance(tmp_path):
     """Patient-labelled cells without cell labels (AML Hehr style): --mil runs ABMIL only, k-fold by patient."""
-    from cytoray.platform import evaluate
+    from cytoray.eval import probe
     from cytoray.testing import write_patient_manifest
 
     manifest = write_patient_manifest(str(tmp_path / "patients"), patients=20, cells_per_patient=16, seed=3)
@@ -108,11 +110,11 @@ def test_mil_only_manifest_beats_chance(tmp_path):
     args = ["--checkpoint", "handcrafted", "--manifest", manifest, "--out", str(out), "probe.num_actors=0",
             "probe.mil_folds=4", "probe.mil_epochs=30"]
     with pytest.raises(ProbeError, match="lacks columns \\['cell_type'\\]"):  # cell probe needs cell labels
-        evaluate.main(args)
-    results = evaluate.main(["--mil", *args])
+        probe.main(args)
+    results = probe.main(["--mil", *args])
     (r,) = results
     assert r["methods"] == {} and r["mil"]["patients"] == 20 and r["mil"]["cells"] == 320
     assert r["mil"]["folds"] == 4 and r["mil"]["chance_balanced_accuracy"] == pytest.approx(0.2)
     assert r["mil"]["balanced_accuracy"] >= 0.6, r["mil"]  # 5 subtypes: chance is 0.2
-    assert "ABMIL" in evaluate.results_table(results)
+    assert "ABMIL" in probe.results_table(results)
     assert json.loads((out / "results.json").read_text())[0]["mil"]["patients"] == 20

@@ -74,7 +74,7 @@ def evaluate_mil(feats: np.ndarray, patient_ids: list, patient_labels: list, cfg
     """k-fold-by-patient ABMIL on cell features; returns accuracy, balanced accuracy, weighted F1, per class."""
     from sklearn.model_selection import StratifiedKFold
 
-    from cytoray.platform.evaluate import ProbeError, metrics
+    from cytoray.eval.metrics import ProbeError, metrics
 
     bags: dict[str, list[int]] = {}
     label_of: dict[str, str] = {}

@@ -3,7 +3,7 @@
 The training loop reports each sharded checkpoint with ``validation=True`` (every ``eval.every``-th, and the last
 one); Ray Train's controller then runs :class:`CheckpointScorer` as a separate Ray task (``eval.probe.num_cpus`` /
 ``num_gpus``) while the workers go on training. The task reads only the EMA teacher's tensors from the
-checkpoint (``models.checkpoints.load_training_checkpoint``), runs the probe of ``cytoray.platform.evaluate`` on
+checkpoint (``models.checkpoints.load_training_checkpoint``), runs the probe of ``cytoray.eval.probe`` on
 every ``eval.manifests`` entry, and
 
 - returns flat metrics that Ray Train merges into the checkpoint's metrics: ``probe_score`` (mean linear-probe
@@ -27,13 +27,16 @@ import os
 from dataclasses import dataclass, field
 
 from cytoray import storage
-from cytoray.platform.evaluate import ProbeConfig, evaluate
+from cytoray.eval.methods import HEADLINE
+from cytoray.eval.metrics import ProbeError
+from cytoray.eval.probe import ProbeConfig, evaluate, read_labelled_manifest
 
 log = logging.getLogger(__name__)
 
 EVAL_DIR = "eval"
 RESULTS_CSV = "results.csv"
 SCORE = "probe_score"
+SHOWN_METHODS = (HEADLINE, "knn20", "abmil")  # what the printed tables show (results.csv has every method)
 CSV_FIELDS = ["step", "checkpoint", "manifest", "method", "images", "accuracy", "balanced_accuracy", "weighted_f1"]
 
 
@@ -69,8 +72,8 @@ def flat_metrics(results: list[dict], names: list[str]) -> dict[str, float]:
         if "mil" in r:
             for key in ("accuracy", "balanced_accuracy", "weighted_f1"):
                 out[f"probe/{name}/abmil/{key}"] = r["mil"][key]
-        if "linear" in r["methods"]:
-            headline.append(r["methods"]["linear"]["balanced_accuracy"])
+        if HEADLINE in r["methods"]:
+            headline.append(r["methods"][HEADLINE]["balanced_accuracy"])
         elif "mil" in r:
             headline.append(r["mil"]["balanced_accuracy"])
     out[SCORE] = float(sum(headline) / len(headline)) if headline else math.nan
@@ -112,8 +115,9 @@ def read_results_table(run: str, storage_cfg=None) -> list[dict]:
     return list(csv.DictReader(io.StringIO(storage.read_bytes(uri, storage_cfg).decode())))
 
 
-def format_results_table(rows: list[dict], methods=("linear", "knn20", "abmil")) -> str:
-    """Balanced accuracy per step (rows) and manifest/method (columns)."""
+def format_results_table(rows: list[dict], methods=None) -> str:
+    """Balanced accuracy per step (rows) and manifest/method (columns); ``methods`` default: SHOWN_METHODS."""
+    methods = SHOWN_METHODS if methods is None else methods
     cols = sorted({(r["manifest"], r["method"]) for r in rows if r["method"] in methods})
     steps = sorted({int(r["step"]) for r in rows})
     val = {(int(r["step"]), r["manifest"], r["method"]): float(r["balanced_accuracy"]) for r in rows}
@@ -147,7 +151,7 @@ class CheckpointScorer:
         out = flat_metrics(results, names)
         out["probe_step"] = step
         shown = ", ".join(f"{r['manifest']} {r['method']} {r['balanced_accuracy']:.3f}" for r in rows
-                          if r["method"] in ("linear", "knn20", "abmil"))
+                          if r["method"] in SHOWN_METHODS)
         print(f"[cytoray] probe of step {step} (balanced accuracy): {shown}", flush=True)
         return out
 
@@ -168,7 +172,6 @@ def validation_config(cfg: EvalConfig, run: str, storage_cfg=None):
 def check(cfg: EvalConfig, storage_cfg=None) -> None:
     """Fail at start-up, naming the manifest, rather than in every validation task."""
     from cytoray.config import ConfigError
-    from cytoray.platform.evaluate import ProbeError, read_labelled_manifest
 
     if cfg.every < 1:
         raise ConfigError("eval.every must be >= 1 (score every N-th checkpoint)")

@@ -1,0 +1,43 @@
+"""DINOv2 pretraining on a curated manifest as a Ray Train job; ``preset=`` picks the model (default dinobloom_l).
+
+    ray job submit --working-dir . -- python recipes/pretrain.py preset=dinobloom_b \
+        data.manifest_uri=s3://bucket/curate/manifest.parquet run.name=dinobloom_b run.storage_path=s3://bucket/runs \
+        [train.init_checkpoint=s3://bucket/dinov2_vitb14_pretrain.pth] [key=value ...]
+    python recipes/pretrain.py --config recipes/configs/cpu_debug.yaml data.manifest_uri=... run.name=debug
+
+Presets: cytoray/configs/*.yaml (dinobloom_s/b/l/g, debug); recipes/pretrain_vit{s,b,l,g}.py are this script
+with the preset fixed. Config layers: schema <- preset <- --config files <- key=value. Rerunning with the same
+run.name and run.storage_path resumes from the last checkpoint.
+"""
+
+import sys
+
+from cytoray import config, storage
+from cytoray.eval import validation
+from cytoray.platform.config import load_pretrain_config
+from cytoray.platform.train import pretrain, run_uri
+from cytoray.runtime import setup_logging
+
+
+def main(argv: list[str], preset: str = "dinobloom_l"):
+    cfg = load_pretrain_config(argv, preset)  # preset=... in argv or a --config file wins over `preset`
+    setup_logging(cfg.log_level)
+    result = pretrain(cfg)  # Ray Train: FSDP2 workers stream the manifest; every checkpoint is probed
+    if result.error is not None:
+        raise result.error
+    cfg = config.to_object(cfg)
+    run = run_uri(cfg)
+    print(f"[cytoray] run:        {run}")
+    print(f"[cytoray] checkpoint: {result.checkpoint.path if result.checkpoint else None}")
+    print(f"[cytoray] metrics:    {storage.join_uri(run, 'metrics.csv')} (+ tensorboard/)")
+    print(f"[cytoray] exports:    {storage.join_uri(run, 'exports')}")
+    rows = validation.read_results_table(run, cfg.storage)
+    if rows:
+        print(f"[cytoray] probe of every scored checkpoint (balanced accuracy; all metrics in "
+              f"{storage.join_uri(run, validation.EVAL_DIR, validation.RESULTS_CSV)})")
+        print(validation.format_results_table(rows))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
