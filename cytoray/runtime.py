@@ -86,3 +86,27 @@ def data_context(**settings):
     finally:
         for k, v in saved.items():
             setattr(ctx, k, v)
+
+
+@contextlib.contextmanager
+def environment(**variables: str):
+    """Set environment variables for the duration of a block, restoring (or removing) them afterwards."""
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (process-group rendezvous, local test servers)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -16,16 +16,10 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from cytoray.runtime import free_port
 from cytoray.storage import StorageConfig, filesystem
 
 TEST_CREDENTIALS = {"access_key_id": "testing", "secret_access_key": "testing-secret-not-real"}
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from cytoray.testing import free_port
+from cytoray.runtime import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)

@@ -35,12 +35,9 @@ class ReportConfig:
 
 
 def _png(fig) -> str:
-    import matplotlib.pyplot as plt
+    from cytoray.figures import png_bytes
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return "data:image/png;base64," + base64.b64encode(png_bytes(fig, dpi=90)).decode()
 
 
 def _thumb(uri: str, size: int, storage_cfg) -> str:
@@ -61,14 +58,11 @@ def _thumb(uri: str, size: int, storage_cfg) -> str:
 
 
 def _bars(before: dict, after: dict, title: str, top: int = 30):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from cytoray.figures import figure
 
     keys = sorted(set(before) | set(after), key=lambda k: -before.get(k, 0))[:top]
     x = np.arange(len(keys))
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.38 * len(keys) + 2), 3.2))
+    fig, ax = figure((max(5.0, 0.38 * len(keys) + 2), 3.2))
     tb, ta = sum(before.values()) or 1, sum(after.values()) or 1
     ax.bar(x - 0.2, [before.get(k, 0) / tb for k in keys], 0.4, label="before (kept images)")
     ax.bar(x + 0.2, [after.get(k, 0) / ta for k in keys], 0.4, label="after (samples per epoch)")
@@ -80,10 +74,7 @@ def _bars(before: dict, after: dict, title: str, top: int = 30):
 
 
 def _pca_maps(emb: np.ndarray, datasets: np.ndarray, cell_types: np.ndarray, cfg: ReportConfig) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from cytoray.figures import colormap, figure
 
     rng = np.random.default_rng(cfg.seed)
     idx = np.sort(rng.choice(len(emb), min(len(emb), cfg.map_points), replace=False))
@@ -92,9 +83,9 @@ def _pca_maps(emb: np.ndarray, datasets: np.ndarray, cell_types: np.ndarray, cfg
     xy = x @ vt[:2].T
     out = []
     for name, labels in (("dataset", datasets[idx]), ("cell type", cell_types[idx])):
-        fig, ax = plt.subplots(figsize=(6.5, 5))
+        fig, ax = figure((6.5, 5))
         cats = sorted(set(labels.tolist()))
-        cmap = plt.get_cmap("tab20", max(len(cats), 1))
+        cmap = colormap("tab20", max(len(cats), 1))
         for i, c in enumerate(cats):
             m = labels == c
             ax.scatter(xy[m, 0], xy[m, 1], s=6, color=cmap(i), label=f"{c} ({int(m.sum())})", alpha=0.75)

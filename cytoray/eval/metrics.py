@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 
 
@@ -31,16 +29,12 @@ def metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
 
 def confusion_png(result: dict, method: str = "linear") -> bytes:
     """Row-normalised confusion matrix of ``result['methods'][method]`` with the counts written in."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from cytoray.figures import figure, png_bytes
 
     cm = np.array(result["methods"][method]["confusion"], np.float64)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     classes = result["classes"]
-    # A Figure of its own (no pyplot): no global backend switch, no figure registry to leak into.
-    fig = Figure(figsize=(1.0 + 0.45 * len(classes), 0.8 + 0.45 * len(classes)))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
+    fig, ax = figure((1.0 + 0.45 * len(classes), 0.8 + 0.45 * len(classes)))
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(classes)), classes, rotation=70, ha="right", fontsize=7)
     ax.set_yticks(range(len(classes)), classes, fontsize=7)
@@ -52,6 +46,4 @@ def confusion_png(result: dict, method: str = "linear") -> bytes:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"{method}: balanced acc {result['methods'][method]['balanced_accuracy']:.3f}", fontsize=9)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()
+    return png_bytes(fig, dpi=110)

@@ -47,9 +47,18 @@ def _model(dim: int, n_classes: int, cfg: MILConfig):
 
 
 def train_and_predict(bags_tr, y_tr, bags_te, n_classes: int, cfg: MILConfig) -> np.ndarray:
+    """Train on the training bags (init, dropout and order from ``cfg.seed``; the process RNG is left as it was)
+    and predict the test bags."""
     import torch
 
-    torch.manual_seed(cfg.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return _train_and_predict(bags_tr, y_tr, bags_te, n_classes, cfg)
+
+
+def _train_and_predict(bags_tr, y_tr, bags_te, n_classes: int, cfg: MILConfig) -> np.ndarray:
+    import torch
+
     model = _model(bags_tr[0].shape[1], n_classes, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     counts = np.bincount(y_tr, minlength=n_classes).astype(np.float32)

@@ -48,5 +48,7 @@ def fingerprint_thumbnails(rgb_u8: np.ndarray, size: int = FINGERPRINT_SIZE,
 
 def fingerprints_of_table(table) -> np.ndarray:
     """The ``fingerprint`` column of a features table (uint8, flattened) as (N, Z, s, s) float32 thumbnails."""
-    fp = np.asarray(table.column("fingerprint").combine_chunks().values, np.uint8)
+    from cytoray.tables import unpack_vectors
+
+    fp = unpack_vectors(table.column("fingerprint"), np.uint8)
     return fingerprints_from_u8(fp.reshape(table.num_rows, len(FINGERPRINT_ZOOMS), FINGERPRINT_SIZE, FINGERPRINT_SIZE))

@@ -10,7 +10,7 @@ both DINO terms are divided by the number of (student, teacher) pairs, the globa
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -153,8 +153,3 @@ def global_std(x: torch.Tensor) -> torch.Tensor:
     n, total, squares = stats[0], stats[1 : 1 + x.shape[1]], stats[1 + x.shape[1] :]
     return ((squares - total.square() / n) / (n - 1).clamp(min=1)).clamp(min=0).sqrt()
 
-
-def build_objective(vit: ViTConfig, cfg: ObjectiveConfig, drop_path_rate: float | None = None) -> DINOv2Objective:
-    if drop_path_rate is not None:
-        vit = replace(vit, drop_path_rate=drop_path_rate)
-    return DINOv2Objective(vit, cfg)

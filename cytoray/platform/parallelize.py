@@ -10,7 +10,6 @@ tensors. One root above student and teacher reshards both.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -19,9 +18,6 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from cytoray.platform.objective import DINOv2Objective
-
-# forward_features returns views of the normed tokens; nothing downstream writes into them in place.
-warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 
 @dataclass

@@ -73,8 +73,9 @@ def _one_step(overrides: list[str], rank: int, world: int, mesh) -> dict:
 
     p = load_preset("debug", overrides)
     batch = build_global_batch(p)
-    torch.manual_seed(0)
-    objective = DINOv2Objective(p.vit, p.objective)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        objective = DINOv2Objective(p.vit, p.objective)
     names = [n for n, _ in objective.student.named_parameters()]
     if mesh is not None:
         apply_fsdp(objective, mesh, ParallelConfig(mixed_precision="fp32"))
@@ -145,7 +146,7 @@ def run_step(world: int, configs: list[list[str]]) -> list[dict]:
         raise ValueError(f"world size {world} does not divide the global batch of {GLOBAL_BATCH}")
     import torch.multiprocessing as mp
 
-    from cytoray.testing import free_port
+    from cytoray.runtime import free_port
 
     with tempfile.TemporaryDirectory(prefix="cytoray-ranks-") as out_dir:
         mp.start_processes(_worker, args=(world, free_port(), configs, out_dir), nprocs=world, join=True,

@@ -6,6 +6,8 @@ step -> EMA teacher. Device- and parallelism-agnostic: FSDP-wrapped modules pass
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from cytoray.platform import schedules
@@ -33,7 +35,10 @@ def train_step(objective: DINOv2Objective, optimizer: torch.optim.Optimizer, bat
     """Returns float metrics, or None when a non-finite step was skipped (``skip_nonfinite``)."""
     schedules.apply_schedule(optimizer, values)
     optimizer.zero_grad(set_to_none=True)
-    loss, metrics = objective(batch, values["teacher_temp"])
+    with warnings.catch_warnings():  # scoped: the process's warning filters stay as they were
+        # forward_features returns views of the normed tokens; nothing downstream writes into them in place.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        loss, metrics = objective(batch, values["teacher_temp"])
     # Decided across ranks: one rank skipping backward while the others reduce gradients would hang.
     non_finite = all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
     if float(non_finite) > 0:

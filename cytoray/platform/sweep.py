@@ -235,7 +235,7 @@ def run_sweep(cfg: SweepRunConfig) -> dict:
     import ray
     from ray import tune
 
-    from cytoray.runtime import init_ray
+    from cytoray.runtime import environment, init_ray
 
     cfg = config_lib.to_object(cfg)
     init_ray(cfg.ray)
@@ -250,14 +250,15 @@ def run_sweep(cfg: SweepRunConfig) -> dict:
     else:
         fs, tune_storage = storage.arrow_filesystem(s.storage_path, cfg.storage)
     config_lib.save_config(cfg, out, cfg.storage)
-    # training results (from TuneReportCallback) carry no probe_score; ASHA skips them, Tune must not reject them
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg), {"CPU": s.trial_cpus})
     tune_path = os.path.join(tune_storage, s.name, "tune") if fs is None else f"{tune_storage}/{s.name}/tune"
     tuner = make_tuner(trainable, _space(cfg), s, concurrent, tune_path, fs)
     print(f"[cytoray] sweep {s.name}: {s.num_samples} x {s.search} over {list(s.knobs)}; rungs {list(s.rungs)}; "
           f"{concurrent} trial(s) at a time ({trial_demand(cfg)['CPU']:g} CPU each)", flush=True)
-    grid = tuner.fit()
+    # Training results (from TuneReportCallback) carry no probe_score; ASHA skips them, Tune must not reject
+    # them. Tune reads this in the driver while fit() runs; the process's environment is restored afterwards.
+    with environment(TUNE_DISABLE_STRICT_METRIC_CHECKING="1"):
+        grid = tuner.fit()
     rows = trial_rows(grid, list(s.knobs))
     return write_outputs(cfg, rows, out)
 
@@ -322,12 +323,9 @@ def format_rows(rows: list[dict], knobs: list[str]) -> str:
 
 def scores_png(rows: list[dict], knobs: list[str]) -> bytes:
     """One panel per knob: each trial's last probe score against the knob's value (marker size = steps)."""
-    import matplotlib
+    from cytoray.figures import figure, png_bytes
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(knobs), figsize=(3.2 * len(knobs), 3.0), squeeze=False)
+    fig, axes = figure((3.2 * len(knobs), 3.0), 1, len(knobs), squeeze=False)
     top = max([r["steps"] or 0 for r in rows] + [1])
     for ax, knob in zip(axes[0], knobs):
         values = sorted({str(r[knob]) for r in rows}, key=lambda v: (len(v), v))
@@ -341,10 +339,7 @@ def scores_png(rows: list[dict], knobs: list[str]) -> bytes:
     axes[0][0].set_ylabel("probe balanced accuracy")
     fig.suptitle("augmentation sweep: probe score per setting (marker size: steps reached)", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig, dpi=100, tight=False)
 
 
 def main(argv: list[str], preset: str = "dinobloom_s", defaults: str | None = None) -> dict:

@@ -39,7 +39,7 @@ from cytoray.platform.data.batch import SampleDraws
 from cytoray.platform.data.stream import build_stream, expand_repeats, iter_steps, read_manifest
 from cytoray.platform.metrics import MetricsLog
 from cytoray.platform.models.checkpoints import export_state_dict, load_pretrained_weights
-from cytoray.platform.objective import build_objective
+from cytoray.platform.objective import DINOv2Objective
 from cytoray.platform.parallelize import apply_fsdp, local_numel
 from cytoray.platform.step import build_optimizer, train_step
 
@@ -78,8 +78,9 @@ def train_loop_per_worker(config: dict) -> None:
     mesh = init_device_mesh(device.type, (world,))
 
     # 2. model: identical full weights on every rank before sharding; optional pretrained backbone
-    torch.manual_seed(t.seed)
-    objective = build_objective(p.vit, p.objective)
+    with torch.random.fork_rng(devices=[]):  # the init draws from the run's seed; the process RNG is untouched
+        torch.manual_seed(t.seed)
+        objective = DINOv2Objective(p.vit, p.objective)
     if t.init_checkpoint:
         init_backbones(objective, t.init_checkpoint, cfg.storage)
     objective.to(device)

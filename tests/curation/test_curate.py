@@ -138,3 +138,44 @@ def test_rerun_with_the_same_seed_gives_the_same_manifest(ray_local, collection,
     changed = _run(collection, a, balance=BalanceConfig(max_repeat=1))
     assert changed["balance"]["max_repeat"] == 1 and pq.read_table(a / "manifest.parquet").column("repeats").to_numpy().max() == 1
     assert os.path.getmtime(a / "embeddings.parquet") == emb_mtime and os.path.getmtime(a / "clusters.parquet") == cl_mtime
+    # A stage called directly (not through the pipeline) with a changed setting reruns too, and the next stage
+    # sees that its input changed: stage markers record a lineage of settings, not just "done".
+    from cytoray.curation.balance import run_balance
+    from cytoray.curation.cluster import ClusterConfig, run_cluster
+
+    before = json.loads((a / "_stages" / "cluster.json").read_text())
+    reclustered = run_cluster(str(a), ClusterConfig(levels=[3]))
+    assert reclustered["levels"] == [3] and reclustered["lineage"] != before["lineage"]
+    assert pq.read_table(a / "clusters.parquet").column_names == ["image_id", "cluster_l1"]
+    assert run_cluster(str(a), ClusterConfig(levels=[3]))["seconds"] == reclustered["seconds"]  # now current
+    rebalanced = run_balance(str(a), BalanceConfig(max_repeat=1))  # same balance settings as the last run
+    assert rebalanced["top_cluster_column"] == "cluster_l1"
+    assert set(pq.read_table(a / "unbalanced.parquet").column("cluster_l1").to_numpy()) <= {0, 1, 2}
+
+
+def test_stages_run_in_order_and_a_failed_stage_leaves_no_marker(tmp_path):
+    from cytoray.curation import stage
+
+    with pytest.raises(stage.StageOrderError, match="cluster reads the output of dedup.*recipes/curate.py"):
+        stage.run_stage("cluster", str(tmp_path), {}, lambda run: {})
+    (tmp_path / "_stages").mkdir()
+    (tmp_path / "_stages" / "dedup.json").write_text(json.dumps({"lineage": "x"}))
+    staged = []
+
+    def fails(run):
+        staged.append(run.staging)
+        run.publish_bytes("partial.txt", b"half")
+        os.makedirs(run.staging)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        stage.run_stage("cluster", str(tmp_path), {"levels": [2]}, fails)
+    assert not (tmp_path / "_stages" / "cluster.json").exists() and not os.path.exists(staged[0])
+    done = stage.run_stage("cluster", str(tmp_path), {"levels": [2]}, lambda run: {"n": 1})
+    assert done["n"] == 1 and done["settings"] == {"levels": [2]}
+    assert stage.run_stage("cluster", str(tmp_path), {"levels": [2]}, fails)["n"] == 1  # current: body not run
+    (tmp_path / "_stages" / "dedup.json").write_text(json.dumps({"lineage": "y"}))  # an earlier stage reran
+    with pytest.raises(RuntimeError, match="boom"):
+        stage.run_stage("cluster", str(tmp_path), {"levels": [2]}, fails)
+    with pytest.raises(AssertionError, match="reserved summary keys \\['seconds'\\]"):
+        stage.run_stage("cluster", str(tmp_path), {}, lambda run: {"seconds": 1})

@@ -23,6 +23,7 @@ def test_two_trials_on_two_cpus_write_table_plot_and_best_config(ray_local, tmp_
     args = [*CONFIGS, f"data.manifest_uri={cells}", f"eval.manifests=[{heldout}]",
             f"sweep.storage_path={tmp_path / 'sweeps'}"]
     summary = sweep.main(args, preset="debug")
+    assert "TUNE_DISABLE_STRICT_METRIC_CHECKING" not in os.environ  # set for the sweep only
 
     out = tmp_path / "sweeps" / "sweep_cpu"
     assert summary["trials"] == 2 and summary["completed"] == 2

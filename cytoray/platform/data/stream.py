@@ -159,12 +159,14 @@ def build_stream(cfg: StreamConfig, storage_cfg: storage.StorageConfig | None, a
     """The Ray Dataset of this rank's steps ``[start_step, end_step)``, in order."""
     import ray
 
-    ctx = ray.data.DataContext.get_current()
+    steps = np.arange(start_step, end_step, dtype=np.int64)
+    ds = ray.data.from_arrow(pa.table({"step": steps}))  # in-memory input: no read tasks to schedule
+    # The dataset's own copy of the context (taken at construction, used to execute it): the process-wide
+    # DataContext stays untouched.
+    ctx = ds.context
     ctx.execution_options.preserve_order = True  # step k's batch is the k-th row out
     ctx.op_resource_reservation_enabled = False  # small clusters: reservations serialise the actors
     ctx.enable_progress_bars = False
-    steps = np.arange(start_step, end_step, dtype=np.int64)
-    ds = ray.data.from_arrow(pa.table({"step": steps}))  # in-memory input: no read tasks to schedule
     return ds.map_batches(
         MultiCropBatches, batch_size=1, batch_format="numpy", num_cpus=cfg.num_cpus,
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
