@@ -28,12 +28,12 @@ _malloc_tuned: bool | None = None
 def keep_image_buffers_on_heap(mmap_threshold: int = 32 << 20, trim_threshold: int = 64 << 20) -> bool:
     """Serve image-sized allocations (decoded pixels, 0.1-30 MB) from the heap in this process; glibc only.
 
-    Measured in Ray worker processes (benchmarks/RESULTS.md): every decoded image's buffers were mmap'ed and
-    unmapped afresh -- ~110 page faults per image, ~27% more CPU, mostly in the kernel -- while the same code
-    in a ``multiprocessing`` process reuses heap memory: glibc normally raises its mmap threshold the first
-    time such a buffer is freed, but in those workers it stayed at 128 KiB. The values set here are what that
-    adaptation would reach (its 32 MiB ceiling on 64-bit; trim at twice that), so a process keeps at most
-    ~64 MiB of freed memory for reuse. Called by the decode callables on first use; idempotent; returns
+    glibc normally raises its mmap threshold the first time such a buffer is freed, so a ``multiprocessing``
+    process reuses heap memory. In Ray worker processes the threshold can stay at 128 KiB, and then every
+    decoded image's buffers are mmap'ed and unmapped afresh -- ~110 page faults per image, ~27% more CPU,
+    mostly in the kernel (measured: benchmarks/RESULTS.md). The values set here are what that adaptation would
+    reach (its 32 MiB ceiling on 64-bit; trim at twice that), so a process keeps at most ~64 MiB of freed
+    memory for reuse. Called by the decode callables on first use; idempotent; returns
     whether the settings were applied (False off glibc).
     """
     global _malloc_tuned

@@ -77,8 +77,8 @@ def wait_for_cpus(need: float, timeout_s: float = 120.0) -> None:
 
 
 def patient_manifest(curate_dir: str, out: str) -> str:
-    """The curated AML Hehr cells with their patients' subtype labels (no cell labels), for ABMIL. The cells were
-    in the self-supervised pretraining data (as DinoBloom's AML Hehr was); the labels never were."""
+    """The curated AML Hehr cells with their patients' subtype labels (no cell labels), for ABMIL. The cells
+    are in the self-supervised pretraining data (as AML Hehr is in DinoBloom's); the labels never are."""
     import pyarrow.compute as pc
 
     table = tables.read_table(os.path.join(curate_dir, "unbalanced.parquet"))

@@ -35,8 +35,8 @@ class ClusterConfig:
     levels: list[int] = field(default_factory=lambda: [1000, 100, 10])  # k per level, finest first
     min_cluster_size: int = 5  # caps k_t at (points at level t-1) // min_cluster_size
     niter: int = 20  # k-means iterations per level
-    # Vo et al. resampling-clustering steps per level (0: plain k-means). On the seed-0 synthetic collection
-    # (group_by=none) 3 steps with r=10 raised the cell-type entropy of the balanced sample 0.80 -> 0.85.
+    # Vo et al. resampling-clustering steps per level (0: plain k-means). They move centroids out of dense
+    # modes, so the balanced sample covers cell types and datasets more evenly (benchmarks/RESULTS.md).
     resample_steps: int = 3
     resample_points: int = 10  # r: points closest to each centroid that define it in a resampling step
     max_train_points: int = 256  # faiss: training points per centroid (subsampled above)

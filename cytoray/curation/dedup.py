@@ -1,8 +1,8 @@
 """Deduplication: exact (identical decoded pixels) and near-duplicate (faiss kNN, cosine above a threshold,
 connected components by union-find), within and across datasets. Near-duplicates are searched on
 instance fingerprints with flip/rotation/zoom query expansion (``dihedral_knn_edges``) — global colour
-statistics could not separate re-exports from other cells of the same class and source (precision <= 0.41
-on the synthetic ground truth) — or on any L2-normalised embedding (``knn_edges``).
+statistics cannot separate re-exports from other cells of the same class and source (precision <= 0.41
+on the synthetic ground truth, benchmarks/RESULTS.md) — or on any L2-normalised embedding (``knn_edges``).
 
 Keep policy — one image per component, the first by:
 1. labelled (``cell_type`` not null) before unlabelled;
@@ -17,7 +17,9 @@ every remaining training image whose fingerprint similarity to any evaluation im
 ``duplicate_of_dataset`` = ``eval:<manifest uri>``), counted per dataset.
 
 Search is exact (``IndexFlatIP``) up to ``flat_max`` vectors and IVF above it (``nlist`` ≈ 4·√N,
-``nprobe`` configurable), so 1M+ embeddings fit one machine; a faiss GPU index is used when faiss sees a GPU.
+``nprobe`` configurable; ``build_index``), so 1M+ vectors fit one machine; a faiss GPU index is used when
+faiss sees a GPU. ``knn_edges`` on embeddings above ``flat_max`` on CPU searches by partitions instead
+(``partitioned_edges``).
 """
 
 from __future__ import annotations
@@ -36,14 +38,15 @@ class DedupConfig:
     near: bool = True
     k: int = 8  # neighbours searched per image and query variant
     # Cosine of fingerprints above which two images are near-duplicates. Tuned on the synthetic collection
-    # with seed 0 (1,500 images: precision 1.00, recall 1.00 at 0.985; 0.98 gave precision 0.94);
-    # held-out seed 123 at 0.985: precision 1.00, recall 1.00.
+    # with seed 0 and checked on seed 123, where it finds every planted copy with no false pair; 0.98 lets
+    # false pairs in (precision and recall: benchmarks/RESULTS.md).
     threshold: float = 0.985
     # Leakage guard: training images whose fingerprint cosine to any image of these evaluation manifests
     # (Parquet with a ``uri`` column; ``image_id`` optional) exceeds ``leakage_threshold`` are dropped.
     eval_manifests: list[str] = field(default_factory=list)
-    # Stricter than ``threshold`` (it removes more): on seed 0 every planted copy scores >= 0.993 and 0.5% of
-    # unrelated images score above 0.975 against their closest non-copy; dropping those few is the safe error.
+    # Stricter than ``threshold`` (it removes more): over-removal is the safe error for an evaluation set.
+    # On the synthetic collection every planted copy scores well above it, and the few unrelated images that
+    # score above it are dropped too (calibration: benchmarks/RESULTS.md).
     leakage_threshold: float = 0.975
     dataset_priority: list[str] = field(default_factory=list)
     flat_max: int = 200_000  # exact search up to this many vectors, IVF above
@@ -138,8 +141,8 @@ def partitioned_edges(x: np.ndarray, threshold: float, cfg: DedupConfig, k: int 
 
 def knn_edges(x: np.ndarray, k: int, threshold: float, cfg: DedupConfig, queries: np.ndarray | None = None):
     """Pairs (i, j, cosine) with cosine > threshold among each row's k nearest neighbours (self excluded
-    when ``queries`` is None). Exact flat search up to ``flat_max`` rows (or on a GPU), the partitioned
-    search above."""
+    when ``queries`` is None). Exact flat search up to ``flat_max`` rows; above it the partitioned search
+    for a self-search on CPU, else ``build_index``'s IVF-flat (on the GPU when faiss sees one)."""
     if queries is None and x.shape[0] > cfg.flat_max and not (cfg.use_gpu and gpu_count() > 0):
         return partitioned_edges(x, threshold, cfg, k=k)
     index = build_index(x, cfg)

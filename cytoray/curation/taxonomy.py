@@ -2,7 +2,7 @@
 
 Every source label is kept verbatim in ``source_label``; ``cell_type`` is its unified name or null when
 the label is unknown (reported in ``summary.json``, never dropped). The table below is the documentation:
-README links here.
+``docs/taxonomy.md`` is generated from it (:func:`markdown_doc`).
 
 Unified vocabulary (peripheral blood and bone marrow, following the classes of Matek et al. 2019/2021 and
 Acevedo et al. 2020):
@@ -97,7 +97,7 @@ def unify(layout: str, source_label: str | None) -> str | None:
 
 
 def markdown_table() -> str:
-    """The mapping as a Markdown table (README / report)."""
+    """The mapping as a Markdown table (the body of ``docs/taxonomy.md``)."""
     rows = ["| layout | source label | cell_type |", "|---|---|---|"]
     for layout, table in LAYOUT_LABELS.items():
         rows += [f"| {layout} | `{src}` | {dst} |" for src, dst in table.items()]

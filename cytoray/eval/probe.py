@@ -69,8 +69,8 @@ class ProbeConfig:
 # ------------------------------------------------------------------------------------------ features
 
 
-# Part of every cache key: raised whenever the same checkpoint and settings would give other features (2: DINOv2
-# hub weights keep their source grid and run-time interpolation), so no stale cache entry is ever reused.
+# Part of every cache key: raise it whenever a change to the code makes the same checkpoint and settings give
+# other features, so no stale cache entry is ever reused.
 FEATURES_VERSION = 2
 
 

@@ -57,7 +57,8 @@ class OptimConfig:
 
 @dataclass
 class ModelPreset:
-    """What the model issue owns: backbone, objective, augmentation, masking, optimisation."""
+    """The model side of a run, what a preset yaml (``cytoray/configs/<name>.yaml``) sets: backbone,
+    objective, augmentation, masking, optimisation, run length and batch."""
 
     vit: ViTConfig = field(default_factory=ViTConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)

@@ -162,8 +162,10 @@ def _decode_sets_up_malloc(rows):
 
 
 def test_decode_workers_reuse_image_buffers_instead_of_faulting_them_in(ray_local, tmp_path):
-    """Ray workers were seen with glibc's mmap threshold stuck at 128 KiB: every decoded image's buffers were
-    mmap'ed and unmapped afresh (110-320 page faults and ~27% more CPU per image, benchmarks/RESULTS.md)."""
+    """In Ray workers glibc's mmap threshold can stay at 128 KiB, and then every decoded image's buffers are
+    mmap'ed and unmapped afresh (~110 page faults and ~27% more CPU per image, benchmarks/RESULTS.md). The
+    test forces that state in a fresh worker and checks that ``keep_image_buffers_on_heap`` removes the faults
+    (~512 per 2 MB buffer -> almost none) and that the decode callable calls it."""
     import uuid
 
     import pyarrow as pa

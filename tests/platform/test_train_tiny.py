@@ -42,8 +42,8 @@ def test_tiny_vit_loss_falls_without_collapse():
     assert last < first - 0.3, (first, last)
     assert all(math.isfinite(h["loss"]) for h in history)
     assert history[-1]["teacher_entropy"] > 1.0  # collapse to one prototype would be ~0
-    # ... nor to uniform targets: with DINOv2's teacher temperature the tiny head's Sinkhorn-Knopp targets stayed
-    # at entropy log K (6.23 of 6.24), the DINO terms did not move and the probe fell with training
+    # ... nor to uniform targets (entropy log K), where the DINO terms stop moving and only iBOT and KoLeo
+    # shape the backbone: the debug preset's sharp teacher temperature (cytoray/configs/debug.yaml) avoids it
     assert history[-1]["teacher_entropy"] < 0.8 * math.log(p.objective.out_dim)
     dino_first = np.mean([h["dino_global_loss"] for h in history[:30]])
     assert np.mean([h["dino_global_loss"] for h in history[-30:]]) < dino_first - 0.1
