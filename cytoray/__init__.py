@@ -1,0 +1,1 @@
+"""cytoray: Ray-distributed curation and DINOv2 pretraining for hematology foundation models."""

@@ -1,0 +1,1 @@
+"""Curation: heterogeneous smear datasets -> one deduplicated, clustered, balanced manifest + report."""

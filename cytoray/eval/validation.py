@@ -44,7 +44,9 @@ CSV_FIELDS = ["step", "checkpoint", "manifest", "method", "images", "accuracy", 
 class EvalConfig:
     manifests: list[str] = field(default_factory=list)  # labelled manifests scored per checkpoint; []: off
     every: int = 1  # score every N-th checkpoint (and always the last)
-    # in-task feature extraction (no nested actor pool): the validation task is the unit Ray schedules
+    # The probe's settings, overridable as eval.probe.<field>. Three defaults differ from recipes/probe.py's
+    # because scoring runs as one Ray task beside the training workers: features in that task (num_actors=0,
+    # no nested actor pool), a quarter CPU for it (fits beside the workers on small clusters), shorter ABMIL.
     probe: ProbeConfig = field(default_factory=lambda: ProbeConfig(num_actors=0, num_cpus=0.25, mil_epochs=30))
     timeout_s: float | None = None  # a validation running longer is cancelled (the checkpoint is kept)
     keep_best: bool = False  # keep train.keep_checkpoints best by probe_score (+ the latest) instead of newest
