@@ -37,33 +37,45 @@ def manifest(tmp_path_factory):
     return write_cell_manifest(str(tmp_path_factory.mktemp("cells")), 40, seed=1)
 
 
-def test_failure_and_driver_restart_resume_exactly(ray_local, manifest, tmp_path):
+def test_failure_restarts_and_resumes_on_other_worker_counts_exactly(ray_local, manifest, tmp_path):
+    """A run is a function of its config, seed and global batch. Reference: 12 steps on 1 worker. The other
+    history: 2 workers, the last rank fails at step 6 (the workers restart from the step-4 checkpoint) and the
+    run stops at 8; the driver is run again on 4 workers to step 10 and once more on 1 worker to 12 (DCP reshards
+    model and optimizer each time). Both give the same loss at every step; stochastic depth is on, so its
+    per-sample draws are covered too."""
+    import json
+
     storage = str(tmp_path / "runs")
-    # A: 12 uninterrupted steps
-    clean = pretrain(_cfg(manifest, storage, "clean", "train.max_steps=12"))
+    common = ("model.global_batch_size=4", "train.cpus_per_worker=0.2", "data.num_cpus=0.2",
+              "model.vit.drop_path_rate=0.2")
+    clean = pretrain(_cfg(manifest, storage, "clean", "train.num_workers=1", *common, "train.max_steps=12"))
     assert clean.error is None
-    # B: the last rank fails at step 6 -> workers restart from the step-4 checkpoint; stops at 8 ...
-    first = pretrain(_cfg(manifest, storage, "faulty", "train.max_steps=8", "train.fail_at_step=6"))
+    first = pretrain(_cfg(manifest, storage, "faulty", "train.num_workers=2", *common, "train.max_steps=8",
+                          "train.fail_at_step=6"))
     assert first.error is None and os.path.exists(os.path.join(storage, "faulty", "_injected_failure_step6"))
-    # ... then the driver is run again with the same name and goes on to 12 from the step-8 checkpoint
-    second = pretrain(_cfg(manifest, storage, "faulty", "train.max_steps=12"))
-    assert second.error is None
+    for workers, stop in ((4, 10), (1, 12)):
+        again = pretrain(_cfg(manifest, storage, "faulty", f"train.num_workers={workers}", *common,
+                              f"train.max_steps={stop}"))
+        assert again.error is None and again.checkpoint.path.endswith(f"checkpoint_{stop:08d}")
+        with open(os.path.join(storage, "faulty", f"checkpoint_{stop:08d}", "train_state.json")) as f:
+            state = json.load(f)
+        assert (state["world_size"], state["batch_size_per_device"], state["samples_consumed"]) == \
+            (workers, 4 // workers, 4 * stop)
 
     steps_a, a = _curve(os.path.join(storage, "clean"))
     steps_b, b = _curve(os.path.join(storage, "faulty"))
     assert steps_a == steps_b == list(range(12))  # one continuous curve, no repeated or missing steps
     np.testing.assert_allclose(b["lr"], a["lr"])  # same schedule position
     np.testing.assert_allclose(b["momentum"], a["momentum"])
-    np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)  # same data, crops, masks and state
+    np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-4)  # same data, crops, masks, drops and state
     assert a["loss"][-4:].mean() < a["loss"][:4].mean()
 
     # sharded checkpoints: one file per rank, each well under the whole
-    ckpt = os.path.join(storage, "faulty", "checkpoint_00000012")
+    ckpt = os.path.join(storage, "faulty", "checkpoint_00000008")
     shards = sorted(f for f in os.listdir(ckpt) if f.endswith(".distcp"))
     assert shards == ["__0_0.distcp", "__1_0.distcp"]
     sizes = [os.path.getsize(os.path.join(ckpt, f)) for f in shards]
     assert max(sizes) < 0.7 * sum(sizes), sizes
-    assert second.checkpoint is not None and second.checkpoint.path.endswith("checkpoint_00000012")
 
     # teacher exports in the DinoBloom layout, loadable, identical between the two histories
     exp_a = os.path.join(storage, "clean", "exports", "teacher_00000012.pth")
@@ -71,7 +83,7 @@ def test_failure_and_driver_restart_resume_exactly(ray_local, manifest, tmp_path
     assert detect_format(read_checkpoint(exp_b)) == "cytoray"
     model_a, model_b = build_from_checkpoint(exp_a), build_from_checkpoint(exp_b)
     for (k, va), vb in zip(model_a.state_dict().items(), model_b.state_dict().values()):
-        torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5, msg=k)
     with torch.no_grad():
         out = model_b(torch.randn(2, 3, 64, 64))
     assert out.shape == (2, 64) and torch.isfinite(out).all()
@@ -178,28 +190,3 @@ def test_object_storage_run_streams_checkpoints_and_resumes(ray_local, s3, tmp_p
     csv_text = storage.read_bytes("s3://cytoray-test/runs/s3run/metrics.csv", s3).decode()
     assert [int(line.split(",")[0]) for line in csv_text.splitlines()[1:]] == list(range(6))
     assert s3.secret_access_key not in storage.read_bytes("s3://cytoray-test/runs/s3run/config.yaml", s3).decode()
-
-
-def test_losses_do_not_depend_on_the_number_of_workers_and_resume_reshards(ray_local, manifest, tmp_path):
-    """A run is a function of its config, seed and global batch: 1 worker, and 2 workers continued on 1 or on
-    4 workers from the step-4 checkpoint (DCP reshards model and optimizer), give the same loss at every step.
-    Stochastic depth is on, so its per-sample draws are covered too."""
-    import json
-
-    storage = str(tmp_path / "runs")
-    common = ("model.global_batch_size=4", "train.cpus_per_worker=0.2", "data.num_cpus=0.2",
-              "model.vit.drop_path_rate=0.2", "train.max_steps=8")
-    assert pretrain(_cfg(manifest, storage, "w1", "train.num_workers=1", *common)).error is None
-    for name, workers in (("w2to1", 1), ("w2to4", 4)):
-        assert pretrain(_cfg(manifest, storage, name, "train.num_workers=2", *common, "train.max_steps=4")).error is None
-        assert pretrain(_cfg(manifest, storage, name, f"train.num_workers={workers}", *common)).error is None
-        with open(os.path.join(storage, name, "checkpoint_00000008", "train_state.json")) as f:
-            state = json.load(f)
-        assert (state["world_size"], state["batch_size_per_device"], state["samples_consumed"]) == (workers, 4 // workers, 32)
-    steps, ref = _curve(os.path.join(storage, "w1"))
-    assert steps == list(range(8))
-    for name in ("w2to1", "w2to4"):
-        steps, got = _curve(os.path.join(storage, name))
-        assert steps == list(range(8)), name
-        np.testing.assert_allclose(got["lr"], ref["lr"], err_msg=name)
-        np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-4, err_msg=name)
