@@ -71,13 +71,12 @@ def make_embeddings(n: int, d: int, dup_fraction: float, seed: int):
 def cytoray_pipeline(x, group, threshold, levels, target):
     from cytoray.curation.balance import hierarchical_sample
     from cytoray.curation.cluster import ClusterConfig, hierarchical_kmeans
-    from cytoray.curation.dedup import DedupConfig, connected_components, partitioned_edges
+    from cytoray.curation.dedup import DedupConfig, partitioned_edges, select_representatives
 
     t = {}
     t0 = time.perf_counter()
     i, j, s = partitioned_edges(x, threshold, DedupConfig(), k=8)
-    comp = connected_components(len(x), i, j)
-    keep = comp == np.arange(len(x))  # one per component (the lowest index: the root)
+    keep, _, _ = select_representatives(np.arange(len(x)), i, j, s)  # keep order: the lower index first
     t["near-duplicates"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     kept = np.flatnonzero(keep)

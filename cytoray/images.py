@@ -4,7 +4,16 @@ Handles JPEG, PNG, TIFF (8/16-bit, multi-page: first page, page count reported),
 RGBA/LA/palette with transparency (composited on white, like a slide background), CMYK; EXIF orientation.
 Anything else raises :class:`ImageRejected` with a stable reason code:
 
-    empty_file | not_an_image | truncated | corrupt | too_small | too_large
+    empty_file     0 bytes
+    not_an_image   no image format's signature (a spreadsheet saved as .jpg, an HTML error page)
+    truncated      an image file that ends early, in its header or its data (an interrupted copy or download)
+    corrupt        an image file whose bytes are all there but do not decode (damaged header or data)
+    too_small      below ``min_side`` pixels; too_large: above ``max_pixels`` (read from the header)
+
+Truncation is decided from the file's structure where the format allows (JPEG ends with EOI, PNG with IEND,
+GIF with its trailer, BMP and TIFF declare sizes and offsets), not from which decoder call failed.
+Pillow's process-wide settings (``Image.MAX_IMAGE_PIXELS``, ``ImageFile.LOAD_TRUNCATED_IMAGES``) are left as the
+process set them; its decompression-bomb error is reported as ``too_large``.
 """
 
 from __future__ import annotations
@@ -15,14 +24,13 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 REASONS = ("empty_file", "not_an_image", "truncated", "corrupt", "too_small", "too_large", "unreadable",
            "no_annotated_cells", "annotation_error")
 
-# Pillow's own bomb guard is turned off: our max_pixels check runs first, from the header, and names it.
-Image.MAX_IMAGE_PIXELS = None
-ImageFile.LOAD_TRUNCATED_IMAGES = False
+SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF87a": "GIF", b"GIF89a": "GIF",
+              b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
 
 
 class ImageRejected(Exception):
@@ -52,16 +60,85 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def image_format(data: bytes) -> str | None:
+    """The format named by the file's signature, or None."""
+    return next((fmt for sig, fmt in SIGNATURES.items() if data.startswith(sig)), None)
+
+
+def ends_early(data: bytes) -> bool | None:
+    """Whether an image file stops before its format says it should; None when its structure cannot tell."""
+    import struct
+
+    fmt = image_format(data)
+    if fmt == "JPEG":
+        return not data.rstrip(b"\x00").endswith(b"\xff\xd9")
+    if fmt == "PNG":
+        return b"IEND" not in data[-16:]
+    if fmt == "GIF":
+        return not data.rstrip(b"\x00").endswith(b"\x3b")
+    if fmt == "BMP":
+        return len(data) < 6 or struct.unpack("<I", data[2:6])[0] > len(data)
+    if fmt == "TIFF":
+        return _tiff_ends_early(data)
+    return None
+
+
+def _tiff_ends_early(data: bytes) -> bool:
+    """The first IFD, and the strips or tiles it points to, must lie inside the file."""
+    import struct
+
+    if len(data) < 8:
+        return True
+    e = "<" if data[:2] == b"II" else ">"
+    ifd = struct.unpack(e + "I", data[4:8])[0]
+    if ifd + 2 > len(data):
+        return True
+    n = struct.unpack(e + "H", data[ifd:ifd + 2])[0]
+    if ifd + 2 + 12 * n + 4 > len(data):
+        return True
+    sizes = {1: 1, 2: 1, 3: 2, 4: 4, 16: 8}  # BYTE, ASCII, SHORT, LONG, LONG8
+    values: dict[int, list[int]] = {}
+    for k in range(n):
+        tag, typ, count, raw = struct.unpack(e + "HHI4s", data[ifd + 2 + 12 * k: ifd + 14 + 12 * k])
+        if tag not in (273, 279, 324, 325) or typ not in (3, 4):
+            continue
+        width = sizes[typ] * count
+        at = raw if width <= 4 else data[struct.unpack(e + "I", raw)[0]:][:width]
+        if len(at) < width:
+            return True
+        values[tag] = list(struct.unpack(e + ("H" if typ == 3 else "I") * count, at[:width]))
+    for offsets, counts in ((273, 279), (324, 325)):
+        if offsets in values and counts in values:
+            if max(o + c for o, c in zip(values[offsets], values[counts])) > len(data):
+                return True
+    return False
+
+
+def _unreadable(data: bytes, exc: BaseException) -> ImageRejected:
+    """truncated or corrupt, from the file's structure (message as the fallback for formats that cannot tell)."""
+    detail = f"{type(exc).__name__}: {exc}"[:300]
+    early = ends_early(data)
+    if early is None:
+        early = "truncated" in str(exc).lower()
+    return ImageRejected("truncated" if early else "corrupt", f"{len(data)} bytes; {detail}")
+
+
 def decode(data: bytes, min_side: int = 16, max_pixels: int = 50_000_000) -> Decoded:
     """Decode ``data``; raise :class:`ImageRejected` for anything that is not a usable cell image."""
     if not data:
         raise ImageRejected("empty_file", "0 bytes")
     try:
-        img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise ImageRejected("not_an_image", f"{len(data)} bytes in no image format Pillow knows") from None
-    except Exception as exc:  # header parsers raise assorted errors on garbage
-        raise ImageRejected("corrupt", f"{type(exc).__name__}: {exc}") from None
+        with warnings.catch_warnings():  # bomb warnings (our max_pixels check names the limit), EXIF noise
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected("too_large", f"{exc} (Pillow's Image.MAX_IMAGE_PIXELS)") from None
+    except UnidentifiedImageError as exc:
+        if image_format(data) is None:
+            raise ImageRejected("not_an_image", f"{len(data)} bytes in no image format Pillow knows") from None
+        raise _unreadable(data, exc) from None
+    except Exception as exc:  # header parsers raise assorted errors on damaged or cut-off headers
+        raise _unreadable(data, exc) from None
     w, h = img.size
     if w * h > max_pixels:
         raise ImageRejected("too_large", f"{w}x{h} exceeds max_pixels={max_pixels}")
@@ -75,10 +152,8 @@ def decode(data: bytes, min_side: int = 16, max_pixels: int = 50_000_000) -> Dec
             if img.getexif().get(0x0112, 1) != 1:  # transpose (a full copy) only when the tag asks for it
                 img = ImageOps.exif_transpose(img)
             rgb = np.asarray(img if img.mode == "RGB" else _to_rgb(img))
-    except OSError as exc:
-        raise ImageRejected("truncated", str(exc)) from None
     except Exception as exc:
-        raise ImageRejected("corrupt", f"{type(exc).__name__}: {exc}") from None
+        raise _unreadable(data, exc) from None
     return Decoded(rgb, fmt, frames)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from cytoray import storage, tables
+from cytoray.errors import UserError
 
 MANIFEST_SCHEMA = pa.schema([
     ("image_id", pa.string()),  # stable and unique: <dataset>/<relative path>[#<cell index>]
@@ -39,7 +40,7 @@ DUPLICATES_SCHEMA = pa.schema([("image_id", pa.string()), ("duplicate_of", pa.st
 SAMPLING_COLUMNS = ("repeats", "weight")  # how often a row is seen per epoch (see platform.data.stream)
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """A manifest that cannot be used as asked; the message names the file and the fix."""
 
 

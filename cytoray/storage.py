@@ -146,14 +146,24 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def with_retries(fn: Callable[[], T], cfg: StorageConfig | None = None, what: str = "operation") -> T:
-    """Run ``fn``; retry transient failures with capped exponential backoff. Others raise at once."""
+    """Run ``fn``; retry transient failures with capped exponential backoff. Others raise at once; a transient
+    failure that outlasts ``max_attempts`` raises :class:`~cytoray.errors.StorageError` naming the operation, the
+    endpoint and the setting."""
+    from cytoray.errors import StorageError
+
     cfg = cfg or StorageConfig()
     for attempt in range(1, cfg.max_attempts + 1):
         try:
             return fn()
         except Exception as exc:
-            if attempt == cfg.max_attempts or not is_transient(exc):
+            if not is_transient(exc):
                 raise
+            if attempt == cfg.max_attempts:
+                endpoint = _s3_options(cfg).get("endpoint_url", "the default endpoint")
+                raise StorageError(
+                    f"{what} failed {attempt} times ({type(exc).__name__}: {str(exc)[:200]}) at {endpoint}; check "
+                    f"the endpoint and credentials (storage.endpoint_url, AWS_* variables) or allow more attempts "
+                    f"(storage.max_attempts={cfg.max_attempts})") from exc
             delay = min(cfg.max_delay_s, cfg.base_delay_s * 2 ** (attempt - 1)) * (0.5 + random.random())
             log.warning("transient error on %s (attempt %d/%d): %s; retrying in %.2fs",
                         what, attempt, cfg.max_attempts, type(exc).__name__, delay)

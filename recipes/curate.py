@@ -10,6 +10,7 @@ Datasets come from a yaml file with a `datasets:` list (name, layout, uri, modal
 import sys
 
 from cytoray.curation.pipeline import main
+from cytoray.errors import run_recipe
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_recipe(main))

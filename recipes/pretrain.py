@@ -13,6 +13,7 @@ run.name and run.storage_path resumes from the last checkpoint.
 import sys
 
 from cytoray import config, storage
+from cytoray.errors import run_recipe
 from cytoray.eval import validation
 from cytoray.platform.config import load_pretrain_config
 from cytoray.platform.train import pretrain, run_uri
@@ -40,4 +41,4 @@ def main(argv: list[str], preset: str = "dinobloom_l"):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_recipe(main))

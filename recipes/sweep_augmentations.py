@@ -15,7 +15,8 @@ values in sweep.space.<knob>=[...]. The preset (default dinobloom_s) is the base
 
 import sys
 
+from cytoray.errors import run_recipe
 from cytoray.platform.sweep import main
 
 if __name__ == "__main__":
-    main(sys.argv[1:], preset="dinobloom_s")
+    sys.exit(run_recipe(lambda argv: main(argv, preset="dinobloom_s")))

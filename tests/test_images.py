@@ -52,6 +52,34 @@ def test_rejections_have_reasons(kind, fmt):
     assert err.value.reason == kind
 
 
+def _damaged(data: bytes, start: int, n: int = 40) -> bytes:
+    out = bytearray(data)
+    for k in range(start, start + n):
+        out[k] ^= 0xFF
+    return bytes(out)
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "png", "tiff", "bmp"])
+def test_truncated_means_the_file_ends_early_and_corrupt_means_it_does_not_decode(fmt):
+    big = (np.random.default_rng(2).integers(0, 255, (96, 96, 3))).astype(np.uint8)
+    data = encode(big, fmt, 95)
+    for cut in (12, 40, len(data) // 2, len(data) - 40):  # cut inside the header or the data
+        with pytest.raises(images.ImageRejected) as err:
+            images.decode(data[:cut])
+        assert err.value.reason == "truncated", (cut, err.value)
+    # Every byte present, some damaged: PNG's compressed data, JPEG's Huffman table (JPEG decoders, like TIFF and
+    # BMP ones, turn damaged pixel data into damaged pixels without an error).
+    where = {"png": len(data) // 2, "jpg": data.find(b"\xff\xc4") + 4}
+    if fmt in where:
+        with pytest.raises(images.ImageRejected) as err:
+            images.decode(_damaged(data, where[fmt], 30))
+        assert err.value.reason == "corrupt", err.value
+    if fmt == "jpg":  # a damaged segment length in the header reads past the end: still corrupt, not truncated
+        with pytest.raises(images.ImageRejected) as err:
+            images.decode(_damaged(data, 4, 26))
+        assert err.value.reason == "corrupt", err.value
+
+
 def test_limits_are_configurable():
     data = encode(RGB, "png")
     with pytest.raises(images.ImageRejected, match="too_small"):

@@ -69,9 +69,14 @@ def test_with_retries_retries_transient_then_succeeds_and_is_bounded():
         calls.append(1)
         raise TimeoutError("timed out")
 
-    with pytest.raises(TimeoutError):
-        storage.with_retries(always, cfg)
-    assert len(calls) == 4  # bounded by max_attempts
+    from cytoray.errors import StorageError
+
+    cfg.endpoint_url = "http://127.0.0.1:9"
+    with pytest.raises(StorageError, match=r"read s3://b/k failed 4 times \(TimeoutError: timed out\) at "
+                                           r"http://127.0.0.1:9; .*storage.max_attempts=4") as err:
+        storage.with_retries(always, cfg, "read s3://b/k")
+    assert len(calls) == 4 and isinstance(err.value.__cause__, TimeoutError)  # bounded by max_attempts
+    assert isinstance(err.value, OSError)  # ingest quarantines unreadable inputs by catching OSError
 
 
 def test_with_retries_does_not_retry_permanent_errors():

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 import pyarrow.parquet as pq
 
 from cytoray import storage
+from cytoray.errors import UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
 
@@ -74,7 +75,7 @@ class Listing:
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (relpath, why)
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError):
     """The dataset does not look like the layout it was declared as; the message says what is missing."""
 
 
@@ -107,9 +108,19 @@ class Adapter:
 
     layout = ""
     metadata_names: tuple[str, ...] = ()
+    required_files: tuple[str, ...] = ()  # label tables the layout cannot do without, relative to the root
 
     def __init__(self, options: dict | None = None):
         self.options = dict(options or {})
+
+    def check(self, fs, root: str, root_uri: str) -> None:
+        """Cheap checks before any work (one stat per file): the root and the required label files exist."""
+        if not storage.with_retries(lambda: fs.exists(root), what=f"stat {root_uri}"):
+            raise AdapterError(f"dataset root does not exist: {root_uri}; check the dataset's uri")
+        for name in self.required_files:
+            path = f"{root.rstrip('/')}/{name}"
+            if not storage.with_retries(lambda path=path: fs.exists(path), what=f"stat {path}"):
+                raise AdapterError(f"{self.layout} layout needs {name} under {root_uri}")
 
     def prepare(self, fs, root: str, files: list[str]) -> None:
         """Read label tables etc. before records are made."""
@@ -216,6 +227,7 @@ class AMLHehrAdapter(Adapter):
 class APLAMLAdapter(Adapter):
     layout = "apl_aml"
     metadata_names = ("master.csv",)
+    required_files = ("master.csv",)
 
     def prepare(self, fs, root, files):
         if "master.csv" not in files:
@@ -302,14 +314,20 @@ class TableAdapter(Adapter):
 
     layout = "table"
 
-    def list(self, fs, root, root_uri):
+    def _paths(self, root, root_uri):
         name = self.options.get("table", "labels.csv")
         if root.endswith((".csv", ".parquet")):
-            table_path, base, base_uri = root, posixpath.dirname(root), root_uri.rsplit("/", 1)[0]
-        else:
-            table_path, base, base_uri = f"{root.rstrip('/')}/{name}", root.rstrip("/"), root_uri.rstrip("/")
+            return root, posixpath.dirname(root), root_uri.rsplit("/", 1)[0]
+        return f"{root.rstrip('/')}/{name}", root.rstrip("/"), root_uri.rstrip("/")
+
+    def check(self, fs, root, root_uri):
+        table_path = self._paths(root, root_uri)[0]
         if not storage.with_retries(lambda: fs.exists(table_path), what=f"stat {table_path}"):
             raise AdapterError(f"table layout: {table_path} not found; set options.table or point uri at the file")
+
+    def list(self, fs, root, root_uri):
+        table_path, base, base_uri = self._paths(root, root_uri)
+        self.check(fs, root, root_uri)
         if table_path.endswith(".parquet"):
             rows = pq.read_table(io.BytesIO(_read_bytes(fs, table_path))).to_pylist()
         else:

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cytoray.errors import UserError
+
 log = logging.getLogger(__name__)
 
 GROUP_COLUMNS = ("dataset", "modality", "cell_type", "patient_label")
@@ -44,7 +46,7 @@ class BalanceConfig:
     seed: int = 0
 
 
-class BalanceError(ValueError):
+class BalanceError(UserError):
     pass
 
 

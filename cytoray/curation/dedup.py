@@ -1,20 +1,27 @@
-"""Deduplication: exact (identical decoded pixels) and near-duplicate (faiss kNN, cosine above a threshold,
-connected components by union-find), within and across datasets. Near-duplicates are searched on
-instance fingerprints with flip/rotation/zoom query expansion (``dihedral_knn_edges``) — global colour
-statistics cannot separate re-exports from other cells of the same class and source (precision <= 0.41
-on the synthetic ground truth, benchmarks/RESULTS.md) — or on any L2-normalised embedding (``knn_edges``).
+"""Deduplication: the leakage guard first, then exact (identical decoded pixels) and near-duplicates (faiss kNN,
+cosine above a threshold), within and across datasets. Near-duplicates are searched on instance fingerprints
+with flip/rotation/zoom query expansion (``dihedral_knn_edges``) — global colour statistics cannot separate
+re-exports from other cells of the same class and source (precision <= 0.41 on the synthetic ground truth,
+benchmarks/RESULTS.md) — or on any L2-normalised embedding (``knn_edges``).
 
-Keep policy — one image per component, the first by:
+1. **Leakage guard** (with ``eval_manifests``, held-out labelled sets): their images are fingerprinted the same
+   way and *every* ingested image whose fingerprint similarity to an evaluation image exceeds the stricter
+   ``leakage_threshold`` is dropped with ``reason = "leakage"``, ``duplicate_of`` = that evaluation image,
+   ``duplicate_of_dataset`` = ``eval:<manifest uri>``. It runs before in-collection dedup, so leakage takes
+   precedence: four copies of one evaluation cell are four leakage rows, whichever of them dedup would keep.
+2. **Exact duplicates**: per pixel hash, the first image by the keep policy stays; the others are ``exact``.
+3. **Near duplicates, without chaining** (the SemDeDup / NeMo rule): images are visited in keep-policy order and
+   one is removed only when its similarity to an image *already kept* is above ``threshold``; it is recorded as
+   a duplicate of the most similar such image. So A~B and B~C never removes C for A's sake, and every
+   ``similarity`` in ``duplicates.parquet`` is a measured pair above the threshold (1.0 for exact copies).
+
+Keep policy, first wins:
 1. labelled (``cell_type`` not null) before unlabelled;
 2. more pixels (width × height) before fewer (re-exports are usually downscaled);
 3. position of its dataset in ``dataset_priority`` (unlisted datasets after listed ones);
 4. ``image_id`` (deterministic tie-break).
-Every other member goes to ``duplicates.parquet`` (image_id, duplicate_of, similarity, reason).
-
-Leakage guard: with ``eval_manifests`` (held-out labelled sets), their images are embedded the same way and
-every remaining training image whose fingerprint similarity to any evaluation image exceeds the stricter
-``leakage_threshold`` is dropped too (``reason = "leakage"``, ``duplicate_of`` = the evaluation image,
-``duplicate_of_dataset`` = ``eval:<manifest uri>``), counted per dataset.
+Every removed image goes to ``duplicates.parquet`` (image_id, duplicate_of, similarity, reason) and
+``duplicate_of`` always names an image that is kept (or an evaluation image, for leakage).
 
 Search is exact (``IndexFlatIP``) up to ``flat_max`` vectors and IVF above it (``nlist`` ≈ 4·√N,
 ``nprobe`` configurable; ``build_index``), so 1M+ vectors fit one machine; a faiss GPU index is used when
@@ -210,28 +217,29 @@ def cross_edges(train_thumbs: np.ndarray, eval_thumbs: np.ndarray, k: int, thres
     return pairs[:, 0], pairs[:, 1], np.array(list(best.values()), dtype=np.float32)
 
 
-def _pair_similarity(thumbs: np.ndarray, a: int, b: int) -> float:
-    """Best fingerprint cosine of image a (any zoom, flip, rotation) against image b."""
-    target = _unit_rows(thumbs[b : b + 1, 0])[0]
-    variants = [np.rot90(t[:, ::-1] if f else t, r) for t in thumbs[a] for f in (False, True) for r in range(4)]
-    return float((_unit_rows(np.stack(variants)) @ target).max())
+def select_representatives(rank: np.ndarray, i: np.ndarray, j: np.ndarray, s: np.ndarray):
+    """Greedy near-duplicate removal over similarity edges (i, j, cosine), all above the threshold.
 
-
-def connected_components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Union-find with path halving; returns a root label per node."""
-    parent = np.arange(n)
-
-    def find(a):
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for a, b in zip(i.tolist(), j.tolist()):
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return np.array([find(a) for a in range(n)])
+    Rows are visited by ``rank`` (lower first); a row with an edge to an already kept row is removed as a
+    duplicate of the most similar kept one, any other row is kept. Returns (keep mask, duplicate_of row or -1,
+    similarity to it). No chaining: a removed row's similarity to its representative is an edge above the
+    threshold."""
+    n = len(rank)
+    a, b, w = np.concatenate([i, j]), np.concatenate([j, i]), np.concatenate([s, s]).astype(np.float32)
+    o = np.argsort(a, kind="stable")
+    a, b, w = a[o], b[o], w[o]
+    starts = np.searchsorted(a, np.arange(n + 1))
+    keep = np.ones(n, bool)
+    dup_of = np.full(n, -1, np.int64)
+    sim = np.zeros(n, np.float32)
+    with_edges = np.flatnonzero(starts[1:] > starts[:-1])
+    for m in with_edges[np.argsort(rank[with_edges], kind="stable")]:
+        nb, ws = b[starts[m]:starts[m + 1]], w[starts[m]:starts[m + 1]]
+        ok = keep[nb] & (rank[nb] < rank[m])  # visited before m and kept
+        if ok.any():
+            t = int(np.argmax(np.where(ok, ws, -np.inf)))
+            keep[m], dup_of[m], sim[m] = False, nb[t], ws[t]
+    return keep, dup_of, sim
 
 
 def keep_order(labelled, width, height, dataset, image_id, priority: list[str]) -> np.ndarray:
@@ -249,55 +257,39 @@ def deduplicate(manifest, embeddings: np.ndarray | None, cfg: DedupConfig,
                 thumbs: np.ndarray | None = None) -> tuple[np.ndarray, list[dict]]:
     """manifest: pandas DataFrame (image_id, pixel_sha256, cell_type, width, height, dataset), rows aligned
     with ``embeddings`` (L2-normalised) and/or fingerprint ``thumbs``. Near-duplicates come from the
-    fingerprints when given (recommended), else from the embeddings. Returns (keep mask, duplicate rows)."""
+    fingerprints when given (recommended), else from the embeddings. Returns (keep mask, duplicate rows); see
+    the module docstring for the rules."""
     n = len(manifest)
     rank = keep_order(manifest["cell_type"].notna().tolist(),
                       manifest["width"].tolist(), manifest["height"].tolist(), manifest["dataset"].tolist(),
                       manifest["image_id"].tolist(), cfg.dataset_priority)
-    ii, jj, ss = [], [], []
+    ids = manifest["image_id"].tolist()
+    rep = np.arange(n)  # each row's exact-copy representative (itself unless an identical image ranks first)
     if cfg.exact:
-        groups = manifest.groupby("pixel_sha256").indices
-        for idx in groups.values():
+        for idx in manifest.groupby("pixel_sha256").indices.values():
             if len(idx) > 1:
-                first = idx[0]
-                ii += [first] * (len(idx) - 1)
-                jj += list(idx[1:])
-                ss += [1.0] * (len(idx) - 1)
-    if cfg.near and n > 1 and (thumbs is not None or embeddings is not None):
+                rep[idx] = idx[np.argmin(rank[idx])]
+    keep = rep == np.arange(n)
+    dup_of, sim = np.where(keep, -1, rep), np.where(keep, 0.0, 1.0).astype(np.float32)
+    if cfg.near and keep.sum() > 1 and (thumbs is not None or embeddings is not None):
         if thumbs is not None:
             a, b, s = dihedral_knn_edges(thumbs, cfg.k, cfg.threshold, cfg)
         else:
             a, b, s = knn_edges(embeddings, cfg.k, cfg.threshold, cfg)
-        ii += a.tolist()
-        jj += b.tolist()
-        ss += s.tolist()
-    i, j = np.asarray(ii, dtype=np.int64), np.asarray(jj, dtype=np.int64)
-    comp = connected_components(n, i, j)
-    sim = {}
-    for a, b, s in zip(i.tolist(), j.tolist(), ss):
-        sim[(a, b)] = sim[(b, a)] = max(s, sim.get((a, b), 0.0))
-    keep = np.ones(n, dtype=bool)
-    dups = []
-    ids, sha = manifest["image_id"].tolist(), manifest["pixel_sha256"].tolist()
-    by_comp: dict[int, list[int]] = {}
-    for node, c in enumerate(comp.tolist()):
-        by_comp.setdefault(c, []).append(node)
-    for members in by_comp.values():
-        if len(members) == 1:
-            continue
-        keeper = min(members, key=lambda m: rank[m])
-        for m in members:
-            if m == keeper:
-                continue
-            keep[m] = False
-            is_exact = sha[m] == sha[keeper]
-            s = 1.0 if is_exact else sim.get((keeper, m))
-            if s is None:  # linked through other members of the component: compare the two directly
-                s = (_pair_similarity(thumbs, m, keeper) if thumbs is not None
-                     else float(embeddings[m] @ embeddings[keeper]))
-            dups.append({"image_id": ids[m], "duplicate_of": ids[keeper], "similarity": float(s if s is not None else 0.0),
-                         "reason": "exact" if is_exact else "near_duplicate"})
-    log.info("dedup: %d images, %d duplicates (%d exact)", n, len(dups), sum(d["reason"] == "exact" for d in dups))
+        a, b = rep[a], rep[b]  # an exact copy's neighbours are its representative's (same pixels)
+        own = a != b
+        near_keep, near_of, near_sim = select_representatives(rank, a[own], b[own], s[own])
+        removed = keep & ~near_keep
+        dup_of[removed], sim[removed] = near_of[removed], near_sim[removed]
+        keep &= near_keep
+        # exact copies of a near-duplicate point at the image kept in its place, with the same similarity
+        moved = ~keep & (dup_of >= 0) & ~keep[np.maximum(dup_of, 0)]
+        sim[moved] = sim[dup_of[moved]]
+        dup_of[moved] = dup_of[dup_of[moved]]
+    exact = (~keep) & (rep != np.arange(n)) & (dup_of == rep)
+    dups = [{"image_id": ids[m], "duplicate_of": ids[int(dup_of[m])], "similarity": float(sim[m]),
+             "reason": "exact" if exact[m] else "near_duplicate"} for m in np.flatnonzero(~keep)]
+    log.info("dedup: %d images, %d duplicates (%d exact)", n, len(dups), int(exact.sum()))
     return keep, dups
 
 
@@ -328,6 +320,35 @@ def leakage_guard(train_fp: np.ndarray, eval_sets: list[tuple[str, list[str], np
     return hits
 
 
+def remove_leakage_and_duplicates(frame, embeddings: np.ndarray, thumbs: np.ndarray | None,
+                                  eval_sets: list[tuple[str, list[str], np.ndarray]], cfg: DedupConfig):
+    """The dedup stage's decisions (module docstring): leakage over every row first, then exact and near
+    duplicates among the rest. ``eval_sets``: (name, image ids, fingerprints) per evaluation manifest. Returns
+    (keep mask, duplicate rows with dataset and duplicate_of_dataset)."""
+    n = len(frame)
+    ids, datasets = frame["image_id"].tolist(), frame["dataset"].tolist()
+    leaked = np.zeros(n, bool)
+    dups: list[dict] = []
+    if eval_sets and thumbs is not None:
+        hits = leakage_guard(thumbs, eval_sets, cfg)
+        for r in sorted(hits):
+            eval_id, name, v = hits[r]
+            leaked[r] = True
+            dups.append({"image_id": ids[r], "duplicate_of": eval_id, "similarity": float(v), "reason": "leakage",
+                         "dataset": datasets[r], "duplicate_of_dataset": name})
+        log.info("leakage guard: %d training images dropped as near-copies of %d evaluation images",
+                 len(hits), sum(len(e[1]) for e in eval_sets))
+    rest = np.flatnonzero(~leaked)
+    keep_rest, rest_dups = deduplicate(frame.iloc[rest].reset_index(drop=True), embeddings[rest], cfg,
+                                       thumbs=None if thumbs is None else thumbs[rest])
+    dataset_of = dict(zip(ids, datasets))
+    for d in rest_dups:
+        d["dataset"], d["duplicate_of_dataset"] = dataset_of[d["image_id"]], dataset_of[d["duplicate_of"]]
+    keep = np.zeros(n, bool)
+    keep[rest[keep_rest]] = True
+    return keep, dups + rest_dups
+
+
 def run_dedup(out_uri: str, cfg: DedupConfig, storage_cfg=None, force: bool = False, embed_cfg=None) -> dict:
     """Dedup stage: ``ingested.parquet`` + ``embeddings.parquet`` -> ``deduplicated.parquet`` (kept rows) and
     ``duplicates.parquet`` (every removed image, the one it duplicates, similarity, reason), then the leakage
@@ -353,27 +374,12 @@ def _dedup(run, cfg: DedupConfig, embed_cfg, storage_cfg) -> dict:
         raise AssertionError("embeddings.parquet rows do not match ingested.parquet; rerun the embed stage "
                              "(force=true)")
     frame = table.select(["image_id", "pixel_sha256", "cell_type", "width", "height", "dataset"]).to_pandas()
-    keep, dups = deduplicate(frame, emb, cfg, thumbs=thumbs)
-    dataset_of = dict(zip(frame["image_id"], frame["dataset"]))
-    for d in dups:
-        d["dataset"], d["duplicate_of_dataset"] = dataset_of[d["image_id"]], dataset_of[d["duplicate_of"]]
-    if cfg.eval_manifests:
-        eval_sets = []
-        for uri in cfg.eval_manifests:
-            rows = read_eval_manifest(uri, storage_cfg)
-            fp = fingerprints_of_table(embed_rows(rows, embed_cfg, storage_cfg))
-            eval_sets.append((f"eval:{uri}", rows.column("image_id").to_pylist(), fp))
-        kept_rows = np.flatnonzero(keep)
-        hits = leakage_guard(thumbs[kept_rows], eval_sets, cfg)
-        ids = frame["image_id"].tolist()
-        for r in sorted(hits):
-            eval_id, name, v = hits[r]
-            keep[kept_rows[r]] = False
-            i = ids[kept_rows[r]]
-            dups.append({"image_id": i, "duplicate_of": eval_id, "similarity": float(v), "reason": "leakage",
-                         "dataset": dataset_of[i], "duplicate_of_dataset": name})
-        log.info("leakage guard: %d training images dropped as near-copies of %d evaluation images",
-                 len(hits), sum(len(e[1]) for e in eval_sets))
+    eval_sets = []
+    for uri in cfg.eval_manifests:
+        rows = read_eval_manifest(uri, storage_cfg)
+        fp = fingerprints_of_table(embed_rows(rows, embed_cfg, storage_cfg))
+        eval_sets.append((f"eval:{uri}", rows.column("image_id").to_pylist(), fp))
+    keep, dups = remove_leakage_and_duplicates(frame, emb, thumbs, eval_sets, cfg)
     dup_table = pa.Table.from_pylist(dups, schema=DUPLICATES_SCHEMA)
     kept = table.filter(pa.array(keep))
     run.publish("deduplicated.parquet", kept)

@@ -73,23 +73,34 @@ def _image_id(dataset: str, relpath: str, index: int | None = None) -> str:
     return f"{dataset}/{relpath}" + (f"#{index}" if index is not None else "")
 
 
-def validate_specs(specs: list[DatasetSpec]) -> None:
-    """Fail before any work with a message naming the dataset and the fix."""
+def validate_specs(specs: list[DatasetSpec], storage_cfg: storage.StorageConfig | None = None,
+                   check_files: bool = False) -> None:
+    """Fail before any work with a message naming the dataset and the fix; with ``check_files`` also stat each
+    root and its required label files (a few requests per dataset, no listing)."""
+    from cytoray.config import ConfigError
+    from cytoray.curation.adapters import AdapterError
+
     names = Counter(s.name for s in specs)
     if not specs:
-        raise ValueError("no datasets configured: add entries under `datasets:` (name, layout, uri, modality)")
+        raise ConfigError("no datasets configured: add entries under `datasets:` (name, layout, uri, modality)")
     dup = [n for n, c in names.items() if c > 1]
     if dup:
-        raise ValueError(f"dataset names must be unique; repeated: {dup}")
+        raise ConfigError(f"dataset names must be unique; repeated: {dup}")
     for s in specs:
         for k in ("name", "layout", "uri"):
             if getattr(s, k) in (None, "", "???"):
-                raise ValueError(f"dataset {s.name!r}: `{k}` is required")
+                raise ConfigError(f"dataset {s.name!r}: `{k}` is required")
         if "/" in s.name or "#" in s.name:
-            raise ValueError(f"dataset name {s.name!r} may not contain '/' or '#'")
+            raise ConfigError(f"dataset name {s.name!r} may not contain '/' or '#'")
         if s.modality not in MODALITIES:
-            raise ValueError(f"dataset {s.name!r}: modality {s.modality!r} is not one of {MODALITIES}")
-        get_adapter(s.layout, s.options)  # raises for unknown layouts
+            raise ConfigError(f"dataset {s.name!r}: modality {s.modality!r} is not one of {MODALITIES}")
+        adapter = get_adapter(s.layout, s.options)  # raises for unknown layouts
+        if check_files:
+            fs, root = storage.filesystem(s.uri, storage_cfg)
+            try:
+                adapter.check(fs, root, s.uri)
+            except AdapterError as exc:
+                raise AdapterError(f"dataset {s.name!r}: {exc}") from None
 
 
 def list_inputs(specs: list[DatasetSpec], storage_cfg: storage.StorageConfig) -> tuple[pa.Table, dict]:

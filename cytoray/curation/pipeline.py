@@ -52,6 +52,7 @@ class CurateConfig:
 def run_curation(cfg: CurateConfig) -> dict:
     """Run every curation stage into ``cfg.output_uri``; returns {stage: summary}."""
     cfg = config.to_object(cfg)
+    preflight(cfg)  # everything the run will read or write is checked before Ray starts or a file is written
     init_ray(cfg.ray)
     config.save_config(cfg, cfg.output_uri, cfg.storage)
     out, st, force = cfg.output_uri, cfg.storage, cfg.force
@@ -66,6 +67,58 @@ def run_curation(cfg: CurateConfig) -> dict:
     if cfg.report.enabled:
         results["report"] = write_report(cfg.output_uri, cfg.report, cfg.storage)
     return results
+
+
+def preflight(cfg: CurateConfig) -> None:
+    """Check every input and the output location (a few requests each, nothing listed or written): dataset
+    specs, roots and required label files, evaluation manifests (exist, ``uri`` column), the embedder and its
+    checkpoint, a bring-your-own embeddings file, the balance mapping file, the output location."""
+    from cytoray import tables
+    from cytoray.curation.embed import feature_spec
+    from cytoray.curation.ingest import validate_specs
+    from cytoray.manifest import ManifestError
+
+    st = cfg.storage
+    if cfg.output_uri in (None, "", "???"):
+        raise config.ConfigError("output_uri is required: the run directory (local path or s3://bucket/prefix)")
+    validate_specs(cfg.datasets, st, check_files=True)
+    for uri in cfg.dedup.eval_manifests:
+        try:
+            names = tables.read_schema(uri, st).names
+        except FileNotFoundError:
+            raise ManifestError(f"dedup.eval_manifests: {uri} does not exist") from None
+        if "uri" not in names:
+            raise ManifestError(f"dedup.eval_manifests: {uri} has no 'uri' column (columns: {names}); an "
+                                "evaluation manifest lists its images by uri, like manifest.parquet")
+    spec = feature_spec(cfg.embed)
+    needed = [("embed.checkpoint", cfg.embed.checkpoint if spec.backbone != "handcrafted" else None),
+              ("embeddings", cfg.embeddings), ("balance.mapping_file", cfg.balance.mapping_file)]
+    for key, uri in needed:
+        if uri and not storage.exists(uri, st):
+            raise config.ConfigError(f"{key}={uri} does not exist")
+    check_output_location(cfg.output_uri, st)
+
+
+def check_output_location(uri: str, storage_cfg=None) -> None:
+    """The run directory can be created (local: the nearest existing parent is a writable directory) or its
+    bucket exists (object storage); an existing file in its place is an error."""
+    import os
+
+    protocol, path = storage.split_protocol(uri)
+    if protocol == "file":
+        if os.path.isfile(path):
+            raise config.ConfigError(f"output_uri={uri} is a file; point it at a directory")
+        parent = path
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            raise config.ConfigError(f"output_uri={uri}: {parent} is not a writable directory")
+        return
+    fs, path = storage.filesystem(uri, storage_cfg)
+    bucket = path.split("/", 1)[0]
+    if not storage.with_retries(lambda: fs.exists(bucket), storage_cfg, f"stat {protocol}://{bucket}"):
+        raise config.ConfigError(f"output_uri={uri}: bucket {protocol}://{bucket} does not exist or is not "
+                                 "visible with these credentials")
 
 
 def finalize(out_uri: str, results: dict, storage_cfg, balanced: bool = True) -> dict:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
 
 from cytoray import storage, tables
+from cytoray.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ MARKER_DIR = "_stages"
 RESERVED = ("settings", "lineage", "seconds")
 
 
-class StageOrderError(RuntimeError):
+class StageOrderError(UserError):
     """A stage asked to run before the stage whose output it reads."""
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from cytoray.errors import UserError
 
-class ProbeError(ValueError):
+
+class ProbeError(UserError):
     """Labelled data a probe cannot score; the message names the manifest / column and the fix."""
 
 

@@ -4,15 +4,25 @@ against the synthetic ground truth (precision/recall bars)."""
 import numpy as np
 import pandas as pd
 
-from cytoray.curation.dedup import DedupConfig, connected_components, deduplicate, keep_order, knn_edges
+from cytoray.curation.dedup import (
+    DedupConfig,
+    deduplicate,
+    keep_order,
+    knn_edges,
+    remove_leakage_and_duplicates,
+    select_representatives,
+)
 from cytoray.curation.synthetic.cells import Stain, render_cell
 from cytoray.curation.synthetic.scoring import dedup_precision_recall
 from cytoray.features.handcrafted import HANDCRAFTED_DIM, handcrafted_features, standardise
 
 
-def test_union_find_components():
-    comp = connected_components(6, np.array([0, 1, 4]), np.array([1, 2, 5]))
-    assert comp[0] == comp[1] == comp[2] and comp[4] == comp[5] and len(set(comp.tolist())) == 3
+def test_greedy_selection_never_chains():
+    # 0~1 and 1~2 above the threshold, 0 and 2 not: 1 goes (duplicate of 0), 2 stays; 4~5 -> 5 goes
+    keep, dup_of, sim = select_representatives(np.arange(6), np.array([0, 1, 4]), np.array([1, 2, 5]),
+                                               np.array([0.99, 0.995, 0.999], np.float32))
+    assert keep.tolist() == [True, False, True, True, True, False]
+    assert dup_of.tolist() == [-1, 0, -1, -1, -1, 4] and sim[1] == np.float32(0.99)
 
 
 def test_knn_edges_threshold_and_no_self_pairs():
@@ -132,5 +142,78 @@ def test_near_duplicate_detection_meets_the_bars_on_the_test_seed(tmp_path_facto
     assert scores["planted"] >= 40
     assert scores["recall"] >= 0.9 and scores["precision"] >= 0.95, scores
     assert {d["reason"] for d in dups} == {"exact", "near_duplicate"}
-    assert all(0.9 < d["similarity"] <= 1.0 + 1e-6 for d in dups)
+    assert all(DedupConfig().threshold < d["similarity"] <= 1.0 + 1e-6 for d in dups)  # to a kept image
     assert keep.sum() == len(recs) - len(dups)
+
+
+def _fingerprinted(images_by_id: dict, dataset="train"):
+    from cytoray import images
+    from cytoray.features.fingerprint import fingerprint_thumbnails
+
+    recs = [{"image_id": k, "pixel_sha256": images.pixel_sha256(v), "cell_type": "lymphocyte",
+             "width": v.shape[1], "height": v.shape[0], "dataset": dataset} for k, v in images_by_id.items()]
+    thumbs = np.stack([fingerprint_thumbnails(v) for v in images_by_id.values()])
+    return pd.DataFrame(recs), thumbs
+
+
+def test_leakage_counts_every_planted_copy_and_takes_precedence():
+    """Five copies of each held-out cell planted in training (byte copy, JPEG re-encode, 1.5x resize, flip,
+    crop): every copy is leakage, named after its evaluation image, none is an in-collection duplicate."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    held_out = {f"eval/{c}": render_cell(c, 96, 0.3, Stain(), rng) for c in ("blast", "monocyte", "eosinophil")}
+    planted = {}
+    for eid, im in held_out.items():
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, "JPEG", quality=85)
+        planted[f"{eid}/copy"] = im.copy()
+        planted[f"{eid}/jpeg"] = np.asarray(Image.open(buf).convert("RGB"))
+        planted[f"{eid}/resize"] = np.asarray(Image.fromarray(im).resize((144, 144), Image.BICUBIC))
+        planted[f"{eid}/flip"] = np.ascontiguousarray(im[:, ::-1])
+        planted[f"{eid}/crop"] = np.asarray(Image.fromarray(im[4:92, 4:92]).resize((96, 96), Image.BICUBIC))
+    others = {f"other{k}": render_cell(c, 96, 0.3, Stain(), rng)
+              for k, c in enumerate(("neutrophil_segmented", "lymphocyte", "basophil"))}
+    frame, thumbs = _fingerprinted({**planted, **others})
+    _, eval_thumbs = _fingerprinted(held_out)
+    keep, dups = remove_leakage_and_duplicates(frame, np.zeros((len(frame), 2), np.float32), thumbs,
+                                               [("eval:held_out.parquet", list(held_out), eval_thumbs)],
+                                               DedupConfig())
+    leaks = [d for d in dups if d["reason"] == "leakage"]
+    assert len(leaks) == len(planted) == 15 and len(dups) == 15, [(d["image_id"], d["reason"]) for d in dups]
+    assert all(d["image_id"].startswith(d["duplicate_of"] + "/") for d in leaks)
+    assert {d["duplicate_of_dataset"] for d in leaks} == {"eval:held_out.parquet"}
+    assert keep.tolist() == [False] * 15 + [True] * 3
+
+
+def test_similar_but_distinct_cells_are_all_kept_and_copy_chains_do_not_merge():
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    cells = {f"cell{k:02d}": render_cell("lymphocyte", 80, 0.3, Stain(), rng) for k in range(30)}
+    frame, thumbs = _fingerprinted(cells)
+    keep, dups = deduplicate(frame, None, DedupConfig(), thumbs=thumbs)
+    assert keep.all() and not dups
+    # a chain of ever-smaller copies: each step is a near-duplicate of the last, the ends are not
+    base = render_cell("blast", 96, 0.3, Stain(), rng)
+    chain = {"a0": base}
+    for k in range(1, 6):
+        chain[f"a{k}"] = np.asarray(Image.fromarray(chain[f"a{k - 1}"]).resize((96 - 6 * k,) * 2, Image.BOX))
+    frame, thumbs = _fingerprinted(chain)
+    cfg = DedupConfig()
+    keep, dups = deduplicate(frame, None, cfg, thumbs=thumbs)
+    kept = set(frame.image_id[keep])
+    assert all(d["similarity"] > cfg.threshold and d["duplicate_of"] in kept for d in dups)
+    assert "a5" in kept  # 0.978 to a0: below the threshold, although linked to it through a1..a4
+    # plain cells of slowly growing size (each close to the next): union-find would keep 1 of 30
+    yy, xx = np.mgrid[0:80, 0:80]
+    plain = {}
+    for k in range(30):
+        a = np.clip(18 + 0.6 * k - np.hypot(yy - 40, xx - 40), 0, 1)[..., None]
+        plain[f"p{k:02d}"] = (np.array([235, 220, 225]) * (1 - a) + np.array([120, 60, 150]) * a).astype(np.uint8)
+    frame, thumbs = _fingerprinted(plain)
+    keep, dups = deduplicate(frame, None, cfg, thumbs=thumbs)
+    kept = set(frame.image_id[keep])
+    assert keep.sum() >= 5 and all(d["similarity"] > cfg.threshold and d["duplicate_of"] in kept for d in dups)

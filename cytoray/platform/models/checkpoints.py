@@ -26,6 +26,7 @@ import re
 import torch
 
 from cytoray import storage
+from cytoray.errors import UserError
 from cytoray.platform.models.vit import ARCHS, VisionTransformer, ViTConfig, build_vit, resize_pos_embed
 
 HEAD_PREFIXES = ("dino_head.", "ibot_head.", "head.")
@@ -34,7 +35,7 @@ EXPECTED = ("a dict state dict: a DINOv2 hub backbone ({'pos_embed': ..., 'block
             "({'teacher': {'backbone.*': ...}}) or a cytoray export")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     pass
 
 
