@@ -15,8 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 
 
-@pytest.fixture
-def head_node(tmp_path):
+@pytest.fixture(scope="module")
+def head_node():
     # The job entrypoint runs `python` from the head node's PATH: the project's environment comes first.
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{BIN}:{os.environ.get('PATH', '')}")
     gcs, dash = free_port(), free_port()
@@ -49,7 +49,7 @@ def _stop_cluster(temp: str) -> None:
             pass
     for p in procs:
         p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=20)
+    _, alive = psutil.wait_procs(procs, timeout=3)  # a worker or two ignores SIGTERM: do not wait for them
     for p in alive:
         p.kill()
 

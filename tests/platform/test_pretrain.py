@@ -37,18 +37,27 @@ def manifest(tmp_path_factory):
     return write_cell_manifest(str(tmp_path_factory.mktemp("cells")), 40, seed=1)
 
 
-def test_failure_restarts_and_resumes_on_other_worker_counts_exactly(ray_local, manifest, tmp_path):
+def test_resume_history_equals_one_run_and_every_checkpoint_is_probed(ray_local, manifest, tmp_path):
     """A run is a function of its config, seed and global batch. Reference: 12 steps on 1 worker. The other
     history: 2 workers, the last rank fails at step 6 (the workers restart from the step-4 checkpoint) and the
     run stops at 8; the driver is run again on 4 workers to step 10 and once more on 1 worker to 12 (DCP reshards
     model and optimizer each time). Both give the same loss at every step; stochastic depth is on, so its
-    per-sample draws are covered too."""
+    per-sample draws are covered too.
+
+    The reference run also has Ray Train V2 validation on: each checkpoint is probed in a separate task; the
+    scores land in the checkpoint's metrics (best-by-probe retention uses them) and in <run>/eval/results.csv,
+    and they equal the standalone probe."""
     import json
+
+    from cytoray.eval import probe, validation
 
     storage = str(tmp_path / "runs")
     common = ("model.global_batch_size=4", "train.cpus_per_worker=0.2", "data.num_cpus=0.2",
               "model.vit.drop_path_rate=0.2")
-    clean = pretrain(_cfg(manifest, storage, "clean", "train.num_workers=1", *common, "train.max_steps=12"))
+    heldout = write_cell_manifest(str(tmp_path / "heldout"), 60, seed=7)
+    clean = pretrain(_cfg(manifest, storage, "clean", "train.num_workers=1", *common, "train.max_steps=12",
+                          f"eval.manifests=[{heldout}]", "eval.keep_best=true", "train.keep_checkpoints=1",
+                          "eval.probe.folds=3"))
     assert clean.error is None
     first = pretrain(_cfg(manifest, storage, "faulty", "train.num_workers=2", *common, "train.max_steps=8",
                           "train.fail_at_step=6"))
@@ -88,18 +97,8 @@ def test_failure_restarts_and_resumes_on_other_worker_counts_exactly(ray_local, 
         out = model_b(torch.randn(2, 3, 64, 64))
     assert out.shape == (2, 64) and torch.isfinite(out).all()
 
-
-def test_every_checkpoint_is_probed_while_training(ray_local, manifest, tmp_path):
-    """Ray Train V2 validation: each checkpoint is probed in a separate task; the scores land in the checkpoint's
-    metrics (best-by-probe retention uses them) and in <run>/eval/results.csv; they equal the standalone probe."""
-    from cytoray.eval import probe, validation
-
-    storage = str(tmp_path / "runs")
-    heldout = write_cell_manifest(str(tmp_path / "heldout"), 60, seed=7)
-    result = pretrain(_cfg(manifest, storage, "probed", "train.max_steps=12", f"eval.manifests=[{heldout}]",
-                           "eval.keep_best=true", "train.keep_checkpoints=1", "eval.probe.folds=3"))
-    assert result.error is None
-    run = os.path.join(storage, "probed")
+    # per-checkpoint validation of the reference run
+    run = os.path.join(storage, "clean")
     with open(os.path.join(run, "eval", "results.csv")) as f:
         rows = list(csv.DictReader(f))
     methods = {"linear", "knn1", "knn20", "knn20_T0.07"}
@@ -107,9 +106,8 @@ def test_every_checkpoint_is_probed_while_training(ray_local, manifest, tmp_path
     assert all(r["manifest"] == "heldout" and r["images"] == "60" for r in rows)
     score = {int(r["step"]): float(r["balanced_accuracy"]) for r in rows if r["method"] == "linear"}
     assert min(score.values()) > 1 / 11 + 0.2  # 11 cell types: well above chance even after 4 steps
-
     # the scores are the checkpoint's metrics; with keep_best the best-by-probe checkpoint (+ the latest) remain
-    kept = {int(os.path.basename(c.path).split("_")[1]): m for c, m in result.best_checkpoints}
+    kept = {int(os.path.basename(c.path).split("_")[1]): m for c, m in clean.best_checkpoints}
     for step, m in kept.items():
         assert m["probe_step"] == step and m["probe_score"] == pytest.approx(score[step], abs=1e-6)
         assert m["probe/heldout/knn20_T0.07/balanced_accuracy"] >= 0
@@ -117,15 +115,13 @@ def test_every_checkpoint_is_probed_while_training(ray_local, manifest, tmp_path
     assert set(kept) == {best}  # Ray's ranking; the latest checkpoint stays on disk too (the resume point)
     assert sorted(d for d in os.listdir(run) if d.startswith("checkpoint_0")) == \
         [f"checkpoint_{s:08d}" for s in sorted({best, 12})]
-
     # the validation task read only the teacher from the sharded checkpoint: same weights as the export ...
     from_dcp = build_from_checkpoint(os.path.join(run, "checkpoint_00000012"))
-    exported = build_from_checkpoint(os.path.join(run, "exports", "teacher_00000012.pth"))
-    for (k, a), b in zip(from_dcp.state_dict().items(), exported.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    for (k, a_), b_ in zip(from_dcp.state_dict().items(), model_a.state_dict().values()):
+        torch.testing.assert_close(a_, b_, rtol=0, atol=0, msg=k)
     # ... and the standalone probe of that checkpoint directory gives the same numbers
-    cfg = probe.ProbeConfig(num_actors=0, folds=3)
-    standalone = probe.evaluate(os.path.join(run, "checkpoint_00000012"), [heldout], cfg)[0]
+    standalone = probe.evaluate(os.path.join(run, "checkpoint_00000012"), [heldout],
+                                probe.ProbeConfig(num_actors=0, folds=3))[0]
     assert standalone["methods"]["linear"]["balanced_accuracy"] == pytest.approx(score[12], abs=1e-6)
     assert "probe of every scored checkpoint" not in validation.format_results_table(rows)  # table only
     assert len(validation.format_results_table(rows).splitlines()) == 2 + 3
