@@ -20,17 +20,22 @@ import pyarrow.parquet as pq
 from cytoray import storage
 
 
-def read_table(uri: str, storage_cfg: storage.StorageConfig | None = None,
-               columns: list[str] | None = None) -> pa.Table:
-    """A Parquet file or directory as one pyarrow Table; FileNotFoundError when neither exists."""
+def _locate(uri: str, storage_cfg):
+    """(arrow filesystem, path, is a directory) of an existing file or directory; FileNotFoundError otherwise."""
     import pyarrow.fs as pafs
 
-    protocol, _ = storage.split_protocol(uri)
     fs, path = storage.arrow_filesystem(uri, storage_cfg)
     info = storage.with_retries(lambda: fs.get_file_info(path), storage_cfg, f"stat {uri}")
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"{uri} does not exist")
-    if info.type == pafs.FileType.Directory:
+    return fs, path, info.type == pafs.FileType.Directory
+
+
+def read_table(uri: str, storage_cfg: storage.StorageConfig | None = None,
+               columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file or directory as one pyarrow Table; FileNotFoundError when neither exists."""
+    fs, path, is_dir = _locate(uri, storage_cfg)
+    if is_dir:
         return storage.with_retries(lambda: pq.read_table(path, filesystem=fs, columns=columns), storage_cfg,
                                     f"read {uri}")
     # One file: read whole, then parse (one ranged GET instead of many small ones on object storage).
@@ -39,13 +44,8 @@ def read_table(uri: str, storage_cfg: storage.StorageConfig | None = None,
 
 def read_schema(uri: str, storage_cfg: storage.StorageConfig | None = None) -> pa.Schema:
     """The schema of a Parquet file or directory without reading its rows."""
-    import pyarrow.fs as pafs
-
-    fs, path = storage.arrow_filesystem(uri, storage_cfg)
-    info = storage.with_retries(lambda: fs.get_file_info(path), storage_cfg, f"stat {uri}")
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"{uri} does not exist")
-    if info.type == pafs.FileType.Directory:
+    fs, path, is_dir = _locate(uri, storage_cfg)
+    if is_dir:
         return storage.with_retries(lambda: pq.ParquetDataset(path, filesystem=fs).schema, storage_cfg,
                                     f"read schema {uri}")
     return storage.with_retries(lambda: pq.read_schema(path, filesystem=fs), storage_cfg, f"read schema {uri}")

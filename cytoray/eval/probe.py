@@ -177,15 +177,12 @@ def check_methods(cfg: ProbeConfig) -> None:
 def read_labelled_manifest(uri: str, cfg: ProbeConfig, storage_cfg=None):
     """A labelled manifest with image_id, uri and the label columns the configured probes need."""
     from cytoray.manifest import ManifestError, read_manifest
-    from cytoray.tables import read_schema
 
-    try:
-        read_schema(uri, storage_cfg)
-    except FileNotFoundError:
-        raise ProbeError(f"labelled manifest {uri} does not exist") from None
     try:
         table = read_manifest(uri, storage_cfg, purpose="labelled manifest")
     except ManifestError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            raise ProbeError(f"labelled manifest {uri} does not exist") from None
         raise ProbeError(str(exc)) from None
     cols = set(table.column_names)
     missing = {"image_id", "uri"} - cols
