@@ -27,9 +27,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM
-
-
 def _objective(arch: str, device: torch.device):
     from cytoray.platform.models.vit import ViTConfig
     from cytoray.platform.objective import DINOv2Objective, ObjectiveConfig
@@ -48,16 +45,10 @@ def _batch(b: int, device: torch.device, n_global=2, n_local=8, size=224, local=
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}
 
 
-def _peak_tflops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-
-
 def bench_step(args) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
+    from cytoray.platform.flops import peak_flops
     from cytoray.platform.step import build_optimizer, train_step
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -88,7 +79,8 @@ def bench_step(args) -> None:
             times.append(time.perf_counter() - t0)
         step_t = float(np.median(times[2:]))  # first two: warm-up (allocator, kernels)
         achieved = flops / step_t / 1e12
-        peak = _peak_tflops(device)
+        peak = peak_flops(device)
+        peak = peak / 1e12 if peak else None
         mfu = f"MFU {100 * achieved / peak:.1f}% of {peak:.0f} TFLOP/s bf16" if peak else f"{achieved * 1e3:.1f} GFLOP/s"
         mem = f", peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
         print(f"{arch:10s} step {step_t * 1e3:8.1f} ms  {args.batch / step_t:8.1f} img/s  "

@@ -5,6 +5,7 @@ object storage that stays unreachable after the retries — derives from :class:
 thing and the fix. Recipes run their ``main`` through :func:`run_recipe`: a ``UserError`` anywhere in the cause
 chain (also inside a Ray task's error) prints as one line on stderr and exits 1; ``--debug`` or
 ``CYTORAY_DEBUG=1`` shows the whole traceback instead. Anything else is a bug and keeps its traceback.
+The recipe's output goes through :func:`cytoray.console.capture` (``--verbose`` shows every line).
 """
 
 from __future__ import annotations
@@ -34,12 +35,17 @@ def find_user_error(exc: BaseException | None) -> UserError | None:
 
 
 def run_recipe(main: Callable[[list[str]], object], argv: list[str] | None = None) -> int:
-    """Run a recipe's ``main(argv)``; a user error becomes one line on stderr and exit status 1."""
+    """Run a recipe's ``main(argv)`` with its output filtered into a run log; a user error becomes one line on
+    stderr and exit status 1."""
+    from cytoray import console
+
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("CYTORAY_DEBUG", "") not in ("", "0")
-    argv = [a for a in argv if a != "--debug"]
+    verbose = True if "--verbose" in argv else None
+    argv = [a for a in argv if a not in ("--debug", "--verbose")]
     try:
-        main(argv)
+        with console.capture(verbose=verbose):
+            main(argv)
     except Exception as exc:
         found = find_user_error(exc)
         if found is None or debug:

@@ -11,12 +11,14 @@ patient). Synthetic data: the numbers show the machinery works, not what real sm
 import argparse
 import glob
 import os
+import sys
 
 import pretrain  # recipes/pretrain.py (this script's directory is on sys.path)
 
-from cytoray import tables
+from cytoray import console, tables
 from cytoray.curation import pipeline
 from cytoray.curation.synthetic.collection import CollectionSpec, generate_collection
+from cytoray.errors import run_recipe
 from cytoray.eval import probe
 from cytoray.testing import write_cell_manifest
 
@@ -31,10 +33,11 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     out = os.path.abspath(args.out)
+    console.log_to(out)  # one log for the whole demo: <out>/logs/demo_<time>.log
     data_dir = os.path.join(out, "data")
     if not os.path.exists(os.path.join(data_dir, "datasets.yaml")):
         res = generate_collection(data_dir, CollectionSpec(images=args.images, seed=args.seed))
-        print(f"synthetic collection: {sum(res['counts'].values())} ground-truth rows {res['counts']} in {data_dir}")
+        console.say(f"synthetic collection: {sum(res['counts'].values())} files in {data_dir}")
     eval_manifest = os.path.join(out, "eval", "manifest.parquet")
     if not os.path.exists(eval_manifest):  # held-out labelled cells, never trained on (the leakage guard)
         write_cell_manifest(os.path.dirname(eval_manifest), 300, seed=1000 + args.seed)
@@ -54,16 +57,15 @@ def main(argv=None):
         exports = sorted(glob.glob(os.path.join(out, "pretrain", "exports", "teacher_*.pth")))
         patients = patient_manifest(curate_dir, os.path.join(out, "eval", "aml_hehr_patients.parquet"))
         wait_for_cpus(1.0)  # Ray Train releases the run's workers and placement group a few seconds after fit()
-        print("\nprobe: cell types on the held-out synthetic set (linear probe: stratified 5-fold; kNN) and AML "
-              "subtypes of the synthetic AML Hehr patients (ABMIL, k-fold by patient; patient labels only):")
+        console.say("probe: cell types on the held-out synthetic set (linear probe: stratified 5-fold; kNN) and AML "
+                    "subtypes of the synthetic AML Hehr patients (ABMIL, k-fold by patient; patient labels only):")
         probe.main(["--checkpoint", exports[-1], "--checkpoint", "random:vit_debug", "--checkpoint", "handcrafted",
                     "--manifest", eval_manifest, "--manifest", patients, "--mil", "--out",
                     os.path.join(out, "probe"), f"probe.cache_dir={os.path.join(out, 'probe', 'cache')}"])
-    print(f"curation report: {os.path.join(curate_dir, 'report.html')}")
+    console.say(f"curation report: {os.path.join(curate_dir, 'report.html')}")
     if args.steps:
-        print(f"training metrics: {os.path.join(out, 'pretrain', 'metrics.csv')} (+ tensorboard/)")
-        print(f"per-checkpoint probe: {os.path.join(out, 'pretrain', 'eval', 'results.csv')}")
-        print(f"probe results: {os.path.join(out, 'probe', 'results.json')}")
+        console.say(f"training metrics: {os.path.join(out, 'pretrain', 'metrics.csv')} (+ tensorboard/)")
+        console.say(f"per-checkpoint probe: {os.path.join(out, 'pretrain', 'eval', 'results.csv')}")
 
 
 def wait_for_cpus(need: float, timeout_s: float = 120.0) -> None:
@@ -89,4 +91,4 @@ def patient_manifest(curate_dir: str, out: str) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_recipe(main))

@@ -12,7 +12,7 @@ run.name and run.storage_path resumes from the last checkpoint.
 
 import sys
 
-from cytoray import config, storage
+from cytoray import config, console, storage
 from cytoray.errors import run_recipe
 from cytoray.eval import validation
 from cytoray.platform.config import load_pretrain_config
@@ -28,15 +28,13 @@ def main(argv: list[str], preset: str = "dinobloom_l"):
         raise result.error
     cfg = config.to_object(cfg)
     run = run_uri(cfg)
-    print(f"[cytoray] run:        {run}")
-    print(f"[cytoray] checkpoint: {result.checkpoint.path if result.checkpoint else None}")
-    print(f"[cytoray] metrics:    {storage.join_uri(run, 'metrics.csv')} (+ tensorboard/)")
-    print(f"[cytoray] exports:    {storage.join_uri(run, 'exports')}")
+    last = result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1] if result.checkpoint else "no checkpoint"
+    console.say(f"run: {run}  ({last}; metrics.csv, tensorboard/, exports/)")
     rows = validation.read_results_table(run, cfg.storage)
     if rows:
-        print(f"[cytoray] probe of every scored checkpoint (balanced accuracy; all metrics in "
-              f"{storage.join_uri(run, validation.EVAL_DIR, validation.RESULTS_CSV)})")
-        print(validation.format_results_table(rows))
+        console.say(f"probe of every scored checkpoint (balanced accuracy; all metrics in "
+                    f"{storage.join_uri(run, validation.EVAL_DIR, validation.RESULTS_CSV)}):")
+        console.say(validation.format_results_table(rows))
     return result
 
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 
-from cytoray import config, storage
+from cytoray import config, console, storage
 from cytoray.curation.balance import BalanceConfig, run_balance
 from cytoray.curation.cluster import ClusterConfig, run_cluster
 from cytoray.curation.dedup import DedupConfig, run_dedup
@@ -55,18 +56,52 @@ def run_curation(cfg: CurateConfig) -> dict:
     preflight(cfg)  # everything the run will read or write is checked before Ray starts or a file is written
     init_ray(cfg.ray)
     config.save_config(cfg, cfg.output_uri, cfg.storage)
+    console.log_to(cfg.output_uri, cfg.storage)
     out, st, force = cfg.output_uri, cfg.storage, cfg.force
-    results = {
-        "ingest": run_ingest(cfg.datasets, out, cfg.ingest, st, force=force),
-        "embed": run_embed(out, cfg.embed, st, force=force),
-        "dedup": run_dedup(out, cfg.dedup, st, force=force, embed_cfg=cfg.embed),
-        "cluster": run_cluster(out, cfg.cluster, st, force=force, embeddings=cfg.embeddings),
-        "balance": run_balance(out, cfg.balance, st, force=force, embeddings=cfg.embeddings),
+    stages = {
+        "ingest": lambda: run_ingest(cfg.datasets, out, cfg.ingest, st, force=force),
+        "embed": lambda: run_embed(out, cfg.embed, st, force=force),
+        "dedup": lambda: run_dedup(out, cfg.dedup, st, force=force, embed_cfg=cfg.embed),
+        "cluster": lambda: run_cluster(out, cfg.cluster, st, force=force, embeddings=cfg.embeddings),
+        "balance": lambda: run_balance(out, cfg.balance, st, force=force, embeddings=cfg.embeddings),
     }
+    results = {}
+    for name, run in stages.items():
+        t0 = time.monotonic()
+        with console.stage(name):
+            results[name] = run()
+        took = time.monotonic() - t0
+        done = f"{results[name]['seconds']:.1f}s" if took >= 0.5 * results[name]["seconds"] else "up to date"
+        console.say(f"{stage_line(name, results[name])} [{done}]")
     results["summary"] = finalize(cfg.output_uri, results, cfg.storage, balanced=cfg.balance.enabled)
     if cfg.report.enabled:
         results["report"] = write_report(cfg.output_uri, cfg.report, cfg.storage)
     return results
+
+
+def stage_line(stage: str, summary: dict) -> str:
+    """One line with a finished stage's counts."""
+    if stage == "ingest":
+        t = summary["total"]
+        return (f"ingest: {t['input_files']} files -> {t['kept_images']} images kept ({t['cropped_cells']} cropped "
+                f"cells), {t['quarantined_files']} quarantined, {t['ignored_files']} outside layouts")
+    if stage == "embed":
+        return f"embed: {summary['count']} images -> {summary['embedder']} features ({summary['dim']} dims)"
+    if stage == "dedup":
+        t = summary["total"]
+        return (f"dedup: {t['images']} images -> {t['kept']} kept, {t['duplicates']} duplicates ({t['exact']} exact, "
+                f"{t['near']} near, {t['cross_dataset']} across datasets), {t['leakage']} dropped by the leakage guard")
+    if stage == "cluster":
+        return f"cluster: {summary['images']} images -> levels {summary['levels']}"
+    if stage == "balance":
+        if "before" not in summary:
+            return f"balance: off; {summary.get('samples_per_epoch', '?')} samples/epoch"
+        b, a = summary["before"], summary["after"]
+        return (f"balance: {b['images']} kept -> {summary['sampled_images']} sampled images, "
+                f"{summary['samples_per_epoch']} samples/epoch; largest dataset share "
+                f"{b['largest_dataset_share']:.2f} -> {a['largest_dataset_share']:.2f}, kNN dataset mixing "
+                f"{b['knn_dataset_mixing']:.2f} -> {a['knn_dataset_mixing']:.2f}")
+    return f"{stage}: done"
 
 
 def preflight(cfg: CurateConfig) -> None:
@@ -182,25 +217,9 @@ def main(argv: list[str]) -> dict:
     cfg = config.load_config(CurateConfig, files[0] if files else None, files[1:], overrides)
     setup_logging(cfg.log_level)
     results = run_curation(cfg)
-    total = results["ingest"]["total"]
-    print(f"ingest: {total['input_files']} files -> {total['kept_images']} images kept "
-          f"({total['cropped_cells']} cropped cells), {total['quarantined_files']} quarantined, "
-          f"{total['ignored_files']} outside layouts")
-    t = results["summary"]["total"]
-    print(f"dedup:  {t['images']} images -> {t['kept']} kept, {t['duplicates']} duplicates "
-          f"({t['exact_duplicates']} exact, {t['near_duplicates']} near, {t['cross_dataset_duplicates']} across datasets), "
-          f"{t['leakage']} dropped by the leakage guard")
-    b = results["summary"]["balance"]
-    print(f"cluster: levels {results['cluster']['levels']}; balance: {t['kept']} kept -> {t['sampled_images']} "
-          f"sampled images, {t['samples_per_epoch']} samples/epoch; largest dataset share "
-          f"{b['before']['largest_dataset_share']:.2f} -> {b['after']['largest_dataset_share']:.2f}, "
-          f"kNN dataset mixing {b['before']['knn_dataset_mixing']:.2f} -> {b['after']['knn_dataset_mixing']:.2f}")
-    print(f"manifest:   {storage.join_uri(cfg.output_uri, 'manifest.parquet')}")
-    print(f"unbalanced: {storage.join_uri(cfg.output_uri, 'unbalanced.parquet')}")
-    print(f"duplicates: {storage.join_uri(cfg.output_uri, 'duplicates.parquet')}")
-    print(f"quarantine: {storage.join_uri(cfg.output_uri, 'quarantine.parquet')}")
-    print(f"summary:    {storage.join_uri(cfg.output_uri, 'summary.json')}")
+    out = cfg.output_uri
+    console.say(f"outputs: {out}  (manifest.parquet; unbalanced, duplicates, quarantine .parquet; summary.json)")
     if "report" in results:
-        print(f"report:     {storage.join_uri(cfg.output_uri, 'report.html')}")
+        console.say(f"report:  {storage.join_uri(out, 'report.html')}")
     log.debug(json.dumps(results, indent=2))
     return results

@@ -280,7 +280,7 @@ class ProbeSettings:
 def main(argv: list[str]) -> list[dict]:
     import argparse
 
-    from cytoray import config, storage
+    from cytoray import config, console, storage
     from cytoray.runtime import init_ray, setup_logging
 
     ap = argparse.ArgumentParser(description="linear probe + kNN scores of checkpoints on labelled manifests")
@@ -297,8 +297,10 @@ def main(argv: list[str]) -> list[dict]:
         cfg.probe.mil = True
     setup_logging(cfg.log_level)
     init_ray(cfg.ray)
-    results = run_probe(args.checkpoint, args.manifest, cfg.probe, args.out, cfg.storage)
-    print(results_table(results))
     if args.out:
-        print(f"results: {storage.join_uri(args.out, 'results.json')}")
+        console.log_to(args.out, cfg.storage)
+    results = run_probe(args.checkpoint, args.manifest, cfg.probe, args.out, cfg.storage)
+    console.say(results_table(results))
+    if args.out:
+        console.say(f"results: {storage.join_uri(args.out, 'results.json')}")
     return results

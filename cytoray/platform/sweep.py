@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cytoray import config as config_lib
-from cytoray import storage
+from cytoray import console, storage
 from cytoray.platform.config import PretrainConfig
 
 
@@ -250,11 +250,12 @@ def run_sweep(cfg: SweepRunConfig) -> dict:
     else:
         fs, tune_storage = storage.arrow_filesystem(s.storage_path, cfg.storage)
     config_lib.save_config(cfg, out, cfg.storage)
+    console.log_to(out, cfg.storage)
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg), {"CPU": s.trial_cpus})
     tune_path = os.path.join(tune_storage, s.name, "tune") if fs is None else f"{tune_storage}/{s.name}/tune"
     tuner = make_tuner(trainable, _space(cfg), s, concurrent, tune_path, fs)
-    print(f"[cytoray] sweep {s.name}: {s.num_samples} x {s.search} over {list(s.knobs)}; rungs {list(s.rungs)}; "
-          f"{concurrent} trial(s) at a time ({trial_demand(cfg)['CPU']:g} CPU each)", flush=True)
+    console.say(f"sweep {s.name}: {s.num_samples} x {s.search} over {list(s.knobs)}; rungs {list(s.rungs)}; "
+                f"{concurrent} trial(s) at a time ({trial_demand(cfg)['CPU']:g} CPU each)")
     # Training results (from TuneReportCallback) carry no probe_score; ASHA skips them, Tune must not reject
     # them. Tune reads this in the driver while fit() runs; the process's environment is restored afterwards.
     with environment(TUNE_DISABLE_STRICT_METRIC_CHECKING="1"):
@@ -350,11 +351,11 @@ def main(argv: list[str], preset: str = "dinobloom_s", defaults: str | None = No
     cfg = load_pretrain_config(["run.name=unused", *argv], preset, defaults, schema=SweepRunConfig)
     setup_logging(cfg.log_level)
     summary = run_sweep(cfg)
-    print(summary["table"])
+    console.say(summary["table"])
     for key in ("results", "plot", "best_overrides"):
         if key in summary:
-            print(f"[cytoray] {key}: {summary[key]}")
+            console.say(f"{key}: {summary[key]}")
     if "best_trial" in summary:
-        print(f"[cytoray] best: {summary['best_trial']} probe_score {summary['best_score']:.3f} "
-              f"at step {summary['best_steps']} with {summary['best_knobs']}")
+        console.say(f"best: {summary['best_trial']} probe_score {summary['best_score']:.3f} "
+                    f"at step {summary['best_steps']} with {summary['best_knobs']}")
     return summary

@@ -24,7 +24,7 @@ from dataclasses import asdict
 import torch
 
 from cytoray import config as config_lib
-from cytoray import storage
+from cytoray import console, storage
 from cytoray.eval import validation
 from cytoray.platform import checkpointing
 from cytoray.platform.config import (
@@ -37,6 +37,7 @@ from cytoray.platform.config import (
 from cytoray.platform.config import global_batch as global_batch_size
 from cytoray.platform.data.batch import SampleDraws
 from cytoray.platform.data.stream import build_stream, expand_repeats, iter_steps, read_manifest
+from cytoray.platform.flops import peak_flops, train_flops_per_image
 from cytoray.platform.metrics import MetricsLog
 from cytoray.platform.models.checkpoints import export_state_dict, load_pretrained_weights
 from cytoray.platform.objective import DINOv2Objective
@@ -110,8 +111,11 @@ def train_loop_per_worker(config: dict) -> None:
               f"{held / 1e6:.1f}M; {world} workers x {batch_size} images; steps {start} -> {last}",
               flush=True)
 
+    flops = train_flops_per_image(p.vit, p.objective, p.augment, p.mask) if device.type == "cuda" else None
+    peak = peak_flops(device)
     samples = state["samples_consumed"]
     wait_t, t_prev = 0.0, time.perf_counter()
+    t_start = t_prev
     for step, batch in iter_steps(ds, cfg.data.prefetch_batches):
         wait_t = time.perf_counter() - t_prev
         maybe_inject_failure(cfg, step, rank, world)
@@ -126,12 +130,15 @@ def train_loop_per_worker(config: dict) -> None:
         samples += global_batch
         step_t = time.perf_counter() - t_prev
         row = step_metrics(metrics, values, step_t, wait_t, global_batch, device)
+        if flops and peak:
+            row["mfu"] = flops * row["images_per_s"] / (peak * world)
         if metrics_log is not None:
             metrics_log.log(step, row)
         done = step + 1
         if done % t.log_every == 0 or done == last:
             if rank == 0:
-                print(progress_line(done, last, row), flush=True)
+                eta = (time.perf_counter() - t_start) / (done - start) * (last - done)
+                print(progress_line(done, last, row, eta), flush=True)
         train_state = {"step": done, "samples_consumed": samples, "world_size": world,
                        "batch_size_per_device": batch_size, "global_batch": global_batch, "seed": t.seed, "preset": cfg.preset,
                        "epoch": samples // config["epoch_len"], "vit": asdict(p.vit),
@@ -203,10 +210,14 @@ def step_metrics(metrics: dict | None, values: dict, step_t: float, wait_t: floa
     return row
 
 
-def progress_line(done: int, last: int, row: dict) -> str:
+def progress_line(done: int, last: int, row: dict, eta_s: float | None = None) -> str:
+    """``[cytoray] step 250/300 loss 8.3252 lr 1.03e-06 131.7 img/s MFU 41% data-wait 0% ETA 1m05s``: the
+    marker shows it on the driver's terminal (``cytoray.console``)."""
     loss = row.get("loss", math.nan)
+    mfu = f" MFU {100 * row['mfu']:.0f}%" if "mfu" in row else ""
+    eta = f" ETA {console.format_seconds(eta_s)}" if eta_s is not None and done < last else ""
     return (f"[cytoray] step {done}/{last} loss {loss:.4f} lr {row['lr']:.2e} "
-            f"{row['images_per_s']:.1f} img/s data-wait {100 * row['data_wait_frac']:.0f}%")
+            f"{row['images_per_s']:.1f} img/s{mfu} data-wait {100 * row['data_wait_frac']:.0f}%{eta}")
 
 
 def save_and_report(objective, optimizer, train_state: dict, metrics: dict, rank: int, probe: bool = False) -> None:
@@ -226,7 +237,7 @@ def export_teacher(objective, cfg: PretrainConfig, step: int, rank: int) -> None
         uri = storage.join_uri(run_uri(cfg), "exports", f"teacher_{step:08d}.pth")
         export_state_dict(state, cfg.model.vit, uri, cfg.storage, extra={"step": step, "preset": cfg.preset,
                                                                              "preprocess": eval_preprocess(cfg.model).record()})
-        print(f"[cytoray] exported teacher backbone (DinoBloom format) to {uri}", flush=True)
+        print(f"exported teacher backbone (DinoBloom format) to {uri}", flush=True)  # log only
 
 
 # ----------------------------------------------------------------------------------------------- driver side
@@ -250,6 +261,7 @@ def pretrain(cfg: PretrainConfig, callbacks=()):
     else:
         fs, _ = storage.arrow_filesystem(cfg.run.storage_path, cfg.storage)
     config_lib.save_config(cfg, run_uri(cfg), cfg.storage)
+    console.log_to(run_uri(cfg), cfg.storage)
     t = cfg.train
     workers = worker_range(t)  # (min, max): an elastic run when they differ
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
