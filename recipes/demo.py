@@ -50,7 +50,7 @@ def main(argv=None):
         # Every checkpoint is probed on the held-out set by a Ray task while training goes on (eval.manifests).
         pretrain.main(["--config", os.path.join(HERE, "configs", "cpu_debug.yaml"),
                        f"data.manifest_uri={os.path.join(curate_dir, 'manifest.parquet')}", "run.name=pretrain",
-                       f"run.storage_path={out}", f"model.total_iters={args.steps}", "train.log_every=25",
+                       f"run.storage_path={out}", f"model.total_iters={args.steps}", "train.log_every=50",
                        f"train.checkpoint_every={max(1, args.steps // 3)}", f"train.seed={args.seed}",
                        f"train.export_every={max(1, args.steps // 3)}", f"eval.manifests=[{eval_manifest}]"],
                       preset="debug")

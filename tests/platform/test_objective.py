@@ -58,3 +58,31 @@ def test_uniform_teacher_gives_log_k_dino_terms():
     _, metrics = obj(_batch(p), teacher_temp=0.04)
     total = metrics["dino_local_loss"].item() + metrics["dino_global_loss"].item()
     assert math.isclose(total, math.log(p.objective.out_dim), rel_tol=1e-4)
+
+
+def test_mfu_flops_estimate_matches_a_counted_step():
+    """The progress line's MFU uses a meta-device FLOPs estimate; a whole step counted on real tensors agrees."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cytoray.platform.data.keys import block_masks
+    from cytoray.platform.data.masking import MaskingGenerator
+    from cytoray.platform.flops import train_flops_per_image
+    from cytoray.platform.models.vit import ViTConfig
+
+    p = load_preset("debug")  # vit_debug /8, crops 2 x 64 + 2 x 32
+    torch.manual_seed(0)
+    obj = DINOv2Objective(p.vit, p.objective)
+    b, g, loc = 16, p.augment.global_crops, p.augment.local_crops
+    grid = (g.size // p.vit.patch_size,) * 2
+    batch = {"global_crops": torch.randn(g.number, b, 3, g.size, g.size),
+             "local_crops": torch.randn(loc.number, b, 3, loc.size, loc.size)}
+    batch.update(block_masks(0, 0, np.arange(b), np.arange(b), g.number, b, grid, p.mask.mask_ratio,
+                             p.mask.mask_probability, MaskingGenerator(grid)))
+    # the math SDPA path: the counter does not see the fused CPU attention kernel's FLOPs
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        loss, _ = obj(batch, 0.07)
+        loss.backward()
+    counted = counter.get_total_flops() / b
+    estimate = train_flops_per_image(ViTConfig(**vars(p.vit)), p.objective, p.augment, p.mask)
+    assert 0.95 < estimate / counted < 1.05, (estimate, counted)
