@@ -61,6 +61,7 @@ def main(argv=None):
                     os.path.join(out, "probe"), f"probe.cache_dir={os.path.join(out, 'probe', 'cache')}"])
     print(f"curation report: {os.path.join(curate_dir, 'report.html')}")
     if args.steps:
+        print(f"training report: {os.path.join(out, 'pretrain', 'training.html')}")
         print(f"training metrics: {os.path.join(out, 'pretrain', 'metrics.csv')} (+ tensorboard/)")
         print(f"per-checkpoint probe: {os.path.join(out, 'pretrain', 'eval', 'results.csv')}")
         print(f"probe results: {os.path.join(out, 'probe', 'results.json')}")

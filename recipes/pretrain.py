@@ -30,6 +30,7 @@ def main(argv: list[str], preset: str = "dinobloom_l"):
     run = run_uri(cfg)
     print(f"[cytoray] run:        {run}")
     print(f"[cytoray] checkpoint: {result.checkpoint.path if result.checkpoint else None}")
+    print(f"[cytoray] report:     {storage.join_uri(run, 'training.html')}")
     print(f"[cytoray] metrics:    {storage.join_uri(run, 'metrics.csv')} (+ tensorboard/)")
     print(f"[cytoray] exports:    {storage.join_uri(run, 'exports')}")
     rows = validation.read_results_table(run, cfg.storage)
