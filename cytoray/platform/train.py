@@ -239,7 +239,8 @@ def export_teacher(objective, cfg: PretrainConfig, step: int, rank: int) -> None
 
 def pretrain(cfg: PretrainConfig, callbacks=()):
     """Launch (or resume) the run ``cfg.run.name``; returns Ray Train's ``Result``. ``callbacks``: Ray Train
-    ``UserCallback``s (the sweep passes Tune's ``TuneReportCallback``)."""
+    ``UserCallback``s (the sweep passes Tune's ``TuneReportCallback``). Ends by writing ``<run>/training.html`` and,
+    with ``tracking.mlflow``, completing the run's MLflow run (``tracking.py``)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 

@@ -141,16 +141,25 @@ def _header(run_uri: str, cfg: dict, steps: np.ndarray) -> str:
 def build_training_report(run_uri: str, storage_cfg=None) -> str:
     import yaml
 
-    notes = []
+    notes, cfg = [], {}
     config_uri = storage.join_uri(run_uri, "config.yaml")
-    cfg = {}
-    if storage.exists(config_uri, storage_cfg):
-        cfg = yaml.safe_load(storage.read_bytes(config_uri, storage_cfg)) or {}
-    else:
+    if not storage.exists(config_uri, storage_cfg):
         notes.append(f"{config_uri} does not exist")
+    else:
+        try:
+            cfg = yaml.safe_load(storage.read_bytes(config_uri, storage_cfg)) or {}
+        except yaml.YAMLError as exc:
+            notes.append(f"{config_uri} is not valid yaml: {str(exc).splitlines()[0]}")
     steps, columns, note = read_metrics(storage.join_uri(run_uri, CSV_NAME), storage_cfg)
     notes += [note] if note else []
     probe_rows = validation.read_results_table(run_uri, storage_cfg)
+    try:
+        probe = _probe(probe_rows) if probe_rows else ("<p class='note'>no per-checkpoint probe in this run "
+                                                       "(<code>eval.manifests</code> turns it on)</p>")
+    except (KeyError, TypeError, ValueError) as exc:
+        problem = f"{validation.EVAL_DIR}/{validation.RESULTS_CSV} of {run_uri} is malformed ({exc!r})"
+        log.warning("training report: %s", problem)
+        probe = f"<p class='note'>{html.escape(problem)}</p>"
     for n in notes:
         log.warning("training report: %s", n)
 
@@ -166,9 +175,7 @@ def build_training_report(run_uri: str, storage_cfg=None) -> str:
              "".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes),
              f"<section id='run'><h2>Run</h2>{_header(run_uri, cfg, steps)}</section>",
              section("losses", "Loss terms", losses, "no loss values in metrics.csv"),
-             "<section id='probe'><h2>Probe score per checkpoint</h2>"
-             + (_probe(probe_rows) if probe_rows else "<p class='note'>no per-checkpoint probe in this run "
-                "(<code>eval.manifests</code> turns it on)</p>") + "</section>",
+             f"<section id='probe'><h2>Probe score per checkpoint</h2>{probe}</section>",
              section("schedules", "Schedules", SCHEDULES, "no schedule values in metrics.csv"),
              section("throughput", "Throughput and data wait", THROUGHPUT, "no throughput values in metrics.csv"),
              section("other", "Other per-step metrics", {k: k for k in columns if k not in shown},

@@ -2,6 +2,7 @@
 in headless Chromium; a missing or malformed metrics.csv still gives a page."""
 
 import json
+import logging
 import os
 import re
 
@@ -83,3 +84,20 @@ def test_training_report_without_probe_or_with_bad_metrics_still_renders(tmp_pat
     dom, loaded, total = _render(run / "training.html")
     assert "metrics.csv does not exist" in dom and "config.yaml does not exist" in dom
     assert loaded == total == 0 and "no loss values in metrics.csv" in dom
+
+    (run / "config.yaml").write_text("train: [unclosed\n")
+    os.makedirs(run / "eval")
+    (run / "eval" / "results.csv").write_text("step,what\n4,x\n")
+    page = open(write_training_report(str(run))).read()
+    assert "config.yaml is not valid yaml" in page and "eval/results.csv of" in page and "is malformed" in page
+
+
+def test_a_report_that_cannot_be_written_does_not_fail_the_finished_run(tmp_path, caplog):
+    from cytoray.platform.train import end_of_run
+
+    (tmp_path / "runs").write_text("a file where the run directory should be")
+    cfg = PretrainConfig()
+    cfg.run.name, cfg.run.storage_path = "tiny", str(tmp_path / "runs")
+    with caplog.at_level(logging.WARNING, logger="cytoray.platform.train"):
+        end_of_run(cfg, None, "FINISHED")
+    assert f"training.html not written to {tmp_path}/runs/tiny" in caplog.text
