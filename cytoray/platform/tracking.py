@@ -13,9 +13,9 @@ One cytoray run is one MLflow run, found again by its tag ``cytoray.run_uri``, s
   ``exports/final/README.md`` and the curation ``report.html`` beside the training manifest when they exist, and
   the run's status.
 
-The default store is SQLite, ``sqlite:///<cwd>/mlruns/mlflow.db`` with artifacts under ``<cwd>/mlruns/``: MLflow 3
-keeps the plain-file store (``./mlruns``, ``file:``) in maintenance mode and refuses it unless the user sets
-``MLFLOW_ALLOW_FILE_STORE=true`` themselves. ``mlflow`` is imported only when tracking is on; its INFO lines
+The default store is SQLite, ``sqlite:///<cwd>/mlruns/mlflow.db``, with artifacts beside the database
+(``<cwd>/mlruns/<experiment>/``): MLflow 3 keeps the plain-file store (``./mlruns``, ``file:``) in maintenance
+mode and refuses it unless the user sets ``MLFLOW_ALLOW_FILE_STORE=true`` themselves. ``mlflow`` is imported only when tracking is on; its INFO lines
 (store creation, migrations) are silenced for the calls that make them, and restored after.
 """
 
@@ -26,6 +26,7 @@ import logging
 import os
 import posixpath
 import queue
+import re
 import tempfile
 import threading
 import time
@@ -83,11 +84,15 @@ def _connect(cfg: TrackingConfig):
         raise ConfigError(f"tracking.mlflow=true needs the mlflow package: {INSTALL}") from None
     uri = store_uri(cfg)
     _check_reachable(uri)
+    # a SQLite store keeps artifacts beside its database (MLflow's default is ./mlruns under whatever directory
+    # the experiment happens to be created from); a server or another database keeps MLflow's default
+    artifacts = os.path.join(os.path.abspath(os.path.dirname(uri[len("sqlite:///"):])), re.sub(r"[^\w.-]", "_", cfg.experiment)) \
+        if uri.startswith("sqlite:///") else None
     try:
         with _quiet():
             client = MlflowClient(uri)
             exp = client.get_experiment_by_name(cfg.experiment)
-            return client, exp.experiment_id if exp else client.create_experiment(cfg.experiment)
+            return client, exp.experiment_id if exp else client.create_experiment(cfg.experiment, artifacts)
     except (MlflowException, OSError) as exc:
         raise ConfigError(f"tracking.mlflow_uri={uri!r}: the MLflow store cannot be used: "
                           f"{str(exc).splitlines()[0][:300]} (give a reachable URI, e.g. sqlite:////abs/mlflow.db "

@@ -98,6 +98,7 @@ def test_the_end_of_a_run_logs_probe_scores_artifacts_and_status(store, tmp_path
     history = client.get_metric_history(spec["run_id"], "probe/heldout/linear/balanced_accuracy")
     assert [(m.step, round(m.value, 6)) for m in history] == [(4, 0.4), (8, 0.65)]
     assert len(client.get_metric_history(spec["run_id"], "probe/heldout/linear/weighted_f1")) == 2
+    assert client.get_run(spec["run_id"]).info.artifact_uri.startswith(f"{tmp_path}/mlruns/tests/")
     names = {a.path for a in client.list_artifacts(spec["run_id"])}
     assert names == {"config.yaml", "training.html", "model", "curation"}
     assert [a.path for a in client.list_artifacts(spec["run_id"], "model")] == ["model/README.md"]
@@ -130,6 +131,6 @@ def test_the_default_store_is_sqlite_under_the_working_directory(tmp_path, monke
     from mlflow.tracking import MlflowClient
 
     run = MlflowClient(spec["uri"]).get_run(spec["run_id"])
-    assert run.info.artifact_uri.startswith(f"{tmp_path}/mlruns/")
+    assert run.info.artifact_uri == f"{tmp_path}/mlruns/cytoray/{spec['run_id']}/artifacts"  # beside the database
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
     assert store_uri(TrackingConfig(mlflow=True)) == "http://tracking.example:5000"
