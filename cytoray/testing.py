@@ -1,4 +1,5 @@
-"""Test and benchmark infrastructure: a real local S3 endpoint and a proxy that injects S3 failures.
+"""Test and benchmark infrastructure: a real local S3 endpoint, a proxy that injects S3 failures, small labelled
+manifests, and a headless browser for the HTML reports.
 
 ``local_s3()`` starts moto's S3 server on 127.0.0.1 (a real HTTP endpoint; boto3, s3fs and pyarrow talk to
 it exactly as to AWS). ``FlakyProxy`` sits in front of any endpoint and answers every ``fail_every``-th
@@ -11,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import shutil
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -232,3 +235,14 @@ def write_eval_manifest(directory: str, leaked_paths: list[str], fresh: int = 40
     out = os.path.join(directory, "eval_manifest.parquet")
     pq.write_table(pa.table({"image_id": ids, "uri": uris}), out)
     return out
+
+
+def rendered_dom(path: str) -> str:
+    """The DOM of a local HTML file after headless Chromium loaded it and ran its scripts."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        raise RuntimeError("Chromium is needed for the report tests: `make test` installs Debian's chromium "
+                           "package (apt-get install chromium)")
+    return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+                           "--dump-dom", "file://" + os.path.abspath(path)], capture_output=True, text=True,
+                          timeout=120).stdout

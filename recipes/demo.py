@@ -64,6 +64,7 @@ def main(argv=None):
                     os.path.join(out, "probe"), f"probe.cache_dir={os.path.join(out, 'probe', 'cache')}"])
     console.say(f"curation report: {os.path.join(curate_dir, 'report.html')}")
     if args.steps:
+        console.say(f"training report: {os.path.join(out, 'pretrain', 'training.html')}")
         console.say(f"training metrics: {os.path.join(out, 'pretrain', 'metrics.csv')} (+ tensorboard/)")
         console.say(f"per-checkpoint probe: {os.path.join(out, 'pretrain', 'eval', 'results.csv')}")
 

@@ -29,7 +29,7 @@ def main(argv: list[str], preset: str = "dinobloom_l"):
     cfg = config.to_object(cfg)
     run = run_uri(cfg)
     last = result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1] if result.checkpoint else "no checkpoint"
-    console.say(f"run: {run}  ({last}; metrics.csv, tensorboard/, exports/)")
+    console.say(f"run: {run}  ({last}; training.html, metrics.csv, tensorboard/, exports/)")
     rows = validation.read_results_table(run, cfg.storage)
     if rows:
         console.say(f"probe of every scored checkpoint (balanced accuracy; all metrics in "

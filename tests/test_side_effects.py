@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 
-def test_importing_every_module_installs_no_warning_filter_and_loads_no_pyplot():
+def test_importing_every_module_installs_no_warning_filter_and_loads_no_pyplot_or_mlflow():
     code = """
 import importlib, pkgutil, sys, warnings
 installed = []
@@ -25,6 +25,7 @@ for m in pkgutil.walk_packages(cytoray.__path__, "cytoray."):
     importlib.import_module(m.name)
 assert not installed, installed
 assert "matplotlib.pyplot" not in sys.modules
+assert "mlflow" not in sys.modules  # imported only when tracking is on
 print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)

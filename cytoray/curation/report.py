@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cytoray.pages import RENDER_CHECK, page, png_uri, table
+
 log = logging.getLogger(__name__)
 
 
@@ -32,12 +34,6 @@ class ReportConfig:
     thumb_size: int = 72
     map_points: int = 5000
     seed: int = 0
-
-
-def _png(fig) -> str:
-    from cytoray.figures import png_bytes
-
-    return "data:image/png;base64," + base64.b64encode(png_bytes(fig, dpi=90)).decode()
 
 
 def _thumb(uri: str, size: int, storage_cfg) -> str:
@@ -70,7 +66,7 @@ def _bars(before: dict, after: dict, title: str, top: int = 30):
     ax.set_ylabel("share")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png_uri(fig)
 
 
 def _pca_maps(emb: np.ndarray, datasets: np.ndarray, cell_types: np.ndarray, cfg: ReportConfig) -> list[str]:
@@ -93,30 +89,12 @@ def _pca_maps(emb: np.ndarray, datasets: np.ndarray, cell_types: np.ndarray, cfg
         ax.set_xlabel("PC1")
         ax.set_ylabel("PC2")
         ax.legend(fontsize=7, markerscale=2, bbox_to_anchor=(1.01, 1), loc="upper left")
-        out.append(_png(fig))
+        out.append(png_uri(fig))
     return out
 
 
-def _table(header: list[str], rows: list[list]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-CSS = """body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
-table{border-collapse:collapse;margin:8px 0 16px;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;
-text-align:right}th{background:#f2f2f2}td:first-child{text-align:left}.montage{margin:10px 0 18px}
-.montage img,.pair img{margin:1px;border:1px solid #ddd}.pair{display:inline-block;margin:6px 12px 6px 0;
-font-size:12px;text-align:center}h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:32px}
-.note{color:#555;font-size:13px}"""
-
-SCRIPT = """window.addEventListener('load', function () {
-  var imgs = document.images, ok = 0;
-  for (var i = 0; i < imgs.length; i++) { if (imgs[i].complete && imgs[i].naturalWidth > 0) ok++; }
-  var el = document.getElementById('render-check');
-  el.textContent = ok + ' of ' + imgs.length + ' images rendered';
-  el.setAttribute('data-loaded', ok); el.setAttribute('data-total', imgs.length);
-});"""
+CSS = """.montage{margin:10px 0 18px}.montage img,.pair img{margin:1px;border:1px solid #ddd}
+.pair{display:inline-block;margin:6px 12px 6px 0;font-size:12px;text-align:center}"""
 
 
 def build_report(out_uri: str, cfg: ReportConfig, storage_cfg=None) -> str:
@@ -137,7 +115,7 @@ def build_report(out_uri: str, cfg: ReportConfig, storage_cfg=None) -> str:
     parts = [f"<h1>cytoray curation report</h1><p class='note'>Run directory: {html.escape(out_uri)} &middot; "
              f"embedder {html.escape(str(summary['embedder']))} &middot; cluster levels {summary['clusters']['levels']}"
              f" &middot; groups from {html.escape(str(summary['balance']['groups_from']))}</p>"
-             "<p id='render-check' class='note'>images not yet rendered</p>"]
+             + RENDER_CHECK]
 
     # counts
     cols = ["input_files", "quarantined_files", "images", "exact_duplicates", "near_duplicates", "leakage", "kept",
@@ -146,7 +124,7 @@ def build_report(out_uri: str, cfg: ReportConfig, storage_cfg=None) -> str:
     rows.append(["total"] + [summary["total"][c] for c in cols])
     parts.append("<section id='counts'><h2>Counts per stage</h2><p class='note'>images = kept + duplicates "
                  "(exact, near, leakage); input files = kept files + quarantined files; cropped detection / "
-                 "segmentation cells count as images.</p>" + _table(["dataset"] + cols, rows) + "</section>")
+                 "segmentation cells count as images.</p>" + table(["dataset"] + cols, rows) + "</section>")
 
     # balance
     metric_rows = []
@@ -158,7 +136,7 @@ def build_report(out_uri: str, cfg: ReportConfig, storage_cfg=None) -> str:
     charts = "".join(f"<img alt='{k} before/after' src='{_bars(balance['before']['counts'][k], balance['after']['counts'][k], f'by {k}')}'>"
                      for k in ("dataset", "cell_type", "group", "cluster"))
     parts.append("<section id='balance'><h2>Before / after balancing</h2>"
-                 + _table(["distribution", "norm. entropy before", "after", "KL to uniform before", "after",
+                 + table(["distribution", "norm. entropy before", "after", "KL to uniform before", "after",
                            "largest share before", "after"], metric_rows)
                  + f"<p>kNN dataset mixing (1 = datasets indistinguishable in the embedding): {mix[0]} &rarr; "
                    f"{mix[1]}. Target {balance['target_size']} samples per epoch from {balance['sampled_images']} "
@@ -203,8 +181,8 @@ def build_report(out_uri: str, cfg: ReportConfig, storage_cfg=None) -> str:
     q_rows = [[d, r, n] for (d, r), n in quarantine.groupby(["dataset", "reason"]).size().items()] if len(quarantine) else []
     ex = quarantine.head(cfg.quarantine_examples)
     parts.append(f"<section id='quarantine'><h2>Quarantine ({len(quarantine)} files)</h2>"
-                 + _table(["dataset", "reason", "files"], q_rows)
-                 + _table(["uri", "reason", "detail"], [[r.uri, r.reason, r.detail] for r in ex.itertuples()])
+                 + table(["dataset", "reason", "files"], q_rows)
+                 + table(["uri", "reason", "detail"], [[r.uri, r.reason, r.detail] for r in ex.itertuples()])
                  + "</section>")
 
     # embedding map
@@ -213,8 +191,7 @@ def build_report(out_uri: str, cfg: ReportConfig, storage_cfg=None) -> str:
                      unbalanced["cell_type"].fillna("unlabelled").to_numpy(dtype=object).astype(str), cfg)
     parts.append("<section id='map'><h2>Embedding map</h2>" + "".join(f"<img alt='PCA map' src='{m}'>" for m in maps)
                  + "</section>")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>cytoray curation report</title>"
-            f"<style>{CSS}</style><script>{SCRIPT}</script></head><body>{''.join(parts)}</body></html>")
+    return page("cytoray curation report", "".join(parts), CSS)
 
 
 def write_report(out_uri: str, cfg: ReportConfig, storage_cfg=None) -> dict:

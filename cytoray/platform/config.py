@@ -20,6 +20,7 @@ from cytoray.platform.data.stream import StreamConfig
 from cytoray.platform.models.vit import ViTConfig
 from cytoray.platform.objective import ObjectiveConfig
 from cytoray.platform.parallelize import ParallelConfig
+from cytoray.platform.tracking import TrackingConfig
 from cytoray.runtime import RayConfig
 from cytoray.storage import StorageConfig
 
@@ -169,6 +170,7 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)  # probe every checkpoint while training runs
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # optional MLflow run
     run: RunSpec = field(default_factory=RunSpec)
     storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)

@@ -26,7 +26,7 @@ import torch
 from cytoray import config as config_lib
 from cytoray import console, storage
 from cytoray.eval import validation
-from cytoray.platform import checkpointing
+from cytoray.platform import checkpointing, tracking, training_report
 from cytoray.platform.config import (
     PretrainConfig,
     eval_preprocess,
@@ -105,6 +105,7 @@ def train_loop_per_worker(config: dict) -> None:
                         p.mask.min_num_patches, p.mask.min_aspect, objective.student["backbone"].n_blocks,
                         p.vit.drop_path_rate)
     metrics_log = MetricsLog(run_uri(cfg), start, cfg.storage) if rank == 0 else None
+    mlflow_log = tracking.MetricsSender(config["mlflow"]) if rank == 0 and config["mlflow"] else None
     if rank == 0:
         held, total = local_numel(objective)
         print(f"[cytoray] {p.vit.arch}: {total / 1e6:.1f}M parameters (student+teacher), rank 0 holds "
@@ -139,6 +140,8 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 eta = (time.perf_counter() - t_start) / (done - start) * (last - done)
                 print(progress_line(done, last, row, eta), flush=True)
+            if mlflow_log is not None:
+                mlflow_log.log(step, row)
         train_state = {"step": done, "samples_consumed": samples, "world_size": world,
                        "batch_size_per_device": batch_size, "global_batch": global_batch, "seed": t.seed, "preset": cfg.preset,
                        "epoch": samples // config["epoch_len"], "vit": asdict(p.vit),
@@ -157,6 +160,8 @@ def train_loop_per_worker(config: dict) -> None:
         t_prev = time.perf_counter()
     if metrics_log is not None:
         metrics_log.close()
+    if mlflow_log is not None:
+        mlflow_log.close()
 
 
 def init_backbones(objective, uri: str, storage_cfg) -> None:
@@ -245,7 +250,8 @@ def export_teacher(objective, cfg: PretrainConfig, step: int, rank: int) -> None
 
 def pretrain(cfg: PretrainConfig, callbacks=()):
     """Launch (or resume) the run ``cfg.run.name``; returns Ray Train's ``Result``. ``callbacks``: Ray Train
-    ``UserCallback``s (the sweep passes Tune's ``TuneReportCallback``)."""
+    ``UserCallback``s (the sweep passes Tune's ``TuneReportCallback``). Ends by writing ``<run>/training.html`` and,
+    with ``tracking.mlflow``, completing the run's MLflow run (``tracking.py``)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -262,6 +268,7 @@ def pretrain(cfg: PretrainConfig, callbacks=()):
         fs, _ = storage.arrow_filesystem(cfg.run.storage_path, cfg.storage)
     config_lib.save_config(cfg, run_uri(cfg), cfg.storage)
     console.log_to(run_uri(cfg), cfg.storage)
+    mlflow_run = tracking.start_run(cfg.tracking, run_uri(cfg), cfg.run.name, config_lib.to_dict(cfg))
     t = cfg.train
     workers = worker_range(t)  # (min, max): an elastic run when they differ
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
@@ -271,7 +278,7 @@ def pretrain(cfg: PretrainConfig, callbacks=()):
                                           checkpoint_score_attribute=validation.SCORE)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "epoch_len": epoch_len},
+        train_loop_config={"cfg": cfg, "epoch_len": epoch_len, "mlflow": mlflow_run},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=workers if workers[0] < workers[1] else workers[0],
                                                use_gpu=t.use_gpu, resources_per_worker=resources,
@@ -285,8 +292,25 @@ def pretrain(cfg: PretrainConfig, callbacks=()):
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
         validation_config=validation.validation_config(cfg.eval, run_uri(cfg), cfg.storage),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException as exc:
+        end_of_run(cfg, mlflow_run, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    end_of_run(cfg, mlflow_run, "FINISHED")
     return result
+
+
+def end_of_run(cfg: PretrainConfig, mlflow_run: dict | None, status: str) -> None:
+    """``training.html``, and with tracking on the MLflow run's probe scores, artifacts and status; neither can
+    fail a finished run."""
+    run = run_uri(cfg)
+    try:
+        log.info("training report: %s", training_report.write_training_report(run, cfg.storage))
+    except Exception as exc:  # noqa: BLE001 - the run's numbers are in metrics.csv and eval/ either way
+        log.warning("training.html not written to %s: %s", run, exc)
+    if mlflow_run is not None:
+        tracking.finish_run(mlflow_run, run, cfg.data.manifest_uri, cfg.storage, status)
 
 
 def validate(cfg: PretrainConfig) -> int:
@@ -306,6 +330,7 @@ def validate(cfg: PretrainConfig) -> int:
     if t.checkpoint_every < 1:
         raise config_lib.ConfigError("train.checkpoint_every must be >= 1")
     validation.check(cfg.eval, cfg.storage)
+    tracking.check(cfg.tracking)  # mlflow installed, the store reachable
     return len(expand_repeats(read_manifest(cfg.data.manifest_uri, cfg.storage)))  # names file / missing columns
 
 

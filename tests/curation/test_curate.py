@@ -3,8 +3,6 @@ summary, report) on the synthetic collection."""
 
 import json
 import os
-import shutil
-import subprocess
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,6 +11,7 @@ import pytest
 from cytoray.curation.pipeline import CurateConfig, run_curation
 from cytoray.curation.synthetic.scoring import dedup_precision_recall
 from cytoray.runtime import RayConfig
+from cytoray.testing import rendered_dom
 
 
 def _run(collection, out, **kw):
@@ -99,12 +98,7 @@ def _check_report_renders(path, n_clusters):
     """Open report.html in a real headless Chromium and check the sections and every image rendered."""
     html = path.read_text()
     assert "http://" not in html and "https://" not in html  # self-contained
-    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if browser is None:
-        pytest.fail("Chromium is needed for the report test: `make test` installs Debian's chromium package "
-                    "(apt-get install chromium)")
-    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
-                          "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    dom = rendered_dom(str(path))
     for section in ("counts", "balance", "clusters", "duplicates", "quarantine", "map"):
         assert f'<section id="{section}">' in dom, section
     import re

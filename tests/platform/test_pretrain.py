@@ -138,12 +138,15 @@ def test_bad_settings_fail_before_launch(ray_local, manifest, tmp_path):
         pretrain(_cfg(manifest, str(tmp_path), "x", f"eval.manifests=[{tmp_path / 'nope.parquet'}]"))
     with pytest.raises(ConfigError, match="eval.every must be >= 1"):
         pretrain(_cfg(manifest, str(tmp_path), "x", f"eval.manifests=[{manifest}]", "eval.every=0"))
+    with pytest.raises(ConfigError, match=r"tracking.mlflow_uri='unknown-scheme://x': the MLflow store cannot be used"):
+        pretrain(_cfg(manifest, str(tmp_path), "x", "tracking.mlflow=true", "tracking.mlflow_uri=unknown-scheme://x"))
     with pytest.raises(ConfigError, match="unknown preset"):
         _cfg(manifest, str(tmp_path), "x", "preset=vit_tiny")
 
 
 def test_object_storage_run_streams_checkpoints_and_resumes(ray_local, s3, tmp_path):
-    """Images, manifest, checkpoints, metrics and exports all on the local S3 endpoint (moto's server)."""
+    """Images, manifest, checkpoints, metrics, exports and training.html all on the local S3 endpoint (moto's
+    server); both launches tracked in one MLflow run (a local SQLite store)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -162,7 +165,9 @@ def test_object_storage_run_streams_checkpoints_and_resumes(ray_local, s3, tmp_p
     upload_cells("heldout", 40, 7)
     creds = [f"storage.endpoint_url={s3.endpoint_url}", f"storage.region={s3.region}",
              f"storage.access_key_id={s3.access_key_id}", f"storage.secret_access_key={s3.secret_access_key}"]
-    args = ("s3://cytoray-test/cells/manifest.parquet", "s3://cytoray-test/runs", "s3run", *creds)
+    mlflow_uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    args = ("s3://cytoray-test/cells/manifest.parquet", "s3://cytoray-test/runs", "s3run", *creds,
+            "tracking.mlflow=true", f"tracking.mlflow_uri={mlflow_uri}")
     # activation checkpointing (composable: parameter names unchanged, so checkpoints stay interchangeable)
     assert pretrain(_cfg(*args, "train.max_steps=4", "parallel.activation_checkpointing=true")).error is None
     # resumes from step 4; its checkpoint is probed on a held-out manifest on S3
@@ -186,3 +191,20 @@ def test_object_storage_run_streams_checkpoints_and_resumes(ray_local, s3, tmp_p
     csv_text = storage.read_bytes("s3://cytoray-test/runs/s3run/metrics.csv", s3).decode()
     assert [int(line.split(",")[0]) for line in csv_text.splitlines()[1:]] == list(range(6))
     assert s3.secret_access_key not in storage.read_bytes("s3://cytoray-test/runs/s3run/config.yaml", s3).decode()
+    assert storage.exists("s3://cytoray-test/runs/s3run/training.html", s3)
+
+    # MLflow: one run over both launches; rank 0's row of every log step (4 steps, then 2 more: steps 3 and 5),
+    # the checkpoint's probe at step 6, the config (redacted) and the report as artifacts
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("cytoray").experiment_id])
+    assert run.data.tags["cytoray.run_uri"] == "s3://cytoray-test/runs/s3run" and run.info.status == "FINISHED"
+    assert run.data.params["model.vit.arch"] == "vit_debug" and run.data.params["train.log_every"] == "4"
+    assert run.data.params["storage.secret_access_key"] == "***"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [3, 5]
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "images_per_s")} == {3, 5}
+    probe = client.get_metric_history(run.info.run_id, "probe/heldout/linear/balanced_accuracy")
+    linear = next(line for line in table[1:] if ",linear," in line).split(",")
+    assert [(m.step, m.value) for m in probe] == [(6, pytest.approx(float(linear[6])))]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml", "training.html"}

@@ -1,0 +1,190 @@
+"""``<run>/training.html``: a training run at a glance, one self-contained page (figures as data URIs, no network).
+
+Sections: the run (name, preset, backbone, steps, workers, batch); loss terms over steps; the probe score of every
+scored checkpoint per manifest, method and metric; schedules (lr, weight decay, teacher momentum and temperature);
+throughput and data wait; every other per-step metric (collapse monitors, grad norm, GPU memory). Each figure has a
+table of first / last / min / max below it. The page reads what the run wrote: ``config.yaml``, ``metrics.csv``
+(``metrics.MetricsLog``) and ``eval/results.csv`` (``eval.validation``); a missing or malformed file becomes a
+note on the page and a warning, not an error.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import logging
+import math
+import time
+
+import numpy as np
+
+from cytoray import storage
+from cytoray.eval import validation
+from cytoray.pages import RENDER_CHECK, page, png_uri, table
+from cytoray.platform.metrics import CSV_NAME
+
+log = logging.getLogger(__name__)
+
+REPORT_NAME = "training.html"
+SCHEDULES = {"lr": "learning rate", "wd": "weight decay", "momentum": "teacher momentum (EMA)",
+             "teacher_temp": "teacher temperature"}
+THROUGHPUT = {"images_per_s": "images / s", "data_wait_frac": "data wait (share of the step)",
+              "data_wait_s": "data wait (s)", "step_time_s": "step time (s)", "gpu_mem_gb": "peak GPU memory (GB)"}
+PROBE_METRICS = ("balanced_accuracy", "accuracy", "weighted_f1")
+
+
+def read_metrics(uri: str, storage_cfg=None) -> tuple[np.ndarray, dict[str, np.ndarray], str | None]:
+    """(steps, {column: values}, note) from ``metrics.csv``; unparsable cells are NaN, rows without a step are
+    skipped, and ``note`` says what was missing or skipped (None when the file is clean)."""
+    if not storage.exists(uri, storage_cfg):
+        return np.zeros(0, int), {}, f"{uri} does not exist"
+    rows = list(csv.DictReader(io.StringIO(storage.read_bytes(uri, storage_cfg).decode(errors="replace"))))
+    if not rows or "step" not in rows[0]:
+        return np.zeros(0, int), {}, f"{uri} has no rows with a 'step' column"
+    steps, kept = [], []
+    for r in rows:
+        try:
+            steps.append(int(r["step"]))
+            kept.append(r)
+        except (TypeError, ValueError):
+            continue
+    columns = {k: np.array([_number(r.get(k)) for r in kept]) for k in rows[0] if k and k != "step"}
+    skipped = len(rows) - len(kept)
+    return np.array(steps, int), columns, f"{skipped} malformed rows of {uri} skipped" if skipped else None
+
+
+def _number(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _stats(names: dict[str, str], columns: dict[str, np.ndarray]) -> str:
+    rows = []
+    for key, title in names.items():
+        v = columns[key]
+        finite = v[np.isfinite(v)]
+        rows.append([title, *(f"{x:.4g}" for x in (v[0], v[-1]))]
+                    + ([f"{finite.min():.4g}", f"{finite.max():.4g}"] if len(finite) else ["-", "-"]))
+    return table(["metric", "first", "last", "min", "max"], rows)
+
+
+def _curves(steps: np.ndarray, columns: dict[str, np.ndarray], names: dict[str, str]) -> str:
+    """Small multiples, one panel per metric: each step thin, a running mean over ~1/25 of the run on top."""
+    import pandas as pd
+
+    from cytoray.figures import figure
+
+    ncols = min(len(names), 3)
+    nrows = math.ceil(len(names) / ncols)
+    fig, axes = figure((4.4 * ncols, 2.7 * nrows), nrows, ncols, squeeze=False)
+    window = max(1, len(steps) // 25)
+    for ax, (key, title) in zip(axes.flat, names.items()):
+        v = columns[key]
+        ax.plot(steps, v, lw=0.7, alpha=0.5 if window > 1 else 1.0, color="tab:blue")
+        if window > 1:
+            ax.plot(steps, pd.Series(v).rolling(window, min_periods=1).mean(), lw=1.5, color="tab:blue")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return f"<img alt='{html.escape(', '.join(names))}' src='{png_uri(fig)}'>" + _stats(names, columns)
+
+
+def _probe(rows: list[dict]) -> str:
+    """One panel per metric, a line per manifest/method; the balanced-accuracy table below."""
+    from cytoray.figures import figure
+
+    series = sorted({(r["manifest"], r["method"]) for r in rows})
+    value = {(int(r["step"]), r["manifest"], r["method"], k): _number(r.get(k)) for r in rows for k in PROBE_METRICS}
+    steps = sorted({int(r["step"]) for r in rows})
+    fig, axes = figure((4.4 * len(PROBE_METRICS), 3.2), 1, len(PROBE_METRICS), squeeze=False)
+    for ax, metric in zip(axes.flat, PROBE_METRICS):
+        for manifest, method in series:
+            xs = [s for s in steps if (s, manifest, method, metric) in value]
+            ax.plot(xs, [value[(s, manifest, method, metric)] for s in xs], marker="o", ms=3,
+                    label=f"{manifest}/{method}")
+        ax.set_title(metric.replace("_", " "), fontsize=10)
+        ax.set_xlabel("checkpoint step", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    axes.flat[-1].legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
+    cells = [[s] + [f"{value.get((s, m, k, 'balanced_accuracy'), math.nan):.3f}" for m, k in series] for s in steps]
+    return (f"<img alt='probe scores' src='{png_uri(fig)}'><p class='note'>Balanced accuracy per checkpoint "
+            f"(every metric: <code>{validation.EVAL_DIR}/{validation.RESULTS_CSV}</code>)</p>"
+            + table(["step"] + [f"{m}/{k}" for m, k in series], cells))
+
+
+def _header(run_uri: str, cfg: dict, steps: np.ndarray) -> str:
+    model, train = cfg.get("model") or {}, cfg.get("train") or {}
+    total, max_steps = model.get("total_iters"), train.get("max_steps")
+    end = min(total, max_steps) if total and max_steps else total
+    workers = train.get("num_workers")
+    batch = model.get("global_batch_size") or (
+        model["batch_size_per_device"] * workers if isinstance(workers, int) and "batch_size_per_device" in model
+        else None)
+    rows = [["run", (cfg.get("run") or {}).get("name", "?")], ["directory", run_uri],
+            ["preset", cfg.get("preset", "?")], ["backbone", (model.get("vit") or {}).get("arch", "?")],
+            ["steps", f"{int(steps.max()) + 1 if len(steps) else 0} of {end if end else '?'}"],
+            ["workers", f"{workers[0]}-{workers[1]} (elastic)" if isinstance(workers, list) else workers],
+            ["global batch", batch if batch else "?"], ["written", time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                                                                 time.gmtime())]]
+    return table(["", ""], rows)
+
+
+def build_training_report(run_uri: str, storage_cfg=None) -> str:
+    import yaml
+
+    notes, cfg = [], {}
+    config_uri = storage.join_uri(run_uri, "config.yaml")
+    if not storage.exists(config_uri, storage_cfg):
+        notes.append(f"{config_uri} does not exist")
+    else:
+        try:
+            cfg = yaml.safe_load(storage.read_bytes(config_uri, storage_cfg)) or {}
+        except yaml.YAMLError as exc:
+            notes.append(f"{config_uri} is not valid yaml: {str(exc).splitlines()[0]}")
+    steps, columns, note = read_metrics(storage.join_uri(run_uri, CSV_NAME), storage_cfg)
+    notes += [note] if note else []
+    probe_rows = validation.read_results_table(run_uri, storage_cfg)
+    try:
+        probe = _probe(probe_rows) if probe_rows else ("<p class='note'>no per-checkpoint probe in this run "
+                                                       "(<code>eval.manifests</code> turns it on)</p>")
+    except (KeyError, TypeError, ValueError) as exc:
+        problem = f"{validation.EVAL_DIR}/{validation.RESULTS_CSV} of {run_uri} is malformed ({exc!r})"
+        log.warning("training report: %s", problem)
+        probe = f"<p class='note'>{html.escape(problem)}</p>"
+    for n in notes:
+        log.warning("training report: %s", n)
+
+    def section(key, title, names, empty):
+        names = {k: v for k, v in names.items() if k in columns}
+        body = _curves(steps, columns, names) if names and len(steps) else f"<p class='note'>{empty}</p>"
+        return f"<section id='{key}'><h2>{title}</h2>{body}</section>"
+
+    losses = {k: k for k in ["loss"] + sorted(k for k in columns if k.endswith("_loss"))}
+    shown = set(losses) | set(SCHEDULES) | set(THROUGHPUT)
+    name = (cfg.get("run") or {}).get("name", "?")
+    parts = [f"<h1>cytoray training: {html.escape(str(name))}</h1>", RENDER_CHECK,
+             "".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes),
+             f"<section id='run'><h2>Run</h2>{_header(run_uri, cfg, steps)}</section>",
+             section("losses", "Loss terms", losses, "no loss values in metrics.csv"),
+             f"<section id='probe'><h2>Probe score per checkpoint</h2>{probe}</section>",
+             section("schedules", "Schedules", SCHEDULES, "no schedule values in metrics.csv"),
+             section("throughput", "Throughput and data wait", THROUGHPUT, "no throughput values in metrics.csv"),
+             section("other", "Other per-step metrics", {k: k for k in columns if k not in shown},
+                     "no other metrics in metrics.csv")]
+    return page(f"cytoray training: {name}", "".join(parts))
+
+
+def write_training_report(run_uri: str, storage_cfg=None) -> str:
+    """Write ``<run>/training.html`` (local or object storage); returns its URI."""
+    uri = storage.join_uri(run_uri, REPORT_NAME)
+    storage.write_bytes(uri, build_training_report(run_uri, storage_cfg).encode(), storage_cfg)
+    return uri
