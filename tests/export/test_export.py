@@ -37,9 +37,13 @@ def _model(arch="vit_debug", **cfg):
     return m.eval()
 
 
-def _checkpoint(tmp_path, model, name="model.pth"):
+def _checkpoint(tmp_path, model, name="model.pth", hub=False):
+    """A cytoray export of ``model``; ``hub``: a flat DINOv2 hub-style state dict (settings read off the tensors)."""
     path = str(tmp_path / name)
-    export_dinobloom(model, path, extra=META)
+    if hub:
+        torch.save(model.state_dict(), path)
+    else:
+        export_dinobloom(model, path, extra=META)
     return path
 
 
@@ -62,22 +66,25 @@ def swiglu_arch(monkeypatch):
 
 
 # (case, ViT options, input sizes checked, model class): the stored grid is 8x8 (64 px). transformers resizes the
-# pos_embed to the exact grid, bicubic (with registers: antialiased), which is cytoray's offset-0 resize.
+# pos_embed to the exact grid, bicubic (with registers: antialiased), which is cytoray's offset-0 resize; the
+# registers case is a DINOv2 hub-style file, which load_model runs as DINOv2's _reg models (offset 0, antialiased).
 HF_CASES = [
     ("plain", {}, [(64, 64)], "Dinov2Model"),
-    ("registers", dict(num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True),
-     [(64, 64), (96, 96), (40, 40), (64, 96)], "Dinov2WithRegistersModel"),
+    ("registers", dict(num_register_tokens=4), [(64, 64), (96, 96), (40, 40), (64, 96)], "Dinov2WithRegistersModel"),
     ("swiglu", {}, [(64, 64)], "Dinov2Model"),
     ("other sizes", dict(interpolate_offset=0.0), [(96, 96), (48, 48), (64, 96)], "Dinov2Model"),
 ]
 
 
 @pytest.mark.parametrize("case,options,sizes,cls_name", HF_CASES, ids=[c[0] for c in HF_CASES])
-def test_transformers_loads_the_export_with_cytorays_features(tmp_path, swiglu_arch, case, options, sizes,
-                                                               cls_name):
+def test_transformers_loads_the_export_with_cytorays_features(tmp_path, request, case, options, sizes, cls_name):
     transformers = pytest.importorskip("transformers")
-    model = _model(swiglu_arch if case == "swiglu" else "vit_debug", **options)
-    out = export_model(_checkpoint(tmp_path, model), str(tmp_path / "out"), ["hf"])["hf"]
+    model = _model(request.getfixturevalue("swiglu_arch") if case == "swiglu" else "vit_debug", **options)
+    source = _checkpoint(tmp_path, model, hub=case == "registers")
+    if case == "registers":
+        model = load_model(source)[0].eval()
+        assert (model.cfg.interpolate_offset, model.cfg.interpolate_antialias) == (0.0, True)
+    out = export_model(source, str(tmp_path / "out"), ["hf"])["hf"]
     assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
     hf, info = transformers.AutoModel.from_pretrained(out, output_loading_info=True)
     assert type(hf).__name__ == cls_name
@@ -174,6 +181,12 @@ def test_timm_loads_the_export_with_cytorays_features(tmp_path, swiglu_arch, cas
         with torch.no_grad():
             assert _rel(t.forward_features(x), ref) <= 1e-5
             assert _rel(t(x), ref[:, 0]) <= 1e-5  # num_classes=0: the pooled CLS token
+    if case == "registers":  # offset 0, antialiased: timm's dynamic resize is cytoray's at every size
+        dynamic = timm.create_model(f"local-dir:{out}", pretrained=True, dynamic_img_size=True).eval()
+        for h, w in [(96, 96), (40, 40), (64, 96)]:
+            x = torch.randn(2, 3, h, w)
+            with torch.no_grad():
+                assert _rel(dynamic.forward_features(x), _tokens(model, x)) <= 1e-5, (h, w)
     assert tuple(timm.data.resolve_data_config({}, model=by_dir)["mean"]) == PRE.mean
 
 
