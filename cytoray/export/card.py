@@ -23,7 +23,8 @@ def model_card(fmt: str, spec: BackboneSpec, pre: Preprocess, meta: dict, source
                formats: list[str]) -> str:
     """README.md for the ``fmt`` folder of an export of ``source`` (``formats``: every folder written with it)."""
     synthetic = bool(run.synthetic_datasets)
-    parts = [front_matter(fmt, synthetic), title(spec, meta, source, run, fmt), architecture(spec, pre),
+    preset = meta.get("preset") or (run.config or {}).get("preset")
+    parts = [front_matter(fmt, synthetic), title(spec, meta, source, run, fmt), architecture(spec, pre, preset),
              training(meta, run), data(run), probes(meta, run), limits(spec, synthetic),
              how_to_load(fmt, spec, formats)]
     return "\n\n".join(parts) + "\n"
@@ -52,9 +53,10 @@ def title(spec: BackboneSpec, meta: dict, source: str, run: RunRecord, fmt: str)
             f"datasets' terms allow before publishing.")
 
 
-def architecture(spec: BackboneSpec, pre: Preprocess) -> str:
+def architecture(spec: BackboneSpec, pre: Preprocess, preset: str | None) -> str:
     ffn = f"SwiGLU ({spec.ffn_hidden} hidden)" if spec.swiglu else f"MLP ({spec.ffn_hidden} hidden, GELU)"
-    rows = [("Architecture (preset)", f"{spec.arch}, patch {spec.patch_size}"),
+    rows = [("Architecture", f"{spec.arch}, patch {spec.patch_size}"),
+            ("Preset", preset or "not recorded"),
             ("Parameters", f"{spec.num_params:,} ({spec.num_params / 1e6:.1f} M)"),
             ("Embedding dim / depth / heads", f"{spec.embed_dim} / {spec.depth} / {spec.num_heads}"),
             ("FFN", ffn),
@@ -80,7 +82,7 @@ def training(meta: dict, run: RunRecord) -> str:
         batch = m["batch_size_per_device"] * workers
     g, loc = a.get("global_crops") or {}, a.get("local_crops") or {}
     obj = m.get("objective") or {}
-    rows = [("Run", f"`{run.uri}`"), ("Preset", str(c.get("preset"))),
+    rows = [("Run", f"`{run.uri}`"),
             ("Steps", f"{meta.get('step', '?')} (schedules span {m.get('total_iters')} steps"
                       + (f"; the run stops at {t['max_steps']})" if t.get("max_steps") else ")")),
             ("Global batch", f"{batch} images per step" if batch else "unknown"),

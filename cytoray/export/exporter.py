@@ -45,7 +45,7 @@ def _listing(uri: str, storage_cfg) -> list[str] | None:
     if not storage.exists(uri, storage_cfg):
         return None
     if storage.with_retries(lambda: fs.isfile(path), storage_cfg, f"stat {uri}"):
-        raise UserError(f"{uri} is a file, not a folder; choose another --out")
+        raise UserError(f"{uri} is a file where a folder is expected; point the path at a folder")
     return storage.with_retries(lambda: fs.ls(path, detail=False), storage_cfg, f"list {uri}")
 
 
@@ -63,7 +63,8 @@ def export_model(checkpoint: str, out_uri: str, formats: Iterable[str] = FORMATS
                 raise UserError(f"{uri} is not empty; pass --overwrite to replace it, or choose another --out")
             stale.append(uri)
     if not storage.exists(checkpoint, storage_cfg):
-        raise CheckpointError(f"checkpoint {checkpoint} does not exist")
+        raise CheckpointError(f"checkpoint {checkpoint} does not exist; pass a cytoray training checkpoint "
+                              "directory or export, or a DINOv2 / DinoBloom .pth file")
     if run is not None and not storage.exists(run, storage_cfg):
         raise UserError(f"run directory {run} does not exist; pass the folder that holds the run's config.yaml")
     model, meta = load_model(checkpoint, storage_cfg)

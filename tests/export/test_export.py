@@ -203,9 +203,9 @@ def test_dinobloom_export_round_trips_through_load_model(tmp_path):
 
 
 def _fake_run(tmp_path):
-    """A run directory as pretraining leaves it (config.yaml, eval/results.csv, a teacher export) and the
-    curation beside it (summary.json and config.yaml of a synthetic collection), written by the real writers where
-    they are callable without training."""
+    """A run directory as pretraining leaves it (config.yaml, eval/results.csv) and the curation beside it
+    (summary.json, and a config.yaml naming one dataset of a synthetic collection), written by the real writers
+    where they are callable without training."""
     from cytoray.platform.config import load_pretrain_config
 
     curate, data, run = tmp_path / "curate", tmp_path / "data", str(tmp_path / "runs" / "r1")
@@ -242,15 +242,15 @@ def _fake_run(tmp_path):
 def test_model_card_reports_the_run(tmp_path):
     run = _fake_run(tmp_path)
     model = _model()
-    os.makedirs(f"{run}/exports")
-    written = export_model(_checkpoint(tmp_path, model, f"runs/r1/exports/teacher_{2:08d}.pth"),
-                           str(tmp_path / "out"))  # the run is found from the checkpoint's place
+    checkpoint = f"{run}/exports/teacher_00000002.pth"
+    export_dinobloom(model, checkpoint, extra=META)
+    written = export_model(checkpoint, str(tmp_path / "out"))  # the run is found from the checkpoint's place
     cards = {fmt: open(os.path.join(uri, "README.md")).read() for fmt, uri in written.items()}
     assert cards["hf"].startswith("---\nlibrary_name: transformers\nlicense: other  # placeholder")
     assert cards["timm"].startswith("---\nlibrary_name: timm\n") and "library_name" not in cards["dinobloom"]
     card = cards["hf"]
     for text in [f"| Parameters | {describe(model).num_params:,} (0.1 M) |", "| Embedding dim / depth / heads | 64 / 2 / 2 |",
-                 "| Register tokens | 0 |", "| Steps | 2 (schedules span 300 steps) |",
+                 "| Register tokens | 0 |", "| Preset | debug |", f"| Run | `{run}` |", "| Steps | 2 (schedules span 300 steps) |",
                  "| Global batch | 64 images per step |", "base lr 0.001 (scaling: none)",
                  "2 global 64 px (scale [0.32, 1.0]), 2 local 32 px", "| Seed / workers | 7 / 2 |",
                  "| acevedo (synthetic) | 123 | 120 | 60 | 120 |", "| lab | 83 | 80 | 40 | 80 |",
@@ -281,7 +281,7 @@ def test_model_card_says_what_is_missing(tmp_path):
     assert f"`{bare}` has no config.yaml" in card and f"`{bare}` has no eval/results.csv" in card
 
 
-def test_export_run_exports_the_final_training_checkpoint(tmp_path):
+def test_export_run_exports_the_final_training_checkpoint(tmp_path, capsys):
     """A real sharded checkpoint (the training loop's save_sharded, in one process) beats an older export."""
     from cytoray.platform import checkpointing
     from cytoray.platform.config import load_preset
@@ -309,6 +309,8 @@ def test_export_run_exports_the_final_training_checkpoint(tmp_path):
     assert export_run(run, formats=["dinobloom"]) == {"dinobloom": f"{run}/exports/final/dinobloom"}  # reruns replace
     export_dinobloom(_model(), f"{run}/exports/teacher_00000004.pth", extra=META)
     assert final_checkpoint(run) == f"{run}/exports/teacher_00000004.pth"  # same step: the single file
+    code, stdout, _ = _recipe(["--run", run, "--format", "timm", "--overwrite"], capsys)
+    assert code == 0 and stdout.splitlines() == [f"timm: {run}/exports/final/timm"]
 
 
 def test_export_to_object_storage(tmp_path, s3):
@@ -341,7 +343,7 @@ def test_recipe_prints_one_line_per_format_and_fails_in_one_line(tmp_path, capsy
     assert code == 1 and err[0] == f"cytoray: error: {out}/hf is not empty; pass --overwrite to replace it, or " \
                                    "choose another --out"
     code, _, err = _recipe(["--checkpoint", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "o2")], capsys)
-    assert code == 1 and err[0] == f"cytoray: error: checkpoint {tmp_path / 'nope.pth'} does not exist"
+    assert code == 1 and err[0].startswith(f"cytoray: error: checkpoint {tmp_path / 'nope.pth'} does not exist; pass")
     code, _, err = _recipe(["--out", out], capsys)
     assert code == 1 and "--run RUN_DIR" in err[0]
 
