@@ -7,7 +7,7 @@ The architecture is one of timm's DINOv2 entry points (``vit_{small,base,large,g
 always: the stored pos_embed grid; width, depth, heads, patch for cytoray's other archs, e.g. vit_debug).
 Tensors differ from DINOv2's names only where timm's converter (``_convert_dinov2``) changes them:
 
-- no ``mask_token`` (timm has none);
+- no ``mask_token`` (timm has none); without LayerScale, ``ls1.gamma`` = ``ls2.gamma`` = 1;
 - SwiGLU ``mlp.w12`` / ``mlp.w3`` -> ``mlp.fc1`` / ``mlp.fc2`` (timm's ``SwiGLUPacked``: fc1 = [gate; up]);
 - with registers (timm ``no_embed_class=True``): ``reg_token`` = register_tokens, ``cls_token`` = cls_token +
   pos_embed[:, 0], ``pos_embed`` = pos_embed[:, 1:] (1, N, D) — the same sums, as the CLS position is never resized.
@@ -42,6 +42,9 @@ SIZES = {"vit_small": "small", "vit_base": "base", "vit_large": "large", "vit_gi
 def timm_state_dict(model: VisionTransformer) -> dict[str, torch.Tensor]:
     """The backbone's tensors under timm's names and layouts (on the model's device)."""
     sd = {k: v for k, v in model.state_dict().items() if k != "mask_token"}
+    ones = torch.ones_like(sd["norm.weight"])
+    sd.update({f"blocks.{i}.ls{n}.gamma": ones for i in range(model.n_blocks) for n in (1, 2)
+               if f"blocks.{i}.ls{n}.gamma" not in sd})  # timm's DINOv2 models always have LayerScale
     if "register_tokens" in sd:
         sd["reg_token"] = sd.pop("register_tokens")
         sd["cls_token"] = sd["cls_token"] + sd["pos_embed"][:, :1]
@@ -55,8 +58,10 @@ def timm_architecture(spec: BackboneSpec, input_size: int | None = None) -> tupl
     size = "giant" if spec.swiglu else SIZES.get(spec.arch, "small")
     name = f"vit_{size}_patch14_{'reg4_' if spec.num_register_tokens else ''}dinov2"
     base = TIMM_ARCHS[name]
+    # init_values only sets LayerScale's init (the weights overwrite it); without LayerScale gamma = 1 is exported,
+    # as timm drops None model args
     needed = dict(patch_size=spec.patch_size, embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads,
-                  init_values=spec.layerscale or None)
+                  init_values=spec.layerscale or base["init_values"])
     if spec.num_register_tokens:
         needed["reg_tokens"] = spec.num_register_tokens
     if spec.swiglu and int(spec.embed_dim * base["mlp_ratio"]) != 2 * spec.ffn_hidden:

@@ -30,7 +30,7 @@ META = {"step": 2, "preset": "debug", "preprocess": PRE.record()}
 def _model(arch="vit_debug", **cfg):
     """A small backbone with every tensor non-trivial (LayerScale, tokens, pos_embed)."""
     torch.manual_seed(0)
-    m = vit.build_vit(vit.ViTConfig(arch=arch, patch_size=8, img_size=64, layerscale=0.1, **cfg))
+    m = vit.build_vit(vit.ViTConfig(arch=arch, patch_size=8, img_size=64, **{"layerscale": 0.1, **cfg}))
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -72,6 +72,7 @@ HF_CASES = [
     ("plain", {}, [(64, 64)], "Dinov2Model"),
     ("registers", dict(num_register_tokens=4), [(64, 64), (96, 96), (40, 40), (64, 96)], "Dinov2WithRegistersModel"),
     ("swiglu", {}, [(64, 64)], "Dinov2Model"),
+    ("no LayerScale", dict(layerscale=0.0), [(64, 64)], "Dinov2Model"),
     ("other sizes", dict(interpolate_offset=0.0), [(96, 96), (48, 48), (64, 96)], "Dinov2Model"),
 ]
 
@@ -164,11 +165,11 @@ def test_timm_names_other_archs_by_their_model_args(swiglu_arch):
 
 
 @pytest.mark.timm
-@pytest.mark.parametrize("case", ["plain", "registers", "swiglu"])
+@pytest.mark.parametrize("case", ["plain", "registers", "swiglu", "no LayerScale"])
 def test_timm_loads_the_export_with_cytorays_features(tmp_path, swiglu_arch, case):
     timm = pytest.importorskip("timm")
-    options = dict(num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True) \
-        if case == "registers" else {}
+    options = {"registers": dict(num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True),
+               "no LayerScale": dict(layerscale=0.0)}.get(case, {})
     model = _model(swiglu_arch if case == "swiglu" else "vit_debug", **options)
     out = export_model(_checkpoint(tmp_path, model), str(tmp_path / "out"), ["timm"])["timm"]
     cfg = json.load(open(os.path.join(out, "config.json")))
