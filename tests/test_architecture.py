@@ -11,7 +11,8 @@ ROOT = os.path.dirname(cytoray.__file__)
 
 # Which layer may import which. curation and eval sit side by side on features (neither imports the other);
 # training (platform) calls the validator, so it sits above eval, and never needs to know how a manifest was
-# curated; model code is a leaf over the shared base modules.
+# curated; model code is a leaf over the shared base modules. export sits on top (models, preprocessing, the
+# results table) and nothing imports it.
 ALLOWED = {
     "base": {"base"},
     "models": {"base", "models"},
@@ -20,8 +21,10 @@ ALLOWED = {
     "eval": {"base", "models", "features", "eval"},
     "platform": {"base", "models", "features", "eval", "platform"},
     "testing": {"base", "models", "features", "curation", "eval", "platform", "testing"},
+    "export": {"base", "models", "features", "eval", "export"},
 }
 LAYERS = [
+    ("export", lambda m: m.startswith("cytoray.export")),
     ("base", lambda m: m.count(".") == 1 and m not in ("cytoray.testing",)),
     ("models", lambda m: m.startswith("cytoray.platform.models")),
     ("features", lambda m: m.startswith("cytoray.features")),
@@ -82,6 +85,13 @@ def test_models_and_losses_import_neither_ray_nor_the_pipelines():
             assert not {t for t in targets if t.split(".")[0] == "ray"}, mod
             assert not {t for t in targets if t.startswith(("cytoray.curation", "cytoray.eval",
                                                                "cytoray.features"))}, mod
+
+
+def test_export_imports_no_ray():
+    graph = imports()
+    for mod, targets in graph.items():
+        if mod.startswith("cytoray.export"):
+            assert not {t for t in targets if t.split(".")[0] == "ray"}, mod
 
 
 def test_no_import_cycles_between_modules():

@@ -1,0 +1,369 @@
+"""Exports: transformers and timm load the backbone and give cytoray's features; the DinoBloom file round-trips;
+the model card reports what the run holds (and what it lacks); export_run on a real training checkpoint;
+the recipe's error lines."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+import yaml
+
+from cytoray import config, storage
+from cytoray.errors import UserError, run_recipe
+from cytoray.eval import validation
+from cytoray.export import export_model, export_run
+from cytoray.export.exporter import final_checkpoint, main
+from cytoray.export.spec import describe
+from cytoray.export.timm import timm_architecture, timm_state_dict
+from cytoray.features.preprocess import Preprocess
+from cytoray.platform.models import vit
+from cytoray.platform.models.checkpoints import CheckpointError, export_dinobloom, load_model
+
+PRE = Preprocess(size=64, mean=(0.7, 0.6, 0.5), std=(0.2, 0.25, 0.3))
+META = {"step": 2, "preset": "debug", "preprocess": PRE.record()}
+
+
+def _model(arch="vit_debug", **cfg):
+    """A small backbone with every tensor non-trivial (LayerScale, tokens, pos_embed)."""
+    torch.manual_seed(0)
+    m = vit.build_vit(vit.ViTConfig(arch=arch, patch_size=8, img_size=64, **{"layerscale": 0.1, **cfg}))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m.eval()
+
+
+def _checkpoint(tmp_path, model, name="model.pth", hub=False):
+    """A cytoray export of ``model``; ``hub``: a flat DINOv2 hub-style state dict (settings read off the tensors)."""
+    path = str(tmp_path / name)
+    if hub:
+        torch.save(model.state_dict(), path)
+    else:
+        export_dinobloom(model, path, extra=META)
+    return path
+
+
+def _tokens(model, x):
+    """(B, 1 + R + N, D): normalised CLS, register and patch tokens, in the libraries' order."""
+    with torch.no_grad():
+        f = model.forward_features(x)
+    return torch.cat([f["x_norm_clstoken"][:, None], f["x_norm_regtokens"], f["x_norm_patchtokens"]], dim=1)
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture
+def swiglu_arch(monkeypatch):
+    """A 2-block ViT with giant's SwiGLU FFN, small enough for CPU (vit_giant2 itself has 1.1 B parameters)."""
+    monkeypatch.setitem(vit.ARCHS, "vit_debug_swiglu", (64, 2, 2, "swiglu"))
+    return "vit_debug_swiglu"
+
+
+# (case, ViT options, input sizes checked, model class): the stored grid is 8x8 (64 px). transformers resizes the
+# pos_embed to the exact grid, bicubic (with registers: antialiased), which is cytoray's offset-0 resize; the
+# registers case is a DINOv2 hub-style file, which load_model runs as DINOv2's _reg models (offset 0, antialiased).
+HF_CASES = [
+    ("plain", {}, [(64, 64)], "Dinov2Model"),
+    ("registers", dict(num_register_tokens=4), [(64, 64), (96, 96), (40, 40), (64, 96)], "Dinov2WithRegistersModel"),
+    ("swiglu", {}, [(64, 64)], "Dinov2Model"),
+    ("no LayerScale", dict(layerscale=0.0), [(64, 64)], "Dinov2Model"),
+    ("other sizes", dict(interpolate_offset=0.0), [(96, 96), (48, 48), (64, 96)], "Dinov2Model"),
+]
+
+
+@pytest.mark.parametrize("case,options,sizes,cls_name", HF_CASES, ids=[c[0] for c in HF_CASES])
+def test_transformers_loads_the_export_with_cytorays_features(tmp_path, request, case, options, sizes, cls_name):
+    transformers = pytest.importorskip("transformers")
+    model = _model(request.getfixturevalue("swiglu_arch") if case == "swiglu" else "vit_debug", **options)
+    source = _checkpoint(tmp_path, model, hub=case == "registers")
+    if case == "registers":
+        model = load_model(source)[0].eval()
+        assert (model.cfg.interpolate_offset, model.cfg.interpolate_antialias) == (0.0, True)
+    out = export_model(source, str(tmp_path / "out"), ["hf"])["hf"]
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+    hf, info = transformers.AutoModel.from_pretrained(out, output_loading_info=True)
+    assert type(hf).__name__ == cls_name
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert hf.config.use_swiglu_ffn == (case == "swiglu") and hf.config.layer_norm_eps == 1e-6
+    hf.eval()
+    for h, w in sizes:
+        x = torch.randn(2, 3, h, w)
+        with torch.no_grad():
+            got = hf(pixel_values=x)
+        ref = _tokens(model, x)
+        assert got.last_hidden_state.shape == ref.shape
+        assert _rel(got.pooler_output, ref[:, 0]) <= 1e-5, (case, h, w)  # CLS
+        assert _rel(got.last_hidden_state, ref) <= 1e-5, (case, h, w)  # CLS, registers, patches
+
+
+def test_transformers_resizes_the_pos_embed_differently_from_dinov2s_offset(tmp_path):
+    """What docs/export.md states: cytoray's default offset 0.1 (DINOv2's) gives other features off the stored
+    grid than transformers' exact-grid resize; at the stored grid they are the same."""
+    transformers = pytest.importorskip("transformers")
+    model = _model()
+    out = export_model(_checkpoint(tmp_path, model), str(tmp_path / "out"), ["hf"])["hf"]
+    hf = transformers.Dinov2Model.from_pretrained(out).eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        diff = _rel(hf(pixel_values=x).last_hidden_state, _tokens(model, x))
+    assert 1e-4 < diff < 0.1
+    readme = open(os.path.join(out, "README.md")).read()
+    assert "identical to cytoray's at 64 px; at other sizes transformers resizes" in readme
+
+
+def test_transformers_image_processor_is_cytorays_preprocessing(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import numpy as np
+    from PIL import Image
+
+    out = export_model(_checkpoint(tmp_path, _model()), str(tmp_path / "out"), ["hf"])["hf"]
+    processor = transformers.AutoImageProcessor.from_pretrained(out, backend="pil")
+    rng = np.random.default_rng(0)
+    for shape in [(80, 80, 3), (50, 70, 3), (64, 64, 3)]:
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        got = processor(images=Image.fromarray(image), return_tensors="pt")["pixel_values"]
+        assert got.shape == (1, 3, 64, 64)
+        assert (got - PRE([image])).abs().max().item() < 1e-5
+
+
+# timm's VisionTransformer state dict for vit_small_patch14_dinov2 / _reg4_ at img_size=224, recorded from
+# timm/models/vision_transformer.py (timm 1.0.x): everything outside the blocks, and block 0 (blocks 1-11 alike).
+TIMM_SMALL = {"cls_token": (1, 1, 384), "pos_embed": (1, 257, 384), "patch_embed.proj.weight": (384, 3, 14, 14),
+              "patch_embed.proj.bias": (384,), "norm.weight": (384,), "norm.bias": (384,)}
+TIMM_SMALL_REG4 = {**TIMM_SMALL, "reg_token": (1, 4, 384), "pos_embed": (1, 256, 384)}
+TIMM_BLOCK = {"norm1.weight": (384,), "norm1.bias": (384,), "attn.qkv.weight": (1152, 384), "attn.qkv.bias": (1152,),
+              "attn.proj.weight": (384, 384), "attn.proj.bias": (384,), "ls1.gamma": (384,), "norm2.weight": (384,),
+              "norm2.bias": (384,), "mlp.fc1.weight": (1536, 384), "mlp.fc1.bias": (1536,),
+              "mlp.fc2.weight": (384, 1536), "mlp.fc2.bias": (384,), "ls2.gamma": (384,)}
+
+
+@pytest.mark.parametrize("registers,name,expected", [(0, "vit_small_patch14_dinov2", TIMM_SMALL),
+                                                     (4, "vit_small_patch14_reg4_dinov2", TIMM_SMALL_REG4)])
+def test_timm_layout_is_timms(registers, name, expected):
+    with torch.device("meta"):
+        model = vit.build_vit(vit.ViTConfig(arch="vit_small", num_register_tokens=registers))
+    sd = timm_state_dict(model)
+    want = dict(expected, **{f"blocks.{i}.{k}": s for i in range(12) for k, s in TIMM_BLOCK.items()})
+    assert {k: tuple(v.shape) for k, v in sd.items()} == want
+    assert timm_architecture(describe(model), 224) == (name, {"img_size": 224})
+
+
+def test_timm_names_other_archs_by_their_model_args(swiglu_arch):
+    spec = describe(_model(swiglu_arch, num_register_tokens=2))
+    name, args = timm_architecture(spec, 96)
+    assert name == "vit_giant_patch14_reg4_dinov2"
+    # timm's SwiGLUPacked hidden = int(dim * mlp_ratio) must be 2 x cytoray's per-branch width (176)
+    assert int(64 * args.pop("mlp_ratio")) == 2 * spec.ffn_hidden == 352
+    assert args == dict(patch_size=8, embed_dim=64, depth=2, num_heads=2, init_values=0.1, reg_tokens=2,
+                        img_size=64, dynamic_img_size=True)
+
+
+@pytest.mark.timm
+@pytest.mark.parametrize("case", ["plain", "registers", "swiglu", "no LayerScale"])
+def test_timm_loads_the_export_with_cytorays_features(tmp_path, swiglu_arch, case):
+    timm = pytest.importorskip("timm")
+    options = {"registers": dict(num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True),
+               "no LayerScale": dict(layerscale=0.0)}.get(case, {})
+    model = _model(swiglu_arch if case == "swiglu" else "vit_debug", **options)
+    out = export_model(_checkpoint(tmp_path, model), str(tmp_path / "out"), ["timm"])["timm"]
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    by_file = timm.create_model(cfg["architecture"], pretrained=True, **cfg["model_args"],
+                                pretrained_cfg_overlay=dict(file=os.path.join(out, "model.safetensors")))
+    by_dir = timm.create_model(f"local-dir:{out}", pretrained=True)
+    x = torch.randn(2, 3, 64, 64)
+    ref = _tokens(model, x)
+    for t in (by_file.eval(), by_dir.eval()):
+        with torch.no_grad():
+            assert _rel(t.forward_features(x), ref) <= 1e-5
+            assert _rel(t(x), ref[:, 0]) <= 1e-5  # num_classes=0: the pooled CLS token
+    if case == "registers":  # offset 0, antialiased: timm's dynamic resize is cytoray's at every size
+        dynamic = timm.create_model(f"local-dir:{out}", pretrained=True, dynamic_img_size=True).eval()
+        for h, w in [(96, 96), (40, 40), (64, 96)]:
+            x = torch.randn(2, 3, h, w)
+            with torch.no_grad():
+                assert _rel(dynamic.forward_features(x), _tokens(model, x)) <= 1e-5, (h, w)
+    assert tuple(timm.data.resolve_data_config({}, model=by_dir)["mean"]) == PRE.mean
+
+
+def test_dinobloom_export_round_trips_through_load_model(tmp_path):
+    model = _model(num_register_tokens=4)
+    out = export_model(_checkpoint(tmp_path, model), str(tmp_path / "out"), ["dinobloom"])["dinobloom"]
+    assert sorted(os.listdir(out)) == ["README.md", "model.pth"]
+    back, meta = load_model(os.path.join(out, "model.pth"))
+    assert back.cfg == model.cfg and {k: meta[k] for k in META} == META
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    raw = torch.load(os.path.join(out, "model.pth"), weights_only=True)
+    assert set(raw) == {"teacher", "cytoray"} and all(k.startswith("backbone.") for k in raw["teacher"])
+
+
+def _fake_run(tmp_path):
+    """A run directory as pretraining leaves it (config.yaml, eval/results.csv) and the curation beside it
+    (summary.json, and a config.yaml naming one dataset of a synthetic collection), written by the real writers
+    where they are callable without training."""
+    from cytoray.platform.config import load_pretrain_config
+
+    curate, data, run = tmp_path / "curate", tmp_path / "data", str(tmp_path / "runs" / "r1")
+    cfg = load_pretrain_config([f"data.manifest_uri={curate}/manifest.parquet", "run.name=r1",
+                                f"run.storage_path={tmp_path / 'runs'}", "train.num_workers=2", "train.seed=7"],
+                               "debug")
+    config.save_config(cfg, run)
+    for step, acc in [(1, 0.5), (2, 0.75)]:
+        results = [{"images": 40, "methods": {m: {"accuracy": acc, "balanced_accuracy": acc, "weighted_f1": acc}
+                                              for m in ("linear", "knn20")}}]
+        rows = validation.table_rows(step, f"{run}/checkpoint_{step:08d}", results, ["acevedo"])
+        storage.write_bytes(f"{run}/eval/checkpoint_{step:08d}.json", json.dumps({"rows": rows}).encode())
+    validation.write_results_table(run)
+    os.makedirs(data / "acevedo")
+    (data / "ground_truth.parquet").write_bytes(b"")  # the synthetic collection's ground truth sits beside its datasets
+    storage.write_bytes(f"{curate}/config.yaml", yaml.safe_dump(
+        {"datasets": [{"name": "acevedo", "uri": str(data / "acevedo")}, {"name": "lab", "uri": "/elsewhere/lab"}]}
+    ).encode())
+    per = {name: {"input_files": n + 3, "quarantined_files": 1, "kept_files": n + 2, "images": n + 2, "kept": n,
+                  "sampled_images": n // 2, "samples_per_epoch": n} for name, n in [("acevedo", 120), ("lab", 80)]}
+    summary = {"datasets": per, "total": {"input_files": 206, "quarantined_files": 2, "kept": 200, "sampled_images": 100,
+                                          "samples_per_epoch": 200, "exact_duplicates": 3, "near_duplicates": 1,
+                                          "leakage": 2},
+               "embedder": "handcrafted", "dedup_threshold": 0.985, "leakage_threshold": 0.975,
+               "eval_manifests": ["eval.parquet"],
+               "balance": {"enabled": True, "target_size": 200, "max_repeat": 4, "groups_from": "dataset",
+                           "top_cluster_column": "cluster_l3",
+                           "before": {"largest_dataset_share": 0.6, "knn_dataset_mixing": 0.31},
+                           "after": {"largest_dataset_share": 0.5, "knn_dataset_mixing": 0.44}}}
+    storage.write_bytes(f"{curate}/summary.json", json.dumps(summary).encode())
+    return run
+
+
+def test_model_card_reports_the_run(tmp_path):
+    run = _fake_run(tmp_path)
+    model = _model()
+    checkpoint = f"{run}/exports/teacher_00000002.pth"
+    export_dinobloom(model, checkpoint, extra=META)
+    written = export_model(checkpoint, str(tmp_path / "out"))  # the run is found from the checkpoint's place
+    cards = {fmt: open(os.path.join(uri, "README.md")).read() for fmt, uri in written.items()}
+    assert cards["hf"].startswith("---\nlibrary_name: transformers\nlicense: other  # placeholder")
+    assert cards["timm"].startswith("---\nlibrary_name: timm\n") and "library_name" not in cards["dinobloom"]
+    card = cards["hf"]
+    for text in [f"| Parameters | {describe(model).num_params:,} (0.1 M) |", "| Embedding dim / depth / heads | 64 / 2 / 2 |",
+                 "| Register tokens | 0 |", "| Preset | debug |", f"| Run | `{run}` |", "| Steps | 2 (schedules span 300 steps) |",
+                 "| Global batch | 64 images per step |", "base lr 0.001 (scaling: none)",
+                 "2 global 64 px (scale [0.32, 1.0]), 2 local 32 px", "| Seed / workers | 7 / 2 |",
+                 "| acevedo (synthetic) | 123 | 120 | 60 | 120 |", "| lab | 83 | 80 | 40 | 80 |",
+                 "3 exact and 1 near duplicates", "2 images dropped as too close to the evaluation sets",
+                 "largest dataset share 0.60 -> 0.50, kNN dataset mixing 0.31 -> 0.44",
+                 "Balanced accuracy of frozen features on labelled manifests (acevedo)",
+                 "The exported checkpoint is step 2.", "**Not for diagnosis**", "**Synthetic data.**",
+                 "mean [0.7, 0.6, 0.5], std [0.2, 0.25, 0.3]", "AutoModel.from_pretrained", "timm.create_model",
+                 'load_model("model.pth")', "  - synthetic-data"]:
+        assert text in card, text
+    table = card[card.index("    step"):]
+    assert "       1                  0.500                  0.500" in table
+    assert "       2                  0.750                  0.750" in table
+    assert cards["timm"].index("### timm (this folder") < cards["timm"].index("### transformers (the `hf` folder")
+
+
+def test_model_card_says_what_is_missing(tmp_path):
+    out = export_model(_checkpoint(tmp_path, _model()), str(tmp_path / "out"), ["hf"])["hf"]
+    card = open(os.path.join(out, "README.md")).read()
+    assert "Not recorded: no run directory was given or found next to it" in card
+    assert "Not recorded: the training manifest is unknown" in card
+    assert "No probe results: no run directory was given or found" in card
+    assert "Synthetic data" not in card and "synthetic-data" not in card and "### timm" not in card
+    bare = tmp_path / "bare_run"
+    bare.mkdir()
+    out = export_model(_checkpoint(tmp_path, _model()), str(tmp_path / "out2"), ["dinobloom"], run=str(bare))
+    card = open(os.path.join(out["dinobloom"], "README.md")).read()
+    assert f"`{bare}` has no config.yaml" in card and f"`{bare}` has no eval/results.csv" in card
+
+
+def test_export_run_exports_the_final_training_checkpoint(tmp_path, capsys):
+    """A real sharded checkpoint (the training loop's save_sharded, in one process) beats an older export."""
+    from cytoray.platform import checkpointing
+    from cytoray.platform.config import load_preset
+    from cytoray.platform.objective import DINOv2Objective
+    from cytoray.platform.step import build_optimizer
+
+    torch.manual_seed(0)
+    p = load_preset("debug")
+    objective = DINOv2Objective(p.vit, p.objective)
+    optimizer = build_optimizer(objective, p.optim.layer_decay, p.optim.patch_embed_lr_mult)
+    run = str(tmp_path / "run")
+    os.makedirs(f"{run}/checkpoint_00000004")
+    checkpointing.save_sharded(f"{run}/checkpoint_00000004", objective, optimizer,
+                               {"step": 4, "global_batch": 8, "seed": 0, "preset": "debug", "vit": asdict(p.vit),
+                                "preprocess": PRE.record()}, rank=0)
+    export_dinobloom(_model(), f"{run}/exports/teacher_00000002.pth", extra=META)  # older: not chosen
+    assert final_checkpoint(run) == f"{run}/checkpoint_00000004"
+    written = export_run(run, formats=["dinobloom", "hf"])
+    assert written == {"dinobloom": f"{run}/exports/final/dinobloom", "hf": f"{run}/exports/final/hf"}
+    back, meta = load_model(f"{run}/exports/final/dinobloom/model.pth")
+    teacher = objective.teacher["backbone"]
+    assert meta["step"] == 4 and meta["preprocess"] == PRE.record()
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    assert export_run(run, formats=["dinobloom"]) == {"dinobloom": f"{run}/exports/final/dinobloom"}  # reruns replace
+    export_dinobloom(_model(), f"{run}/exports/teacher_00000004.pth", extra=META)
+    assert final_checkpoint(run) == f"{run}/exports/teacher_00000004.pth"  # same step: the single file
+    code, stdout, _ = _recipe(["--run", run, "--format", "timm", "--overwrite"], capsys)
+    assert code == 0 and stdout.splitlines() == [f"timm: {run}/exports/final/timm"]
+
+
+def test_export_to_object_storage(tmp_path, s3):
+    model = _model()
+    out = "s3://cytoray-test/exports/m1"
+    written = export_model(_checkpoint(tmp_path, model), out, ["hf", "dinobloom"], storage_cfg=s3)
+    fs, path = storage.filesystem(out, s3)
+    assert sorted(os.path.basename(f) for f in fs.ls(f"{path}/hf", detail=False)) == [
+        "README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+    back, _ = load_model(f"{written['dinobloom']}/model.pth", s3)
+    assert torch.equal(back.pos_embed, model.pos_embed)
+    with pytest.raises(UserError, match=f"{out}/hf is not empty; pass --overwrite"):
+        export_model(_checkpoint(tmp_path, model), out, ["hf"], storage_cfg=s3)
+
+
+def _recipe(argv, capsys):
+    code = run_recipe(main, argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip().splitlines()
+
+
+def test_recipe_prints_one_line_per_format_and_fails_in_one_line(tmp_path, capsys):
+    ckpt, out = _checkpoint(tmp_path, _model()), str(tmp_path / "out")
+    code, stdout, _ = _recipe(["--checkpoint", ckpt, "--out", out, "--format", "hf,dinobloom"], capsys)
+    assert code == 0 and stdout.splitlines() == [f"hf: {out}/hf", f"dinobloom: {out}/dinobloom"]
+
+    code, _, err = _recipe(["--checkpoint", ckpt, "--out", out, "--format", "onnx"], capsys)
+    assert code == 1 and err[0] == "cytoray: error: unknown export format 'onnx'; choose from hf, timm, dinobloom"
+    code, _, err = _recipe(["--checkpoint", ckpt, "--out", out, "--format", "hf"], capsys)
+    assert code == 1 and err[0] == f"cytoray: error: {out}/hf is not empty; pass --overwrite to replace it, or " \
+                                   "choose another --out"
+    code, _, err = _recipe(["--checkpoint", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "o2")], capsys)
+    assert code == 1 and err[0].startswith(f"cytoray: error: checkpoint {tmp_path / 'nope.pth'} does not exist; pass")
+    code, _, err = _recipe(["--out", out], capsys)
+    assert code == 1 and "--run RUN_DIR" in err[0]
+
+    stale = os.path.join(out, "hf", "stale.bin")
+    open(stale, "w").close()
+    code, stdout, _ = _recipe(["--checkpoint", ckpt, "--out", out, "--format", "hf", "--overwrite"], capsys)
+    assert code == 0 and stdout.splitlines() == [f"hf: {out}/hf"] and not os.path.exists(stale)
+
+
+def test_bad_checkpoint_is_a_checkpoint_error(tmp_path):
+    bad = tmp_path / "bad.pth"
+    torch.save({"weights": torch.zeros(1)}, bad)
+    with pytest.raises(CheckpointError, match="unrecognised layout"):
+        export_model(str(bad), str(tmp_path / "out"), ["hf"])
+
+
+def test_export_package_imports_without_ray():
+    import cytoray
+
+    code = "import sys, cytoray.export.exporter; assert 'ray' not in sys.modules, 'ray imported'"
+    root = os.path.dirname(os.path.dirname(cytoray.__file__))
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": root})
