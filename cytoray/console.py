@@ -26,8 +26,12 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+
+from cytoray import errors
 
 MARKER = "[cytoray] "
+SAID = "\x1e"  # ASCII record separator: starts each line of say() in the pipe
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # Ray's prefix on forwarded worker lines, e.g. "(RayTrainWorker pid=6832, ip=10.0.0.2) "
 WORKER_PREFIX = re.compile(r"^\((?P<who>[^()]*?)(?: pid=\d+)?(?:, ip=[^)]*)?\) ")
@@ -52,6 +56,26 @@ HARMLESS = [re.compile(p) for p in (
 )]
 
 _active: Console | None = None
+
+
+def run_recipe(main: Callable[[list[str]], object], argv: list[str] | None = None) -> int:
+    """Run a recipe's ``main(argv)`` with its output filtered into a run log; a user error becomes one line on
+    stderr and exit status 1."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("CYTORAY_DEBUG", "") not in ("", "0")
+    verbose = True if "--verbose" in argv else None
+    argv = [a for a in argv if a not in ("--debug", "--verbose")]
+    try:
+        with capture(verbose=verbose):
+            main(argv)
+    except Exception as exc:
+        found = errors.find_user_error(exc)
+        if found is None or debug:
+            raise
+        print(f"cytoray: error: {found}".replace("\n", " "), file=sys.stderr)
+        print("cytoray: (rerun with --debug or CYTORAY_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def say(message: str = "") -> None:
@@ -143,9 +167,10 @@ class Console:
                 stream.flush()
         for fd, saved in self._saved.items():  # the pipes' last write ends close: the pumps drain and end
             os.dup2(saved, fd)
-            os.close(saved)
         for t in self._threads:
             t.join(timeout=5.0)
+        for saved in self._saved.values():  # the pumps wrote their last lines to these
+            os.close(saved)
         where = self.final_uri or self.path
         self.log.close()
         if self.remote is not None:
@@ -188,12 +213,10 @@ class Console:
     # ------------------------------------------------------------------------------------------------ lines
 
     def say(self, message: str) -> None:
-        for stream in (sys.stdout, sys.stderr):  # what was printed before comes first
-            stream.flush()
-        with self.lock:
-            self.terminal.write(message + "\n")
-            self.terminal.flush()
-            self._log(message)
+        """Through the stdout pipe like any print, so lines keep the order they were written in."""
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        os.write(1, "".join(f"{SAID}{line}\n" for line in message.split("\n")).encode("utf-8", "replace"))
 
     def _log(self, line: str) -> None:
         self.log.write(line + "\n")
@@ -215,7 +238,10 @@ class Console:
 
     def _route(self, line: str, out_fd: int) -> None:
         plain = ANSI.sub("", line)
-        shown = visible(plain, self.verbose)
+        if plain.startswith(SAID):
+            plain = shown = plain[len(SAID):]
+        else:
+            shown = visible(plain, self.verbose)
         with self.lock:
             self._log(plain)
             if shown is not None:

@@ -9,8 +9,8 @@ Datasets come from a yaml file with a `datasets:` list (name, layout, uri, modal
 
 import sys
 
+from cytoray.console import run_recipe
 from cytoray.curation.pipeline import main
-from cytoray.errors import run_recipe
 
 if __name__ == "__main__":
     sys.exit(run_recipe(main))

@@ -16,9 +16,9 @@ import sys
 import pretrain  # recipes/pretrain.py (this script's directory is on sys.path)
 
 from cytoray import console, tables
+from cytoray.console import run_recipe
 from cytoray.curation import pipeline
 from cytoray.curation.synthetic.collection import CollectionSpec, generate_collection
-from cytoray.errors import run_recipe
 from cytoray.eval import probe
 from cytoray.testing import write_cell_manifest
 

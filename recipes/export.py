@@ -10,7 +10,7 @@ DinoBloom file. Writes <out>/<format>/ per format and prints one line per folder
 
 import sys
 
-from cytoray.errors import run_recipe
+from cytoray.console import run_recipe
 from cytoray.export.exporter import main
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ run.name and run.storage_path resumes from the last checkpoint.
 import sys
 
 from cytoray import config, console, storage
-from cytoray.errors import run_recipe
+from cytoray.console import run_recipe
 from cytoray.eval import validation
 from cytoray.platform.config import load_pretrain_config
 from cytoray.platform.train import pretrain, run_uri
@@ -30,6 +30,9 @@ def main(argv: list[str], preset: str = "dinobloom_l"):
     run = run_uri(cfg)
     last = result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1] if result.checkpoint else "no checkpoint"
     console.say(f"run: {run}  ({last}; training.html, metrics.csv, tensorboard/, exports/)")
+    final = storage.join_uri(run, "exports", "final")
+    if cfg.train.final_export and storage.exists(storage.join_uri(final, cfg.train.final_export[0]), cfg.storage):
+        console.say(f"export: {final}/{{{','.join(cfg.train.final_export)}}} (each with a model card, README.md)")
     rows = validation.read_results_table(run, cfg.storage)
     if rows:
         console.say(f"probe of every scored checkpoint (balanced accuracy; all metrics in "

@@ -13,7 +13,7 @@ import sys
 
 from pretrain import main  # recipes/pretrain.py: Python puts this script's directory on sys.path
 
-from cytoray.errors import run_recipe
+from cytoray.console import run_recipe
 
 if __name__ == "__main__":
     sys.exit(run_recipe(lambda argv: main(argv, preset="dinobloom_l")))

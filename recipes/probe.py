@@ -12,7 +12,7 @@ under --out, and prints the table; every row names its checkpoint and manifest.
 
 import sys
 
-from cytoray.errors import run_recipe
+from cytoray.console import run_recipe
 from cytoray.eval.probe import main
 
 if __name__ == "__main__":

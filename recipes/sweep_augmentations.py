@@ -15,7 +15,7 @@ values in sweep.space.<knob>=[...]. The preset (default dinobloom_s) is the base
 
 import sys
 
-from cytoray.errors import run_recipe
+from cytoray.console import run_recipe
 from cytoray.platform.sweep import main
 
 if __name__ == "__main__":

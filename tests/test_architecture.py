@@ -11,16 +11,16 @@ ROOT = os.path.dirname(cytoray.__file__)
 
 # Which layer may import which. curation and eval sit side by side on features (neither imports the other);
 # training (platform) calls the validator, so it sits above eval, and never needs to know how a manifest was
-# curated; model code is a leaf over the shared base modules. export sits on top (models, preprocessing, the
-# results table) and nothing imports it.
+# curated; model code is a leaf over the shared base modules. export (models, preprocessing, the results table)
+# sits beside eval: training ends by exporting its final teacher, so platform may import it.
 ALLOWED = {
     "base": {"base"},
     "models": {"base", "models"},
     "features": {"base", "models", "features"},
     "curation": {"base", "features", "curation"},
     "eval": {"base", "models", "features", "eval"},
-    "platform": {"base", "models", "features", "eval", "platform"},
-    "testing": {"base", "models", "features", "curation", "eval", "platform", "testing"},
+    "platform": {"base", "models", "features", "eval", "export", "platform"},
+    "testing": {"base", "models", "features", "curation", "eval", "export", "platform", "testing"},
     "export": {"base", "models", "features", "eval", "export"},
 }
 LAYERS = [

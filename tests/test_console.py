@@ -12,7 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = textwrap.dedent("""
     import logging, os, sys, warnings
     from cytoray import console
-    from cytoray.errors import run_recipe
+    from cytoray.console import run_recipe
 
     def main(argv):
         logging.basicConfig(level=logging.INFO)

@@ -299,7 +299,8 @@ def main(argv: list[str]) -> list[dict]:
     init_ray(cfg.ray)
     if args.out:
         console.log_to(args.out, cfg.storage)
-    results = run_probe(args.checkpoint, args.manifest, cfg.probe, args.out, cfg.storage)
+    with console.stage("probe features"):  # Ray Data progress lines name the step
+        results = run_probe(args.checkpoint, args.manifest, cfg.probe, args.out, cfg.storage)
     console.say(results_table(results))
     if args.out:
         console.say(f"results: {storage.join_uri(args.out, 'results.json')}")

@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from cytoray import config, storage
+from cytoray import config, console, storage
 from cytoray.errors import UserError
 from cytoray.export.card import model_card
 from cytoray.export.hf import write_hf
@@ -145,5 +145,5 @@ def main(argv: list[str]) -> dict[str, str]:
     written = export_model(checkpoint, out, args.format or FORMATS, run=args.run, overwrite=args.overwrite,
                            storage_cfg=cfg.storage)
     for fmt, uri in written.items():
-        print(f"{fmt}: {uri}")
+        console.say(f"{fmt}: {uri}")
     return written

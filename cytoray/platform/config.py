@@ -115,6 +115,9 @@ class TrainConfig:
     skip_nonfinite: bool = False  # skip steps with a non-finite loss instead of stopping
     init_checkpoint: str | None = None  # DINOv2 / DinoBloom / cytoray backbone to start student and teacher from
     fail_at_step: int | None = None  # fault injection (tests): the last rank raises once at this step
+    # after the last step: the final teacher for transformers / timm / DinoBloom with a model card, in
+    # <run>/exports/final/<format>/ (docs/export.md); [] for none
+    final_export: list[str] = field(default_factory=lambda: ["hf", "timm", "dinobloom"])
 
 
 def worker_range(t: TrainConfig) -> tuple[int, int]:

@@ -188,6 +188,7 @@ def run_trial(config: dict, base: SweepRunConfig) -> None:
     cfg = apply_overrides(base, knob_overrides(config))
     cfg.run.storage_path = storage.join_uri(sweep_uri(base), "trials")
     cfg.run.name = f"trial_{trial_id}"
+    cfg.train.final_export = []  # trials are scored by the probe; the sweep's winner is retrained or exported
     for rung, steps in enumerate(cfg.sweep.rungs):
         cfg.train.max_steps = steps  # the last step always checkpoints and is probed
         result = pretrain(cfg, callbacks=[TuneReportCallback()])

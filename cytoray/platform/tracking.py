@@ -10,7 +10,7 @@ One cytoray run is one MLflow run, found again by its tag ``cytoray.run_uri``, s
   the tracking server; a failing server costs one warning (``metrics.csv`` has every row);
 - driver, after ``fit`` (``finish_run``): the probe scores of ``eval/results.csv`` at each checkpoint's step
   (``probe/<manifest>/<method>/<metric>``), the artifacts ``config.yaml``, ``training.html``, the model card
-  ``exports/final/README.md`` and the curation ``report.html`` beside the training manifest when they exist, and
+  ``exports/final/<format>/README.md`` and the curation ``report.html`` beside the training manifest when they exist, and
   the run's status.
 
 The default store is SQLite, ``sqlite:///<cwd>/mlruns/mlflow.db``, with artifacts beside the database
@@ -168,7 +168,8 @@ def artifacts(run_uri: str, manifest_uri: str) -> list[tuple[str, str]]:
     """(URI, artifact folder) of every file ``finish_run`` logs when it exists."""
     curation_dir = posixpath.dirname(manifest_uri.rstrip("/")) or "."
     return [(storage.join_uri(run_uri, "config.yaml"), ""), (storage.join_uri(run_uri, "training.html"), ""),
-            (storage.join_uri(run_uri, "exports", "final", "README.md"), "model"),
+            *[(storage.join_uri(run_uri, "exports", "final", fmt, "README.md"), f"model/{fmt}")
+              for fmt in ("hf", "timm", "dinobloom")],  # the model card of each final export (train.final_export)
             (storage.join_uri(curation_dir, "report.html"), "curation")]
 
 

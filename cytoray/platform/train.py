@@ -26,6 +26,7 @@ import torch
 from cytoray import config as config_lib
 from cytoray import console, storage
 from cytoray.eval import validation
+from cytoray.export.exporter import check_formats
 from cytoray.platform import checkpointing, tracking, training_report
 from cytoray.platform.config import (
     PretrainConfig,
@@ -297,8 +298,24 @@ def pretrain(cfg: PretrainConfig, callbacks=()):
     except BaseException as exc:
         end_of_run(cfg, mlflow_run, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
-    end_of_run(cfg, mlflow_run, "FINISHED")
+    if result.error is None and cfg.train.final_export:
+        final_export(cfg)
+    end_of_run(cfg, mlflow_run, "FINISHED" if result.error is None else "FAILED")
     return result
+
+
+def final_export(cfg: PretrainConfig) -> dict[str, str]:
+    """``train.final_export``: the run's last checkpoint in each format with its model card, in
+    ``<run>/exports/final/``; a failure warns (the sharded checkpoints and teacher exports are there either way)."""
+    from cytoray.export import export_run
+
+    try:
+        written = export_run(run_uri(cfg), formats=cfg.train.final_export, storage_cfg=cfg.storage)
+    except Exception as exc:  # noqa: BLE001 - a finished run stays finished
+        log.warning("final export to %s failed: %s", storage.join_uri(run_uri(cfg), "exports", "final"), exc)
+        return {}
+    log.info("final export: %s", written)
+    return written
 
 
 def end_of_run(cfg: PretrainConfig, mlflow_run: dict | None, status: str) -> None:
@@ -331,6 +348,8 @@ def validate(cfg: PretrainConfig) -> int:
         raise config_lib.ConfigError("train.checkpoint_every must be >= 1")
     validation.check(cfg.eval, cfg.storage)
     tracking.check(cfg.tracking)  # mlflow installed, the store reachable
+    if t.final_export:
+        check_formats(t.final_export)  # names the unknown format
     return len(expand_repeats(read_manifest(cfg.data.manifest_uri, cfg.storage)))  # names file / missing columns
 
 

@@ -13,7 +13,8 @@ import torch
 import yaml
 
 from cytoray import config, storage
-from cytoray.errors import UserError, run_recipe
+from cytoray.console import run_recipe
+from cytoray.errors import UserError
 from cytoray.eval import validation
 from cytoray.export import export_model, export_run
 from cytoray.export.exporter import final_checkpoint, main
@@ -282,7 +283,7 @@ def test_model_card_says_what_is_missing(tmp_path):
     assert f"`{bare}` has no config.yaml" in card and f"`{bare}` has no eval/results.csv" in card
 
 
-def test_export_run_exports_the_final_training_checkpoint(tmp_path, capsys):
+def test_export_run_exports_the_final_training_checkpoint(tmp_path, capfd):
     """A real sharded checkpoint (the training loop's save_sharded, in one process) beats an older export."""
     from cytoray.platform import checkpointing
     from cytoray.platform.config import load_preset
@@ -310,7 +311,7 @@ def test_export_run_exports_the_final_training_checkpoint(tmp_path, capsys):
     assert export_run(run, formats=["dinobloom"]) == {"dinobloom": f"{run}/exports/final/dinobloom"}  # reruns replace
     export_dinobloom(_model(), f"{run}/exports/teacher_00000004.pth", extra=META)
     assert final_checkpoint(run) == f"{run}/exports/teacher_00000004.pth"  # same step: the single file
-    code, stdout, _ = _recipe(["--run", run, "--format", "timm", "--overwrite"], capsys)
+    code, stdout, _ = _recipe(["--run", run, "--format", "timm", "--overwrite"], capfd)
     assert code == 0 and stdout.splitlines() == [f"timm: {run}/exports/final/timm"]
 
 
@@ -327,30 +328,33 @@ def test_export_to_object_storage(tmp_path, s3):
         export_model(_checkpoint(tmp_path, model), out, ["hf"], storage_cfg=s3)
 
 
-def _recipe(argv, capsys):
+def _recipe(argv, capfd):
+    """(exit code, the lines said before the closing 'full log:' line, stderr lines)."""
     code = run_recipe(main, argv)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err.strip().splitlines()
+    captured = capfd.readouterr()
+    said = captured.out.splitlines()
+    assert said[-1].startswith("full log: ")
+    return code, "\n".join(said[:-1]), captured.err.strip().splitlines()
 
 
-def test_recipe_prints_one_line_per_format_and_fails_in_one_line(tmp_path, capsys):
+def test_recipe_prints_one_line_per_format_and_fails_in_one_line(tmp_path, capfd):
     ckpt, out = _checkpoint(tmp_path, _model()), str(tmp_path / "out")
-    code, stdout, _ = _recipe(["--checkpoint", ckpt, "--out", out, "--format", "hf,dinobloom"], capsys)
+    code, stdout, _ = _recipe(["--checkpoint", ckpt, "--out", out, "--format", "hf,dinobloom"], capfd)
     assert code == 0 and stdout.splitlines() == [f"hf: {out}/hf", f"dinobloom: {out}/dinobloom"]
 
-    code, _, err = _recipe(["--checkpoint", ckpt, "--out", out, "--format", "onnx"], capsys)
+    code, _, err = _recipe(["--checkpoint", ckpt, "--out", out, "--format", "onnx"], capfd)
     assert code == 1 and err[0] == "cytoray: error: unknown export format 'onnx'; choose from hf, timm, dinobloom"
-    code, _, err = _recipe(["--checkpoint", ckpt, "--out", out, "--format", "hf"], capsys)
+    code, _, err = _recipe(["--checkpoint", ckpt, "--out", out, "--format", "hf"], capfd)
     assert code == 1 and err[0] == f"cytoray: error: {out}/hf is not empty; pass --overwrite to replace it, or " \
                                    "choose another --out"
-    code, _, err = _recipe(["--checkpoint", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "o2")], capsys)
+    code, _, err = _recipe(["--checkpoint", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "o2")], capfd)
     assert code == 1 and err[0].startswith(f"cytoray: error: checkpoint {tmp_path / 'nope.pth'} does not exist; pass")
-    code, _, err = _recipe(["--out", out], capsys)
+    code, _, err = _recipe(["--out", out], capfd)
     assert code == 1 and "--run RUN_DIR" in err[0]
 
     stale = os.path.join(out, "hf", "stale.bin")
     open(stale, "w").close()
-    code, stdout, _ = _recipe(["--checkpoint", ckpt, "--out", out, "--format", "hf", "--overwrite"], capsys)
+    code, stdout, _ = _recipe(["--checkpoint", ckpt, "--out", out, "--format", "hf", "--overwrite"], capfd)
     assert code == 0 and stdout.splitlines() == [f"hf: {out}/hf"] and not os.path.exists(stale)
 
 

@@ -207,4 +207,12 @@ def test_object_storage_run_streams_checkpoints_and_resumes(ray_local, s3, tmp_p
     probe = client.get_metric_history(run.info.run_id, "probe/heldout/linear/balanced_accuracy")
     linear = next(line for line in table[1:] if ",linear," in line).split(",")
     assert [(m.step, m.value) for m in probe] == [(6, pytest.approx(float(linear[6])))]
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml", "training.html"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml", "training.html", "model"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {
+        "model/hf", "model/timm", "model/dinobloom"}  # each final export's model card
+    # the final export (train.final_export): every format of the last teacher, each with its card
+    final = build_from_checkpoint("s3://cytoray-test/runs/s3run/exports/final/dinobloom/model.pth", s3)
+    for (k, a), b in zip(final.state_dict().items(), exported.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    assert {"config.json", "model.safetensors", "README.md"} <= {
+        p.rsplit("/", 1)[-1] for p in fs.ls("cytoray-test/runs/s3run/exports/final/hf")}

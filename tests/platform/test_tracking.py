@@ -80,7 +80,7 @@ def test_the_end_of_a_run_logs_probe_scores_artifacts_and_status(store, tmp_path
     cfg, client = store
     run, curation = tmp_path / "runs" / "a", tmp_path / "curate"
     for path, text in ((run / "config.yaml", "preset: debug\n"), (run / "training.html", "<html></html>"),
-                       (run / "exports" / "final" / "README.md", "# model card\n"),
+                       (run / "exports" / "final" / "hf" / "README.md", "# model card\n"),
                        (curation / "report.html", "<html>curation</html>")):
         os.makedirs(path.parent, exist_ok=True)
         path.write_text(text)
@@ -101,7 +101,7 @@ def test_the_end_of_a_run_logs_probe_scores_artifacts_and_status(store, tmp_path
     assert client.get_run(spec["run_id"]).info.artifact_uri.startswith(f"{tmp_path}/mlruns/tests/")
     names = {a.path for a in client.list_artifacts(spec["run_id"])}
     assert names == {"config.yaml", "training.html", "model", "curation"}
-    assert [a.path for a in client.list_artifacts(spec["run_id"], "model")] == ["model/README.md"]
+    assert [a.path for a in client.list_artifacts(spec["run_id"], "model/hf")] == ["model/hf/README.md"]
     assert [a.path for a in client.list_artifacts(spec["run_id"], "curation")] == ["curation/report.html"]
     assert client.get_run(spec["run_id"]).info.status == "FINISHED"
 
