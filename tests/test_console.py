@@ -1,6 +1,7 @@
 """The recipe console: what reaches the terminal, what only the run log keeps (a real process, real fds)."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -83,3 +84,47 @@ def test_line_filter():
     assert visible("2026-12-01 WARNING cytoray.curation.ingest: dataset x: 3 files unreadable") is not None
     assert visible("(RayTrainWorker pid=2) RuntimeError: CUDA out of memory") is not None
     assert visible("(RayTrainWorker pid=2) Checkpoint successfully created at: Checkpoint(...)") is None
+
+
+def test_a_terminal_gets_a_progress_bar(tmp_path):
+    """On a terminal (a pty, 100 columns) progress is a tqdm bar rather than lines."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import time
+
+    script = tmp_path / "bar.py"
+    script.write_text(textwrap.dedent("""
+        import sys, time
+        from cytoray import console
+
+        def main(argv):
+            progress = console.Progress("embed", total=50)
+            for _ in range(50):
+                time.sleep(0.01)
+                progress.update(increment=1)
+            progress.close()
+            console.say("done")
+
+        sys.exit(console.run_recipe(main))
+    """))
+    pid, fd = pty.fork()
+    if pid == 0:  # the child waits for the window size, then runs the script on the pty
+        time.sleep(0.3)
+        os.environ["PYTHONPATH"] = REPO
+        os.execv(sys.executable, [sys.executable, str(script)])
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # the child closed the pty
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.waitpid(pid, 0)
+    text = out.decode("utf-8", "replace")
+    assert re.search(r"\rembed: +[1-9]\d*%\|.*\| [1-9]\d*/50 \[", text), text  # the bar moved
+    assert "done\r\n" in text and "  embed: 50/50 images (" not in text  # a bar, not progress lines
