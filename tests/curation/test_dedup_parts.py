@@ -6,7 +6,9 @@ import pandas as pd
 
 from cytoray.curation.dedup import (
     DedupConfig,
+    cross_edges,
     deduplicate,
+    dihedral_knn_edges,
     keep_order,
     knn_edges,
     remove_leakage_and_duplicates,
@@ -217,3 +219,49 @@ def test_similar_but_distinct_cells_are_all_kept_and_copy_chains_do_not_merge():
     keep, dups = deduplicate(frame, None, cfg, thumbs=thumbs)
     kept = set(frame.image_id[keep])
     assert keep.sum() >= 5 and all(d["similarity"] > cfg.threshold and d["duplicate_of"] in kept for d in dups)
+
+
+def _planted_collection(originals: int, copies_per_kind: int, seed: int):
+    """Rendered cells plus planted copies of some of them (exact, flipped, rotated 90°, cropped 5% and resized
+    back, recoloured) as fingerprints (N, Z, s, s); returns (fingerprints, {(original row, copy row)})."""
+    from PIL import Image
+
+    from cytoray.curation.synthetic.cells import CLASS_NAMES, Stain, render_cell
+    from cytoray.features.fingerprint import fingerprint_thumbnails
+
+    rng = np.random.default_rng(seed)
+    cells = [render_cell(CLASS_NAMES[k % len(CLASS_NAMES)], 64, 0.3, Stain(), rng) for k in range(originals)]
+    kinds = {"exact": lambda im: im.copy(), "flip": lambda im: im[:, ::-1], "rot90": lambda im: np.rot90(im),
+             "crop": lambda im: np.asarray(Image.fromarray(im[3:61, 3:61]).resize((64, 64), Image.BICUBIC)),
+             "recolour": lambda im: np.clip(im * np.array([1.04, 0.96, 1.02]), 0, 255).astype(np.uint8)}
+    sources = rng.choice(originals, len(kinds) * copies_per_kind, replace=False)
+    planted = set()
+    for t, transform in enumerate(kinds.values()):
+        for src in sources[t * copies_per_kind:(t + 1) * copies_per_kind].tolist():
+            planted.add((src, len(cells)))
+            cells.append(np.ascontiguousarray(transform(cells[src])))
+    return np.stack([fingerprint_thumbnails(im) for im in cells]), planted
+
+
+def test_scaled_fingerprint_search_finds_every_planted_copy_and_matches_the_flat_path():
+    """Above ``flat_max`` the fingerprint search is approximate (partitioned); on planted copies it finds what
+    the exact search finds, with the same similarities, and the leakage guard's cross search too."""
+    thumbs, planted = _planted_collection(originals=600, copies_per_kind=8, seed=3)
+    flat = DedupConfig()
+    scaled = DedupConfig(flat_max=100)
+    pairs = {}
+    for name, cfg in (("flat", flat), ("scaled", scaled)):
+        i, j, s = dihedral_knn_edges(thumbs, cfg.k, cfg.threshold, cfg)
+        pairs[name] = dict(zip(zip(i.tolist(), j.tolist()), s.tolist()))
+    assert planted <= set(pairs["scaled"]), planted - set(pairs["scaled"])
+    assert set(pairs["scaled"]) == set(pairs["flat"])
+    assert np.allclose([pairs["scaled"][p] for p in pairs["flat"]], list(pairs["flat"].values()), atol=1e-5)
+    # leakage guard: the planted copies' sources as an evaluation set, the whole collection as training
+    src = sorted({a for a, _ in planted})
+    cross = {}
+    for name, cfg in (("flat", flat), ("scaled", scaled)):
+        t, e, s = cross_edges(thumbs, thumbs[src], cfg.k, cfg.leakage_threshold, cfg)
+        cross[name] = dict(zip(zip(t.tolist(), e.tolist()), s.tolist()))
+    assert {(b, src.index(a)) for a, b in planted} <= set(cross["scaled"])
+    assert set(cross["scaled"]) == set(cross["flat"])
+    assert np.allclose([cross["scaled"][p] for p in cross["flat"]], list(cross["flat"].values()), atol=1e-5)
