@@ -248,7 +248,7 @@ def test_scaled_fingerprint_search_finds_every_planted_copy_and_matches_the_flat
     the exact search finds, with the same similarities, and the leakage guard's cross search too."""
     thumbs, planted = _planted_collection(originals=600, copies_per_kind=8, seed=3)
     flat = DedupConfig()
-    scaled = DedupConfig(flat_max=100)
+    scaled = DedupConfig(flat_max=100, list_size=50)
     pairs = {}
     for name, cfg in (("flat", flat), ("scaled", scaled)):
         i, j, s = dihedral_knn_edges(thumbs, cfg.k, cfg.threshold, cfg)
@@ -265,3 +265,56 @@ def test_scaled_fingerprint_search_finds_every_planted_copy_and_matches_the_flat
     assert {(b, src.index(a)) for a, b in planted} <= set(cross["scaled"])
     assert set(cross["scaled"]) == set(cross["flat"])
     assert np.allclose([cross["scaled"][p] for p in cross["flat"]], list(cross["flat"].values()), atol=1e-5)
+
+
+def _brute_force_dihedral(query: np.ndarray, index: np.ndarray, k: int, threshold: float, same: bool) -> dict:
+    """Reference: faiss exact kNN of every zoom × flip × rotation of every query thumbnail against the index
+    images' zoom-1 thumbnails; {(query row, index row): best cosine above threshold}."""
+    import faiss
+
+    def unit(x):
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(len(x), -1)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
+
+    flat = faiss.IndexFlatIP(query.shape[-1] ** 2)
+    flat.add(unit(index[:, 0]))
+    best = {}
+    for z in range(query.shape[1]):
+        for flip in (False, True):
+            for rot in range(4):
+                t = np.rot90(query[:, z, :, ::-1] if flip else query[:, z], rot, axes=(1, 2))
+                sims, nbrs = flat.search(unit(t), k + same)
+                for i in range(len(query)):
+                    others = [(j, v) for j, v in zip(nbrs[i].tolist(), sims[i].tolist()) if not same or j != i]
+                    for j, v in others[:k]:
+                        if v > threshold and v > best.get((i, j), -1.0):
+                            best[(i, j)] = v
+    return best
+
+
+def test_fingerprint_search_equals_brute_force_knn():
+    """The exact and the partitioned search give the pairs and similarities of a brute-force kNN search over
+    every query variant, for dedup (pairs i < j) and for the leakage guard (both directions)."""
+    thumbs, planted = _planted_collection(originals=300, copies_per_kind=6, seed=4)
+    # 12 near-identical versions of image 0: more than k partners above the threshold per query variant
+    burst = thumbs[0] + np.random.default_rng(0).normal(0, 2.0, (12,) + thumbs.shape[1:]).astype(np.float32)
+    thumbs = np.concatenate([thumbs, burst])
+    cfg = DedupConfig()
+    directed = _brute_force_dihedral(thumbs, thumbs, cfg.k, cfg.threshold, same=True)
+    want = {}
+    for (i, j), v in directed.items():
+        want[min(i, j), max(i, j)] = max(want.get((min(i, j), max(i, j)), -1.0), v)
+    evals = thumbs[sorted({a for a, _ in planted})[:15]]
+    leak = _brute_force_dihedral(thumbs, evals, cfg.k, cfg.leakage_threshold, same=False)
+    for (e, t), v in _brute_force_dihedral(evals, thumbs, cfg.k, cfg.leakage_threshold, same=False).items():
+        leak[t, e] = max(leak.get((t, e), -1.0), v)
+    assert planted <= set(want)
+    for c in (cfg, DedupConfig(flat_max=50, list_size=40)):
+        i, j, s = dihedral_knn_edges(thumbs, c.k, c.threshold, c)
+        got = dict(zip(zip(i.tolist(), j.tolist()), s.tolist()))
+        assert (i < j).all() and set(got) == set(want)
+        assert np.allclose([got[p] for p in want], list(want.values()), atol=1e-5)
+        t, e, s = cross_edges(thumbs, evals, c.k, c.leakage_threshold, c)
+        got = dict(zip(zip(t.tolist(), e.tolist()), s.tolist()))
+        assert set(got) == set(leak)
+        assert np.allclose([got[p] for p in leak], list(leak.values()), atol=1e-5)
