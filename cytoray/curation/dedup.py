@@ -174,21 +174,27 @@ def knn_edges(x: np.ndarray, k: int, threshold: float, cfg: DedupConfig, queries
     return rows[keep], cols[keep], s[keep]
 
 
-def _unit_norms(thumbs: np.ndarray) -> np.ndarray:
-    """(N, Z) L2 norm of every thumbnail (at least 1e-6); the dihedral variants of a thumbnail share it."""
+def _centring(thumbs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, Z) mean and L2 norm after removing it (at least 1e-6) of every thumbnail; the dihedral variants of a
+    thumbnail share both."""
     flat = thumbs.reshape(thumbs.shape[0], thumbs.shape[1], -1)
-    norms = [np.linalg.norm(flat[a:a + 65536].astype(np.float64), axis=2) for a in range(0, len(flat), 65536)]
-    return np.maximum(np.concatenate(norms) if norms else np.zeros(flat.shape[:2]), 1e-6).astype(np.float32)
+    means, norms = np.zeros(flat.shape[:2]), np.zeros(flat.shape[:2])
+    for a in range(0, len(flat), 65536):  # float64 in blocks: exact enough, no full-size temporaries
+        x = flat[a:a + 65536].astype(np.float64)
+        means[a:a + 65536] = x.mean(axis=2)
+        norms[a:a + 65536] = np.linalg.norm(x - means[a:a + 65536, :, None], axis=2)
+    return means.astype(np.float32), np.maximum(norms, 1e-6).astype(np.float32)
 
 
-def _variant_rows(thumbs: np.ndarray, norms: np.ndarray, rows: np.ndarray, variant: int) -> np.ndarray:
-    """(len(rows), s·s) unit rows of one query variant of ``thumbs[rows]``: variant = zoom·8 + flip·4 + rotation
-    (quarter turns), the 8 flips/rotations of a square (the dihedral group D4) at each zoom."""
+def _variant_rows(thumbs: np.ndarray, centring, rows: np.ndarray, variant: int) -> np.ndarray:
+    """(len(rows), s·s) centred unit rows of one query variant of ``thumbs[rows]``: variant = zoom·8 + flip·4 +
+    rotation (quarter turns), the 8 flips/rotations of a square (the dihedral group D4) at each zoom."""
     z, rest = divmod(variant, 8)
     flip, rot = divmod(rest, 4)
-    t = thumbs[rows, z]
+    means, norms = centring
+    t = thumbs[rows, z].astype(np.float32) - means[rows, z, None, None]
     t = np.rot90(t[:, :, ::-1] if flip else t, rot, axes=(1, 2))
-    return np.ascontiguousarray(t, dtype=np.float32).reshape(len(rows), -1) / norms[rows, z, None]
+    return np.ascontiguousarray(t).reshape(len(rows), -1) / norms[rows, z, None]
 
 
 def _top_per_group(group: np.ndarray, s: np.ndarray, tie: np.ndarray, kk: int) -> np.ndarray:
@@ -221,9 +227,9 @@ def _dihedral_search(query_thumbs: np.ndarray, index_thumbs: np.ndarray, k: int,
     ``chunk_cells`` similarities, and only entries above ``threshold`` leave the block.
     """
     nq, nv, m = len(query_thumbs), query_thumbs.shape[1] * 8, len(index_thumbs)
-    qnorms = _unit_norms(query_thumbs)
-    inorms = qnorms if same else _unit_norms(index_thumbs)
-    base = _variant_rows(index_thumbs, inorms, np.arange(m), 0)  # (M, s·s)
+    qcentre = _centring(query_thumbs)
+    icentre = qcentre if same else _centring(index_thumbs)
+    base = _variant_rows(index_thumbs, icentre, np.arange(m), 0)  # (M, s·s)
     if m <= cfg.flat_max:
         nlist, home = 1, np.zeros(m, np.int64)
         probe_rows = np.tile(np.arange(nq), nv)
@@ -238,7 +244,7 @@ def _dihedral_search(query_thumbs: np.ndarray, index_thumbs: np.ndarray, k: int,
         found = []
         for a in range(0, nq, step):
             rows = np.arange(a, min(nq, a + step))
-            x = np.stack([_variant_rows(query_thumbs, qnorms, rows, v) for v in range(nv)], 1)  # (rows, V, s·s)
+            x = np.stack([_variant_rows(query_thumbs, qcentre, rows, v) for v in range(nv)], 1)  # (rows, V, s·s)
             found.append(lists.search(x.reshape(-1, x.shape[-1]), probe)[1].reshape(len(rows), nv, probe))
         near = np.concatenate(found)  # (nq, V, probe) list ids
         probe_rows = np.repeat(np.arange(nq), nv * probe)
@@ -260,7 +266,7 @@ def _dihedral_search(query_thumbs: np.ndarray, index_thumbs: np.ndarray, k: int,
             rows = probe_rows[by_key[kbounds[c * nv + v]:kbounds[c * nv + v + 1]]]
             for a in range(0, len(rows), step):
                 q = rows[a:a + step]
-                sims = _variant_rows(query_thumbs, qnorms, q, v) @ members.T
+                sims = _variant_rows(query_thumbs, qcentre, q, v) @ members.T
                 qi, mi = np.nonzero(sims > threshold)
                 si = sims[qi, mi]
                 qi, mi = q[qi], order[bounds[c] + mi]
@@ -281,7 +287,8 @@ def _dihedral_search(query_thumbs: np.ndarray, index_thumbs: np.ndarray, k: int,
 
 
 def dihedral_knn_edges(thumbs: np.ndarray, k: int, threshold: float, cfg: DedupConfig):
-    """Near-duplicate edges from fingerprint thumbnails (N, Z, s, s) (``features.fingerprint``).
+    """Near-duplicate edges from fingerprint thumbnails (N, Z, s, s), uint8 as stored or float
+    (``features.fingerprint``); each is compared with its mean removed.
 
     The index holds each image's zoom-1 thumbnail; every image is queried with all zoom levels × the 8
     flips/rotations of its thumbnail, so flipped, rotated and slightly cropped copies are found exactly

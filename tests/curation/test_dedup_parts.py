@@ -223,11 +223,12 @@ def test_similar_but_distinct_cells_are_all_kept_and_copy_chains_do_not_merge():
 
 def _planted_collection(originals: int, copies_per_kind: int, seed: int):
     """Rendered cells plus planted copies of some of them (exact, flipped, rotated 90°, cropped 5% and resized
-    back, recoloured) as fingerprints (N, Z, s, s); returns (fingerprints, {(original row, copy row)})."""
+    back, recoloured) as uint8 fingerprints (N, Z, s, s), as the embed stage stores them; returns (fingerprints,
+    {(original row, copy row)})."""
     from PIL import Image
 
     from cytoray.curation.synthetic.cells import CLASS_NAMES, Stain, render_cell
-    from cytoray.features.fingerprint import fingerprint_thumbnails
+    from cytoray.features.fingerprint import fingerprint_u8
 
     rng = np.random.default_rng(seed)
     cells = [render_cell(CLASS_NAMES[k % len(CLASS_NAMES)], 64, 0.3, Stain(), rng) for k in range(originals)]
@@ -240,7 +241,7 @@ def _planted_collection(originals: int, copies_per_kind: int, seed: int):
         for src in sources[t * copies_per_kind:(t + 1) * copies_per_kind].tolist():
             planted.add((src, len(cells)))
             cells.append(np.ascontiguousarray(transform(cells[src])))
-    return np.stack([fingerprint_thumbnails(im) for im in cells]), planted
+    return np.stack([fingerprint_u8(im) for im in cells]), planted
 
 
 def test_scaled_fingerprint_search_finds_every_planted_copy_and_matches_the_flat_path():
@@ -269,8 +270,12 @@ def test_scaled_fingerprint_search_finds_every_planted_copy_and_matches_the_flat
 
 def _brute_force_dihedral(query: np.ndarray, index: np.ndarray, k: int, threshold: float, same: bool) -> dict:
     """Reference: faiss exact kNN of every zoom × flip × rotation of every query thumbnail against the index
-    images' zoom-1 thumbnails; {(query row, index row): best cosine above threshold}."""
+    images' zoom-1 thumbnails (mean removed); {(query row, index row): best cosine above threshold}."""
     import faiss
+
+    from cytoray.features.fingerprint import fingerprints_from_u8
+
+    query, index = fingerprints_from_u8(query), fingerprints_from_u8(index)
 
     def unit(x):
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(len(x), -1)
@@ -297,8 +302,8 @@ def test_fingerprint_search_equals_brute_force_knn():
     every query variant, for dedup (pairs i < j) and for the leakage guard (both directions)."""
     thumbs, planted = _planted_collection(originals=300, copies_per_kind=6, seed=4)
     # 12 near-identical versions of image 0: more than k partners above the threshold per query variant
-    burst = thumbs[0] + np.random.default_rng(0).normal(0, 2.0, (12,) + thumbs.shape[1:]).astype(np.float32)
-    thumbs = np.concatenate([thumbs, burst])
+    burst = thumbs[0] + np.random.default_rng(0).normal(0, 2.0, (12,) + thumbs.shape[1:])
+    thumbs = np.concatenate([thumbs, np.clip(burst.round(), 0, 255).astype(np.uint8)])
     cfg = DedupConfig()
     directed = _brute_force_dihedral(thumbs, thumbs, cfg.k, cfg.threshold, same=True)
     want = {}
