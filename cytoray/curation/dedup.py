@@ -23,11 +23,11 @@ Keep policy, first wins:
 Every removed image goes to ``duplicates.parquet`` (image_id, duplicate_of, similarity, reason) and
 ``duplicate_of`` always names an image that is kept (or an evaluation image, for leakage).
 
-Search is exact up to ``flat_max`` index rows and partitioned above it: faiss k-means lists of ~``list_size``
-rows, each query (variant) compared with the rows of its ``list_probe`` nearest lists by one dense matrix
-product per list, so cost grows as N · list_probe · list_size instead of N². The fingerprint search and the
-leakage guard always run this way on CPU (``_dihedral_search``); ``knn_edges`` on embeddings does
-(``partitioned_edges``) unless faiss sees a GPU, where it uses a faiss flat or IVF-flat index (``build_index``).
+Search is exact up to ``flat_max`` index rows and partitioned above it: faiss k-means lists, each query compared
+with the rows of its few nearest lists by one dense matrix product per list, so cost grows as N · probe · list
+size instead of N². The fingerprint search and the leakage guard (``_dihedral_search``: lists of ~``list_size``
+images, ``list_probe`` probed) run this way on CPU; ``knn_edges`` on embeddings runs ``partitioned_edges`` unless
+faiss sees a GPU, where it uses a faiss flat or IVF-flat index (``build_index``).
 """
 
 from __future__ import annotations
@@ -57,12 +57,13 @@ class DedupConfig:
     # score above it are dropped too (calibration: benchmarks/RESULTS.md).
     leakage_threshold: float = 0.975
     dataset_priority: list[str] = field(default_factory=list)
-    # Exact search up to this many index rows; above it a partitioned search (lists of ~``list_size`` rows, each
-    # query searching its ``list_probe`` nearest lists) on CPU, IVF-flat with ``nprobe`` on a GPU (embeddings).
-    flat_max: int = 5_000
-    list_size: int = 1000
-    list_probe: int = 2
-    nprobe: int = 16
+    flat_max: int = 5_000  # exact search up to this many index rows, partitioned (or IVF-flat on a GPU) above
+    # Partitioned fingerprint search: k-means lists of ~list_size images, each query variant searching its
+    # list_probe nearest lists. Cost per query variant ~ N / list_size centroids + list_probe · list_size rows;
+    # at 10,000 images these find every pair the exact search finds (benchmarks/RESULTS.md).
+    list_size: int = 250
+    list_probe: int = 3
+    nprobe: int = 16  # IVF-flat lists probed (embeddings on a GPU)
     use_gpu: bool = True  # knn_edges on embeddings: a faiss GPU index when faiss has GPUs
 
 
@@ -104,19 +105,20 @@ def _kmeans_lists(x: np.ndarray, nlist: int):
     return index
 
 
-def partitioned_edges(x: np.ndarray, threshold: float, cfg: DedupConfig, k: int | None = None, chunk: int = 4096):
+def partitioned_edges(x: np.ndarray, threshold: float, cfg: DedupConfig, k: int | None = None,
+                      list_size: int = 1000, probe: int = 2, chunk: int = 4096):
     """Near-duplicate pairs at scale (N > ``flat_max``): an IVF-style search with dense BLAS inside each list.
 
-    faiss k-means splits the rows into ~N/``cfg.list_size`` lists (trained on a subsample); each row is stored
-    in its nearest list and probes its ``cfg.list_probe`` nearest lists, so a pair is missed only if neither
-    row's nearest centroids hold the other — for near-duplicates (cosine > 0.9) practically never,
+    faiss k-means splits the rows into ~N/``list_size`` lists (trained on a subsample); each row is stored
+    in its nearest list and probes its ``probe`` nearest lists, so a pair is missed only if neither row's
+    ``probe`` nearest centroids hold the other — for near-duplicates (cosine > 0.9) practically never,
     because a copy lands next to its original. Inside a list, queries × members is one matrix product.
     Cost ≈ N · probe · list_size · d flops instead of N² · d. Returns (i, j, cosine), i < j, with at most
     ``k`` partners per row when ``k`` is given.
     """
     n = len(x)
-    nlist = max(1, n // cfg.list_size)
-    _, lists = _kmeans_lists(x, nlist).search(x, min(cfg.list_probe, nlist))
+    nlist = max(1, n // list_size)
+    _, lists = _kmeans_lists(x, nlist).search(x, min(probe, nlist))
     home = lists[:, 0]
     order = np.argsort(home, kind="stable")
     bounds = np.searchsorted(home[order], np.arange(nlist + 1))
