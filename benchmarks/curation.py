@@ -12,7 +12,8 @@ exact pixels, JPEG re-encoded, flipped, rotated 90°, cropped 3–8% and resized
 a copy's embedding is its source's plus a little noise; 13 datasets of very different sizes.
 
 Prints per stage: wall time and peak RSS of this process (sampled); planted-pair precision and recall of
-``duplicates.parquet``, per kind of copy. Baseline in the same process: the fingerprint search as it was before
+``duplicates.parquet``, per kind of copy; the leakage guard's search against ``--eval-images`` of the originals
+(time, planted copies flagged). Baseline in the same process: the fingerprint search as it was before
 issue 15 (faiss flat kNN per query variant, a dict per match) against the current one on the first
 ``--baseline-images`` images, with the pairs each finds.
 """
@@ -178,8 +179,9 @@ def write_run(out: str, ingested, embeddings, settings: dict) -> None:
 
 
 def legacy_dihedral_knn_edges(thumbs: np.ndarray, k: int, threshold: float):
-    """The fingerprint search before issue 15: a faiss flat index of the zoom-1 thumbnails, one kNN search per
-    query variant (zoom × flip × rotation) and a Python dict over every match."""
+    """The fingerprint search before issue 15 on float32 thumbnails with their means removed: a faiss flat index
+    of the zoom-1 thumbnails, one kNN search per query variant (zoom × flip × rotation) and a Python dict over
+    every match."""
     import faiss
 
     def unit(x):
@@ -207,11 +209,12 @@ def baseline(out: str, rows: int) -> None:
     """Old vs current fingerprint search on the first ``rows`` images of the run, same process."""
     from cytoray.curation.dedup import DedupConfig, dihedral_knn_edges
     from cytoray.curation.embed import load_embeddings
+    from cytoray.features.fingerprint import fingerprints_from_u8
 
     thumbs = load_embeddings(out)[2][:rows]
     cfg = DedupConfig()
     t0 = time.perf_counter()
-    old = legacy_dihedral_knn_edges(thumbs, cfg.k, cfg.threshold)
+    old = legacy_dihedral_knn_edges(fingerprints_from_u8(thumbs), cfg.k, cfg.threshold)  # float32, as it was
     t_old = time.perf_counter() - t0
     t1 = time.perf_counter()
     i, j, s = dihedral_knn_edges(thumbs, cfg.k, cfg.threshold, cfg)
@@ -223,6 +226,29 @@ def baseline(out: str, rows: int) -> None:
     print(f"fingerprint search on {rows:,} images: before issue 15 {t_old:.1f}s, now {t_new:.1f}s ({mode}): "
           f"{t_old / t_new:.1f}x; pairs {len(old):,} before, {len(new):,} now, {len(both):,} in both "
           f"(max |Δ cosine| {diff:.1e})")
+
+
+def leakage(out: str, truth, n_eval: int, seed: int) -> None:
+    """The leakage guard's search (``dedup.cross_edges``) of every image against ``n_eval`` originals as an
+    evaluation set: time, and how many planted copies of those originals it flags."""
+    from cytoray.curation.dedup import DedupConfig, cross_edges
+    from cytoray.curation.embed import load_embeddings
+
+    ids, _, thumbs = load_embeddings(out)
+    row = {k: r for r, k in enumerate(ids)}
+    originals = truth.image_id[truth.kind == "original"].to_numpy()
+    chosen = np.random.default_rng(seed).choice(originals, min(n_eval, len(originals)), replace=False)
+    evals = np.array([row[k] for k in chosen])
+    cfg = DedupConfig()
+    t0 = time.perf_counter()
+    t, e, _ = cross_edges(thumbs, thumbs[evals], cfg.k, cfg.leakage_threshold, cfg)
+    dt = time.perf_counter() - t0
+    found = set(zip(t.tolist(), evals[e].tolist()))
+    copies = truth[truth.duplicate_of.isin(set(chosen))]
+    planted = {(row[c], row[o]) for c, o in zip(copies.image_id, copies.duplicate_of)}
+    print(f"leakage guard search, {len(ids):,} images against {len(evals):,} evaluation images (both ways): "
+          f"{dt:.1f}s; planted copies of evaluation images flagged {len(planted & found)}/{len(planted)}; "
+          f"{len(set(t.tolist())):,} images flagged (incl. the evaluation images themselves)")
 
 
 def score(out: str, truth) -> None:
@@ -248,6 +274,7 @@ def main(argv=None):
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--copy-rate", type=float, default=0.05)
     ap.add_argument("--baseline-images", type=int, default=5000, help="0: no baseline")
+    ap.add_argument("--eval-images", type=int, default=1000, help="leakage guard search; 0: skip it")
     ap.add_argument("--out", default=None, help="run directory (default: a temporary one)")
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--seed", type=int, default=0)
@@ -287,6 +314,8 @@ def main(argv=None):
     print(f"dedup -> cluster -> balance: {total:.1f}s ({total / 60:.2f} min), peak RSS {overall.peak / 2**30:.2f} GiB; "
           f"dedup: {'exact' if args.images <= dedup_cfg.flat_max else 'partitioned'} fingerprint search")
     score(out, truth)
+    if args.eval_images:
+        leakage(out, truth, args.eval_images, args.seed)
     if args.baseline_images:
         baseline(out, min(args.baseline_images, args.images))
 
