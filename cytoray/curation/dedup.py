@@ -23,10 +23,11 @@ Keep policy, first wins:
 Every removed image goes to ``duplicates.parquet`` (image_id, duplicate_of, similarity, reason) and
 ``duplicate_of`` always names an image that is kept (or an evaluation image, for leakage).
 
-Search is exact (``IndexFlatIP``) up to ``flat_max`` vectors and IVF above it (``nlist`` ≈ 4·√N,
-``nprobe`` configurable; ``build_index``), so 1M+ vectors fit one machine; a faiss GPU index is used when
-faiss sees a GPU. ``knn_edges`` on embeddings above ``flat_max`` on CPU searches by partitions instead
-(``partitioned_edges``).
+Search is exact up to ``flat_max`` index rows and partitioned above it: faiss k-means lists, each query compared
+with the rows of its few nearest lists by one dense matrix product per list, so cost grows as N · probe · list
+size instead of N². The fingerprint search and the leakage guard (``_dihedral_search``: lists of ~``list_size``
+images, ``list_probe`` probed) run this way on CPU; ``knn_edges`` on embeddings runs ``partitioned_edges`` unless
+faiss sees a GPU, where it uses a faiss flat or IVF-flat index (``build_index``).
 """
 
 from __future__ import annotations
@@ -56,9 +57,14 @@ class DedupConfig:
     # score above it are dropped too (calibration: benchmarks/RESULTS.md).
     leakage_threshold: float = 0.975
     dataset_priority: list[str] = field(default_factory=list)
-    flat_max: int = 200_000  # exact search up to this many vectors, IVF above
-    nprobe: int = 16
-    use_gpu: bool = True  # when faiss has GPUs
+    flat_max: int = 5_000  # exact search up to this many index rows, partitioned (or IVF-flat on a GPU) above
+    # Partitioned fingerprint search: k-means lists of ~list_size images, each query variant searching its
+    # list_probe nearest lists. Cost per query variant ~ N / list_size centroids + list_probe · list_size rows;
+    # at 10,000 images these find every pair the exact search finds (benchmarks/RESULTS.md).
+    list_size: int = 250
+    list_probe: int = 3
+    nprobe: int = 16  # IVF-flat lists probed (embeddings on a GPU)
+    use_gpu: bool = True  # knn_edges on embeddings: a faiss GPU index when faiss has GPUs
 
 
 def gpu_count() -> int:
@@ -86,6 +92,19 @@ def build_index(x: np.ndarray, cfg: DedupConfig):
     return index
 
 
+def _kmeans_lists(x: np.ndarray, nlist: int):
+    """An inner-product index over the centroids of a faiss spherical k-means of the rows of ``x`` (trained on
+    at most 64 rows per list)."""
+    import faiss
+
+    km = faiss.Kmeans(x.shape[1], nlist, niter=10, seed=1234, max_points_per_centroid=64, spherical=True,
+                      verbose=False)
+    km.train(x)
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(km.centroids)
+    return index
+
+
 def partitioned_edges(x: np.ndarray, threshold: float, cfg: DedupConfig, k: int | None = None,
                       list_size: int = 1000, probe: int = 2, chunk: int = 4096):
     """Near-duplicate pairs at scale (N > ``flat_max``): an IVF-style search with dense BLAS inside each list.
@@ -97,15 +116,9 @@ def partitioned_edges(x: np.ndarray, threshold: float, cfg: DedupConfig, k: int 
     Cost ≈ N · probe · list_size · d flops instead of N² · d. Returns (i, j, cosine), i < j, with at most
     ``k`` partners per row when ``k`` is given.
     """
-    import faiss
-
-    n, d = x.shape
+    n = len(x)
     nlist = max(1, n // list_size)
-    km = faiss.Kmeans(d, nlist, niter=10, seed=1234, max_points_per_centroid=64, spherical=True, verbose=False)
-    km.train(x)
-    index = faiss.IndexFlatIP(d)
-    index.add(km.centroids)
-    _, lists = index.search(x, min(probe, nlist))
+    _, lists = _kmeans_lists(x, nlist).search(x, min(probe, nlist))
     home = lists[:, 0]
     order = np.argsort(home, kind="stable")
     bounds = np.searchsorted(home[order], np.arange(nlist + 1))
@@ -163,58 +176,139 @@ def knn_edges(x: np.ndarray, k: int, threshold: float, cfg: DedupConfig, queries
     return rows[keep], cols[keep], s[keep]
 
 
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    x = x.reshape(len(x), -1).astype(np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
+def _centring(thumbs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, Z) mean and L2 norm after removing it (at least 1e-6) of every thumbnail; the dihedral variants of a
+    thumbnail share both."""
+    flat = thumbs.reshape(thumbs.shape[0], thumbs.shape[1], -1)
+    means, norms = np.zeros(flat.shape[:2]), np.zeros(flat.shape[:2])
+    for a in range(0, len(flat), 65536):  # float64 in blocks: exact enough, no full-size temporaries
+        x = flat[a:a + 65536].astype(np.float64)
+        means[a:a + 65536] = x.mean(axis=2)
+        norms[a:a + 65536] = np.linalg.norm(x - means[a:a + 65536, :, None], axis=2)
+    return means.astype(np.float32), np.maximum(norms, 1e-6).astype(np.float32)
 
 
-def _dihedral_search(query_thumbs: np.ndarray, index_base: np.ndarray, k: int, threshold: float, cfg: DedupConfig,
-                     exclude_self: bool) -> dict[tuple[int, int], float]:
-    """{(query row, index row): best cosine over all zooms × flips × rotations of the query} above threshold."""
-    index = build_index(index_base, cfg)
-    best: dict[tuple[int, int], float] = {}
-    kk = min(k + int(exclude_self), len(index_base))
-    for z in range(query_thumbs.shape[1]):
-        for flip in (False, True):
-            for rot in range(4):
-                t = query_thumbs[:, z, :, ::-1] if flip else query_thumbs[:, z]
-                sims, nbrs = index.search(_unit_rows(np.rot90(t, rot, axes=(1, 2))), kk)
-                rows = np.repeat(np.arange(len(t)), nbrs.shape[1])
-                cols, s = nbrs.ravel(), sims.ravel()
-                ok = (cols >= 0) & (s > threshold)
-                if exclude_self:
-                    ok &= cols != rows
-                for i, j, v in zip(rows[ok].tolist(), cols[ok].tolist(), s[ok].tolist()):
-                    if v > best.get((i, j), -1.0):
-                        best[(i, j)] = v
-    return best
+def _variant_rows(thumbs: np.ndarray, centring, rows: np.ndarray, variant: int) -> np.ndarray:
+    """(len(rows), s·s) centred unit rows of one query variant of ``thumbs[rows]``: variant = zoom·8 + flip·4 +
+    rotation (quarter turns), the 8 flips/rotations of a square (the dihedral group D4) at each zoom."""
+    z, rest = divmod(variant, 8)
+    flip, rot = divmod(rest, 4)
+    means, norms = centring
+    t = thumbs[rows, z].astype(np.float32) - means[rows, z, None, None]
+    t = np.rot90(t[:, :, ::-1] if flip else t, rot, axes=(1, 2))
+    return np.ascontiguousarray(t).reshape(len(rows), -1) / norms[rows, z, None]
+
+
+def _top_per_group(group: np.ndarray, s: np.ndarray, tie: np.ndarray, kk: int) -> np.ndarray:
+    """Positions of the entries among the ``kk`` largest ``s`` of their group (ties: the smaller ``tie``)."""
+    o = np.lexsort((tie, -s, group))
+    g = group[o]
+    return o[np.arange(len(o)) - np.searchsorted(g, g) < kk]
+
+
+def _best_per_pair(a: np.ndarray, b: np.ndarray, s: np.ndarray):
+    """Each (a, b) once with its largest ``s``, sorted by (a, b)."""
+    key = a * (int(b.max(initial=0)) + 1) + b
+    o = np.lexsort((-s, key))
+    first = np.ones(len(o), bool)
+    first[1:] = key[o][1:] != key[o][:-1]
+    sel = o[first]
+    return a[sel], b[sel], s[sel].astype(np.float32)
+
+
+def _dihedral_search(query_thumbs: np.ndarray, index_thumbs: np.ndarray, k: int, threshold: float,
+                     cfg: DedupConfig, same: bool, chunk_cells: int = 1 << 23):
+    """(query row, index row, best cosine over all zooms × flips × rotations of the query) above ``threshold``,
+    among the ``k`` most similar index rows of each query variant (``same``: one set, no row pairs with itself).
+
+    The index holds each index image's zoom-1 thumbnail. Up to ``cfg.flat_max`` index rows the search is exact:
+    every query variant against every index row. Above it the index rows are split into faiss k-means lists
+    of ~``cfg.list_size`` rows (trained on a subsample) and each query variant is compared with the rows of
+    its ``cfg.list_probe`` nearest lists, so cost is ~N · 8Z · list_probe · list_size instead of N · 8Z · M.
+    Either way the comparison is one dense matrix product per (list, variant), in blocks of at most
+    ``chunk_cells`` similarities, and only entries above ``threshold`` leave the block.
+    """
+    nq, nv, m = len(query_thumbs), query_thumbs.shape[1] * 8, len(index_thumbs)
+    qcentre = _centring(query_thumbs)
+    icentre = qcentre if same else _centring(index_thumbs)
+    base = _variant_rows(index_thumbs, icentre, np.arange(m), 0)  # (M, s·s)
+    if m <= cfg.flat_max:
+        nlist, home = 1, np.zeros(m, np.int64)
+        probe_rows = np.tile(np.arange(nq), nv)
+        probe_var = np.repeat(np.arange(nv), nq)
+        probe_list = np.zeros(nq * nv, np.int64)
+    else:
+        nlist = max(1, m // cfg.list_size)
+        lists = _kmeans_lists(base, nlist)
+        home = lists.search(base, 1)[1][:, 0]
+        probe = min(cfg.list_probe, nlist)
+        step = max(1, 4096 // nv)
+        found = []
+        for a in range(0, nq, step):
+            rows = np.arange(a, min(nq, a + step))
+            x = np.stack([_variant_rows(query_thumbs, qcentre, rows, v) for v in range(nv)], 1)  # (rows, V, s·s)
+            found.append(lists.search(x.reshape(-1, x.shape[-1]), probe)[1].reshape(len(rows), nv, probe))
+        near = np.concatenate(found)  # (nq, V, probe) list ids
+        probe_rows = np.repeat(np.arange(nq), nv * probe)
+        probe_var = np.tile(np.repeat(np.arange(nv), probe), nq)
+        probe_list = near.ravel().astype(np.int64)
+    order = np.argsort(home, kind="stable")
+    base = base[order]  # list by list
+    bounds = np.searchsorted(home[order], np.arange(nlist + 1))
+    key = probe_list * nv + probe_var
+    by_key = np.argsort(key, kind="stable")
+    kbounds = np.searchsorted(key[by_key], np.arange(nlist * nv + 1))
+    out_q, out_m, out_s = [], [], []
+    for c in range(nlist):
+        members = base[bounds[c]:bounds[c + 1]]
+        if len(members) == 0:
+            continue
+        step = max(1, chunk_cells // len(members))
+        for v in range(nv):
+            rows = probe_rows[by_key[kbounds[c * nv + v]:kbounds[c * nv + v + 1]]]
+            for a in range(0, len(rows), step):
+                q = rows[a:a + step]
+                sims = _variant_rows(query_thumbs, qcentre, q, v) @ members.T
+                qi, mi = np.nonzero(sims > threshold)
+                si = sims[qi, mi]
+                qi, mi = q[qi], order[bounds[c] + mi]
+                if same:
+                    other = qi != mi
+                    qi, mi, si = qi[other], mi[other], si[other]
+                if len(qi) > k:  # a block holds each query variant once: keep its k best here already
+                    top = _top_per_group(qi, si, mi, k)
+                    qi, mi, si = qi[top], mi[top], si[top]
+                out_q.append(qi * nv + v)
+                out_m.append(mi)
+                out_s.append(si)
+    if not out_q:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    qv, mi, si = np.concatenate(out_q), np.concatenate(out_m), np.concatenate(out_s)
+    top = _top_per_group(qv, si, mi, k)  # the k best per query variant over all its lists
+    return _best_per_pair(qv[top] // nv, mi[top], si[top])
 
 
 def dihedral_knn_edges(thumbs: np.ndarray, k: int, threshold: float, cfg: DedupConfig):
-    """Near-duplicate edges from fingerprint thumbnails (N, Z, s, s) (``embed.fingerprint_thumbnails``).
+    """Near-duplicate edges from fingerprint thumbnails (N, Z, s, s), uint8 as stored or float
+    (``features.fingerprint``); each is compared with its mean removed.
 
     The index holds each image's zoom-1 thumbnail; every image is queried with all zoom levels × the 8
     flips/rotations of its thumbnail, so flipped, rotated and slightly cropped copies are found exactly
-    (query expansion instead of an invariant, lossy descriptor). Returns (i, j, cosine) with the best
-    cosine per pair above ``threshold``.
+    (query expansion instead of an invariant, lossy descriptor); exact up to ``cfg.flat_max`` images,
+    partitioned above (``_dihedral_search``). Returns (i, j, cosine), i < j, with the best cosine per pair
+    above ``threshold``.
     """
-    best: dict[tuple[int, int], float] = {}
-    for (i, j), v in _dihedral_search(thumbs, _unit_rows(thumbs[:, 0]), k, threshold, cfg, True).items():
-        key = (min(i, j), max(i, j))
-        best[key] = max(best.get(key, -1.0), v)
-    pairs = np.array(list(best.keys()), dtype=np.int64).reshape(-1, 2)
-    return pairs[:, 0], pairs[:, 1], np.array(list(best.values()), dtype=np.float32)
+    q, m, s = _dihedral_search(thumbs, thumbs, k, threshold, cfg, same=True)
+    return _best_per_pair(np.minimum(q, m), np.maximum(q, m), s)
 
 
 def cross_edges(train_thumbs: np.ndarray, eval_thumbs: np.ndarray, k: int, threshold: float, cfg: DedupConfig):
     """Leakage guard edges: (train row, eval row, best cosine) above ``threshold``, searched both ways
     (training images against the evaluation index and evaluation images against the training index), so
     a copy is found whichever of the two was cropped or zoomed."""
-    best = _dihedral_search(train_thumbs, _unit_rows(eval_thumbs[:, 0]), k, threshold, cfg, False)
-    for (e, t), v in _dihedral_search(eval_thumbs, _unit_rows(train_thumbs[:, 0]), k, threshold, cfg, False).items():
-        best[(t, e)] = max(best.get((t, e), -1.0), v)
-    pairs = np.array(list(best.keys()), dtype=np.int64).reshape(-1, 2)
-    return pairs[:, 0], pairs[:, 1], np.array(list(best.values()), dtype=np.float32)
+    t, e, s = _dihedral_search(train_thumbs, eval_thumbs, k, threshold, cfg, same=False)
+    e2, t2, s2 = _dihedral_search(eval_thumbs, train_thumbs, k, threshold, cfg, same=False)
+    return _best_per_pair(np.concatenate([t, t2]), np.concatenate([e, e2]), np.concatenate([s, s2]))
 
 
 def select_representatives(rank: np.ndarray, i: np.ndarray, j: np.ndarray, s: np.ndarray):

@@ -84,7 +84,7 @@ def _embed(run, cfg: EmbedConfig, spec: FeatureSpec, storage_cfg) -> dict:
 
 
 def load_embeddings(out_uri: str, storage_cfg=None) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(image_ids, embeddings (N, D) float32, fingerprints (N, Z, s, s) float32) from ``embeddings.parquet``."""
+    """(image_ids, embeddings (N, D) float32, fingerprints (N, Z, s, s) uint8) from ``embeddings.parquet``."""
     from cytoray import storage
     from cytoray.features.fingerprint import fingerprints_of_table
     from cytoray.tables import read_table, unpack_vectors

@@ -47,8 +47,9 @@ def fingerprint_thumbnails(rgb_u8: np.ndarray, size: int = FINGERPRINT_SIZE,
 
 
 def fingerprints_of_table(table) -> np.ndarray:
-    """The ``fingerprint`` column of a features table (uint8, flattened) as (N, Z, s, s) float32 thumbnails."""
+    """The ``fingerprint`` column of a features table as (N, Z, s, s) uint8 thumbnails, as stored (a quarter of
+    float32's memory; ``curation.dedup`` removes each one's mean as it compares them)."""
     from cytoray.tables import unpack_vectors
 
     fp = unpack_vectors(table.column("fingerprint"), np.uint8)
-    return fingerprints_from_u8(fp.reshape(table.num_rows, len(FINGERPRINT_ZOOMS), FINGERPRINT_SIZE, FINGERPRINT_SIZE))
+    return fp.reshape(table.num_rows, len(FINGERPRINT_ZOOMS), FINGERPRINT_SIZE, FINGERPRINT_SIZE)

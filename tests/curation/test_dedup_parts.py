@@ -6,7 +6,9 @@ import pandas as pd
 
 from cytoray.curation.dedup import (
     DedupConfig,
+    cross_edges,
     deduplicate,
+    dihedral_knn_edges,
     keep_order,
     knn_edges,
     remove_leakage_and_duplicates,
@@ -217,3 +219,107 @@ def test_similar_but_distinct_cells_are_all_kept_and_copy_chains_do_not_merge():
     keep, dups = deduplicate(frame, None, cfg, thumbs=thumbs)
     kept = set(frame.image_id[keep])
     assert keep.sum() >= 5 and all(d["similarity"] > cfg.threshold and d["duplicate_of"] in kept for d in dups)
+
+
+def _planted_collection(originals: int, copies_per_kind: int, seed: int):
+    """Rendered cells plus planted copies of some of them (exact, flipped, rotated 90°, cropped 5% and resized
+    back, recoloured) as uint8 fingerprints (N, Z, s, s), as the embed stage stores them; returns (fingerprints,
+    {(original row, copy row)})."""
+    from PIL import Image
+
+    from cytoray.curation.synthetic.cells import CLASS_NAMES, Stain, render_cell
+    from cytoray.features.fingerprint import fingerprint_u8
+
+    rng = np.random.default_rng(seed)
+    cells = [render_cell(CLASS_NAMES[k % len(CLASS_NAMES)], 64, 0.3, Stain(), rng) for k in range(originals)]
+    kinds = {"exact": lambda im: im.copy(), "flip": lambda im: im[:, ::-1], "rot90": lambda im: np.rot90(im),
+             "crop": lambda im: np.asarray(Image.fromarray(im[3:61, 3:61]).resize((64, 64), Image.BICUBIC)),
+             "recolour": lambda im: np.clip(im * np.array([1.04, 0.96, 1.02]), 0, 255).astype(np.uint8)}
+    sources = rng.choice(originals, len(kinds) * copies_per_kind, replace=False)
+    planted = set()
+    for t, transform in enumerate(kinds.values()):
+        for src in sources[t * copies_per_kind:(t + 1) * copies_per_kind].tolist():
+            planted.add((src, len(cells)))
+            cells.append(np.ascontiguousarray(transform(cells[src])))
+    return np.stack([fingerprint_u8(im) for im in cells]), planted
+
+
+def test_scaled_fingerprint_search_finds_every_planted_copy_and_matches_the_flat_path():
+    """Above ``flat_max`` the fingerprint search is approximate (partitioned); on planted copies it finds what
+    the exact search finds, with the same similarities, and the leakage guard's cross search too."""
+    thumbs, planted = _planted_collection(originals=600, copies_per_kind=8, seed=3)
+    flat = DedupConfig()
+    scaled = DedupConfig(flat_max=100, list_size=50)
+    pairs = {}
+    for name, cfg in (("flat", flat), ("scaled", scaled)):
+        i, j, s = dihedral_knn_edges(thumbs, cfg.k, cfg.threshold, cfg)
+        pairs[name] = dict(zip(zip(i.tolist(), j.tolist()), s.tolist()))
+    assert planted <= set(pairs["scaled"]), planted - set(pairs["scaled"])
+    assert set(pairs["scaled"]) == set(pairs["flat"])
+    assert np.allclose([pairs["scaled"][p] for p in pairs["flat"]], list(pairs["flat"].values()), atol=1e-5)
+    # leakage guard: the planted copies' sources as an evaluation set, the whole collection as training
+    src = sorted({a for a, _ in planted})
+    cross = {}
+    for name, cfg in (("flat", flat), ("scaled", scaled)):
+        t, e, s = cross_edges(thumbs, thumbs[src], cfg.k, cfg.leakage_threshold, cfg)
+        cross[name] = dict(zip(zip(t.tolist(), e.tolist()), s.tolist()))
+    assert {(b, src.index(a)) for a, b in planted} <= set(cross["scaled"])
+    assert set(cross["scaled"]) == set(cross["flat"])
+    assert np.allclose([cross["scaled"][p] for p in cross["flat"]], list(cross["flat"].values()), atol=1e-5)
+
+
+def _brute_force_dihedral(query: np.ndarray, index: np.ndarray, k: int, threshold: float, same: bool) -> dict:
+    """Reference: faiss exact kNN of every zoom × flip × rotation of every query thumbnail against the index
+    images' zoom-1 thumbnails (mean removed); {(query row, index row): best cosine above threshold}."""
+    import faiss
+
+    from cytoray.features.fingerprint import fingerprints_from_u8
+
+    query, index = fingerprints_from_u8(query), fingerprints_from_u8(index)
+
+    def unit(x):
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(len(x), -1)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
+
+    flat = faiss.IndexFlatIP(query.shape[-1] ** 2)
+    flat.add(unit(index[:, 0]))
+    best = {}
+    for z in range(query.shape[1]):
+        for flip in (False, True):
+            for rot in range(4):
+                t = np.rot90(query[:, z, :, ::-1] if flip else query[:, z], rot, axes=(1, 2))
+                sims, nbrs = flat.search(unit(t), k + same)
+                for i in range(len(query)):
+                    others = [(j, v) for j, v in zip(nbrs[i].tolist(), sims[i].tolist()) if not same or j != i]
+                    for j, v in others[:k]:
+                        if v > threshold and v > best.get((i, j), -1.0):
+                            best[(i, j)] = v
+    return best
+
+
+def test_fingerprint_search_equals_brute_force_knn():
+    """The exact and the partitioned search give the pairs and similarities of a brute-force kNN search over
+    every query variant, for dedup (pairs i < j) and for the leakage guard (both directions)."""
+    thumbs, planted = _planted_collection(originals=300, copies_per_kind=6, seed=4)
+    # 12 near-identical versions of image 0: more than k partners above the threshold per query variant
+    burst = thumbs[0] + np.random.default_rng(0).normal(0, 2.0, (12,) + thumbs.shape[1:])
+    thumbs = np.concatenate([thumbs, np.clip(burst.round(), 0, 255).astype(np.uint8)])
+    cfg = DedupConfig()
+    directed = _brute_force_dihedral(thumbs, thumbs, cfg.k, cfg.threshold, same=True)
+    want = {}
+    for (i, j), v in directed.items():
+        want[min(i, j), max(i, j)] = max(want.get((min(i, j), max(i, j)), -1.0), v)
+    evals = thumbs[sorted({a for a, _ in planted})[:15]]
+    leak = _brute_force_dihedral(thumbs, evals, cfg.k, cfg.leakage_threshold, same=False)
+    for (e, t), v in _brute_force_dihedral(evals, thumbs, cfg.k, cfg.leakage_threshold, same=False).items():
+        leak[t, e] = max(leak.get((t, e), -1.0), v)
+    assert planted <= set(want)
+    for c in (cfg, DedupConfig(flat_max=50, list_size=40)):
+        i, j, s = dihedral_knn_edges(thumbs, c.k, c.threshold, c)
+        got = dict(zip(zip(i.tolist(), j.tolist()), s.tolist()))
+        assert (i < j).all() and set(got) == set(want)
+        assert np.allclose([got[p] for p in want], list(want.values()), atol=1e-5)
+        t, e, s = cross_edges(thumbs, evals, c.k, c.leakage_threshold, c)
+        got = dict(zip(zip(t.tolist(), e.tolist()), s.tolist()))
+        assert set(got) == set(leak)
+        assert np.allclose([got[p] for p in leak], list(leak.values()), atol=1e-5)
