@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 
 from cytoray import config, console, storage
@@ -26,6 +25,7 @@ from cytoray.curation.dedup import DedupConfig, run_dedup
 from cytoray.curation.embed import EmbedConfig, run_embed
 from cytoray.curation.ingest import DatasetSpec, IngestConfig, run_ingest
 from cytoray.curation.report import ReportConfig, write_report
+from cytoray.curation.stage import read_marker
 from cytoray.runtime import RayConfig, init_ray, setup_logging
 
 log = logging.getLogger(__name__)
@@ -67,11 +67,11 @@ def run_curation(cfg: CurateConfig) -> dict:
     }
     results = {}
     for name, run in stages.items():
-        t0 = time.monotonic()
+        before = read_marker(out, name, st)
         with console.stage(name):
             results[name] = run()
-        took = time.monotonic() - t0
-        done = f"{results[name]['seconds']:.1f}s" if took >= 0.5 * results[name]["seconds"] else "up to date"
+        # run_stage returns the marker it found when it skips, and writes a new one (new timing) when it runs
+        done = "up to date" if results[name] == before else f"{results[name]['seconds']:.1f}s"
         console.say(f"{stage_line(name, results[name])} [{done}]")
     results["summary"] = finalize(cfg.output_uri, results, cfg.storage, balanced=cfg.balance.enabled)
     if cfg.report.enabled:
