@@ -92,14 +92,6 @@ def log_to(run_dir: str, storage_cfg=None) -> str | None:
     return None if _active is None else _active.log_to(run_dir, storage_cfg)
 
 
-def log_path() -> str | None:
-    return None if _active is None else _active.final_uri
-
-
-def active() -> bool:
-    return _active is not None
-
-
 @contextlib.contextmanager
 def capture(recipe: str | None = None, verbose: bool | None = None):
     """Route fd 1/2 through the console filter for the duration of the block (see the module doc)."""
@@ -278,7 +270,6 @@ class Progress:
         self.done, self.t0, self.last = 0, time.monotonic(), time.monotonic()
         console = _active
         self.bar = None
-        self.interval = console.progress_s if console is not None else float(os.environ.get("CYTORAY_PROGRESS_S", "10"))
         if console is not None and console.tty:
             from tqdm import tqdm
 
@@ -298,7 +289,7 @@ class Progress:
             self.bar.update(new - self.done)
         self.done = new
         t = time.monotonic()
-        if self.bar is None and _active is not None and (now or t - self.last >= self.interval):
+        if self.bar is None and _active is not None and (now or t - self.last >= _active.progress_s):
             self.last = t
             say(self.line())
 
