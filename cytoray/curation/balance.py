@@ -254,7 +254,8 @@ def mapping_template(frame, top: np.ndarray, column: str) -> str:
 
 
 def run_balance(out_uri: str, cfg: BalanceConfig, storage_cfg=None, force: bool = False,
-                embeddings: str | None = None) -> dict:
+                embeddings: str | None = None,
+                scale=None) -> dict:
     """Balance stage: ``deduplicated.parquet`` + ``clusters.parquet`` -> ``unbalanced.parquet`` (every kept
     image with cluster ids, group, weight, repeats) and ``balanced.parquet`` (rows with repeats >= 1), the
     mapping template ``group_mapping_template.csv`` and before/after balance metrics."""

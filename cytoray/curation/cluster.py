@@ -163,7 +163,8 @@ def load_stage_embeddings(out_uri: str, image_ids: list[str], source: str | None
 
 
 def run_cluster(out_uri: str, cfg: ClusterConfig, storage_cfg=None, force: bool = False,
-                embeddings: str | None = None) -> dict:
+                embeddings: str | None = None,
+                scale=None) -> dict:
     """Cluster stage: ``deduplicated.parquet`` + embeddings -> ``clusters.parquet`` (image_id, cluster_l1 ...
     cluster_lT), the centroids in ``centroids_l<t>.npy``."""
     from cytoray.curation.stage import run_stage

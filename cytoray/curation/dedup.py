@@ -443,7 +443,8 @@ def remove_leakage_and_duplicates(frame, embeddings: np.ndarray, thumbs: np.ndar
     return keep, dups + rest_dups
 
 
-def run_dedup(out_uri: str, cfg: DedupConfig, storage_cfg=None, force: bool = False, embed_cfg=None) -> dict:
+def run_dedup(out_uri: str, cfg: DedupConfig, storage_cfg=None, force: bool = False, embed_cfg=None,
+              scale=None) -> dict:
     """Dedup stage: ``ingested.parquet`` + ``embeddings.parquet`` -> ``deduplicated.parquet`` (kept rows) and
     ``duplicates.parquet`` (every removed image, the one it duplicates, similarity, reason), then the leakage
     guard against ``cfg.eval_manifests`` (embedded with ``embed_cfg``, the run's embed settings).
@@ -459,6 +460,7 @@ def _dedup(run, cfg: DedupConfig, embed_cfg, storage_cfg) -> dict:
     import pyarrow as pa
 
     from cytoray.curation.embed import embed_rows, load_embeddings
+    from cytoray.curation.shards import KEPT_MASK, publish_mask
     from cytoray.features.fingerprint import fingerprints_of_table
     from cytoray.manifest import DUPLICATES_SCHEMA
 
@@ -478,6 +480,7 @@ def _dedup(run, cfg: DedupConfig, embed_cfg, storage_cfg) -> dict:
     kept = table.filter(pa.array(keep))
     run.publish("deduplicated.parquet", kept)
     run.publish("duplicates.parquet", dup_table)
+    publish_mask(run, KEPT_MASK, keep)
 
     per: dict[str, dict] = {}
     for name in sorted(set(frame["dataset"])):

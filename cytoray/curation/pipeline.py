@@ -25,6 +25,7 @@ from cytoray.curation.dedup import DedupConfig, run_dedup
 from cytoray.curation.embed import EmbedConfig, run_embed
 from cytoray.curation.ingest import DatasetSpec, IngestConfig, run_ingest
 from cytoray.curation.report import ReportConfig, write_report
+from cytoray.curation.shards import ScaleConfig
 from cytoray.curation.stage import read_marker
 from cytoray.runtime import RayConfig, init_ray, setup_logging
 
@@ -41,6 +42,9 @@ class CurateConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    # Where dedup, cluster and balance run: this process, or Ray tasks over shards of the stage files
+    # (auto: Ray above scale.ray_above images). Both give the same result (docs/curation.md, "Scale").
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
     # Bring your own embeddings for clustering/balancing: Parquet (image_id, embedding) or .npy aligned with
     # deduplicated.parquet. Default: the embed stage's embeddings.parquet.
     embeddings: str | None = None
@@ -61,9 +65,11 @@ def run_curation(cfg: CurateConfig) -> dict:
     stages = {
         "ingest": lambda: run_ingest(cfg.datasets, out, cfg.ingest, st, force=force),
         "embed": lambda: run_embed(out, cfg.embed, st, force=force),
-        "dedup": lambda: run_dedup(out, cfg.dedup, st, force=force, embed_cfg=cfg.embed),
-        "cluster": lambda: run_cluster(out, cfg.cluster, st, force=force, embeddings=cfg.embeddings),
-        "balance": lambda: run_balance(out, cfg.balance, st, force=force, embeddings=cfg.embeddings),
+        "dedup": lambda: run_dedup(out, cfg.dedup, st, force=force, embed_cfg=cfg.embed, scale=cfg.scale),
+        "cluster": lambda: run_cluster(out, cfg.cluster, st, force=force, embeddings=cfg.embeddings,
+                                       scale=cfg.scale),
+        "balance": lambda: run_balance(out, cfg.balance, st, force=force, embeddings=cfg.embeddings,
+                                       scale=cfg.scale),
     }
     results = {}
     for name, run in stages.items():
