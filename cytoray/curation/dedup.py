@@ -63,6 +63,9 @@ class DedupConfig:
     # at 10,000 images these find every pair the exact search finds (benchmarks/RESULTS.md).
     list_size: int = 250
     list_probe: int = 3
+    # Sharded search (curation.dedup_stage): index rows per partition that one search task holds at a time
+    # (1 KB each as uint8 zoom-1 thumbnails).
+    partition_rows: int = 262_144
     nprobe: int = 16  # IVF-flat lists probed (embeddings on a GPU)
     use_gpu: bool = True  # knn_edges on embeddings: a faiss GPU index when faiss has GPUs
 
@@ -92,15 +95,23 @@ def build_index(x: np.ndarray, cfg: DedupConfig):
     return index
 
 
-def _kmeans_lists(x: np.ndarray, nlist: int):
-    """An inner-product index over the centroids of a faiss spherical k-means of the rows of ``x`` (trained on
-    at most 64 rows per list)."""
+def coarse_sample(m: int, nlist: int, cap: int = 131_072, seed: int = 1234) -> np.ndarray:
+    """Sorted positions of the rows a coarse k-means over ``m`` rows trains on: 64 per list, at most ``cap``.
+    Drawn here, not inside faiss, so that every process that holds some of the rows trains on the same ones."""
+    size = int(min(m, nlist * 64, cap))
+    return np.sort(np.random.default_rng(seed).choice(m, size, replace=False))
+
+
+def _kmeans_lists(sample: np.ndarray, nlist: int):
+    """An inner-product index over the centroids of a faiss spherical k-means of ``sample`` (all of it: the
+    caller draws the sample, ``coarse_sample``)."""
     import faiss
 
-    km = faiss.Kmeans(x.shape[1], nlist, niter=10, seed=1234, max_points_per_centroid=64, spherical=True,
-                      verbose=False)
-    km.train(x)
-    index = faiss.IndexFlatIP(x.shape[1])
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    km = faiss.Kmeans(sample.shape[1], nlist, niter=10, seed=1234, spherical=True, verbose=False,
+                      max_points_per_centroid=len(sample) // max(1, nlist) + 1, min_points_per_centroid=1)
+    km.train(sample)
+    index = faiss.IndexFlatIP(sample.shape[1])
     index.add(km.centroids)
     return index
 
@@ -118,7 +129,7 @@ def partitioned_edges(x: np.ndarray, threshold: float, cfg: DedupConfig, k: int 
     """
     n = len(x)
     nlist = max(1, n // list_size)
-    _, lists = _kmeans_lists(x, nlist).search(x, min(probe, nlist))
+    _, lists = _kmeans_lists(x[coarse_sample(n, nlist)], nlist).search(x, min(probe, nlist))
     home = lists[:, 0]
     order = np.argsort(home, kind="stable")
     bounds = np.searchsorted(home[order], np.arange(nlist + 1))
@@ -181,10 +192,10 @@ def _centring(thumbs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     thumbnail share both."""
     flat = thumbs.reshape(thumbs.shape[0], thumbs.shape[1], -1)
     means, norms = np.zeros(flat.shape[:2]), np.zeros(flat.shape[:2])
-    for a in range(0, len(flat), 65536):  # float64 in blocks: exact enough, no full-size temporaries
-        x = flat[a:a + 65536].astype(np.float64)
-        means[a:a + 65536] = x.mean(axis=2)
-        norms[a:a + 65536] = np.linalg.norm(x - means[a:a + 65536, :, None], axis=2)
+    for a in range(0, len(flat), 8192):  # float64 in blocks: exact enough, no full-size temporaries
+        x = flat[a:a + 8192].astype(np.float64)
+        means[a:a + 8192] = x.mean(axis=2)
+        norms[a:a + 8192] = np.linalg.norm(x - means[a:a + 8192, :, None], axis=2)
     return means.astype(np.float32), np.maximum(norms, 1e-6).astype(np.float32)
 
 
@@ -216,64 +227,58 @@ def _best_per_pair(a: np.ndarray, b: np.ndarray, s: np.ndarray):
     return a[sel], b[sel], s[sel].astype(np.float32)
 
 
-def _dihedral_search(query_thumbs: np.ndarray, index_thumbs: np.ndarray, k: int, threshold: float,
-                     cfg: DedupConfig, same: bool, chunk_cells: int = 1 << 23):
-    """(query row, index row, best cosine over all zooms × flips × rotations of the query) above ``threshold``,
-    among the ``k`` most similar index rows of each query variant (``same``: one set, no row pairs with itself).
+def _probe_lists(lists, thumbs: np.ndarray, centring, probe: int, nv: int) -> np.ndarray:
+    """(len(thumbs), nv, probe) ids of the ``probe`` lists nearest to each query variant of each row."""
+    step = max(1, 4096 // nv)
+    found = []
+    for a in range(0, len(thumbs), step):
+        rows = np.arange(a, min(len(thumbs), a + step))
+        x = np.stack([_variant_rows(thumbs, centring, rows, v) for v in range(nv)], 1)  # (rows, V, s·s)
+        found.append(lists.search(x.reshape(-1, x.shape[-1]), probe)[1].reshape(len(rows), nv, probe))
+    return np.concatenate(found) if found else np.zeros((0, nv, probe), np.int64)
 
-    The index holds each index image's zoom-1 thumbnail. Up to ``cfg.flat_max`` index rows the search is exact:
-    every query variant against every index row. Above it the index rows are split into faiss k-means lists
-    of ~``cfg.list_size`` rows (trained on a subsample) and each query variant is compared with the rows of
-    its ``cfg.list_probe`` nearest lists, so cost is ~N · 8Z · list_probe · list_size instead of N · 8Z · M.
-    Either way the comparison is one dense matrix product per (list, variant), in blocks of at most
-    ``chunk_cells`` similarities, and only entries above ``threshold`` leave the block.
-    """
-    nq, nv, m = len(query_thumbs), query_thumbs.shape[1] * 8, len(index_thumbs)
-    qcentre = _centring(query_thumbs)
-    icentre = qcentre if same else _centring(index_thumbs)
-    base = _variant_rows(index_thumbs, icentre, np.arange(m), 0)  # (M, s·s)
-    if m <= cfg.flat_max:
-        nlist, home = 1, np.zeros(m, np.int64)
-        probe_rows = np.tile(np.arange(nq), nv)
-        probe_var = np.repeat(np.arange(nv), nq)
-        probe_list = np.zeros(nq * nv, np.int64)
-    else:
-        nlist = max(1, m // cfg.list_size)
-        lists = _kmeans_lists(base, nlist)
-        home = lists.search(base, 1)[1][:, 0]
-        probe = min(cfg.list_probe, nlist)
-        step = max(1, 4096 // nv)
-        found = []
-        for a in range(0, nq, step):
-            rows = np.arange(a, min(nq, a + step))
-            x = np.stack([_variant_rows(query_thumbs, qcentre, rows, v) for v in range(nv)], 1)  # (rows, V, s·s)
-            found.append(lists.search(x.reshape(-1, x.shape[-1]), probe)[1].reshape(len(rows), nv, probe))
-        near = np.concatenate(found)  # (nq, V, probe) list ids
-        probe_rows = np.repeat(np.arange(nq), nv * probe)
-        probe_var = np.tile(np.repeat(np.arange(nv), probe), nq)
-        probe_list = near.ravel().astype(np.int64)
-    order = np.argsort(home, kind="stable")
-    base = base[order]  # list by list
-    bounds = np.searchsorted(home[order], np.arange(nlist + 1))
-    key = probe_list * nv + probe_var
+
+def search_members(query_thumbs: np.ndarray, qcentre, probes: np.ndarray, base: np.ndarray, base_ids: np.ndarray,
+                   base_list: np.ndarray, k: int, threshold: float, same_ids: np.ndarray | None = None,
+                   chunk_cells: int = 1 << 23):
+    """The core of the fingerprint search: each query variant against the index rows of the lists it probes.
+
+    ``probes``: (nq, V, P) list ids per query row and variant (-1: none); ``base``: centred unit zoom-1 rows of
+    the index, sorted by ``base_list`` (their list ids), ``base_ids`` their ids. One dense matrix product per
+    (list, variant) in blocks of at most ``chunk_cells`` similarities; only entries above ``threshold`` leave
+    a block, at most ``k`` per query variant. ``same_ids``: the queries' ids when they are index rows too (a
+    row never pairs with itself). Returns (query row · V + variant, index id, cosine), not yet reduced over
+    lists."""
+    nq, nv, probe = probes.shape
+    probe_rows = np.repeat(np.arange(nq), nv * probe)
+    probe_var = np.tile(np.repeat(np.arange(nv), probe), nq)
+    probe_list = probes.ravel().astype(np.int64)
+    ok = probe_list >= 0
+    key = probe_list[ok] * nv + probe_var[ok]
+    probe_rows = probe_rows[ok]
     by_key = np.argsort(key, kind="stable")
-    kbounds = np.searchsorted(key[by_key], np.arange(nlist * nv + 1))
+    skey = key[by_key]
+    lists, starts = np.unique(base_list, return_index=True)
+    ends = np.append(starts[1:], len(base_list))
     out_q, out_m, out_s = [], [], []
-    for c in range(nlist):
-        members = base[bounds[c]:bounds[c + 1]]
-        if len(members) == 0:
-            continue
+    for c, a0, b0 in zip(lists.tolist(), starts.tolist(), ends.tolist()):
+        members = base[a0:b0]
         step = max(1, chunk_cells // len(members))
+        lo, hi = np.searchsorted(skey, [c * nv, (c + 1) * nv])
+        if lo == hi:
+            continue
         for v in range(nv):
-            rows = probe_rows[by_key[kbounds[c * nv + v]:kbounds[c * nv + v + 1]]]
+            seg = by_key[lo + np.searchsorted(skey[lo:hi], c * nv + v):lo + np.searchsorted(skey[lo:hi], c * nv + v,
+                                                                                         side="right")]
+            rows = probe_rows[seg]
             for a in range(0, len(rows), step):
                 q = rows[a:a + step]
                 sims = _variant_rows(query_thumbs, qcentre, q, v) @ members.T
                 qi, mi = np.nonzero(sims > threshold)
                 si = sims[qi, mi]
-                qi, mi = q[qi], order[bounds[c] + mi]
-                if same:
-                    other = qi != mi
+                qi, mi = q[qi], base_ids[a0 + mi]
+                if same_ids is not None:
+                    other = same_ids[qi] != mi
                     qi, mi, si = qi[other], mi[other], si[other]
                 if len(qi) > k:  # a block holds each query variant once: keep its k best here already
                     top = _top_per_group(qi, si, mi, k)
@@ -283,7 +288,37 @@ def _dihedral_search(query_thumbs: np.ndarray, index_thumbs: np.ndarray, k: int,
                 out_s.append(si)
     if not out_q:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    qv, mi, si = np.concatenate(out_q), np.concatenate(out_m), np.concatenate(out_s)
+    return np.concatenate(out_q), np.concatenate(out_m), np.concatenate(out_s)
+
+
+def _dihedral_search(query_thumbs: np.ndarray, index_thumbs: np.ndarray, k: int, threshold: float,
+                     cfg: DedupConfig, same: bool, chunk_cells: int = 1 << 23):
+    """(query row, index row, best cosine over all zooms × flips × rotations of the query) above ``threshold``,
+    among the ``k`` most similar index rows of each query variant (``same``: one set, no row pairs with itself).
+
+    The index holds each index image's zoom-1 thumbnail. Up to ``cfg.flat_max`` index rows the search is exact:
+    every query variant against every index row. Above it the index rows are split into faiss k-means lists
+    of ~``cfg.list_size`` rows (trained on ``coarse_sample``) and each query variant is compared with the rows
+    of its ``cfg.list_probe`` nearest lists, so cost is ~N · 8Z · list_probe · list_size instead of N · 8Z · M
+    (``search_members``). ``curation.dedup_stage`` runs the same search over shards.
+    """
+    nq, nv, m = len(query_thumbs), query_thumbs.shape[1] * 8, len(index_thumbs)
+    qcentre = _centring(query_thumbs)
+    icentre = qcentre if same else _centring(index_thumbs)
+    base = _variant_rows(index_thumbs, icentre, np.arange(m), 0)  # (M, s·s)
+    if m <= cfg.flat_max:
+        home = np.zeros(m, np.int64)
+        probes = np.zeros((nq, nv, 1), np.int64)
+    else:
+        nlist = max(1, m // cfg.list_size)
+        lists = _kmeans_lists(base[coarse_sample(m, nlist)], nlist)
+        home = lists.search(base, 1)[1][:, 0]
+        probes = _probe_lists(lists, query_thumbs, qcentre, min(cfg.list_probe, nlist), nv)
+    order = np.argsort(home, kind="stable")
+    qv, mi, si = search_members(query_thumbs, qcentre, probes, base[order], order, home[order], k, threshold,
+                                same_ids=np.arange(nq) if same else None, chunk_cells=chunk_cells)
+    if len(qv) == 0:
+        return qv, mi, si
     top = _top_per_group(qv, si, mi, k)  # the k best per query variant over all its lists
     return _best_per_pair(qv[top] // nv, mi[top], si[top])
 
@@ -347,6 +382,29 @@ def keep_order(labelled, width, height, dataset, image_id, priority: list[str]) 
     return out
 
 
+def resolve(rank: np.ndarray, rep: np.ndarray, a: np.ndarray, b: np.ndarray, s: np.ndarray):
+    """The keep decisions (module docstring) from the keep-policy ``rank`` of each row, its exact-copy
+    representative ``rep`` (itself unless an identical image ranks first) and near-duplicate edges (a, b, cosine).
+    Returns (keep mask, duplicate_of row or -1, similarity, removed as an exact copy). Only the rows that
+    appear in ``rep``'s groups or in an edge matter, so callers may pass just those (``dedup_stage``)."""
+    n = len(rank)
+    keep = rep == np.arange(n)
+    dup_of, sim = np.where(keep, -1, rep), np.where(keep, 0.0, 1.0).astype(np.float32)
+    if len(a):
+        a, b = rep[a], rep[b]  # an exact copy's neighbours are its representative's (same pixels)
+        own = a != b
+        near_keep, near_of, near_sim = select_representatives(rank, a[own], b[own], s[own])
+        removed = keep & ~near_keep
+        dup_of[removed], sim[removed] = near_of[removed], near_sim[removed]
+        keep &= near_keep
+        # exact copies of a near-duplicate point at the image kept in its place, with the same similarity
+        moved = ~keep & (dup_of >= 0) & ~keep[np.maximum(dup_of, 0)]
+        sim[moved] = sim[dup_of[moved]]
+        dup_of[moved] = dup_of[dup_of[moved]]
+    exact = (~keep) & (rep != np.arange(n)) & (dup_of == rep)
+    return keep, dup_of, sim, exact
+
+
 def deduplicate(manifest, embeddings: np.ndarray | None, cfg: DedupConfig,
                 thumbs: np.ndarray | None = None) -> tuple[np.ndarray, list[dict]]:
     """manifest: pandas DataFrame (image_id, pixel_sha256, cell_type, width, height, dataset), rows aligned
@@ -363,24 +421,14 @@ def deduplicate(manifest, embeddings: np.ndarray | None, cfg: DedupConfig,
         for idx in manifest.groupby("pixel_sha256").indices.values():
             if len(idx) > 1:
                 rep[idx] = idx[np.argmin(rank[idx])]
-    keep = rep == np.arange(n)
-    dup_of, sim = np.where(keep, -1, rep), np.where(keep, 0.0, 1.0).astype(np.float32)
-    if cfg.near and keep.sum() > 1 and (thumbs is not None or embeddings is not None):
+    a = b = np.zeros(0, np.int64)
+    s = np.zeros(0, np.float32)
+    if cfg.near and (rep == np.arange(n)).sum() > 1 and (thumbs is not None or embeddings is not None):
         if thumbs is not None:
             a, b, s = dihedral_knn_edges(thumbs, cfg.k, cfg.threshold, cfg)
         else:
             a, b, s = knn_edges(embeddings, cfg.k, cfg.threshold, cfg)
-        a, b = rep[a], rep[b]  # an exact copy's neighbours are its representative's (same pixels)
-        own = a != b
-        near_keep, near_of, near_sim = select_representatives(rank, a[own], b[own], s[own])
-        removed = keep & ~near_keep
-        dup_of[removed], sim[removed] = near_of[removed], near_sim[removed]
-        keep &= near_keep
-        # exact copies of a near-duplicate point at the image kept in its place, with the same similarity
-        moved = ~keep & (dup_of >= 0) & ~keep[np.maximum(dup_of, 0)]
-        sim[moved] = sim[dup_of[moved]]
-        dup_of[moved] = dup_of[dup_of[moved]]
-    exact = (~keep) & (rep != np.arange(n)) & (dup_of == rep)
+    keep, dup_of, sim, exact = resolve(rank, rep, a, b, s)
     dups = [{"image_id": ids[m], "duplicate_of": ids[int(dup_of[m])], "similarity": float(sim[m]),
              "reason": "exact" if exact[m] else "near_duplicate"} for m in np.flatnonzero(~keep)]
     log.info("dedup: %d images, %d duplicates (%d exact)", n, len(dups), int(exact.sum()))
@@ -449,53 +497,10 @@ def run_dedup(out_uri: str, cfg: DedupConfig, storage_cfg=None, force: bool = Fa
     ``duplicates.parquet`` (every removed image, the one it duplicates, similarity, reason), then the leakage
     guard against ``cfg.eval_manifests`` (embedded with ``embed_cfg``, the run's embed settings).
     Reconciles per dataset: images in == kept + duplicates (incl. leakage) (the run fails otherwise)."""
+    from cytoray.curation import dedup_stage
     from cytoray.curation.embed import EmbedConfig
     from cytoray.curation.stage import run_stage
 
     embed_cfg = embed_cfg or EmbedConfig()
-    return run_stage("dedup", out_uri, cfg, lambda run: _dedup(run, cfg, embed_cfg, storage_cfg), storage_cfg, force)
-
-
-def _dedup(run, cfg: DedupConfig, embed_cfg, storage_cfg) -> dict:
-    import pyarrow as pa
-
-    from cytoray.curation.embed import embed_rows, load_embeddings
-    from cytoray.curation.shards import KEPT_MASK, publish_mask
-    from cytoray.features.fingerprint import fingerprints_of_table
-    from cytoray.manifest import DUPLICATES_SCHEMA
-
-    table = run.read("ingested.parquet")
-    ids, emb, thumbs = load_embeddings(run.out_uri, storage_cfg)
-    if ids != table.column("image_id").to_pylist():
-        raise AssertionError("embeddings.parquet rows do not match ingested.parquet; rerun the embed stage "
-                             "(force=true)")
-    frame = table.select(["image_id", "pixel_sha256", "cell_type", "width", "height", "dataset"]).to_pandas()
-    eval_sets = []
-    for uri in cfg.eval_manifests:
-        rows = read_eval_manifest(uri, storage_cfg)
-        fp = fingerprints_of_table(embed_rows(rows, embed_cfg, storage_cfg))
-        eval_sets.append((f"eval:{uri}", rows.column("image_id").to_pylist(), fp))
-    keep, dups = remove_leakage_and_duplicates(frame, emb, thumbs, eval_sets, cfg)
-    dup_table = pa.Table.from_pylist(dups, schema=DUPLICATES_SCHEMA)
-    kept = table.filter(pa.array(keep))
-    run.publish("deduplicated.parquet", kept)
-    run.publish("duplicates.parquet", dup_table)
-    publish_mask(run, KEPT_MASK, keep)
-
-    per: dict[str, dict] = {}
-    for name in sorted(set(frame["dataset"])):
-        images = int((frame["dataset"] == name).sum())
-        mine = [d for d in dups if d["dataset"] == name]
-        per[name] = {"images": images, "kept": int(keep[(frame["dataset"] == name).to_numpy()].sum()),
-                     "duplicates": len(mine), "exact": sum(d["reason"] == "exact" for d in mine),
-                     "near": sum(d["reason"] == "near_duplicate" for d in mine),
-                     "leakage": sum(d["reason"] == "leakage" for d in mine),
-                     "cross_dataset": sum(d["dataset"] != d["duplicate_of_dataset"] and d["reason"] != "leakage"
-                                          for d in mine)}
-        if per[name]["images"] != per[name]["kept"] + per[name]["duplicates"]:
-            raise AssertionError(f"dedup accounting broken for {name}: {per[name]}")
-    total = {k: sum(d[k] for d in per.values()) for k in ("images", "kept", "duplicates", "exact", "near",
-                                                            "leakage", "cross_dataset")}
-    summary = {"stage": "dedup", "threshold": cfg.threshold, "k": cfg.k, "datasets": per, "total": total,
-               "leakage_threshold": cfg.leakage_threshold, "eval_manifests": list(cfg.eval_manifests)}
-    return summary
+    return run_stage("dedup", out_uri, cfg, lambda run: dedup_stage.run(run, cfg, embed_cfg, scale, storage_cfg),
+                     storage_cfg, force)

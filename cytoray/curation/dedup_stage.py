@@ -1,0 +1,384 @@
+"""The dedup stage over shards of the stage files: the rules of ``curation.dedup`` with a driver whose memory does
+not grow with the images' payload.
+
+Every pass below is one function over row-range shards (``curation.shards``), run as Ray tasks or in this
+process (``scale.mode``); both run the same code on the same shards, so they give the same duplicates.
+
+1. **scan**: per shard, a 64-bit prefix of each image's pixel hash, its dataset, and the zoom-1 fingerprint rows
+   of the coarse k-means sample (``dedup.coarse_sample``: the same rows the in-memory search trains on).
+2. The driver trains the coarse lists (k-means centroids) on that sample; up to ``dedup.flat_max`` images there
+   is one list and the search is exact.
+3. **route**: per shard, each image's home list; the zoom-1 thumbnails are written to the stage's staging
+   directory by partition (contiguous list ranges of about ``dedup.partition_rows`` images): the index.
+4. **search** (leakage guard first when evaluation manifests are given, then near duplicates): per query shard,
+   every zoom × flip × rotation of every image probes its ``list_probe`` nearest lists; the task loads the index
+   partitions those lists are in, one at a time, and returns only the pairs above the threshold
+   (``dedup.search_members``, the in-memory search's own core). Evaluation images are one more query shard.
+5. The driver resolves the keep decisions (``dedup.resolve``) on the rows that matter — rows sharing a pixel
+   hash prefix and rows with an edge — after fetching just their keep-policy keys (**keys**).
+6. **write**: ``deduplicated.parquet`` (one file here; a directory of part files from Ray tasks),
+   ``duplicates.parquet``, and ``kept_rows.npy`` (one bit per ingested row) for the stages after.
+
+The driver holds 8 bytes per image (the hash prefix) plus the coarse sample, the edges and the involved rows'
+keys. Each task holds one shard's fingerprints (3 KB per image) and one index partition (1 KB per image).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from cytoray import storage
+from cytoray.curation import dedup as D
+from cytoray.curation.shards import (
+    KEPT_MASK,
+    Layout,
+    ScaleConfig,
+    layout,
+    map_shards,
+    publish_mask,
+    read_rows,
+    remove,
+    use_ray,
+    write_part,
+)
+
+log = logging.getLogger(__name__)
+
+KEY_COLUMNS = ["image_id", "pixel_sha256", "cell_type", "width", "height", "dataset"]
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every shard task needs (put in the object store once)."""
+
+    ingested: Layout
+    embeddings: Layout
+    staging: str
+    storage_cfg: storage.StorageConfig | None
+    nlist: int
+    partitions: int
+
+    def partition_of(self, lists: np.ndarray) -> np.ndarray:
+        return np.asarray(lists, np.int64) * self.partitions // max(1, self.nlist)
+
+    def part_uri(self, partition: int, shard: int) -> str:
+        return storage.join_uri(self.staging, "index", f"p{partition:05d}", f"s{shard:05d}.npz")
+
+
+def _fingerprints(ctx: Context, a: int, b: int):
+    from cytoray.features.fingerprint import fingerprints_of_table
+
+    t = read_rows(ctx.embeddings, a, b, ["image_id", "fingerprint"], ctx.storage_cfg)
+    return t.column("image_id").to_pylist(), fingerprints_of_table(t)
+
+
+def _base_rows(thumbs: np.ndarray) -> np.ndarray:
+    """Centred unit zoom-1 rows (what the index holds)."""
+    return D._variant_rows(thumbs, D._centring(thumbs[:, :1]), np.arange(len(thumbs)), 0)
+
+
+def _scan(shard, ctx: Context, sample: np.ndarray) -> dict:
+    i, a, b = shard
+    ing = read_rows(ctx.ingested, a, b, ["image_id", "pixel_sha256", "dataset"], ctx.storage_cfg)
+    ids, thumbs = _fingerprints(ctx, a, b)
+    if ids != ing.column("image_id").to_pylist():
+        raise AssertionError(f"embeddings.parquet rows {a}..{b} do not match ingested.parquet; rerun the embed "
+                             "stage (force=true)")
+    sha = np.array([int(h[:16], 16) if h else 0 for h in ing.column("pixel_sha256").to_pylist()], np.uint64)
+    rows = sample[(sample >= a) & (sample < b)] - a
+    return {"sha": sha, "datasets": Counter(ing.column("dataset").to_pylist()),
+            "sample": _base_rows(thumbs[rows]) if len(rows) else None}
+
+
+def _route(shard, ctx: Context, centroids: np.ndarray | None) -> int:
+    import faiss
+
+    i, a, b = shard
+    _, thumbs = _fingerprints(ctx, a, b)
+    means, norms = D._centring(thumbs[:, :1])
+    if centroids is None:
+        home = np.zeros(b - a, np.int64)
+    else:
+        index = faiss.IndexFlatIP(centroids.shape[1])
+        index.add(centroids)
+        home = index.search(_base_rows(thumbs), 1)[1][:, 0]
+    part = ctx.partition_of(home)
+    for p in np.unique(part).tolist():
+        sel = np.flatnonzero(part == p)
+        buf = io.BytesIO()
+        np.savez(buf, rows=sel + a, home=home[sel], thumbs=thumbs[sel, 0], means=means[sel, 0], norms=norms[sel, 0])
+        storage.write_bytes(ctx.part_uri(p, i), buf.getvalue(), ctx.storage_cfg)
+    return b - a
+
+
+def _load_partition(ctx: Context, p: int, shards: int, excluded: np.ndarray | None):
+    """(base rows sorted by list, their row ids, their lists) of index partition ``p``."""
+    rows, home, thumbs, means, norms = [], [], [], [], []
+    for s in range(shards):
+        uri = ctx.part_uri(p, s)
+        if not storage.exists(uri, ctx.storage_cfg):
+            continue
+        z = np.load(io.BytesIO(storage.read_bytes(uri, ctx.storage_cfg)))
+        rows.append(z["rows"]), home.append(z["home"]), thumbs.append(z["thumbs"])
+        means.append(z["means"]), norms.append(z["norms"])
+    if not rows:
+        return None
+    rows, home, thumbs = np.concatenate(rows), np.concatenate(home), np.concatenate(thumbs)
+    means, norms = np.concatenate(means), np.concatenate(norms)
+    if excluded is not None:
+        ok = ~excluded[rows]
+        rows, home, thumbs, means, norms = rows[ok], home[ok], thumbs[ok], means[ok], norms[ok]
+    order = np.argsort(home, kind="stable")  # by list; within a list by row (files in shard order)
+    base = D._variant_rows(thumbs[order][:, None], (means[order][:, None], norms[order][:, None]),
+                           np.arange(len(order)), 0)
+    return base, rows[order], home[order]
+
+
+def _search(query, ctx: Context, centroids: np.ndarray | None, shards: int, probe: int, k: int, threshold: float,
+            excluded_bits: np.ndarray | None, eval_thumbs: list[np.ndarray]):
+    """Pairs of one query shard: ("shard", i, a, b) -> (row, row, cosine) with row < row among the rows;
+    ("eval", j) -> (eval row, row, cosine) for evaluation set j."""
+    import faiss
+
+    excluded = None if excluded_bits is None else np.unpackbits(excluded_bits, count=ctx.ingested.rows).astype(bool)
+    if query[0] == "shard":
+        _, i, a, b = query
+        _, thumbs = _fingerprints(ctx, a, b)
+        same_ids = np.arange(a, b)
+    else:
+        thumbs, same_ids = eval_thumbs[query[1]], None
+    nv = thumbs.shape[1] * 8
+    qcentre = D._centring(thumbs)
+    if centroids is None:
+        probes = np.zeros((len(thumbs), nv, 1), np.int64)
+    else:
+        index = faiss.IndexFlatIP(centroids.shape[1])
+        index.add(centroids)
+        probes = D._probe_lists(index, thumbs, qcentre, probe, nv)
+    if same_ids is not None and excluded is not None:
+        probes[excluded[same_ids]] = -1
+    part = np.where(probes >= 0, ctx.partition_of(probes), -1)
+    found = []
+    for p in np.unique(part[part >= 0]).tolist():
+        loaded = _load_partition(ctx, p, shards, excluded)
+        if loaded is None or len(loaded[0]) == 0:
+            continue
+        base, ids, lists = loaded
+        found.append(D.search_members(thumbs, qcentre, np.where(part == p, probes, -1), base, ids, lists, k,
+                                      threshold, same_ids=same_ids))
+    if not found:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    qv, m, s = (np.concatenate(x) for x in zip(*found))
+    top = D._top_per_group(qv, s, m, k)
+    q = qv[top] // nv
+    if same_ids is not None:
+        q = same_ids[q]
+        return D._best_per_pair(np.minimum(q, m[top]), np.maximum(q, m[top]), s[top])
+    return D._best_per_pair(q, m[top], s[top])
+
+
+def _cross_shard(shard, ctx: Context, eval_thumbs: list[np.ndarray], k: int, threshold: float, cfg: D.DedupConfig):
+    """Leakage guard, training side: this shard's images against each evaluation set (exact or the in-memory
+    lists over the evaluation set). Returns per set (training row, eval row, cosine)."""
+    _, i, a, b = shard
+    _, thumbs = _fingerprints(ctx, a, b)
+    out = []
+    for ev in eval_thumbs:
+        t, e, s = D._dihedral_search(thumbs, ev, k, threshold, cfg, same=False)
+        out.append((t + a, e, s))
+    return out
+
+
+def _keys(shard, ctx: Context, positions: np.ndarray):
+    _, i, a, b = shard
+    lo, hi = np.searchsorted(positions, [a, b])
+    if lo == hi:
+        return None
+    t = read_rows(ctx.ingested, a, b, KEY_COLUMNS, ctx.storage_cfg)
+    return t.take(positions[lo:hi] - a)
+
+
+def _write_kept(shard, ctx: Context, keep_bits: np.ndarray, out: str) -> dict:
+    import pyarrow as pa
+
+    _, i, a, b = shard
+    keep = np.unpackbits(keep_bits, count=ctx.ingested.rows).astype(bool)[a:b]
+    t = read_rows(ctx.ingested, a, b, None, ctx.storage_cfg).filter(pa.array(keep))
+    write_part(out, i, t, ctx.storage_cfg)
+    return Counter(t.column("dataset").to_pylist())
+
+
+def rank_rows(keys, priority: list[str]) -> np.ndarray:
+    """Keep-policy rank (``dedup.keep_order``) of the rows of a key table, vectorised."""
+    ds = keys.column("dataset").to_pylist()
+    prio = {d: r for r, d in enumerate(priority)}
+    order = np.lexsort((np.array(keys.column("image_id").to_pylist(), dtype=str),
+                        np.array([prio.get(d, len(priority)) for d in ds]),
+                        -(np.asarray(keys.column("width").to_numpy(zero_copy_only=False), np.int64)
+                          * np.asarray(keys.column("height").to_numpy(zero_copy_only=False), np.int64)),
+                        keys.column("cell_type").is_null().to_numpy(zero_copy_only=False)))
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    return rank
+
+
+def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_cfg) -> dict:
+    """The dedup stage body (``dedup.run_dedup``)."""
+    import pyarrow as pa
+
+    from cytoray.curation.embed import embed_rows
+    from cytoray.features.fingerprint import fingerprints_of_table
+    from cytoray.manifest import DUPLICATES_SCHEMA
+
+    scale = scale or ScaleConfig()
+    ing, emb = layout(run_.uri("ingested.parquet"), storage_cfg), layout(run_.uri("embeddings.parquet"), storage_cfg)
+    n = ing.rows
+    if emb.rows != n:
+        raise AssertionError(f"embeddings.parquet has {emb.rows} rows, ingested.parquet {n}; rerun the embed stage "
+                             "(force=true)")
+    ray_tasks = use_ray(scale, n)
+    ranges = ing.ranges(scale.shard_rows)
+    shards = [("shard", i, a, b) for i, (a, b) in enumerate(ranges)]
+    nlist = 1 if n <= cfg.flat_max else max(1, n // cfg.list_size)
+    ctx = Context(ing, emb, run_.staging, storage_cfg, nlist, max(1, -(-n // max(1, cfg.partition_rows))))
+    go = dict(ray_tasks=ray_tasks, cfg=scale, rows=lambda s: s[3] - s[2])
+
+    sample = D.coarse_sample(n, nlist) if nlist > 1 else np.zeros(0, np.int64)
+    scanned = map_shards(_scan, [s[1:] for s in shards], ctx, sample, desc="dedup: scan", ray_tasks=ray_tasks,
+                         cfg=scale, rows=lambda s: s[2] - s[1])
+    sha = np.concatenate([r["sha"] for r in scanned]) if scanned else np.zeros(0, np.uint64)
+    images = Counter()
+    for r in scanned:
+        images.update(r["datasets"])
+    centroids = None
+    if nlist > 1:
+        lists = D._kmeans_lists(np.concatenate([r["sample"] for r in scanned if r["sample"] is not None]), nlist)
+        centroids = lists.reconstruct_n(0, lists.ntotal)
+    del scanned
+    map_shards(_route, [s[1:] for s in shards], ctx, centroids, desc="dedup: index", ray_tasks=ray_tasks,
+               cfg=scale, rows=lambda s: s[2] - s[1])
+    probe = min(cfg.list_probe, nlist)
+
+    # leakage guard over every image first (module docstring of curation.dedup)
+    eval_sets = []
+    for uri in cfg.eval_manifests:
+        rows = D.read_eval_manifest(uri, storage_cfg)
+        fp = fingerprints_of_table(embed_rows(rows, embed_cfg, storage_cfg))
+        eval_sets.append((f"eval:{uri}", rows.column("image_id").to_pylist(), fp))
+    eval_sets = [e for e in eval_sets if len(e[1])]
+    leaked = np.zeros(n, bool)
+    hits: dict[int, tuple[str, str, float]] = {}
+    if eval_sets and n:
+        thumbs = [e[2] for e in eval_sets]
+        per_shard = map_shards(_cross_shard, shards, ctx, thumbs, cfg.k, cfg.leakage_threshold, cfg,
+                               desc="leakage guard", **go)
+        back = map_shards(_search, [("eval", j) for j in range(len(eval_sets))], ctx, centroids, len(shards), probe,
+                          cfg.k, cfg.leakage_threshold, None, thumbs, desc="leakage guard (evaluation images)",
+                          ray_tasks=ray_tasks, cfg=scale)
+        for j, (name, eval_ids, _) in enumerate(eval_sets):
+            e2, t2, s2 = back[j]
+            t = np.concatenate([r[j][0] for r in per_shard] + [t2])
+            e = np.concatenate([r[j][1] for r in per_shard] + [e2])
+            s = np.concatenate([r[j][2] for r in per_shard] + [s2])
+            t, e, s = D._best_per_pair(t, e, s)
+            for ti, ei, v in zip(t.tolist(), e.tolist(), s.tolist()):
+                if ti not in hits or v > hits[ti][2]:
+                    hits[ti] = (eval_ids[ei], name, v)
+        leaked[list(hits)] = True
+        log.info("leakage guard: %d training images dropped as near-copies of %d evaluation images",
+                 len(hits), sum(len(e[1]) for e in eval_sets))
+
+    # exact copies: rows (not leaked) whose hash prefix is shared; confirmed on the full hash below
+    multi = np.zeros(0, np.int64)
+    if cfg.exact:
+        cand = np.flatnonzero(~leaked)
+        _, inv, counts = np.unique(sha[cand], return_inverse=True, return_counts=True)
+        multi = cand[counts[inv] > 1]
+    a = b = np.zeros(0, np.int64)
+    s = np.zeros(0, np.float32)
+    if cfg.near and (~leaked).sum() > 1:
+        found = map_shards(_search, shards, ctx, centroids, len(shards), probe, cfg.k, cfg.threshold,
+                           np.packbits(leaked) if leaked.any() else None, [], desc="dedup: near-duplicate search",
+                           **go)
+        if found:
+            a, b, s = (np.concatenate(x) for x in zip(*found))
+            a, b, s = D._best_per_pair(a, b, s)  # a pair found from both of its shards once
+
+    # decisions on the rows that matter
+    involved = np.unique(np.concatenate([multi, a, b, np.flatnonzero(leaked)]).astype(np.int64))
+    got = [t for t in map_shards(_keys, shards, ctx, involved, desc="dedup: keys", **go) if t is not None]
+    keys = pa.concat_tables(got) if got else None
+    ids = keys.column("image_id").to_pylist() if keys is not None else []
+    datasets = keys.column("dataset").to_pylist() if keys is not None else []
+    dups: list[dict] = []
+    for r in sorted(hits):
+        li = int(np.searchsorted(involved, r))
+        eval_id, name, v = hits[r]
+        dups.append({"image_id": ids[li], "duplicate_of": eval_id, "similarity": float(v), "reason": "leakage",
+                     "dataset": datasets[li], "duplicate_of_dataset": name})
+    keep = ~leaked
+    rest = np.flatnonzero(~leaked[involved])  # positions in ``involved`` of rows that take part in dedup
+    if len(rest):
+        sub = keys.take(rest)
+        rank = rank_rows(sub, cfg.dataset_priority)
+        rep = np.arange(len(rest))
+        in_multi = np.isin(involved[rest], multi)
+        if in_multi.any():
+            full = sub.column("pixel_sha256").to_pylist()
+            groups: dict[str, list[int]] = {}
+            for j in np.flatnonzero(in_multi).tolist():
+                groups.setdefault(full[j], []).append(j)
+            for idx in map(np.array, groups.values()):
+                if len(idx) > 1:
+                    rep[idx] = idx[np.argmin(rank[idx])]
+        pos = involved[rest]
+        la, lb = np.searchsorted(pos, a), np.searchsorted(pos, b)
+        k_, dup_of, sim, exact = D.resolve(rank, rep, la, lb, s)
+        sub_ids, sub_ds = sub.column("image_id").to_pylist(), sub.column("dataset").to_pylist()
+        for m in np.flatnonzero(~k_).tolist():
+            t = int(dup_of[m])
+            dups.append({"image_id": sub_ids[m], "duplicate_of": sub_ids[t], "similarity": float(sim[m]),
+                         "reason": "exact" if exact[m] else "near_duplicate", "dataset": sub_ds[m],
+                         "duplicate_of_dataset": sub_ds[t]})
+        keep[pos[~k_]] = False
+        log.info("dedup: %d images, %d duplicates (%d exact)", n - len(hits), int((~k_).sum()), int(exact.sum()))
+
+    # outputs
+    out = run_.uri("deduplicated.parquet")
+    if ray_tasks:
+        remove(out, storage_cfg)
+        counts = map_shards(_write_kept, shards, ctx, np.packbits(keep), out, desc="dedup: write", **go)
+        kept = sum(counts, Counter())
+    else:
+        table = read_rows(ing, 0, n, None, storage_cfg).filter(pa.array(keep))
+        run_.publish("deduplicated.parquet", table)
+        kept = Counter(table.column("dataset").to_pylist())
+    run_.publish("duplicates.parquet", pa.Table.from_pylist(dups, schema=DUPLICATES_SCHEMA))
+    publish_mask(run_, KEPT_MASK, keep)
+    return summarize(cfg, images, kept, dups, ray_tasks, len(shards), nlist)
+
+
+def summarize(cfg: D.DedupConfig, images: Counter, kept: Counter, dups: list[dict], ray_tasks: bool, shards: int,
+              nlist: int) -> dict:
+    """The stage summary; fails when a dataset's images != kept + duplicates."""
+    per: dict[str, dict] = {}
+    for name in sorted(images):
+        mine = [d for d in dups if d["dataset"] == name]
+        per[name] = {"images": int(images[name]), "kept": int(kept.get(name, 0)), "duplicates": len(mine),
+                     "exact": sum(d["reason"] == "exact" for d in mine),
+                     "near": sum(d["reason"] == "near_duplicate" for d in mine),
+                     "leakage": sum(d["reason"] == "leakage" for d in mine),
+                     "cross_dataset": sum(d["dataset"] != d["duplicate_of_dataset"] and d["reason"] != "leakage"
+                                          for d in mine)}
+        if per[name]["images"] != per[name]["kept"] + per[name]["duplicates"]:
+            raise AssertionError(f"dedup accounting broken for {name}: {per[name]}")
+    total = {k: sum(d[k] for d in per.values()) for k in ("images", "kept", "duplicates", "exact", "near",
+                                                            "leakage", "cross_dataset")}
+    return {"stage": "dedup", "threshold": cfg.threshold, "k": cfg.k, "datasets": per, "total": total,
+            "leakage_threshold": cfg.leakage_threshold, "eval_manifests": list(cfg.eval_manifests),
+            "search": {"lists": nlist, "shards": shards, "ray_tasks": ray_tasks}}
