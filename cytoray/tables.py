@@ -19,6 +19,10 @@ import pyarrow.parquet as pq
 
 from cytoray import storage
 
+# Rows per Parquet row group: a reader of a row range (``curation.shards.read_rows``) reads only the groups it
+# touches, so a large single-file stage output can still be read shard by shard.
+ROW_GROUP_ROWS = 16_384
+
 
 def _locate(uri: str, storage_cfg):
     """(arrow filesystem, path, is a directory) of an existing file or directory; FileNotFoundError otherwise."""
@@ -54,7 +58,7 @@ def read_schema(uri: str, storage_cfg: storage.StorageConfig | None = None) -> p
 def to_parquet_bytes(table: pa.Table, sort: bool = True) -> bytes:
     table = table.sort_by(table.column_names[0]) if sort and table.num_rows else table
     buf = pa.BufferOutputStream()
-    pq.write_table(table, buf)
+    pq.write_table(table, buf, row_group_size=ROW_GROUP_ROWS)
     return buf.getvalue().to_pybytes()
 
 

@@ -4,7 +4,7 @@ not grow with the images' payload.
 Every pass below is one function over row-range shards (``curation.shards``), run as Ray tasks or in this
 process (``scale.mode``); both run the same code on the same shards, so they give the same duplicates.
 
-1. **scan**: per shard, a 64-bit prefix of each image's pixel hash, its dataset, and the zoom-1 fingerprint rows
+1. **scan**: per shard, a 64-bit hash of each image's pixel hash, its dataset, and the zoom-1 fingerprint rows
    of the coarse k-means sample (``dedup.coarse_sample``: the same rows the in-memory search trains on).
 2. The driver trains the coarse lists (k-means centroids) on that sample; up to ``dedup.flat_max`` images there
    is one list and the search is exact.
@@ -15,16 +15,17 @@ process (``scale.mode``); both run the same code on the same shards, so they giv
    partitions those lists are in, one at a time, and returns only the pairs above the threshold
    (``dedup.search_members``, the in-memory search's own core). Evaluation images are one more query shard.
 5. The driver resolves the keep decisions (``dedup.resolve``) on the rows that matter — rows sharing a pixel
-   hash prefix and rows with an edge — after fetching just their keep-policy keys (**keys**).
+   64-bit hash and rows with an edge — after fetching just their keep-policy keys (**keys**).
 6. **write**: ``deduplicated.parquet`` (one file here; a directory of part files from Ray tasks),
    ``duplicates.parquet``, and ``kept_rows.npy`` (one bit per ingested row) for the stages after.
 
-The driver holds 8 bytes per image (the hash prefix) plus the coarse sample, the edges and the involved rows'
+The driver holds 8 bytes per image (the 64-bit hash) plus the coarse sample, the edges and the involved rows'
 keys. Each task holds one shard's fingerprints (3 KB per image) and one index partition (1 KB per image).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from collections import Counter
@@ -89,7 +90,8 @@ def _scan(shard, ctx: Context, sample: np.ndarray) -> dict:
     if ids != ing.column("image_id").to_pylist():
         raise AssertionError(f"embeddings.parquet rows {a}..{b} do not match ingested.parquet; rerun the embed "
                              "stage (force=true)")
-    sha = np.array([int(h[:16], 16) if h else 0 for h in ing.column("pixel_sha256").to_pylist()], np.uint64)
+    sha = np.array([int.from_bytes(hashlib.blake2b((h or "").encode(), digest_size=8).digest(), "little")
+                    for h in ing.column("pixel_sha256").to_pylist()], np.uint64)
     rows = sample[(sample >= a) & (sample < b)] - a
     return {"sha": sha, "datasets": Counter(ing.column("dataset").to_pylist()),
             "sample": _base_rows(thumbs[rows]) if len(rows) else None}
@@ -293,7 +295,7 @@ def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_
         log.info("leakage guard: %d training images dropped as near-copies of %d evaluation images",
                  len(hits), sum(len(e[1]) for e in eval_sets))
 
-    # exact copies: rows (not leaked) whose hash prefix is shared; confirmed on the full hash below
+    # exact copies: rows (not leaked) whose 64-bit hash is shared; confirmed on the full hash below
     multi = np.zeros(0, np.int64)
     if cfg.exact:
         cand = np.flatnonzero(~leaked)

@@ -23,10 +23,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cytoray import storage
+from cytoray.tables import ROW_GROUP_ROWS
 
 log = logging.getLogger(__name__)
 
-ROW_GROUP_ROWS = 16_384
 MODES = ("auto", "local", "ray")
 
 

@@ -1,0 +1,103 @@
+"""The dedup stage over shards: Ray tasks and this process give the same duplicates, and both equal the in-memory
+search (``dedup.deduplicate`` / ``remove_leakage_and_duplicates``); the partitioned (list) branch, several
+index partitions, multi-file inputs and outputs, and the leakage guard all take part."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from cytoray.curation.dedup import DedupConfig, deduplicate, remove_leakage_and_duplicates, run_dedup
+from cytoray.curation.shards import ScaleConfig, layout, load_mask
+from cytoray.tables import read_table
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """1,200 synthetic images with planted copies, plus 4 evaluation cells saved as PNG whose exact copies are
+    among the training rows: (ingested, embeddings, eval manifest uri, leaked image ids)."""
+    from PIL import Image
+
+    from cytoray.curation.synthetic.cells import Stain, render_cell
+    from cytoray.curation.synthetic.planted import make_collection
+    from cytoray.features.fingerprint import fingerprint_u8
+    from cytoray.tables import pack_vectors, write_table
+
+    ingested, embeddings, _ = make_collection(1200, 8, 0.1, seed=3)
+    root = tmp_path_factory.mktemp("eval")
+    rng = np.random.default_rng(11)
+    cells = [render_cell(c, 64, 0.3, Stain(), rng) for c in ("blast", "monocyte", "eosinophil", "lymphocyte")]
+    uris = []
+    for k, im in enumerate(cells):
+        Image.fromarray(im).save(root / f"e{k}.png")
+        uris.append(str(root / f"e{k}.png"))
+    write_table(str(root / "eval.parquet"), pa.table({"uri": uris}))
+    leaked = [f"ds00/leak{k}" for k in range(len(cells))]
+    extra_ing = pa.table({f.name: pa.array([leaked[k] if f.name == "image_id" else f"leakpx{k}"
+                                            if f.name == "pixel_sha256" else "ds00" if f.name == "dataset"
+                                            else 64 if f.name in ("width", "height") else None
+                                            for k in range(len(cells))], f.type)
+                          for f in ingested.schema}, schema=ingested.schema)
+    fp = np.stack([fingerprint_u8(im) for im in cells])
+    extra_emb = pa.table({"image_id": pa.array(leaked), "embedding": pack_vectors(
+        np.ones((len(cells), 8), np.float32) / np.sqrt(8)), "fingerprint": pack_vectors(fp.reshape(len(cells), -1))})
+    ingested = pa.concat_tables([ingested, extra_ing]).sort_by("image_id")
+    embeddings = pa.concat_tables([embeddings, extra_emb.cast(embeddings.schema)]).sort_by("image_id")
+    return ingested, embeddings, str(root / "eval.parquet"), leaked
+
+
+def _run(tmp_path, name, planted, cfg, scale, parts=0):
+    from cytoray.curation.synthetic.planted import write_run
+
+    out = str(tmp_path / name)
+    write_run(out, planted[0], planted[1], {"test": name}, parts=parts)
+    summary = run_dedup(out, cfg, scale=scale)
+    dups = read_table(f"{out}/duplicates.parquet").to_pandas().sort_values("image_id").reset_index(drop=True)
+    kept = read_table(f"{out}/deduplicated.parquet").column("image_id").to_pylist()
+    return out, summary, dups, kept
+
+
+def test_ray_tasks_and_this_process_find_the_same_duplicates(planted, ray_local, tmp_path):
+    # lists (flat_max below N), 3 index partitions, 4 query shards, the leakage guard both ways
+    cfg = DedupConfig(flat_max=300, partition_rows=500, eval_manifests=[planted[2]])
+    _, local, d_local, k_local = _run(tmp_path, "local", planted, cfg, ScaleConfig(mode="local", shard_rows=350))
+    out, ray_, d_ray, k_ray = _run(tmp_path, "ray", planted, cfg, ScaleConfig(mode="ray", shard_rows=350), parts=3)
+    assert local["search"] == {"lists": 4, "shards": 4, "ray_tasks": False}
+    assert ray_["search"] == {"lists": 4, "shards": 4, "ray_tasks": True}
+    assert len(layout(f"{out}/deduplicated.parquet").files) == 4  # one part per shard, written by the tasks
+    assert k_local == k_ray and local["total"] == ray_["total"]
+    assert d_local[["image_id", "duplicate_of", "reason"]].equals(d_ray[["image_id", "duplicate_of", "reason"]])
+    np.testing.assert_allclose(d_local.similarity, d_ray.similarity, atol=1e-6)
+    leaks = d_ray[d_ray.reason == "leakage"]
+    assert sorted(leaks.image_id) == sorted(planted[3]) and (leaks.similarity > 0.999).all()
+    assert local["total"]["near"] > 50 and local["total"]["exact"] > 5
+    mask = load_mask(out)
+    ids = planted[0].column("image_id").to_pylist()
+    assert mask.sum() == len(k_ray) and [i for i, m in zip(ids, mask) if m] == k_ray
+
+
+def test_sharded_stage_equals_the_in_memory_search(planted, ray_local, tmp_path):
+    from cytoray.features.fingerprint import fingerprints_of_table
+
+    frame = planted[0].select(["image_id", "pixel_sha256", "cell_type", "width", "height", "dataset"]).to_pandas()
+    thumbs = fingerprints_of_table(planted[1])
+    for cfg in (DedupConfig(flat_max=300), DedupConfig()):  # partitioned and exact search
+        keep, dups = deduplicate(frame, None, cfg, thumbs=thumbs)
+        _, summary, d_stage, kept = _run(tmp_path, f"flat{cfg.flat_max}", planted, cfg,
+                                         ScaleConfig(mode="local", shard_rows=500))
+        ref = sorted((d["image_id"], d["duplicate_of"], d["reason"]) for d in dups)
+        assert ref == list(zip(d_stage.image_id, d_stage.duplicate_of, d_stage.reason)), cfg
+        assert kept == frame.image_id[keep].tolist()
+    # with the leakage guard (exact search): the same leaks and duplicates as the in-memory stage rules
+    cfg = DedupConfig(eval_manifests=[planted[2]])
+    from cytoray.curation.dedup import read_eval_manifest
+    from cytoray.curation.embed import EmbedConfig, embed_rows
+
+    rows = read_eval_manifest(planted[2])
+    eval_fp = fingerprints_of_table(embed_rows(rows, EmbedConfig()))
+    keep, dups = remove_leakage_and_duplicates(frame, np.zeros((len(frame), 1), np.float32), thumbs,
+                                               [(f"eval:{planted[2]}", rows.column("image_id").to_pylist(), eval_fp)],
+                                               cfg)
+    _, _, d_stage, kept = _run(tmp_path, "leak", planted, cfg, ScaleConfig(mode="local", shard_rows=500))
+    ref = sorted((d["image_id"], d["duplicate_of"], d["reason"]) for d in dups)
+    assert ref == list(zip(d_stage.image_id, d_stage.duplicate_of, d_stage.reason))
+    assert kept == frame.image_id[keep].tolist()
