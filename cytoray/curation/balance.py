@@ -6,20 +6,32 @@ split over its children by a *cap search* (Vo et al. 2024's balanced hierarchica
 RudolfV's weights): find the cap ``c`` with ``Σ_i min(w_i · c, capacity_i) = budget``, where
 ``capacity_i = size_i × max_repeat`` — small children get everything they have (repeated up to
 ``max_repeat`` times), large ones are cut to the common cap. Integer budgets use largest-remainder rounding
-(ties by child order), and a leaf draws its budget from its images without replacement first, then whole
-repeats, then a seeded random remainder: the result is deterministic for a seed.
+(ties by child order). The split needs only the image count under each node, so the tree is built from the
+counts per leaf (group, c_T, ..., c_1) (:func:`leaf_budgets`). A leaf with budget ``b`` over ``n`` images gives
+each image ``b // n`` repeats and the ``b mod n`` extra repeats to the images with the smallest 64-bit hash of
+``f"{seed}:{image_id}"`` (blake2b; ties by row), so the result is deterministic for a seed, the same in every
+process and independent of how the rows are sharded.
 
 Output per kept image: ``group``, ``weight`` (the group weight), ``repeats`` (times it appears per epoch;
 0 = not sampled). The balanced manifest is the rows with ``repeats >= 1``; the unbalanced one keeps every
 deduplicated row with its cluster ids, for comparison.
 
+The stage (:func:`run_balance`) reads its inputs in row-range shards (``curation.shards``), here or as Ray
+tasks, with the same code either way: pass 1 counts per shard (leaves, datasets, cell types, clusters) and
+returns each row's (leaf, hash) — 12 bytes per row, the one array on the driver that grows with the rows —
+from which the driver computes every leaf's budget and extra-repeat cutoff; pass 2 writes each shard's rows
+with their repeats (Ray: one part file per shard) and returns the counts after balancing and a candidate
+sample for the mixing score.
+
 Mapping file (CSV, the report writes a template): ``cluster,group,weight`` per coarsest-level cluster. A
 weight of 0 drops the cluster (e.g. one an expert names "artefacts"); clusters missing from the file are
-an error (never silently dropped), as are unknown columns or negative weights.
+an error (never silently dropped), as are unknown columns, negative weights and one group given different
+weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from dataclasses import dataclass, field
@@ -83,42 +95,93 @@ def cap_allocation(sizes: np.ndarray, weights: np.ndarray, budget: int, max_repe
     return alloc
 
 
-def _leaf_repeats(n_images: int, budget: int, rng: np.random.Generator) -> np.ndarray:
-    reps = np.full(n_images, budget // n_images, np.int64)
-    extra = budget - int(reps.sum())
-    if extra:
-        reps[rng.choice(n_images, extra, replace=False)] += 1
-    return reps
+def image_hashes(image_ids, seed: int, salt: str = "") -> np.ndarray:
+    """uint64 per id: blake2b of ``f"{seed}:{salt}{image_id}"`` — stable across processes and runs (unlike
+    Python's ``hash``)."""
+    digests = b"".join(hashlib.blake2b(f"{seed}:{salt}{k}".encode(), digest_size=8).digest() for k in image_ids)
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
+
+
+def leaf_budgets(leaf_keys: np.ndarray, leaf_sizes: np.ndarray, top_weight: np.ndarray, target: int,
+                 max_repeat: int) -> np.ndarray:
+    """Samples per leaf of the sampling tree, from counts only. ``leaf_keys`` (L, D): one row per leaf, the
+    node key per level (top first), unique and sorted lexicographically; ``leaf_sizes`` (L,): images per leaf;
+    ``top_weight`` (L,): the weight of each leaf's top-level node (nodes below weigh 1)."""
+    leaf_keys = np.asarray(leaf_keys, np.int64)
+    num_leaves, depth_max = leaf_keys.shape if leaf_keys.ndim == 2 else (0, 0)
+    first = np.concatenate([[0], np.cumsum(np.asarray(leaf_sizes, np.int64))])
+    budgets = np.zeros(num_leaves, np.int64)
+
+    def visit(lo: int, hi: int, depth: int, budget: int) -> None:
+        if budget <= 0 or lo == hi:
+            return
+        if depth == depth_max:  # one leaf: keys are unique
+            budgets[lo] = budget
+            return
+        k = leaf_keys[lo:hi, depth]
+        starts = lo + np.flatnonzero(np.concatenate([[True], k[1:] != k[:-1]]))
+        ends = np.append(starts[1:], hi)
+        w = np.asarray(top_weight, np.float64)[starts] if depth == 0 else np.ones(len(starts))
+        alloc = cap_allocation(first[ends] - first[starts], w, budget, max_repeat)
+        for a, b, c in zip(starts.tolist(), ends.tolist(), alloc.tolist()):
+            visit(a, b, depth + 1, c)
+
+    visit(0, num_leaves, 0, int(target))
+    return budgets
+
+
+def extra_cutoffs(leaf_of_row: np.ndarray, hashes: np.ndarray, budgets: np.ndarray, leaf_sizes: np.ndarray):
+    """Per leaf, the (hash, row) of the last image that gets one of the leaf's ``budget mod size`` extra repeats:
+    they go to the images with the smallest (hash, row). Rows are global positions (index into the arrays).
+    Returns (cut_hash uint64, cut_row int64; -1 where a leaf has no extra repeat)."""
+    sizes = np.asarray(leaf_sizes, np.int64)
+    extra = budgets - (budgets // np.maximum(sizes, 1)) * sizes
+    order = np.lexsort((np.arange(len(hashes)), hashes, leaf_of_row))  # by leaf, hash, row
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    cut_hash = np.zeros(len(sizes), np.uint64)
+    cut_row = np.full(len(sizes), -1, np.int64)
+    has = extra > 0
+    pos = order[starts[has] + extra[has] - 1]
+    cut_hash[has], cut_row[has] = hashes[pos], pos
+    return cut_hash, cut_row
+
+
+def leaf_repeats(leaf: np.ndarray, hashes: np.ndarray, rows: np.ndarray, budgets: np.ndarray,
+                 leaf_sizes: np.ndarray, cut_hash: np.ndarray, cut_row: np.ndarray) -> np.ndarray:
+    """Repeats per image: ``budget // size`` of its leaf, plus one if its (hash, row) is at most the leaf's cutoff
+    (:func:`extra_cutoffs`)."""
+    base = budgets[leaf] // leaf_sizes[leaf]
+    ch, cr = cut_hash[leaf], cut_row[leaf]
+    extra = (hashes < ch) | ((hashes == ch) & (rows <= cr))
+    return base + extra.astype(np.int64)
 
 
 def hierarchical_sample(keys: list[np.ndarray], node_weight: np.ndarray, target: int, max_repeat: int,
-                        seed: int) -> np.ndarray:
-    """Repeats per image. ``keys``: one int array per tree level, top first (group, coarse ... fine cluster);
-    ``node_weight``: weight of each image's top-level node (children below weigh 1)."""
+                        seed: int, image_ids=None) -> np.ndarray:
+    """Repeats per image, in memory (the stage runs the same steps over shards). ``keys``: one int array per
+    tree level, top first (group, coarse ... fine cluster); ``node_weight``: weight of each image's top-level
+    node (children below weigh 1; the first image's weight counts for its node); ``image_ids``: what the
+    extra repeats are hashed on (default: the row number)."""
     n = len(keys[0]) if keys else 0
-    repeats = np.zeros(n, np.int64)
-    rng = np.random.default_rng(seed)
-
-    def visit(idx: np.ndarray, depth: int, budget: int) -> None:
-        if budget <= 0 or len(idx) == 0:
-            return
-        if depth == len(keys):
-            repeats[idx] = _leaf_repeats(len(idx), budget, rng)
-            return
-        k = keys[depth][idx]
-        order = np.argsort(k, kind="stable")
-        uniq, starts, counts = np.unique(k[order], return_index=True, return_counts=True)
-        w = node_weight[idx[order[starts]]] if depth == 0 else np.ones(len(uniq))
-        alloc = cap_allocation(counts, w, budget, max_repeat)
-        for s, c, a in zip(starts, counts, alloc):
-            visit(idx[order[s:s + c]], depth + 1, int(a))
-
-    visit(np.arange(n), 0, target)
-    return repeats
+    if n == 0:
+        return np.zeros(0, np.int64)
+    leaves, first, leaf_of_row, sizes = np.unique(np.stack(keys, 1).astype(np.int64), axis=0, return_index=True,
+                                                  return_inverse=True, return_counts=True)
+    leaf_of_row = leaf_of_row.reshape(-1)
+    top_first = {}
+    for k, w in zip(np.asarray(keys[0])[np.sort(first)].tolist(), np.asarray(node_weight)[np.sort(first)].tolist()):
+        top_first.setdefault(k, w)
+    top_weight = np.array([top_first[k] for k in leaves[:, 0].tolist()], np.float64)
+    budgets = leaf_budgets(leaves, sizes, top_weight, target, max_repeat)
+    ids = [str(i) for i in range(n)] if image_ids is None else image_ids
+    hashes = image_hashes(ids, seed)
+    cut_hash, cut_row = extra_cutoffs(leaf_of_row, hashes, budgets, sizes)
+    return leaf_repeats(leaf_of_row, hashes, np.arange(n), budgets, sizes, cut_hash, cut_row)
 
 
 def read_mapping(uri: str, storage_cfg=None) -> dict[int, tuple[str, float]]:
-    """cluster -> (group, weight) from the expert's CSV (columns cluster,group,weight)."""
+    """cluster -> (group, weight) from the expert's CSV (columns cluster,group,weight); every cluster of a group
+    carries the same weight."""
     import csv
 
     from cytoray import storage
@@ -129,7 +192,7 @@ def read_mapping(uri: str, storage_cfg=None) -> dict[int, tuple[str, float]]:
     if not reader.fieldnames or not need <= set(reader.fieldnames):
         raise BalanceError(f"balance.mapping_file {uri}: columns must include cluster,group,weight "
                            f"(found {reader.fieldnames}); start from the template the report writes")
-    out = {}
+    out, group_weight = {}, {}
     for line, row in enumerate(reader, start=2):
         try:
             c, w = int(row["cluster"]), float(row["weight"])
@@ -137,120 +200,160 @@ def read_mapping(uri: str, storage_cfg=None) -> dict[int, tuple[str, float]]:
             raise BalanceError(f"balance.mapping_file {uri} line {line}: {exc}") from None
         if w < 0 or not np.isfinite(w):
             raise BalanceError(f"balance.mapping_file {uri} line {line}: weight {w} must be finite and >= 0")
-        if not row["group"].strip():
+        g = row["group"].strip()
+        if not g:
             raise BalanceError(f"balance.mapping_file {uri} line {line}: empty group name")
-        out[c] = (row["group"].strip(), w)
+        if group_weight.setdefault(g, w) != w:
+            raise BalanceError(f"balance.mapping_file {uri} line {line}: group {g!r} has weight {w} here and "
+                               f"{group_weight[g]} on an earlier line; a group has one weight (to drop one cluster, "
+                               "give it a group of its own with weight 0)")
+        out[c] = (g, w)
     return out
+
+
+def check_group_by(cfg: BalanceConfig) -> None:
+    if not cfg.mapping_file and cfg.group_by != "none" and cfg.group_by not in GROUP_COLUMNS:
+        raise BalanceError(f"balance.group_by={cfg.group_by!r}: choose one of {list(GROUP_COLUMNS) + ['none']}")
+
+
+def group_names(values, top_clusters: np.ndarray, cfg: BalanceConfig, mapping: dict | None) -> np.ndarray:
+    """Group name per image (str array): from the mapping (``""`` for a cluster it lacks; :func:`check_groups`
+    reports those) or the ``group_by`` column's ``values`` (null: ``unlabelled``)."""
+    if mapping is not None:
+        return np.array([mapping[c][0] if c in mapping else "" for c in top_clusters.tolist()], dtype=str)
+    if cfg.group_by == "none":
+        return np.full(len(top_clusters), "all")
+    return np.array([("unlabelled" if v is None or v != v else str(v)) for v in values], dtype=str)
+
+
+def check_groups(cfg: BalanceConfig, mapping: dict | None, top_clusters: set, groups: set) -> None:
+    """The mapping covers every top cluster present; ``group_weights`` names only groups present, none < 0."""
+    if mapping is not None:
+        missing = sorted(set(top_clusters) - set(mapping))
+        if missing:
+            raise BalanceError(f"balance.mapping_file {cfg.mapping_file} has no row for clusters {missing[:20]}; "
+                               "give every cluster a group and weight (weight 0 drops it)")
+        return
+    unknown = sorted(set(cfg.group_weights) - set(groups))
+    if unknown:
+        raise BalanceError(f"balance.group_weights names groups {unknown} that are not values of "
+                           f"{cfg.group_by!r} (present: {sorted(groups)[:20]})")
+    if any(float(w) < 0 for w in cfg.group_weights.values()):
+        raise BalanceError("balance.group_weights must be >= 0")
+
+
+def group_weight(cfg: BalanceConfig, mapping: dict | None) -> dict[str, float]:
+    """Weight per group name (groups not named: 1.0)."""
+    if mapping is not None:
+        return {g: w for g, w in mapping.values()}
+    return {str(g): float(w) for g, w in cfg.group_weights.items()}
 
 
 def assign_groups(frame, top_clusters: np.ndarray, cfg: BalanceConfig, storage_cfg=None):
     """(group name per image, weight per image) from the mapping file or the ``group_by`` column."""
-    n = len(frame)
-    if cfg.mapping_file:
-        mapping = read_mapping(cfg.mapping_file, storage_cfg)
-        missing = sorted(set(np.unique(top_clusters).tolist()) - set(mapping))
-        if missing:
-            raise BalanceError(f"balance.mapping_file {cfg.mapping_file} has no row for clusters {missing[:20]}; "
-                               "give every cluster a group and weight (weight 0 drops it)")
-        groups = np.array([mapping[c][0] for c in top_clusters.tolist()], dtype=object)
-        weights = np.array([mapping[c][1] for c in top_clusters.tolist()], np.float64)
-        return groups, weights
-    if cfg.group_by == "none":
-        groups = np.array(["all"] * n, dtype=object)
-    elif cfg.group_by in GROUP_COLUMNS:
-        groups = np.array([("unlabelled" if v is None or v != v else str(v)) for v in frame[cfg.group_by]],
-                          dtype=object)
-    else:
-        raise BalanceError(f"balance.group_by={cfg.group_by!r}: choose one of {list(GROUP_COLUMNS) + ['none']}")
-    unknown = sorted(set(cfg.group_weights) - set(groups.tolist()))
-    if unknown:
-        raise BalanceError(f"balance.group_weights names groups {unknown} that are not values of "
-                           f"{cfg.group_by!r} (present: {sorted(set(groups.tolist()))[:20]})")
-    weights = np.array([float(cfg.group_weights.get(g, 1.0)) for g in groups.tolist()], np.float64)
-    if (weights < 0).any():
-        raise BalanceError("balance.group_weights must be >= 0")
-    return groups, weights
+    check_group_by(cfg)
+    mapping = read_mapping(cfg.mapping_file, storage_cfg) if cfg.mapping_file else None
+    values = frame[cfg.group_by] if mapping is None and cfg.group_by != "none" else None
+    groups = group_names(values, np.asarray(top_clusters), cfg, mapping)
+    check_groups(cfg, mapping, set(np.asarray(top_clusters).tolist()), set(groups.tolist()))
+    gw = group_weight(cfg, mapping)
+    return groups.astype(object), np.array([gw.get(g, 1.0) for g in groups.tolist()], np.float64)
 
 
 # ---------------------------------------------------------------------------------------------- metrics
 
 
-def _dist(values, weights=None) -> dict:
+def category_counts(values, weights=None) -> dict:
+    """Category (as str, sorted) -> count or summed weight."""
     vals, inv = np.unique(np.asarray(values, dtype=object).astype(str), return_inverse=True)
-    w = np.bincount(inv, weights=weights, minlength=len(vals)).astype(np.float64)
+    w = np.bincount(inv.reshape(-1), weights=weights, minlength=len(vals)).astype(np.float64)
     return dict(zip(vals.tolist(), w.tolist()))
 
 
-def distribution_stats(values, weights=None) -> dict:
-    """Normalised entropy (1 = uniform over the categories present before balancing) and KL to uniform."""
-    counts = np.array([c for c in _dist(values, weights).values() if c > 0], np.float64)
-    p = counts / counts.sum()
+def stats_from_counts(counts: dict) -> dict:
+    """Normalised entropy (1 = uniform over the categories present) and KL to uniform of a category -> count
+    dict."""
+    c = np.array([v for v in counts.values() if v > 0], np.float64)
+    p = c / c.sum()
     h = float(-(p * np.log(p)).sum())
     k = len(p)
     return {"categories": k, "entropy": round(h, 4), "normalized_entropy": round(h / np.log(k), 4) if k > 1 else 1.0,
             "kl_to_uniform": round(float(np.log(k) - h), 4), "largest_share": round(float(p.max()), 4)}
 
 
-def knn_mixing(emb: np.ndarray, datasets: np.ndarray, weights: np.ndarray, k: int, sample: int, seed: int) -> float:
-    """Batch-effect score: mean share of an image's k nearest neighbours (cosine, among the images with
-    weight > 0) that come from another dataset, divided by the share expected if datasets were perfectly
-    mixed (1 - Σ p_d²). 1 = no dataset signature in the embedding; near 0 = datasets form separate islands.
-    Queries are drawn ∝ weight (repeats), so the score describes what training sees."""
+def distribution_stats(values, weights=None) -> dict:
+    """:func:`stats_from_counts` of ``values`` (weighted)."""
+    return stats_from_counts(category_counts(values, weights))
+
+
+def mixing_score(emb: np.ndarray, datasets: np.ndarray, weights: np.ndarray, k: int) -> float:
+    """Batch-effect score on the rows given: mean share of an image's k nearest neighbours (cosine) that come
+    from another dataset, weighted by ``weights``, divided by the share expected if datasets were perfectly
+    mixed (1 - Σ p_d²). 1 = no dataset signature in the embedding; near 0 = datasets form separate islands."""
     import faiss
 
-    keep = np.flatnonzero(weights > 0)
-    if len(keep) <= k or len(set(datasets[keep].tolist())) < 2:
+    if len(emb) <= k or len(set(datasets.tolist())) < 2:
         return float("nan")
-    rng = np.random.default_rng(seed)
-    if len(keep) > sample:
-        keep = np.sort(rng.choice(keep, sample, replace=False, p=weights[keep] / weights[keep].sum()))
-    x = np.ascontiguousarray(emb[keep], dtype=np.float32)
+    x = np.ascontiguousarray(emb, dtype=np.float32)
     index = faiss.IndexFlatIP(x.shape[1])
     index.add(x)
     _, nbrs = index.search(x, k + 1)
-    d = datasets[keep]
-    w = weights[keep].astype(np.float64)
-    other = (d[nbrs[:, 1:]] != d[:, None]).mean(1)
-    p = np.array(list(_dist(d, w).values()))
+    w = np.asarray(weights, np.float64)
+    other = (datasets[nbrs[:, 1:]] != datasets[:, None]).mean(1)
+    p = np.array(list(category_counts(datasets, w).values()))
     p = p / p.sum()
     expected = 1.0 - float((p ** 2).sum())
     return round(float((other * w).sum() / w.sum()) / expected, 4)
 
 
-def balance_metrics(frame, emb: np.ndarray, repeats: np.ndarray | None, top_cluster: np.ndarray, groups,
-                    cfg: BalanceConfig) -> dict:
-    """Distribution stats over datasets, groups, cell types and top-level clusters, largest dataset share
-    and kNN dataset mixing; ``repeats=None`` = before balancing (every kept image once)."""
-    w = np.ones(len(frame)) if repeats is None else repeats.astype(np.float64)
-    ds = frame["dataset"].to_numpy(dtype=object)
+def knn_mixing(emb: np.ndarray, datasets: np.ndarray, weights: np.ndarray, k: int, sample: int, seed: int) -> float:
+    """:func:`mixing_score` on the images with weight > 0, ``sample`` of them drawn ∝ weight above that (so the
+    score describes what training sees)."""
+    keep = np.flatnonzero(weights > 0)
+    if len(keep) > sample:
+        rng = np.random.default_rng(seed)
+        keep = np.sort(rng.choice(keep, sample, replace=False, p=weights[keep] / weights[keep].sum()))
+    return mixing_score(emb[keep], np.asarray(datasets)[keep], weights[keep], k)
+
+
+def sample_keys(hashes: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted sampling without replacement by exponential race (Efraimidis & Spirakis 2006): the ``m``
+    smallest keys ``-log(u) / w`` are a sample of ``m`` drawn ∝ w; ``u`` from the image hash. inf where w = 0."""
+    u = ((hashes >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
+    with np.errstate(divide="ignore"):
+        return np.where(weights > 0, -np.log(u) / np.asarray(weights, np.float64), np.inf)
+
+
+def metrics_from_counts(counts: dict, images: int, mixing: float) -> dict:
+    """The before/after balance metrics from category -> samples counts (dataset, group, cell_type, cluster)."""
     return {
-        "images": int((w > 0).sum()), "samples_per_epoch": int(w.sum()),
-        "dataset": distribution_stats(ds, w), "group": distribution_stats(groups, w),
-        "cell_type": distribution_stats(frame["cell_type"].fillna("unlabelled").to_numpy(dtype=object), w),
-        "cluster": distribution_stats(top_cluster, w),
-        "largest_dataset_share": distribution_stats(ds, w)["largest_share"],
-        "knn_dataset_mixing": knn_mixing(emb, ds, w, cfg.mixing_k, cfg.mixing_sample, cfg.seed),
-        "counts": {"dataset": _dist(ds, w), "group": _dist(groups, w),
-                   "cell_type": _dist(frame["cell_type"].fillna("unlabelled").to_numpy(dtype=object), w),
-                   "cluster": _dist(top_cluster, w)},
+        "images": int(images), "samples_per_epoch": int(round(sum(counts["dataset"].values()))),
+        "dataset": stats_from_counts(counts["dataset"]), "group": stats_from_counts(counts["group"]),
+        "cell_type": stats_from_counts(counts["cell_type"]), "cluster": stats_from_counts(counts["cluster"]),
+        "largest_dataset_share": stats_from_counts(counts["dataset"])["largest_share"],
+        "knn_dataset_mixing": mixing,
+        "counts": counts,
     }
 
 
-def mapping_template(frame, top: np.ndarray, column: str) -> str:
-    """CSV an expert edits into ``balance.mapping_file``: one row per coarsest cluster with its size and
-    what it holds; group defaults to the cluster's own name, weight to 1."""
+def mapping_template(sizes: dict, datasets: dict, cell_types: dict, column: str) -> str:
+    """CSV an expert edits into ``balance.mapping_file``: one row per coarsest cluster with its size and what it
+    holds (``datasets`` / ``cell_types``: cluster -> name -> images; the three largest, ties by name); group
+    defaults to the cluster's own name, weight to 1."""
     import csv
+
+    def top3(d: dict) -> str:
+        return "; ".join(f"{k} {v}" for k, v in sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))[:3])
 
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["cluster", "group", "weight", "images", "top_datasets", "top_cell_types"])
-    for c in np.unique(top).tolist():
-        sel = frame[top == c]
-        ds = sel["dataset"].value_counts().head(3)
-        ct = sel["cell_type"].fillna("unlabelled").value_counts().head(3)
-        w.writerow([c, f"{column}_{c}", 1.0, len(sel), "; ".join(f"{k} {v}" for k, v in ds.items()),
-                    "; ".join(f"{k} {v}" for k, v in ct.items())])
+    for c in sorted(sizes):
+        w.writerow([c, f"{column}_{c}", 1.0, sizes[c], top3(datasets.get(c, {})), top3(cell_types.get(c, {}))])
     return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------- the stage
 
 
 def run_balance(out_uri: str, cfg: BalanceConfig, storage_cfg=None, force: bool = False,
@@ -258,60 +361,14 @@ def run_balance(out_uri: str, cfg: BalanceConfig, storage_cfg=None, force: bool 
                 scale=None) -> dict:
     """Balance stage: ``deduplicated.parquet`` + ``clusters.parquet`` -> ``unbalanced.parquet`` (every kept
     image with cluster ids, group, weight, repeats) and ``balanced.parquet`` (rows with repeats >= 1), the
-    mapping template ``group_mapping_template.csv`` and before/after balance metrics."""
+    mapping template ``group_mapping_template.csv`` and before/after balance metrics. ``scale``
+    (``shards.ScaleConfig``): Ray tasks over shards or this process; the outputs are the same, written as
+    directories of part files by the Ray path."""
+    from cytoray.curation.balance_passes import balance_shards
+    from cytoray.curation.shards import ScaleConfig
     from cytoray.curation.stage import run_stage
 
     settings = {"balance": cfg, "embeddings": embeddings}
-    return run_stage("balance", out_uri, settings, lambda run: _balance(run, cfg, embeddings, storage_cfg),
-                     storage_cfg, force)
-
-
-def _balance(run, cfg: BalanceConfig, embeddings: str | None, storage_cfg) -> dict:
-    import pyarrow as pa
-
-    from cytoray.curation.cluster import load_stage_embeddings
-    from cytoray.manifest import cluster_columns
-
-    table, clusters = run.read("deduplicated.parquet"), run.read("clusters.parquet")
-    if clusters.column("image_id").to_pylist() != table.column("image_id").to_pylist():
-        raise AssertionError("clusters.parquet rows do not match deduplicated.parquet; rerun the cluster stage "
-                             "(force=true)")
-    cluster_cols = cluster_columns(clusters.column_names)
-    for c in cluster_cols:
-        table = table.append_column(c, clusters.column(c))
-    frame = table.select(["image_id", "dataset", "modality", "cell_type", "patient_label"]).to_pandas()
-    labels = np.stack([clusters.column(c).to_numpy() for c in cluster_cols], 1).astype(np.int64)
-    top = labels[:, -1]
-    groups, weights = assign_groups(frame, top, cfg, storage_cfg)
-    target = int(cfg.target_size if cfg.target_size is not None else len(frame))
-    if target < 0:
-        raise BalanceError(f"balance.target_size={target} must be >= 0")
-    _, group_codes = np.unique(groups.astype(str), return_inverse=True)
-    keys = [group_codes] + [labels[:, t] for t in range(labels.shape[1] - 1, -1, -1)]
-    repeats = hierarchical_sample(keys, weights, target, cfg.max_repeat, cfg.seed)
-    sampled = int(repeats.sum())
-    if sampled < target:
-        log.warning("balance: only %d of target %d samples possible (max_repeat=%d, zero-weight groups); "
-                    "raise balance.max_repeat for more", sampled, target, cfg.max_repeat)
-    table = (table.append_column("group", pa.array(groups.astype(str).tolist(), pa.string()))
-             .append_column("weight", pa.array(weights, pa.float32()))
-             .append_column("repeats", pa.array(repeats, pa.int32())))
-    run.publish("unbalanced.parquet", table)
-    run.publish("balanced.parquet", table.filter(pa.array(repeats > 0)))
-    run.publish_bytes("group_mapping_template.csv", mapping_template(frame, top, cluster_cols[-1]).encode())
-    emb = load_stage_embeddings(run.out_uri, frame["image_id"].tolist(), embeddings, storage_cfg)
-    before = balance_metrics(frame, emb, None, top, groups, cfg)
-    after = balance_metrics(frame, emb, repeats, top, groups, cfg)
-    per = {}
-    for name in sorted(set(frame["dataset"])):
-        sel = (frame["dataset"] == name).to_numpy()
-        per[name] = {"kept": int(sel.sum()), "sampled_images": int((repeats[sel] > 0).sum()),
-                     "samples_per_epoch": int(repeats[sel].sum())}
-    meta = {"stage": "balance", "target_size": target, "samples_per_epoch": sampled,
-            "sampled_images": int((repeats > 0).sum()), "max_repeat": cfg.max_repeat, "seed": cfg.seed,
-            "groups_from": cfg.mapping_file or cfg.group_by, "top_cluster_column": cluster_cols[-1],
-            "datasets": per, "before": before, "after": after}
-    log.info("balance: %d kept images -> %d samples/epoch from %d images; largest dataset share %.2f -> %.2f",
-             len(frame), sampled, meta["sampled_images"], before["largest_dataset_share"],
-             after["largest_dataset_share"])
-    return meta
+    scale = scale or ScaleConfig()
+    return run_stage("balance", out_uri, settings,
+                     lambda run: balance_shards(run, cfg, embeddings, storage_cfg, scale), storage_cfg, force)

@@ -163,18 +163,11 @@ def check_output_location(uri: str, storage_cfg=None) -> None:
 
 
 def finalize(out_uri: str, results: dict, storage_cfg, balanced: bool = True) -> dict:
-    """Publish ``manifest.parquet`` (the balanced rows; with balancing off, every kept row with repeats=1);
-    write the reconciled ``summary.json``."""
-    import pyarrow as pa
-
-    from cytoray import tables
-
-    table = tables.read_table(storage.join_uri(out_uri, f"{'balanced' if balanced else 'unbalanced'}.parquet"),
-                              storage_cfg)
-    if not balanced:
-        table = table.set_column(table.column_names.index("repeats"), "repeats",
-                                 pa.array([1] * table.num_rows, pa.int32()))
-    tables.write_table(storage.join_uri(out_uri, "manifest.parquet"), table, storage_cfg)
+    """Publish ``manifest.parquet`` (the balanced rows; with balancing off, every kept row with repeats=1) — a
+    directory of part files, one per part of the balance stage's output, when the stage wrote one (Ray mode), so
+    the rows never gather on the driver; write the reconciled ``summary.json``."""
+    manifest_rows = publish_manifest(out_uri, "balanced.parquet" if balanced else "unbalanced.parquet",
+                                     storage_cfg, once=not balanced)
     ingest, dedup, bal = results["ingest"], results["dedup"], results["balance"]
     per = {}
     zero = {"kept": 0, "duplicates": 0, "exact": 0, "near": 0, "leakage": 0, "cross_dataset": 0}
@@ -198,8 +191,8 @@ def finalize(out_uri: str, results: dict, storage_cfg, balanced: bool = True) ->
             "exact_duplicates", "near_duplicates", "leakage", "cross_dataset_duplicates", "kept", "sampled_images",
             "samples_per_epoch", "ignored_files")
     total = {k: sum(p[k] for p in per.values()) for k in keys}
-    if table.num_rows != total["sampled_images"]:
-        raise AssertionError(f"manifest has {table.num_rows} rows, summary says {total['sampled_images']} sampled")
+    if manifest_rows != total["sampled_images"]:
+        raise AssertionError(f"manifest has {manifest_rows} rows, summary says {total['sampled_images']} sampled")
     summary = {"reconciliation": "input_files = kept_files + quarantined_files (files); "
                                  "images = kept + duplicates (exact, near, leakage; images incl. crops); "
                                  "manifest rows = sampled_images <= kept (unbalanced.parquet holds every kept image)",
@@ -216,6 +209,36 @@ def finalize(out_uri: str, results: dict, storage_cfg, balanced: bool = True) ->
     storage.write_bytes(storage.join_uri(out_uri, "summary.json"), json.dumps(summary, indent=2).encode(),
                         storage_cfg)
     return summary
+
+
+def publish_manifest(out_uri: str, source: str, storage_cfg, once: bool = False) -> int:
+    """Copy the run's ``source`` (a Parquet file or a directory of parts) to ``manifest.parquet`` in the same
+    form, part by part (``once``: every row's repeats set to 1); returns the rows written."""
+    import pyarrow as pa
+
+    from cytoray import tables
+    from cytoray.curation import shards
+
+    src, dst = storage.join_uri(out_uri, source), storage.join_uri(out_uri, "manifest.parquet")
+
+    def prepare(table):
+        if once:
+            table = table.set_column(table.column_names.index("repeats"), "repeats",
+                                     pa.array([1] * table.num_rows, pa.int32()))
+        return table
+
+    shards.remove(dst, storage_cfg)
+    if not tables._locate(src, storage_cfg)[2]:  # one file
+        table = prepare(tables.read_table(src, storage_cfg))
+        tables.write_table(dst, table, storage_cfg, sort=False)
+        return table.num_rows
+    rows = 0
+    for i, f in enumerate(shards.layout(src, storage_cfg).files):
+        protocol = storage.split_protocol(src)[0]
+        table = prepare(tables.read_table(f if protocol == "file" else f"{protocol}://{f}", storage_cfg))
+        shards.write_part(dst, i, table, storage_cfg)
+        rows += table.num_rows
+    return rows
 
 
 def main(argv: list[str]) -> dict:
