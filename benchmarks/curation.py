@@ -35,12 +35,27 @@ from cytoray.curation.synthetic.planted import DATASETS, KINDS, make_collection,
 
 
 class PeakRSS:
-    """Samples this process's resident memory every 50 ms (ru_maxrss never goes down between phases)."""
+    """Samples resident memory every 50 ms (ru_maxrss never goes down between phases): this process (the driver)
+    and, separately, the largest single Ray process (workers, raylet, GCS; their RSS counts the object-store
+    pages they touch) and all Ray processes together."""
 
     def __init__(self):
         import psutil
 
-        self.proc, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        self.psutil, self.proc, self._stop = psutil, psutil.Process(), threading.Event()
+        self.peak = self.ray_peak = self.ray_total = 0
+
+    def _ray_rss(self) -> list[int]:
+        out = []
+        for p in self.psutil.process_iter(["pid", "name", "cmdline"]):
+            try:
+                cmd = " ".join(p.info["cmdline"] or [])
+                if p.info["pid"] != self.proc.pid and ("ray::" in cmd or "/ray/" in cmd or p.info["name"] in (
+                        "raylet", "gcs_server", "plasma_store")):
+                    out.append(p.memory_info().rss)
+            except (self.psutil.NoSuchProcess, self.psutil.AccessDenied):
+                pass
+        return out
 
     def __enter__(self):
         self.peak = self.proc.memory_info().rss
@@ -49,12 +64,23 @@ class PeakRSS:
         return self
 
     def _run(self):
+        tick = 0
         while not self._stop.wait(0.05):
             self.peak = max(self.peak, self.proc.memory_info().rss)
+            tick += 1
+            if tick % 10 == 0:  # Ray processes every 0.5 s (listing processes costs more)
+                rss = self._ray_rss()
+                self.ray_peak = max([self.ray_peak] + rss)
+                self.ray_total = max(self.ray_total, sum(rss))
 
     def __exit__(self, *exc):
         self._stop.set()
         self.thread.join()
+
+    def line(self) -> str:
+        g = 2 ** 30
+        return (f"driver peak RSS {self.peak / g:5.2f} GiB, largest Ray process {self.ray_peak / g:5.2f} GiB, "
+                f"all Ray processes {self.ray_total / g:5.2f} GiB")
 
 
 def legacy_dihedral_knn_edges(thumbs: np.ndarray, k: int, threshold: float):
@@ -147,6 +173,56 @@ def score(out: str, truth) -> None:
           "recall by kind: " + ", ".join(f"{t} {r:.3f}" for t, r in per.items()))
 
 
+def reference(out: str, dedup_cfg, cluster_cfg, recall_queries: int, seed: int) -> None:
+    """The stages' results against the single-process, in-memory algorithms on the whole arrays: dedup's
+    decisions (``dedup.deduplicate``), cluster labels (adjusted Rand index against ``hierarchical_kmeans``), and
+    the partitioned search's recall against the exact search for ``recall_queries`` random images."""
+    import pandas as pd
+    from sklearn.metrics import adjusted_rand_score
+
+    from cytoray.curation import dedup as D
+    from cytoray.curation.cluster import hierarchical_kmeans
+    from cytoray.curation.embed import load_embeddings
+    from cytoray.tables import read_table
+
+    ids, emb, thumbs = load_embeddings(out)
+    frame = read_table(os.path.join(out, "ingested.parquet"),
+                       columns=["image_id", "pixel_sha256", "cell_type", "width", "height", "dataset"]).to_pandas()
+    t0 = time.perf_counter()
+    keep, dups = D.deduplicate(frame, None, dedup_cfg, thumbs=thumbs)
+    t_dedup = time.perf_counter() - t0
+    stage = read_table(os.path.join(out, "duplicates.parquet")).to_pandas()
+    ref = set(zip(*(pd.DataFrame(dups)[c] for c in ("image_id", "duplicate_of", "reason")))) if dups else set()
+    got = set(zip(stage.image_id, stage.duplicate_of, stage.reason))
+    print(f"reference dedup (in memory, one process): {t_dedup:.1f}s; {len(ref):,} duplicates, the stage "
+          f"{len(got):,}, identical: {ref == got} ({len(ref & got):,} in both)")
+    kept = keep
+    x = emb[kept] / np.linalg.norm(emb[kept], axis=1, keepdims=True)
+    t0 = time.perf_counter()
+    h = hierarchical_kmeans(x, cluster_cfg)
+    t_cluster = time.perf_counter() - t0
+    clusters = read_table(os.path.join(out, "clusters.parquet"))
+    aris = [adjusted_rand_score(h.labels[:, t], clusters.column(c).to_numpy())
+            for t, c in enumerate(h.column_names())]
+    print(f"reference cluster (in memory): {t_cluster:.1f}s; adjusted Rand index per level (finest first) "
+          + ", ".join(f"{a:.4f}" for a in aris))
+    if recall_queries and len(thumbs) > dedup_cfg.flat_max:
+        rng = np.random.default_rng(seed)
+        q = np.sort(rng.choice(len(thumbs), min(recall_queries, len(thumbs)), replace=False))
+        exact_cfg = D.DedupConfig(flat_max=len(thumbs) + 1)
+        t0 = time.perf_counter()
+        qi, mi, _ = D._dihedral_search(thumbs[q], thumbs, dedup_cfg.k, dedup_cfg.threshold, exact_cfg, same=False)
+        t_exact = time.perf_counter() - t0
+        own = q[qi] != mi
+        exact_pairs = {(min(a, b), max(a, b)) for a, b in zip(q[qi][own].tolist(), mi[own].tolist())}
+        a, b, _ = D.dihedral_knn_edges(thumbs, dedup_cfg.k, dedup_cfg.threshold, dedup_cfg)
+        part = set(zip(a.tolist(), b.tolist()))
+        found = len(exact_pairs & part)
+        print(f"partitioned vs exact search, {len(q):,} random query images against all {len(thumbs):,}: exact "
+              f"finds {len(exact_pairs):,} pairs ({t_exact:.1f}s), the partitioned search {found:,} of them: recall "
+              f"{found / max(1, len(exact_pairs)):.4f}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=100_000)
@@ -157,14 +233,28 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="run directory (default: a temporary one)")
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scale", choices=("ray", "local"), default="ray",
+                    help="stages as Ray tasks over shards (default) or in this process")
+    ap.add_argument("--shard-rows", type=int, default=65_536)
+    ap.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
+                    help="compare with the in-memory algorithms (default: up to 200,000 images)")
+    ap.add_argument("--recall-queries", type=int, default=2000,
+                    help="reference: images whose exact search measures the partitioned search's recall")
     args = ap.parse_args(argv)
+    if args.reference is None:
+        args.reference = args.images <= 200_000
 
     import faiss
 
     from cytoray.curation.balance import BalanceConfig, run_balance
     from cytoray.curation.cluster import ClusterConfig, run_cluster
     from cytoray.curation.dedup import DedupConfig, run_dedup
+    from cytoray.curation.shards import ScaleConfig
 
+    import logging
+
+    logging.basicConfig(format="    %(message)s")
+    logging.getLogger("cytoray.curation.shards").setLevel(logging.INFO)  # one line per pass over the shards
     print(f"machine: {os.cpu_count()} CPUs; faiss {faiss.__version__} with {faiss.omp_get_max_threads()} threads")
     out = args.out or tempfile.mkdtemp(prefix="cytoray-bench-")
     t0 = time.perf_counter()
@@ -174,10 +264,17 @@ def main(argv=None):
     print(f"data: {args.images:,} images ({(truth.kind != 'original').sum():,} planted copies, {DATASETS} datasets), "
           f"fingerprints + {args.dim}-d embeddings, rendered and written to {out} in {time.perf_counter() - t0:.1f}s")
     dedup_cfg = DedupConfig()
-    stages = (("dedup", lambda: run_dedup(out, dedup_cfg, force=True)),
-              ("cluster", lambda: run_cluster(out, ClusterConfig(use_gpu=False), force=True)),
-              ("balance", lambda: run_balance(out, BalanceConfig(), force=True)))
+    cluster_cfg = ClusterConfig(use_gpu=False)
+    scale = ScaleConfig(mode=args.scale, shard_rows=args.shard_rows)
+    if args.scale == "ray":
+        import ray
+
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    stages = (("dedup", lambda: run_dedup(out, dedup_cfg, force=True, scale=scale)),
+              ("cluster", lambda: run_cluster(out, cluster_cfg, force=True, scale=scale)),
+              ("balance", lambda: run_balance(out, BalanceConfig(), force=True, scale=scale)))
     total = 0.0
+    print(f"stages: {'Ray tasks' if args.scale == 'ray' else 'this process'}, shards of {args.shard_rows:,} rows")
     with PeakRSS() as overall:
         for name, run in stages:
             with PeakRSS() as mem:
@@ -186,12 +283,16 @@ def main(argv=None):
                 dt = time.perf_counter() - t
             total += dt
             detail = {"dedup": lambda s: f"{s['total']['kept']:,} kept, {s['total']['exact']:,} exact, "
-                                         f"{s['total']['near']:,} near",
+                                         f"{s['total']['near']:,} near, {s['search']['lists']:,} lists",
                       "cluster": lambda s: f"levels {s['levels']}",
                       "balance": lambda s: f"{s['sampled_images']:,} images for {s['samples_per_epoch']:,} samples"}
-            print(f"  {name:8s} {dt:8.1f}s  peak RSS {mem.peak / 2**30:5.2f} GiB  ({detail[name](summary)})")
-    print(f"dedup -> cluster -> balance: {total:.1f}s ({total / 60:.2f} min), peak RSS {overall.peak / 2**30:.2f} GiB; "
+            print(f"  {name:8s} {dt:8.1f}s  {mem.line()}  ({detail[name](summary)})")
+    print(f"dedup -> cluster -> balance: {total:.1f}s ({total / 60:.2f} min), {overall.line()}; "
           f"dedup: {'exact' if args.images <= dedup_cfg.flat_max else 'partitioned'} fingerprint search")
+    if args.scale == "ray":
+        ray.shutdown()
+    if args.reference:
+        reference(out, dedup_cfg, cluster_cfg, args.recall_queries, args.seed)
     score(out, truth)
     if args.eval_images:
         leakage(out, truth, args.eval_images, args.seed)

@@ -112,9 +112,13 @@ def _check_report_renders(path, n_clusters):
 
 
 def test_rerun_with_the_same_seed_gives_the_same_manifest(ray_local, collection, tmp_path):
+    from cytoray.curation.shards import ScaleConfig
+
     a, b = tmp_path / "a", tmp_path / "b"
     _run(collection, a)
-    _run(collection, b)
+    # b: dedup, cluster and balance as Ray tasks over 3 shards, outputs as directories of parts: the same run
+    res_b = _run(collection, b, scale=ScaleConfig(mode="ray", shard_rows=120))
+    assert res_b["dedup"]["search"]["ray_tasks"] and (b / "manifest.parquet").is_dir()
     ma, mb = pq.read_table(a / "manifest.parquet"), pq.read_table(b / "manifest.parquet")
     # crops live under each run's own directory; everything else is identical
     assert [u.replace(str(a), "") for u in ma.column("uri").to_pylist()] == \
