@@ -97,18 +97,20 @@ def _scan(shard, ctx: Context, sample: np.ndarray) -> dict:
             "sample": _base_rows(thumbs[rows]) if len(rows) else None}
 
 
-def _route(shard, ctx: Context, centroids: np.ndarray | None) -> int:
+def _router(lists: np.ndarray | None):
+    """The lists' index (``dedup._kmeans_lists``) from its serialised bytes: every task routes with the very
+    same index (an HNSW graph built twice need not be the same graph)."""
     import faiss
 
+    return None if lists is None else faiss.deserialize_index(lists)
+
+
+def _route(shard, ctx: Context, lists: np.ndarray | None) -> int:
     i, a, b = shard
     _, thumbs = _fingerprints(ctx, a, b)
     means, norms = D._centring(thumbs[:, :1])
-    if centroids is None:
-        home = np.zeros(b - a, np.int64)
-    else:
-        index = faiss.IndexFlatIP(centroids.shape[1])
-        index.add(centroids)
-        home = index.search(_base_rows(thumbs), 1)[1][:, 0]
+    index = _router(lists)
+    home = np.zeros(b - a, np.int64) if index is None else index.search(_base_rows(thumbs), 1)[1][:, 0]
     part = ctx.partition_of(home)
     for p in np.unique(part).tolist():
         sel = np.flatnonzero(part == p)
@@ -141,12 +143,10 @@ def _load_partition(ctx: Context, p: int, shards: int, excluded: np.ndarray | No
     return base, rows[order], home[order]
 
 
-def _search(query, ctx: Context, centroids: np.ndarray | None, shards: int, probe: int, k: int, threshold: float,
+def _search(query, ctx: Context, lists: np.ndarray | None, shards: int, probe: int, k: int, threshold: float,
             excluded_bits: np.ndarray | None, eval_thumbs: list[np.ndarray]):
     """Pairs of one query shard: ("shard", i, a, b) -> (row, row, cosine) with row < row among the rows;
     ("eval", j) -> (eval row, row, cosine) for evaluation set j."""
-    import faiss
-
     excluded = None if excluded_bits is None else np.unpackbits(excluded_bits, count=ctx.ingested.rows).astype(bool)
     if query[0] == "shard":
         _, i, a, b = query
@@ -156,12 +156,9 @@ def _search(query, ctx: Context, centroids: np.ndarray | None, shards: int, prob
         thumbs, same_ids = eval_thumbs[query[1]], None
     nv = thumbs.shape[1] * 8
     qcentre = D._centring(thumbs)
-    if centroids is None:
-        probes = np.zeros((len(thumbs), nv, 1), np.int64)
-    else:
-        index = faiss.IndexFlatIP(centroids.shape[1])
-        index.add(centroids)
-        probes = D._probe_lists(index, thumbs, qcentre, probe, nv)
+    index = _router(lists)
+    probes = np.zeros((len(thumbs), nv, 1), np.int64) if index is None else \
+        D._probe_lists(index, thumbs, qcentre, probe, nv)
     if same_ids is not None and excluded is not None:
         probes[excluded[same_ids]] = -1
     part = np.where(probes >= 0, ctx.partition_of(probes), -1)
@@ -257,12 +254,14 @@ def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_
     images = Counter()
     for r in scanned:
         images.update(r["datasets"])
-    centroids = None
+    lists = None
     if nlist > 1:
-        lists = D._kmeans_lists(np.concatenate([r["sample"] for r in scanned if r["sample"] is not None]), nlist)
-        centroids = lists.reconstruct_n(0, lists.ntotal)
+        import faiss
+
+        lists = faiss.serialize_index(D._kmeans_lists(
+            np.concatenate([r["sample"] for r in scanned if r["sample"] is not None]), nlist, cfg.hnsw_lists))
     del scanned
-    map_shards(_route, [s[1:] for s in shards], ctx, centroids, desc="dedup: index", ray_tasks=ray_tasks,
+    map_shards(_route, [s[1:] for s in shards], ctx, lists, desc="dedup: index", ray_tasks=ray_tasks,
                cfg=scale, rows=lambda s: s[2] - s[1])
     probe = min(cfg.list_probe, nlist)
 
@@ -279,7 +278,7 @@ def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_
         thumbs = [e[2] for e in eval_sets]
         per_shard = map_shards(_cross_shard, shards, ctx, thumbs, cfg.k, cfg.leakage_threshold, cfg,
                                desc="leakage guard", **go)
-        back = map_shards(_search, [("eval", j) for j in range(len(eval_sets))], ctx, centroids, len(shards), probe,
+        back = map_shards(_search, [("eval", j) for j in range(len(eval_sets))], ctx, lists, len(shards), probe,
                           cfg.k, cfg.leakage_threshold, None, thumbs, desc="leakage guard (evaluation images)",
                           ray_tasks=ray_tasks, cfg=scale)
         for j, (name, eval_ids, _) in enumerate(eval_sets):
@@ -304,7 +303,7 @@ def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_
     a = b = np.zeros(0, np.int64)
     s = np.zeros(0, np.float32)
     if cfg.near and (~leaked).sum() > 1:
-        found = map_shards(_search, shards, ctx, centroids, len(shards), probe, cfg.k, cfg.threshold,
+        found = map_shards(_search, shards, ctx, lists, len(shards), probe, cfg.k, cfg.threshold,
                            np.packbits(leaked) if leaked.any() else None, [], desc="dedup: near-duplicate search",
                            **go)
         if found:
