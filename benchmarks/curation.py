@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cytoray.curation.synthetic.planted import DATASETS, KINDS, make_collection, write_run  # noqa: E402
+from cytoray.curation.synthetic.planted import DATASETS, KINDS, write_planted_run  # noqa: E402
 
 
 class PeakRSS:
@@ -240,9 +240,12 @@ def main(argv=None):
                     help="compare with the in-memory algorithms (default: up to 200,000 images)")
     ap.add_argument("--recall-queries", type=int, default=2000,
                     help="reference: images whose exact search measures the partitioned search's recall")
+    ap.add_argument("--part-rows", type=int, default=32_768, help="rows per part file of the planted stage files")
     args = ap.parse_args(argv)
     if args.reference is None:
         args.reference = args.images <= 200_000
+
+    import logging
 
     import faiss
 
@@ -251,16 +254,12 @@ def main(argv=None):
     from cytoray.curation.dedup import DedupConfig, run_dedup
     from cytoray.curation.shards import ScaleConfig
 
-    import logging
-
     logging.basicConfig(format="    %(message)s")
     logging.getLogger("cytoray.curation.shards").setLevel(logging.INFO)  # one line per pass over the shards
     print(f"machine: {os.cpu_count()} CPUs; faiss {faiss.__version__} with {faiss.omp_get_max_threads()} threads")
     out = args.out or tempfile.mkdtemp(prefix="cytoray-bench-")
     t0 = time.perf_counter()
-    ingested, embeddings, truth = make_collection(args.images, args.dim, args.copy_rate, args.seed, args.workers)
-    write_run(out, ingested, embeddings, {"benchmark": vars(args)})
-    del ingested, embeddings
+    truth = write_planted_run(out, args.images, args.dim, args.copy_rate, args.seed, args.workers, args.part_rows)
     print(f"data: {args.images:,} images ({(truth.kind != 'original').sum():,} planted copies, {DATASETS} datasets), "
           f"fingerprints + {args.dim}-d embeddings, rendered and written to {out} in {time.perf_counter() - t0:.1f}s")
     dedup_cfg = DedupConfig()
