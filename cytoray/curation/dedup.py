@@ -63,9 +63,6 @@ class DedupConfig:
     # at 10,000 images these find every pair the exact search finds (benchmarks/RESULTS.md).
     list_size: int = 250
     list_probe: int = 3
-    # Above this many lists a query variant finds its nearest lists through an HNSW graph over the lists'
-    # centroids (faiss IndexHNSWFlat, efSearch 64) instead of comparing it with every centroid.
-    hnsw_lists: int = 2048
     # Sharded search (curation.dedup_stage): index rows per partition that one search task holds at a time
     # (1 KB each as uint8 zoom-1 thumbnails).
     partition_rows: int = 262_144
@@ -105,22 +102,16 @@ def coarse_sample(m: int, nlist: int, cap: int = 131_072, seed: int = 1234) -> n
     return np.sort(np.random.default_rng(seed).choice(m, size, replace=False))
 
 
-def _kmeans_lists(sample: np.ndarray, nlist: int, hnsw_above: int | None = None):
+def _kmeans_lists(sample: np.ndarray, nlist: int):
     """An inner-product index over the centroids of a faiss spherical k-means of ``sample`` (all of it: the
-    caller draws the sample, ``coarse_sample``): flat, or above ``hnsw_above`` lists an HNSW graph, so that
-    routing a query costs ~log(lists) instead of all the lists (it dominates the search from ~10⁶ images on)."""
+    caller draws the sample, ``coarse_sample``). Flat: on CPU a BLAS product with every centroid is faster than
+    an HNSW graph over them up to 20,000 lists at least, and exact (benchmarks/RESULTS.md)."""
     import faiss
 
     sample = np.ascontiguousarray(sample, dtype=np.float32)
     km = faiss.Kmeans(sample.shape[1], nlist, niter=10, seed=1234, spherical=True, verbose=False,
                       max_points_per_centroid=len(sample) // max(1, nlist) + 1, min_points_per_centroid=1)
     km.train(sample)
-    if hnsw_above is not None and nlist > hnsw_above:
-        index = faiss.IndexHNSWFlat(sample.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = 80
-        index.add(km.centroids)
-        index.hnsw.efSearch = 64
-        return index
     index = faiss.IndexFlatIP(sample.shape[1])
     index.add(km.centroids)
     return index
@@ -321,7 +312,7 @@ def _dihedral_search(query_thumbs: np.ndarray, index_thumbs: np.ndarray, k: int,
         probes = np.zeros((nq, nv, 1), np.int64)
     else:
         nlist = max(1, m // cfg.list_size)
-        lists = _kmeans_lists(base[coarse_sample(m, nlist)], nlist, cfg.hnsw_lists)
+        lists = _kmeans_lists(base[coarse_sample(m, nlist)], nlist)
         home = lists.search(base, 1)[1][:, 0]
         probes = _probe_lists(lists, query_thumbs, qcentre, min(cfg.list_probe, nlist), nv)
     order = np.argsort(home, kind="stable")

@@ -98,8 +98,7 @@ def _scan(shard, ctx: Context, sample: np.ndarray) -> dict:
 
 
 def _router(lists: np.ndarray | None):
-    """The lists' index (``dedup._kmeans_lists``) from its serialised bytes: every task routes with the very
-    same index (an HNSW graph built twice need not be the same graph)."""
+    """The lists' index (``dedup._kmeans_lists``) from its serialised bytes (built once, in the driver)."""
     import faiss
 
     return None if lists is None else faiss.deserialize_index(lists)
@@ -259,7 +258,7 @@ def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_
         import faiss
 
         lists = faiss.serialize_index(D._kmeans_lists(
-            np.concatenate([r["sample"] for r in scanned if r["sample"] is not None]), nlist, cfg.hnsw_lists))
+            np.concatenate([r["sample"] for r in scanned if r["sample"] is not None]), nlist))
     del scanned
     map_shards(_route, [s[1:] for s in shards], ctx, lists, desc="dedup: index", ray_tasks=ray_tasks,
                cfg=scale, rows=lambda s: s[2] - s[1])

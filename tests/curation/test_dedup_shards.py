@@ -57,9 +57,8 @@ def _run(tmp_path, name, planted, cfg, scale, parts=0):
 
 
 def test_ray_tasks_and_this_process_find_the_same_duplicates(planted, ray_local, tmp_path):
-    # lists (flat_max below N) routed through an HNSW graph (hnsw_lists below the 4 lists), 3 index partitions,
-    # 4 query shards, the leakage guard both ways
-    cfg = DedupConfig(flat_max=300, partition_rows=500, hnsw_lists=2, eval_manifests=[planted[2]])
+    # lists (flat_max below N), 3 index partitions, 4 query shards, the leakage guard both ways
+    cfg = DedupConfig(flat_max=300, partition_rows=500, eval_manifests=[planted[2]])
     _, local, d_local, k_local = _run(tmp_path, "local", planted, cfg, ScaleConfig(mode="local", shard_rows=350))
     out, ray_, d_ray, k_ray = _run(tmp_path, "ray", planted, cfg, ScaleConfig(mode="ray", shard_rows=350), parts=3)
     assert local["search"] == {"lists": 4, "shards": 4, "ray_tasks": False}
