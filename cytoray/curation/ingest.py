@@ -1,10 +1,15 @@
 """Ingest stage: list datasets (adapters) -> Ray Data read + decode + validate -> manifest + quarantine.
 
 Every listed image file ends up either in ``ingested.parquet`` (the manifest before deduplication: one
-row per image; detection and segmentation fields give one row per cropped cell) or in
+row per image; detection and segmentation fields give one row per cropped cell; sorted by ``image_id``) or in
 ``quarantine.parquet`` with a reason code (see :mod:`cytoray.images`). Files outside a layout are counted
 in ``summary.json`` under ``ignored``. ``summary.json`` reconciles per dataset:
 ``input_files == kept_files + quarantined_files``.
+
+The commit (sort + publish) runs in this process for small runs, one file; with ``scale.mode=ray`` (or ``auto``
+above ``scale.ray_above`` listed files) Ray Data sorts the kept rows and one Ray task per sorted block writes
+one part of an ``ingested.parquet/`` directory and returns the block's counts, so the driver never holds the
+manifest. Both give the same rows in the same order and the same summary.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from PIL import Image
 from cytoray import images, storage
 from cytoray.curation import taxonomy
 from cytoray.curation.adapters import get_adapter
+from cytoray.curation.shards import ScaleConfig, layout, map_shards, remove, use_ray, write_part
 from cytoray.manifest import MANIFEST_SCHEMA, QUARANTINE_SCHEMA
 from cytoray.runtime import data_context, keep_image_buffers_on_heap
 
@@ -216,23 +222,27 @@ class DecodeBatch:
 
 
 def run_ingest(specs: list[DatasetSpec], out_uri: str, cfg: IngestConfig | None = None,
-               storage_cfg: storage.StorageConfig | None = None, force: bool = False) -> dict:
-    """Ingest ``specs`` into ``out_uri``; returns the summary (also ``summary.json``)."""
+               storage_cfg: storage.StorageConfig | None = None, force: bool = False,
+               scale: ScaleConfig | None = None) -> dict:
+    """Ingest ``specs`` into ``out_uri``; returns the summary (also ``summary.json``). ``scale`` picks where the
+    commit runs (module doc); it does not change the outputs' rows, so it is not part of the stage settings."""
     from cytoray.curation.stage import run_stage
 
-    cfg, storage_cfg = cfg or IngestConfig(), storage_cfg or storage.StorageConfig()
+    cfg, storage_cfg, scale = cfg or IngestConfig(), storage_cfg or storage.StorageConfig(), scale or ScaleConfig()
     validate_specs(specs)
     settings = {"datasets": specs, "ingest": cfg}
-    return run_stage("ingest", out_uri, settings, lambda run: _ingest(run, specs, cfg, storage_cfg), storage_cfg,
-                     force)
+    return run_stage("ingest", out_uri, settings, lambda run: _ingest(run, specs, cfg, scale, storage_cfg),
+                     storage_cfg, force)
 
 
-def _ingest(run, specs: list[DatasetSpec], cfg: IngestConfig, storage_cfg: storage.StorageConfig) -> dict:
+def _ingest(run, specs: list[DatasetSpec], cfg: IngestConfig, scale: ScaleConfig,
+            storage_cfg: storage.StorageConfig) -> dict:
     import ray
 
     t0 = time.time()
     records, ignored = list_inputs(specs, storage_cfg)
     num_inputs = records.num_rows
+    ray_commit = use_ray(scale, num_inputs)  # decided on listed files (crops add rows; close enough)
     log.info("ingest: %d files listed in %.1fs; decoding with Ray Data", num_inputs, time.time() - t0)
     fs, staging = storage.filesystem(run.staging, storage_cfg)
     pa_fs, _ = storage.arrow_filesystem(run.staging, storage_cfg)
@@ -259,19 +269,65 @@ def _ingest(run, specs: list[DatasetSpec], cfg: IngestConfig, storage_cfg: stora
     log.info("ingest: decode + validate done in %.1fs (%.0f files/s)", t_exec - t0,
              num_inputs / max(t_exec - t0, 1e-9))
     kept_dir, q_dir = f"{staging}/status=kept", f"{staging}/status=quarantined"
-    if fs.exists(kept_dir):
-        manifest = _read_dir(fs, kept_dir).drop_columns(["reason", "detail"])
+    out = run.uri("ingested.parquet")
+    remove(out, storage_cfg)  # a file (this process) or a directory of parts (Ray tasks) from an earlier run
+    if ray_commit:
+        kept_uri = storage.join_uri(run.staging, "status=kept") if fs.exists(kept_dir) else None
+        counts = _commit_on_ray(kept_uri, out, cfg, scale, storage_cfg)
     else:
-        manifest = MANIFEST_SCHEMA.empty_table()
+        manifest = _read_dir(fs, kept_dir) if fs.exists(kept_dir) else MANIFEST_SCHEMA.empty_table()
+        manifest = manifest.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+        run.publish("ingested.parquet", manifest)  # sorted by the first column, image_id
+        counts = manifest_counts(manifest)
     quarantine = _read_dir(fs, q_dir).select(QUARANTINE_SCHEMA.names) if fs.exists(q_dir) else \
         QUARANTINE_SCHEMA.empty_table()
-    run.publish("ingested.parquet", manifest.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA))
     run.publish("quarantine.parquet", quarantine.cast(QUARANTINE_SCHEMA))
 
-    summary = summarize(records, manifest, quarantine, ignored)
+    summary = summarize(records, counts, quarantine, ignored)
     log.info("ingest: committed and summarised in %.1fs", time.time() - t_exec)
     run.publish_bytes("summary.json", json.dumps(summary, indent=2).encode())
     return summary
+
+
+def _commit_on_ray(kept_uri: str | None, out: str, cfg: IngestConfig, scale: ScaleConfig,
+                   storage_cfg: storage.StorageConfig) -> Counter:
+    """Sort the staged kept rows by image_id with Ray Data and write them as ``out/part-<i>.parquet`` in sorted
+    order, one Ray task per sorted block; returns the summed :func:`manifest_counts`. The driver holds block
+    references and counts only."""
+    import ray
+
+    if kept_uri is None:  # nothing kept: an empty dataset is still a readable one
+        write_part(out, 0, MANIFEST_SCHEMA.empty_table(), storage_cfg)
+        return Counter()
+    rows = layout(kept_uri, storage_cfg).rows  # footers only
+    pa_fs, kept_dir = storage.arrow_filesystem(kept_uri, storage_cfg)
+    # The sort cuts the rows into as many ranges as the read's estimated blocks, or, when the reader gives no
+    # estimate (the Parquet reader lists lazily), default_hash_shuffle_parallelism (200 by default, whatever
+    # the size): ranges of ~shard_rows rows each, one part per range.
+    num_parts = max(1, -(-rows // scale.shard_rows))
+    with data_context(op_resource_reservation_enabled=cfg.op_resource_reservation,
+                      default_hash_shuffle_parallelism=num_parts):
+        ds = ray.data.read_parquet(kept_dir, filesystem=pa_fs, columns=MANIFEST_SCHEMA.names,
+                                   num_cpus=scale.num_cpus)
+        # Materialised in the object store (spilled if need be); the references come back in sorted order.
+        blocks = ds.sort("image_id").to_arrow_refs()
+    counts = map_shards(_commit_block, list(enumerate(blocks)), out, storage_cfg, ray_tasks=True, cfg=scale,
+                        desc="ingest: commit")
+    log.info("ingest: %d kept rows sorted into %d parts", rows, len(blocks))
+    return sum(counts, Counter())
+
+
+def _commit_block(block, out: str, storage_cfg: storage.StorageConfig) -> Counter:
+    """Ray task: one sorted block -> part ``index`` of ``out`` (empty blocks leave a gap; name order holds)."""
+    import ray
+
+    index, ref = block
+    table = ray.get(ref)
+    if table.num_rows == 0:
+        return Counter()
+    table = table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+    write_part(out, index, table, storage_cfg)
+    return manifest_counts(table)
 
 
 def _read_dir(fs, path: str) -> pa.Table:
@@ -290,34 +346,47 @@ def _counts(table: pa.Table, keys: list[str]) -> dict:
     return {(tuple(v) if len(v) > 1 else v[0]): n for *v, n in zip(*cols, g.column("count_all").to_pylist())}
 
 
-def summarize(records: pa.Table, manifest: pa.Table, quarantine: pa.Table, ignored: dict) -> dict:
-    """Per-dataset accounting; raises if any input file is unaccounted for (a contract check)."""
+def manifest_counts(manifest: pa.Table) -> Counter:
+    """What the summary needs from manifest rows, as counts that add up over any split of the rows (sorted
+    blocks, parts): ``(kind, dataset)`` for ``kept_images``, ``kept_files``, ``cropped_cells``;
+    ``("cell_types", dataset, cell type or "unknown")``; ``("unknown_labels", dataset, source label)``.
+    A file counts at one row: a whole image, or cell #0 of a field (a field's cells are kept all or none,
+    numbered from 0; ``DecodeBatch._one``), so no block needs another's rows to count distinct files."""
     import pyarrow.compute as pc
 
-    inputs = _counts(records, ["dataset"])
-    kept_rows = _counts(manifest, ["dataset"])
-    kept_files = {}
-    if manifest.num_rows:
-        g = manifest.group_by("dataset").aggregate([("source_uri", "count_distinct")])
-        kept_files = dict(zip(g.column("dataset").to_pylist(), g.column("source_uri_count_distinct").to_pylist()))
-    crops = _counts(manifest.filter(pc.is_valid(manifest.column("crop_box"))), ["dataset"])
+    counts: Counter = Counter()
+    if manifest.num_rows == 0:
+        return counts
+    crop = pc.is_valid(manifest.column("crop_box"))
+    first_row = pc.or_(pc.invert(crop), pc.ends_with(manifest.column("image_id"), "#0"))
+    for kind, rows in (("kept_images", manifest), ("kept_files", manifest.filter(first_row)),
+                       ("cropped_cells", manifest.filter(crop))):
+        counts.update({(kind, d): n for d, n in _counts(rows, ["dataset"]).items()})
     types = manifest.select(["dataset", "cell_type"]).set_column(
         1, "cell_type", pc.fill_null(manifest.column("cell_type"), "unknown"))
-    cell_types = _counts(types, ["dataset", "cell_type"])
+    counts.update({("cell_types", d, ct): n for (d, ct), n in _counts(types, ["dataset", "cell_type"]).items()})
     unknown_rows = manifest.filter(pc.and_(pc.is_null(manifest.column("cell_type")),
                                            pc.is_valid(manifest.column("source_label"))))
-    unknown = _counts(unknown_rows, ["dataset", "source_label"])
+    counts.update({("unknown_labels", d, lab): n
+                   for (d, lab), n in _counts(unknown_rows, ["dataset", "source_label"]).items()})
+    return counts
+
+
+def summarize(records: pa.Table, counts: Counter, quarantine: pa.Table, ignored: dict) -> dict:
+    """Per-dataset accounting from the listing, :func:`manifest_counts` and the quarantine; raises if any input
+    file is unaccounted for (a contract check)."""
+    inputs = _counts(records, ["dataset"])
     reasons = _counts(quarantine, ["dataset", "reason"])
     per: dict[str, dict] = {}
     for name in inputs:
         q_reasons = {r: n for (d, r), n in reasons.items() if d == name}
         q = sum(q_reasons.values())
         per[name] = {
-            "input_files": inputs[name], "kept_files": kept_files.get(name, 0), "quarantined_files": q,
-            "kept_images": kept_rows.get(name, 0), "cropped_cells": crops.get(name, 0),
+            "input_files": inputs[name], "kept_files": counts[("kept_files", name)], "quarantined_files": q,
+            "kept_images": counts[("kept_images", name)], "cropped_cells": counts[("cropped_cells", name)],
             "quarantine_reasons": q_reasons,
-            "unknown_labels": {lab: n for (d, lab), n in unknown.items() if d == name},
-            "cell_types": {ct: n for (d, ct), n in cell_types.items() if d == name},
+            "unknown_labels": {k[2]: n for k, n in counts.items() if k[:2] == ("unknown_labels", name)},
+            "cell_types": {k[2]: n for k, n in counts.items() if k[:2] == ("cell_types", name)},
             "ignored_files": ignored.get(name, {}).get("count", 0),
             "ignored_examples": ignored.get(name, {}).get("examples", []),
         }

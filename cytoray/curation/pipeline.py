@@ -42,8 +42,8 @@ class CurateConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
-    # Where dedup, cluster and balance run: this process, or Ray tasks over shards of the stage files
-    # (auto: Ray above scale.ray_above images). Both give the same result (docs/curation.md, "Scale").
+    # Where ingest's commit, dedup, cluster and balance run: this process, or Ray tasks over shards of the stage
+    # files (auto: Ray above scale.ray_above images). Both give the same result (docs/curation.md, "Scale").
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     # Bring your own embeddings for clustering/balancing: Parquet (image_id, embedding) or .npy aligned with
     # deduplicated.parquet. Default: the embed stage's embeddings.parquet.
@@ -63,7 +63,7 @@ def run_curation(cfg: CurateConfig) -> dict:
     console.log_to(cfg.output_uri, cfg.storage)
     out, st, force = cfg.output_uri, cfg.storage, cfg.force
     stages = {
-        "ingest": lambda: run_ingest(cfg.datasets, out, cfg.ingest, st, force=force),
+        "ingest": lambda: run_ingest(cfg.datasets, out, cfg.ingest, st, force=force, scale=cfg.scale),
         "embed": lambda: run_embed(out, cfg.embed, st, force=force),
         "dedup": lambda: run_dedup(out, cfg.dedup, st, force=force, embed_cfg=cfg.embed, scale=cfg.scale),
         "cluster": lambda: run_cluster(out, cfg.cluster, st, force=force, embeddings=cfg.embeddings,

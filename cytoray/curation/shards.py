@@ -32,7 +32,7 @@ MODES = ("auto", "local", "ray")
 
 @dataclass
 class ScaleConfig:
-    """Where dedup, cluster and balance run (docs/curation.md, "Scale")."""
+    """Where ingest's commit, dedup, cluster and balance run (docs/curation.md, "Ingest" and "Scale")."""
 
     mode: str = "auto"  # auto | local | ray
     ray_above: int = 200_000  # auto: Ray tasks above this many images, this process below

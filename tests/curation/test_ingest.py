@@ -115,6 +115,39 @@ def test_rerun_skips_and_forced_rerun_gives_same_ids(ray_local, collection, tmp_
     assert not os.path.exists(f"{out}/_staging") or not os.listdir(f"{out}/_staging")
 
 
+def test_ray_commit_writes_sorted_parts_equal_to_the_local_file(ray_local, collection, tmp_path):
+    """scale.mode=ray: Ray Data sorts the kept rows and one task per sorted block writes a part; the parts in
+    name order are the local commit's single file row for row (as later stages read them), and the summary is
+    the same."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from cytoray import tables
+    from cytoray.curation.shards import ScaleConfig
+
+    specs = specs_of(collection, {"matek", "bccd", "private"})
+    local, dist = str(tmp_path / "local"), str(tmp_path / "ray")
+    want = run_ingest(specs, local, scale=ScaleConfig(mode="local"))
+    got = run_ingest(specs, dist, scale=ScaleConfig(mode="ray", shard_rows=16))
+
+    parts = sorted(os.listdir(f"{dist}/ingested.parquet"))
+    assert len(parts) >= 2 and all(p.startswith("part-") for p in parts)
+    concat = pa.concat_tables([pq.read_table(f"{dist}/ingested.parquet/{p}") for p in parts])
+
+    def run_relative(t, root):  # crops live under each run's own directory
+        return t.set_column(1, "uri", pc.replace_substring(t.column("uri"), root, "<run>"))
+    ref = pq.read_table(f"{local}/ingested.parquet")
+    assert concat.schema == ref.schema
+    assert run_relative(concat, dist).equals(run_relative(ref, local))
+    assert pc.sum(pc.is_valid(concat.column("crop_box"))).as_py() > 0
+    assert tables.read_table(f"{dist}/ingested.parquet").equals(concat)  # what later stages read
+
+    assert {k: v for k, v in got.items() if k != "seconds"} == {k: v for k, v in want.items() if k != "seconds"}
+    files = concat.group_by("dataset").aggregate([("source_uri", "count_distinct")]).to_pylist()
+    assert {r["dataset"]: r["source_uri_count_distinct"] for r in files} == \
+        {name: d["kept_files"] for name, d in got["datasets"].items()}
+
+
 def test_spec_validation_names_the_problem(collection):
     good = specs_of(collection, {"matek"})[0]
     with pytest.raises(ValueError, match="no datasets configured"):
