@@ -63,6 +63,14 @@ class DedupConfig:
     # at 10,000 images these find every pair the exact search finds (benchmarks/RESULTS.md).
     list_size: int = 250
     list_probe: int = 3
+    # Fast path of the fingerprint search: pairs are screened on the pool×pool block means of the thumbnails
+    # (8×8 for 32×32: a 16th of the work) and only pairs whose block-mean cosine exceeds ``prefilter`` are
+    # compared at full resolution; lists are trained and routed on route_pool×route_pool block means (16×16:
+    # a quarter; 8×8 routing lost planted copies in tests/curation/test_dedup_parts.py). prefilter=0 compares
+    # every pair at full resolution and routes on full thumbnails. Recall both ways: benchmarks/RESULTS.md.
+    pool: int = 4
+    route_pool: int = 2
+    prefilter: float = 0.9
     # Sharded search (curation.dedup_stage): index rows per partition that one search task holds at a time
     # (1 KB each as uint8 zoom-1 thumbnails).
     partition_rows: int = 262_144
@@ -211,6 +219,18 @@ def _variant_rows(thumbs: np.ndarray, centring, rows: np.ndarray, variant: int) 
     return np.ascontiguousarray(t).reshape(len(rows), -1) / norms[rows, z, None]
 
 
+def pooled(rows: np.ndarray, pool: int) -> np.ndarray:
+    """(n, s·s) unit rows of square thumbnails -> (n, (s/pool)²) unit rows of their pool×pool block means
+    (flips and quarter turns commute with it, so a variant's pooled row is the pooled variant)."""
+    n, cells = rows.shape
+    if pool <= 1:
+        return rows
+    side = int(round(cells ** 0.5))
+    s = side // pool
+    p = rows.reshape(n, s, pool, s, pool).mean(axis=(2, 4)).reshape(n, s * s)
+    return p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
+
+
 def _top_per_group(group: np.ndarray, s: np.ndarray, tie: np.ndarray, kk: int) -> np.ndarray:
     """Positions of the entries among the ``kk`` largest ``s`` of their group (ties: the smaller ``tie``)."""
     o = np.lexsort((tie, -s, group))
@@ -228,28 +248,30 @@ def _best_per_pair(a: np.ndarray, b: np.ndarray, s: np.ndarray):
     return a[sel], b[sel], s[sel].astype(np.float32)
 
 
-def _probe_lists(lists, thumbs: np.ndarray, centring, probe: int, nv: int) -> np.ndarray:
-    """(len(thumbs), nv, probe) ids of the ``probe`` lists nearest to each query variant of each row."""
+def _probe_lists(lists, thumbs: np.ndarray, centring, probe: int, nv: int, pool: int = 1) -> np.ndarray:
+    """(len(thumbs), nv, probe) ids of the ``probe`` lists nearest to each query variant of each row (lists of
+    ``pooled`` rows when ``pool`` > 1)."""
     step = max(1, 4096 // nv)
     found = []
     for a in range(0, len(thumbs), step):
         rows = np.arange(a, min(len(thumbs), a + step))
-        x = np.stack([_variant_rows(thumbs, centring, rows, v) for v in range(nv)], 1)  # (rows, V, s·s)
+        x = np.concatenate([pooled(_variant_rows(thumbs, centring, rows, v), pool)[:, None] for v in range(nv)], 1)
         found.append(lists.search(x.reshape(-1, x.shape[-1]), probe)[1].reshape(len(rows), nv, probe))
     return np.concatenate(found) if found else np.zeros((0, nv, probe), np.int64)
 
 
 def search_members(query_thumbs: np.ndarray, qcentre, probes: np.ndarray, base: np.ndarray, base_ids: np.ndarray,
                    base_list: np.ndarray, k: int, threshold: float, same_ids: np.ndarray | None = None,
-                   chunk_cells: int = 1 << 23):
+                   chunk_cells: int = 1 << 23, pool: int = 1, prefilter: float = 0.0):
     """The core of the fingerprint search: each query variant against the index rows of the lists it probes.
 
     ``probes``: (nq, V, P) list ids per query row and variant (-1: none); ``base``: centred unit zoom-1 rows of
     the index, sorted by ``base_list`` (their list ids), ``base_ids`` their ids. One dense matrix product per
     (list, variant) in blocks of at most ``chunk_cells`` similarities; only entries above ``threshold`` leave
     a block, at most ``k`` per query variant. ``same_ids``: the queries' ids when they are index rows too (a
-    row never pairs with itself). Returns (query row · V + variant, index id, cosine), not yet reduced over
-    lists."""
+    row never pairs with itself). With ``prefilter`` > 0 a block first compares ``pooled`` rows and only pairs
+    above ``prefilter`` there get their full-resolution cosine. Returns (query row · V + variant, index id,
+    cosine), not yet reduced over lists."""
     nq, nv, probe = probes.shape
     probe_rows = np.repeat(np.arange(nq), nv * probe)
     probe_var = np.tile(np.repeat(np.arange(nv), probe), nq)
@@ -261,6 +283,8 @@ def search_members(query_thumbs: np.ndarray, qcentre, probes: np.ndarray, base: 
     skey = key[by_key]
     lists, starts = np.unique(base_list, return_index=True)
     ends = np.append(starts[1:], len(base_list))
+    screen = prefilter > 0 and pool > 1
+    base_p = pooled(base, pool) if screen else None
     out_q, out_m, out_s = [], [], []
     for c, a0, b0 in zip(lists.tolist(), starts.tolist(), ends.tolist()):
         members = base[a0:b0]
@@ -274,9 +298,16 @@ def search_members(query_thumbs: np.ndarray, qcentre, probes: np.ndarray, base: 
             rows = probe_rows[seg]
             for a in range(0, len(rows), step):
                 q = rows[a:a + step]
-                sims = _variant_rows(query_thumbs, qcentre, q, v) @ members.T
-                qi, mi = np.nonzero(sims > threshold)
-                si = sims[qi, mi]
+                x = _variant_rows(query_thumbs, qcentre, q, v)
+                if screen:
+                    qi, mi = np.nonzero(pooled(x, pool) @ base_p[a0:b0].T > prefilter)
+                    si = np.einsum("ij,ij->i", x[qi], members[mi])
+                    hit = si > threshold
+                    qi, mi, si = qi[hit], mi[hit], si[hit]
+                else:
+                    sims = x @ members.T
+                    qi, mi = np.nonzero(sims > threshold)
+                    si = sims[qi, mi]
                 qi, mi = q[qi], base_ids[a0 + mi]
                 if same_ids is not None:
                     other = same_ids[qi] != mi
@@ -290,6 +321,11 @@ def search_members(query_thumbs: np.ndarray, qcentre, probes: np.ndarray, base: 
     if not out_q:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     return np.concatenate(out_q), np.concatenate(out_m), np.concatenate(out_s)
+
+
+def route_pool(cfg: DedupConfig) -> int:
+    """Block size of the rows the lists are trained and routed on: ``cfg.route_pool`` on the fast path, else 1."""
+    return cfg.route_pool if cfg.prefilter > 0 else 1
 
 
 def _dihedral_search(query_thumbs: np.ndarray, index_thumbs: np.ndarray, k: int, threshold: float,
@@ -307,17 +343,19 @@ def _dihedral_search(query_thumbs: np.ndarray, index_thumbs: np.ndarray, k: int,
     qcentre = _centring(query_thumbs)
     icentre = qcentre if same else _centring(index_thumbs)
     base = _variant_rows(index_thumbs, icentre, np.arange(m), 0)  # (M, s·s)
+    pool = route_pool(cfg)
     if m <= cfg.flat_max:
         home = np.zeros(m, np.int64)
         probes = np.zeros((nq, nv, 1), np.int64)
     else:
         nlist = max(1, m // cfg.list_size)
-        lists = _kmeans_lists(base[coarse_sample(m, nlist)], nlist)
-        home = lists.search(base, 1)[1][:, 0]
-        probes = _probe_lists(lists, query_thumbs, qcentre, min(cfg.list_probe, nlist), nv)
+        lists = _kmeans_lists(pooled(base[coarse_sample(m, nlist)], pool), nlist)
+        home = lists.search(pooled(base, pool), 1)[1][:, 0]
+        probes = _probe_lists(lists, query_thumbs, qcentre, min(cfg.list_probe, nlist), nv, pool)
     order = np.argsort(home, kind="stable")
     qv, mi, si = search_members(query_thumbs, qcentre, probes, base[order], order, home[order], k, threshold,
-                                same_ids=np.arange(nq) if same else None, chunk_cells=chunk_cells)
+                                same_ids=np.arange(nq) if same else None, chunk_cells=chunk_cells,
+                                pool=cfg.pool, prefilter=cfg.prefilter)
     if len(qv) == 0:
         return qv, mi, si
     top = _top_per_group(qv, si, mi, k)  # the k best per query variant over all its lists

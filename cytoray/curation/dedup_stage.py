@@ -83,7 +83,7 @@ def _base_rows(thumbs: np.ndarray) -> np.ndarray:
     return D._variant_rows(thumbs, D._centring(thumbs[:, :1]), np.arange(len(thumbs)), 0)
 
 
-def _scan(shard, ctx: Context, sample: np.ndarray) -> dict:
+def _scan(shard, ctx: Context, sample: np.ndarray, pool: int) -> dict:
     i, a, b = shard
     ing = read_rows(ctx.ingested, a, b, ["image_id", "pixel_sha256", "dataset"], ctx.storage_cfg)
     ids, thumbs = _fingerprints(ctx, a, b)
@@ -94,7 +94,7 @@ def _scan(shard, ctx: Context, sample: np.ndarray) -> dict:
                     for h in ing.column("pixel_sha256").to_pylist()], np.uint64)
     rows = sample[(sample >= a) & (sample < b)] - a
     return {"sha": sha, "datasets": Counter(ing.column("dataset").to_pylist()),
-            "sample": _base_rows(thumbs[rows]) if len(rows) else None}
+            "sample": D.pooled(_base_rows(thumbs[rows]), pool) if len(rows) else None}
 
 
 def _router(lists: np.ndarray | None):
@@ -104,12 +104,13 @@ def _router(lists: np.ndarray | None):
     return None if lists is None else faiss.deserialize_index(lists)
 
 
-def _route(shard, ctx: Context, lists: np.ndarray | None) -> int:
+def _route(shard, ctx: Context, lists: np.ndarray | None, pool: int) -> int:
     i, a, b = shard
     _, thumbs = _fingerprints(ctx, a, b)
     means, norms = D._centring(thumbs[:, :1])
     index = _router(lists)
-    home = np.zeros(b - a, np.int64) if index is None else index.search(_base_rows(thumbs), 1)[1][:, 0]
+    home = np.zeros(b - a, np.int64) if index is None else \
+        index.search(D.pooled(_base_rows(thumbs), pool), 1)[1][:, 0]
     part = ctx.partition_of(home)
     for p in np.unique(part).tolist():
         sel = np.flatnonzero(part == p)
@@ -143,7 +144,7 @@ def _load_partition(ctx: Context, p: int, shards: int, excluded: np.ndarray | No
 
 
 def _search(query, ctx: Context, lists: np.ndarray | None, shards: int, probe: int, k: int, threshold: float,
-            excluded_bits: np.ndarray | None, eval_thumbs: list[np.ndarray]):
+            excluded_bits: np.ndarray | None, eval_thumbs: list[np.ndarray], cfg: D.DedupConfig):
     """Pairs of one query shard: ("shard", i, a, b) -> (row, row, cosine) with row < row among the rows;
     ("eval", j) -> (eval row, row, cosine) for evaluation set j."""
     excluded = None if excluded_bits is None else np.unpackbits(excluded_bits, count=ctx.ingested.rows).astype(bool)
@@ -157,7 +158,7 @@ def _search(query, ctx: Context, lists: np.ndarray | None, shards: int, probe: i
     qcentre = D._centring(thumbs)
     index = _router(lists)
     probes = np.zeros((len(thumbs), nv, 1), np.int64) if index is None else \
-        D._probe_lists(index, thumbs, qcentre, probe, nv)
+        D._probe_lists(index, thumbs, qcentre, probe, nv, D.route_pool(cfg))
     if same_ids is not None and excluded is not None:
         probes[excluded[same_ids]] = -1
     part = np.where(probes >= 0, ctx.partition_of(probes), -1)
@@ -168,7 +169,7 @@ def _search(query, ctx: Context, lists: np.ndarray | None, shards: int, probe: i
             continue
         base, ids, lists = loaded
         found.append(D.search_members(thumbs, qcentre, np.where(part == p, probes, -1), base, ids, lists, k,
-                                      threshold, same_ids=same_ids))
+                                      threshold, same_ids=same_ids, pool=cfg.pool, prefilter=cfg.prefilter))
     if not found:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     qv, m, s = (np.concatenate(x) for x in zip(*found))
@@ -247,7 +248,8 @@ def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_
     go = dict(ray_tasks=ray_tasks, cfg=scale, rows=lambda s: s[3] - s[2])
 
     sample = D.coarse_sample(n, nlist) if nlist > 1 else np.zeros(0, np.int64)
-    scanned = map_shards(_scan, [s[1:] for s in shards], ctx, sample, desc="dedup: scan", ray_tasks=ray_tasks,
+    pool = D.route_pool(cfg)
+    scanned = map_shards(_scan, [s[1:] for s in shards], ctx, sample, pool, desc="dedup: scan", ray_tasks=ray_tasks,
                          cfg=scale, rows=lambda s: s[2] - s[1])
     sha = np.concatenate([r["sha"] for r in scanned]) if scanned else np.zeros(0, np.uint64)
     images = Counter()
@@ -260,7 +262,7 @@ def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_
         lists = faiss.serialize_index(D._kmeans_lists(
             np.concatenate([r["sample"] for r in scanned if r["sample"] is not None]), nlist))
     del scanned
-    map_shards(_route, [s[1:] for s in shards], ctx, lists, desc="dedup: index", ray_tasks=ray_tasks,
+    map_shards(_route, [s[1:] for s in shards], ctx, lists, pool, desc="dedup: index", ray_tasks=ray_tasks,
                cfg=scale, rows=lambda s: s[2] - s[1])
     probe = min(cfg.list_probe, nlist)
 
@@ -278,7 +280,7 @@ def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_
         per_shard = map_shards(_cross_shard, shards, ctx, thumbs, cfg.k, cfg.leakage_threshold, cfg,
                                desc="leakage guard", **go)
         back = map_shards(_search, [("eval", j) for j in range(len(eval_sets))], ctx, lists, len(shards), probe,
-                          cfg.k, cfg.leakage_threshold, None, thumbs, desc="leakage guard (evaluation images)",
+                          cfg.k, cfg.leakage_threshold, None, thumbs, cfg, desc="leakage guard (evaluation images)",
                           ray_tasks=ray_tasks, cfg=scale)
         for j, (name, eval_ids, _) in enumerate(eval_sets):
             e2, t2, s2 = back[j]
@@ -303,7 +305,7 @@ def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_
     s = np.zeros(0, np.float32)
     if cfg.near and (~leaked).sum() > 1:
         found = map_shards(_search, shards, ctx, lists, len(shards), probe, cfg.k, cfg.threshold,
-                           np.packbits(leaked) if leaked.any() else None, [], desc="dedup: near-duplicate search",
+                           np.packbits(leaked) if leaked.any() else None, [], cfg, desc="dedup: near-duplicate search",
                            **go)
         if found:
             a, b, s = (np.concatenate(x) for x in zip(*found))

@@ -36,7 +36,7 @@ class ScaleConfig:
 
     mode: str = "auto"  # auto | local | ray
     ray_above: int = 200_000  # auto: Ray tasks above this many images, this process below
-    shard_rows: int = 65_536  # rows per shard (one Ray task reads one shard)
+    shard_rows: int = 32_768  # rows per shard (one Ray task reads one shard: 100 MB of fingerprints)
     num_cpus: float = 0.5  # per Ray task; fractional so that tasks and the driver share small machines
     max_in_flight: int = 8  # Ray tasks submitted at once (bounds what is held in the object store)
 
