@@ -236,7 +236,7 @@ def main(argv=None):
     ap.add_argument("--scale", choices=("ray", "local"), default="ray",
                     help="stages as Ray tasks over shards (default) or in this process")
     ap.add_argument("--shard-rows", type=int, default=32_768)
-    ap.add_argument("--prefilter", type=float, default=None, help="dedup.prefilter (default: the config default)")
+    ap.add_argument("--route-pool", type=int, default=None, help="dedup.route_pool (default: the config default)")
     ap.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
                     help="compare with the in-memory algorithms (default: up to 200,000 images)")
     ap.add_argument("--recall-queries", type=int, default=2000,
@@ -263,7 +263,7 @@ def main(argv=None):
     truth = write_planted_run(out, args.images, args.dim, args.copy_rate, args.seed, args.workers, args.part_rows)
     print(f"data: {args.images:,} images ({(truth.kind != 'original').sum():,} planted copies, {DATASETS} datasets), "
           f"fingerprints + {args.dim}-d embeddings, rendered and written to {out} in {time.perf_counter() - t0:.1f}s")
-    dedup_cfg = DedupConfig() if args.prefilter is None else DedupConfig(prefilter=args.prefilter)
+    dedup_cfg = DedupConfig() if args.route_pool is None else DedupConfig(route_pool=args.route_pool)
     cluster_cfg = ClusterConfig(use_gpu=False)
     scale = ScaleConfig(mode=args.scale, shard_rows=args.shard_rows)
     if args.scale == "ray":

@@ -63,14 +63,11 @@ class DedupConfig:
     # at 10,000 images these find every pair the exact search finds (benchmarks/RESULTS.md).
     list_size: int = 250
     list_probe: int = 3
-    # Fast path of the fingerprint search: pairs are screened on the pool×pool block means of the thumbnails
-    # (8×8 for 32×32: a 16th of the work) and only pairs whose block-mean cosine exceeds ``prefilter`` are
-    # compared at full resolution; lists are trained and routed on route_pool×route_pool block means (16×16:
-    # a quarter; 8×8 routing lost planted copies in tests/curation/test_dedup_parts.py). prefilter=0 compares
-    # every pair at full resolution and routes on full thumbnails. Recall both ways: benchmarks/RESULTS.md.
-    pool: int = 4
+    # Lists are trained and routed on route_pool×route_pool block means of the thumbnails (16×16 for 32×32: a
+    # quarter of routing's work, which grows with the number of lists and dominates from ~10⁶ images on); 1:
+    # full thumbnails. 4 (8×8) lost planted copies in tests/curation/test_dedup_parts.py. Recall and time:
+    # benchmarks/RESULTS.md.
     route_pool: int = 2
-    prefilter: float = 0.9
     # Sharded search (curation.dedup_stage): index rows per partition that one search task holds at a time
     # (1 KB each as uint8 zoom-1 thumbnails).
     partition_rows: int = 262_144
@@ -262,16 +259,16 @@ def _probe_lists(lists, thumbs: np.ndarray, centring, probe: int, nv: int, pool:
 
 def search_members(query_thumbs: np.ndarray, qcentre, probes: np.ndarray, base: np.ndarray, base_ids: np.ndarray,
                    base_list: np.ndarray, k: int, threshold: float, same_ids: np.ndarray | None = None,
-                   chunk_cells: int = 1 << 23, pool: int = 1, prefilter: float = 0.0):
+                   chunk_cells: int = 1 << 23):
     """The core of the fingerprint search: each query variant against the index rows of the lists it probes.
 
     ``probes``: (nq, V, P) list ids per query row and variant (-1: none); ``base``: centred unit zoom-1 rows of
     the index, sorted by ``base_list`` (their list ids), ``base_ids`` their ids. One dense matrix product per
     (list, variant) in blocks of at most ``chunk_cells`` similarities; only entries above ``threshold`` leave
     a block, at most ``k`` per query variant. ``same_ids``: the queries' ids when they are index rows too (a
-    row never pairs with itself). With ``prefilter`` > 0 a block first compares ``pooled`` rows and only pairs
-    above ``prefilter`` there get their full-resolution cosine. Returns (query row · V + variant, index id,
-    cosine), not yet reduced over lists."""
+    row never pairs with itself). Returns (query row · V + variant, index id, cosine), not yet reduced over
+    lists. (Screening pairs on 8×8 block means first was slower on CPU: within a list 3–25% of pairs pass any
+    useful screen, and gathering them costs more than the dense product.)"""
     nq, nv, probe = probes.shape
     probe_rows = np.repeat(np.arange(nq), nv * probe)
     probe_var = np.tile(np.repeat(np.arange(nv), probe), nq)
@@ -283,8 +280,6 @@ def search_members(query_thumbs: np.ndarray, qcentre, probes: np.ndarray, base: 
     skey = key[by_key]
     lists, starts = np.unique(base_list, return_index=True)
     ends = np.append(starts[1:], len(base_list))
-    screen = prefilter > 0 and pool > 1
-    base_p = pooled(base, pool) if screen else None
     out_q, out_m, out_s = [], [], []
     for c, a0, b0 in zip(lists.tolist(), starts.tolist(), ends.tolist()):
         members = base[a0:b0]
@@ -298,16 +293,9 @@ def search_members(query_thumbs: np.ndarray, qcentre, probes: np.ndarray, base: 
             rows = probe_rows[seg]
             for a in range(0, len(rows), step):
                 q = rows[a:a + step]
-                x = _variant_rows(query_thumbs, qcentre, q, v)
-                if screen:
-                    qi, mi = np.nonzero(pooled(x, pool) @ base_p[a0:b0].T > prefilter)
-                    si = np.einsum("ij,ij->i", x[qi], members[mi])
-                    hit = si > threshold
-                    qi, mi, si = qi[hit], mi[hit], si[hit]
-                else:
-                    sims = x @ members.T
-                    qi, mi = np.nonzero(sims > threshold)
-                    si = sims[qi, mi]
+                sims = _variant_rows(query_thumbs, qcentre, q, v) @ members.T
+                qi, mi = np.nonzero(sims > threshold)
+                si = sims[qi, mi]
                 qi, mi = q[qi], base_ids[a0 + mi]
                 if same_ids is not None:
                     other = same_ids[qi] != mi
@@ -321,11 +309,6 @@ def search_members(query_thumbs: np.ndarray, qcentre, probes: np.ndarray, base: 
     if not out_q:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     return np.concatenate(out_q), np.concatenate(out_m), np.concatenate(out_s)
-
-
-def route_pool(cfg: DedupConfig) -> int:
-    """Block size of the rows the lists are trained and routed on: ``cfg.route_pool`` on the fast path, else 1."""
-    return cfg.route_pool if cfg.prefilter > 0 else 1
 
 
 def _dihedral_search(query_thumbs: np.ndarray, index_thumbs: np.ndarray, k: int, threshold: float,
@@ -343,7 +326,7 @@ def _dihedral_search(query_thumbs: np.ndarray, index_thumbs: np.ndarray, k: int,
     qcentre = _centring(query_thumbs)
     icentre = qcentre if same else _centring(index_thumbs)
     base = _variant_rows(index_thumbs, icentre, np.arange(m), 0)  # (M, s·s)
-    pool = route_pool(cfg)
+    pool = cfg.route_pool
     if m <= cfg.flat_max:
         home = np.zeros(m, np.int64)
         probes = np.zeros((nq, nv, 1), np.int64)
@@ -354,8 +337,7 @@ def _dihedral_search(query_thumbs: np.ndarray, index_thumbs: np.ndarray, k: int,
         probes = _probe_lists(lists, query_thumbs, qcentre, min(cfg.list_probe, nlist), nv, pool)
     order = np.argsort(home, kind="stable")
     qv, mi, si = search_members(query_thumbs, qcentre, probes, base[order], order, home[order], k, threshold,
-                                same_ids=np.arange(nq) if same else None, chunk_cells=chunk_cells,
-                                pool=cfg.pool, prefilter=cfg.prefilter)
+                                same_ids=np.arange(nq) if same else None, chunk_cells=chunk_cells)
     if len(qv) == 0:
         return qv, mi, si
     top = _top_per_group(qv, si, mi, k)  # the k best per query variant over all its lists

@@ -158,7 +158,7 @@ def _search(query, ctx: Context, lists: np.ndarray | None, shards: int, probe: i
     qcentre = D._centring(thumbs)
     index = _router(lists)
     probes = np.zeros((len(thumbs), nv, 1), np.int64) if index is None else \
-        D._probe_lists(index, thumbs, qcentre, probe, nv, D.route_pool(cfg))
+        D._probe_lists(index, thumbs, qcentre, probe, nv, cfg.route_pool)
     if same_ids is not None and excluded is not None:
         probes[excluded[same_ids]] = -1
     part = np.where(probes >= 0, ctx.partition_of(probes), -1)
@@ -169,7 +169,7 @@ def _search(query, ctx: Context, lists: np.ndarray | None, shards: int, probe: i
             continue
         base, ids, lists = loaded
         found.append(D.search_members(thumbs, qcentre, np.where(part == p, probes, -1), base, ids, lists, k,
-                                      threshold, same_ids=same_ids, pool=cfg.pool, prefilter=cfg.prefilter))
+                                      threshold, same_ids=same_ids))
     if not found:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     qv, m, s = (np.concatenate(x) for x in zip(*found))
@@ -248,7 +248,7 @@ def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_
     go = dict(ray_tasks=ray_tasks, cfg=scale, rows=lambda s: s[3] - s[2])
 
     sample = D.coarse_sample(n, nlist) if nlist > 1 else np.zeros(0, np.int64)
-    pool = D.route_pool(cfg)
+    pool = cfg.route_pool
     scanned = map_shards(_scan, [s[1:] for s in shards], ctx, sample, pool, desc="dedup: scan", ray_tasks=ray_tasks,
                          cfg=scale, rows=lambda s: s[2] - s[1])
     sha = np.concatenate([r["sha"] for r in scanned]) if scanned else np.zeros(0, np.uint64)
