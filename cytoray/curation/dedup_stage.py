@@ -120,14 +120,15 @@ def _route(shard, ctx: Context, lists: np.ndarray | None, pool: int) -> int:
     return b - a
 
 
-def _load_partition(ctx: Context, p: int, shards: int, excluded: np.ndarray | None):
+def _load_partition(ctx: Context, p: int, excluded: np.ndarray | None):
     """(base rows sorted by list, their row ids, their lists) of index partition ``p``."""
+    fs, path = storage.filesystem(storage.join_uri(ctx.staging, "index", f"p{p:05d}"), ctx.storage_cfg)
+    found = storage.with_retries(lambda: sorted(fs.find(path)), ctx.storage_cfg, f"list index partition {p}")
     rows, home, thumbs, means, norms = [], [], [], [], []
-    for s in range(shards):
-        uri = ctx.part_uri(p, s)
-        if not storage.exists(uri, ctx.storage_cfg):
+    for f in found:  # s<shard>.npz in shard order: one listing, no request per (partition, shard)
+        if not f.endswith(".npz"):
             continue
-        z = np.load(io.BytesIO(storage.read_bytes(uri, ctx.storage_cfg)))
+        z = np.load(io.BytesIO(storage.with_retries(lambda f=f: fs.cat_file(f), ctx.storage_cfg, f"read {f}")))
         rows.append(z["rows"]), home.append(z["home"]), thumbs.append(z["thumbs"])
         means.append(z["means"]), norms.append(z["norms"])
     if not rows:
@@ -143,7 +144,7 @@ def _load_partition(ctx: Context, p: int, shards: int, excluded: np.ndarray | No
     return base, rows[order], home[order]
 
 
-def _search(query, ctx: Context, lists: np.ndarray | None, shards: int, probe: int, k: int, threshold: float,
+def _search(query, ctx: Context, lists: np.ndarray | None, probe: int, k: int, threshold: float,
             excluded_bits: np.ndarray | None, eval_thumbs: list[np.ndarray], cfg: D.DedupConfig):
     """Pairs of one query shard: ("shard", i, a, b) -> (row, row, cosine) with row < row among the rows;
     ("eval", j) -> (eval row, row, cosine) for evaluation set j."""
@@ -164,7 +165,7 @@ def _search(query, ctx: Context, lists: np.ndarray | None, shards: int, probe: i
     part = np.where(probes >= 0, ctx.partition_of(probes), -1)
     found = []
     for p in np.unique(part[part >= 0]).tolist():
-        loaded = _load_partition(ctx, p, shards, excluded)
+        loaded = _load_partition(ctx, p, excluded)
         if loaded is None or len(loaded[0]) == 0:
             continue
         base, ids, lists = loaded
@@ -279,7 +280,7 @@ def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_
         thumbs = [e[2] for e in eval_sets]
         per_shard = map_shards(_cross_shard, shards, ctx, thumbs, cfg.k, cfg.leakage_threshold, cfg,
                                desc="leakage guard", **go)
-        back = map_shards(_search, [("eval", j) for j in range(len(eval_sets))], ctx, lists, len(shards), probe,
+        back = map_shards(_search, [("eval", j) for j in range(len(eval_sets))], ctx, lists, probe,
                           cfg.k, cfg.leakage_threshold, None, thumbs, cfg, desc="leakage guard (evaluation images)",
                           ray_tasks=ray_tasks, cfg=scale)
         for j, (name, eval_ids, _) in enumerate(eval_sets):
@@ -304,7 +305,7 @@ def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_
     a = b = np.zeros(0, np.int64)
     s = np.zeros(0, np.float32)
     if cfg.near and (~leaked).sum() > 1:
-        found = map_shards(_search, shards, ctx, lists, len(shards), probe, cfg.k, cfg.threshold,
+        found = map_shards(_search, shards, ctx, lists, probe, cfg.k, cfg.threshold,
                            np.packbits(leaked) if leaked.any() else None, [], cfg, desc="dedup: near-duplicate search",
                            **go)
         if found:
