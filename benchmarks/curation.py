@@ -112,7 +112,7 @@ def legacy_dihedral_knn_edges(thumbs: np.ndarray, k: int, threshold: float):
 
 def baseline(out: str, rows: int) -> None:
     """Old vs current fingerprint search on the first ``rows`` images of the run, same process."""
-    from cytoray.curation.dedup import DedupConfig, dihedral_knn_edges
+    from cytoray.curation.dedup import DedupConfig, dihedral_knn_edges, list_count
     from cytoray.curation.embed import load_embeddings
     from cytoray.features.fingerprint import fingerprints_from_u8
 
@@ -127,7 +127,8 @@ def baseline(out: str, rows: int) -> None:
     new = dict(zip(zip(i.tolist(), j.tolist()), s.tolist()))
     both = set(old) & set(new)
     diff = max((abs(old[p] - new[p]) for p in both), default=0.0)
-    mode = "exact" if rows <= cfg.flat_max else f"partitioned, lists of ~{cfg.list_size}, {cfg.list_probe} probed"
+    lists = list_count(rows, cfg)
+    mode = "exact" if lists == 1 else f"partitioned, lists of ~{rows // lists}, {cfg.list_probe} probed"
     print(f"fingerprint search on {rows:,} images: before issue 15 {t_old:.1f}s, now {t_new:.1f}s ({mode}): "
           f"{t_old / t_new:.1f}x; pairs {len(old):,} before, {len(new):,} now, {len(both):,} in both "
           f"(max |Δ cosine| {diff:.1e})")

@@ -59,9 +59,11 @@ class DedupConfig:
     dataset_priority: list[str] = field(default_factory=list)
     flat_max: int = 5_000  # exact search up to this many index rows, partitioned (or IVF-flat on a GPU) above
     # Partitioned fingerprint search: k-means lists of ~list_size images, each query variant searching its
-    # list_probe nearest lists. Cost per query variant ~ N / list_size centroids + list_probe · list_size rows;
-    # at 10,000 images these find every pair the exact search finds (benchmarks/RESULTS.md).
-    list_size: int = 250
+    # list_probe nearest lists. Cost per query variant ~ N / list_size centroids (at 1/route_pool² of the row
+    # length) + list_probe · list_size rows; at 10,000 images these find every pair the exact search finds
+    # (benchmarks/RESULTS.md). 0: the size that balances the two, sqrt(N / list_probe) / route_pool, at least
+    # 250 (250 up to 750,000 images, 645 at 5M, 2,887 at 100M: list_sizes).
+    list_size: int = 0
     list_probe: int = 3
     # Lists are trained and routed on route_pool×route_pool block means of the thumbnails (16×16 for 32×32: a
     # quarter of routing's work, which grows with the number of lists and dominates from ~10⁶ images on); 1:
@@ -311,6 +313,14 @@ def search_members(query_thumbs: np.ndarray, qcentre, probes: np.ndarray, base: 
     return np.concatenate(out_q), np.concatenate(out_m), np.concatenate(out_s)
 
 
+def list_count(m: int, cfg: DedupConfig) -> int:
+    """How many lists the partitioned search splits ``m`` index rows into (1 up to ``cfg.flat_max``: exact)."""
+    if m <= cfg.flat_max:
+        return 1
+    size = cfg.list_size or max(250, round((m / max(1, cfg.list_probe)) ** 0.5 / max(1, cfg.route_pool)))
+    return max(1, m // size)
+
+
 def _dihedral_search(query_thumbs: np.ndarray, index_thumbs: np.ndarray, k: int, threshold: float,
                      cfg: DedupConfig, same: bool, chunk_cells: int = 1 << 23):
     """(query row, index row, best cosine over all zooms × flips × rotations of the query) above ``threshold``,
@@ -326,12 +336,11 @@ def _dihedral_search(query_thumbs: np.ndarray, index_thumbs: np.ndarray, k: int,
     qcentre = _centring(query_thumbs)
     icentre = qcentre if same else _centring(index_thumbs)
     base = _variant_rows(index_thumbs, icentre, np.arange(m), 0)  # (M, s·s)
-    pool = cfg.route_pool
-    if m <= cfg.flat_max:
+    pool, nlist = cfg.route_pool, list_count(m, cfg)
+    if nlist == 1:
         home = np.zeros(m, np.int64)
         probes = np.zeros((nq, nv, 1), np.int64)
     else:
-        nlist = max(1, m // cfg.list_size)
         lists = _kmeans_lists(pooled(base[coarse_sample(m, nlist)], pool), nlist)
         home = lists.search(pooled(base, pool), 1)[1][:, 0]
         probes = _probe_lists(lists, query_thumbs, qcentre, min(cfg.list_probe, nlist), nv, pool)

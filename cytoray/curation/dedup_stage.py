@@ -244,7 +244,7 @@ def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_
     ray_tasks = use_ray(scale, n)
     ranges = ing.ranges(scale.shard_rows)
     shards = [("shard", i, a, b) for i, (a, b) in enumerate(ranges)]
-    nlist = 1 if n <= cfg.flat_max else max(1, n // cfg.list_size)
+    nlist = D.list_count(n, cfg)
     ctx = Context(ing, emb, run_.staging, storage_cfg, nlist, max(1, -(-n // max(1, cfg.partition_rows))))
     go = dict(ray_tasks=ray_tasks, cfg=scale, rows=lambda s: s[3] - s[2])
 
