@@ -1,13 +1,14 @@
 """Pretraining speed: DINOv2 step throughput / MFU per ViT size, and the input stream against a DataLoader.
 
-    python benchmarks/train_step.py step [--archs vit_small,vit_base,vit_large] [--batch 32] [--steps 10]
+    python benchmarks/train_step.py step [--archs vit_small,vit_base,vit_large] [--batch 32] [--steps 10] [--pack]
     python benchmarks/train_step.py stream [--images 256] [--batch 16] [--steps 12] [--workers 1]
 
 ``step`` needs torch only (runs on the GPU image): one process, the real objective (student + EMA teacher,
 DINO + iBOT + KoLeo) at the DinoBloom crop setting (2×224 + 8×98), in-memory batches; prints images/s,
 model FLOPs per image (counted by ``torch.utils.flop_counter`` on a forward+backward) and MFU against the
 device's dense bf16 peak (GPU) — on CPU it prints achieved GFLOP/s instead. ``--from-stream`` feeds the
-same loop from files through the decode + multi-crop path to compare step times (needs Ray).
+same loop from files through the decode + multi-crop path to compare step times (needs Ray). ``--pack`` adds
+a row per arch with ``objective.pack_crops=true`` (global and local crops in one packed student pass).
 
 ``stream`` (needs Ray): decode + multi-crop batches per second from a manifest of PNG cells, cytoray's
 Ray Data stream (``build_stream``, ``--workers`` actors) against a torch DataLoader with the same
@@ -27,12 +28,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-def _objective(arch: str, device: torch.device):
+def _objective(arch: str, device: torch.device, pack_crops: bool = False):
     from cytoray.platform.models.vit import ViTConfig
     from cytoray.platform.objective import DINOv2Objective, ObjectiveConfig
 
     vit = ViTConfig(arch=arch, patch_size=14, img_size=224, drop_path_rate=0.1 if arch != "vit_small" else 0.0)
-    return DINOv2Objective(vit, ObjectiveConfig()).to(device)
+    return DINOv2Objective(vit, ObjectiveConfig(pack_crops=pack_crops)).to(device)
 
 
 def _batch(b: int, device: torch.device, n_global=2, n_local=8, size=224, local=98, patch=14) -> dict:
@@ -57,8 +58,9 @@ def bench_step(args) -> None:
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}; "
           f"batch {args.batch}/step, DinoBloom crops 2x224 + 8x98")
     for arch in args.archs.split(","):
+        arch, pack = arch.removesuffix("+pack"), arch.endswith("+pack")  # "+pack": rows added by --pack
         torch.manual_seed(0)
-        obj = _objective(arch, device)
+        obj = _objective(arch, device, pack)
         opt = build_optimizer(obj, 1.0, 0.2)
         batch = _batch(args.batch, device)
         with FlopCounterMode(display=False) as fc:  # model FLOPs of one forward+backward (student + teacher fwd)
@@ -83,7 +85,7 @@ def bench_step(args) -> None:
         peak = peak / 1e12 if peak else None
         mfu = f"MFU {100 * achieved / peak:.1f}% of {peak:.0f} TFLOP/s bf16" if peak else f"{achieved * 1e3:.1f} GFLOP/s"
         mem = f", peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
-        print(f"{arch:10s} step {step_t * 1e3:8.1f} ms  {args.batch / step_t:8.1f} img/s  "
+        print(f"{arch + ('+pack' if pack else ''):15s} step {step_t * 1e3:8.1f} ms  {args.batch / step_t:8.1f} img/s  "
               f"{flops / args.batch / 1e9:7.1f} GFLOP/img  {mfu}{mem}", flush=True)
         del obj, opt, batch
         if device.type == "cuda":
@@ -162,12 +164,15 @@ def main(argv=None):
     s.add_argument("--archs", default="vit_small,vit_base,vit_large")
     s.add_argument("--batch", type=int, default=32)
     s.add_argument("--steps", type=int, default=10)
+    s.add_argument("--pack", action="store_true", help="also time each arch with objective.pack_crops=true")
     r = sub.add_parser("stream")
     r.add_argument("--images", type=int, default=256)
     r.add_argument("--batch", type=int, default=16)
     r.add_argument("--steps", type=int, default=12)
     r.add_argument("--workers", type=int, default=1)
     args = ap.parse_args(argv)
+    if args.mode == "step" and args.pack:  # each arch twice: separate student passes, then packed crops
+        args.archs = ",".join(f"{a},{a}+pack" for a in args.archs.split(","))
     torch.set_num_threads(os.cpu_count() or 1) if args.mode == "step" else None
     bench_step(args) if args.mode == "step" else bench_stream(args)
 

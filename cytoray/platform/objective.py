@@ -40,6 +40,9 @@ class ObjectiveConfig:
     centering: str = "sinkhorn_knopp"  # sinkhorn_knopp | centering (EMA centre, DINO v1)
     student_temp: float = 0.1
     center_momentum: float = 0.9
+    # One student backbone pass over global and local crops: tokens of both sizes packed into one sequence,
+    # attention block-diagonal per crop (DINOv2's packing). Same loss as separate passes; fewer, larger kernels.
+    pack_crops: bool = False
 
 
 class DINOv2Objective(nn.Module):
@@ -104,7 +107,11 @@ class DINOv2Objective(nn.Module):
         masks, idx = batch["masks"], batch["mask_indices"]
         teacher_cls, teacher_patch = self.teacher_targets(globals_, idx, n_g, teacher_temp)
 
-        s_g = self.student["backbone"].forward_features(globals_, masks=masks, drop_noise=batch.get("drop_noise_global"))
+        backbone, noise_g, noise_l = self.student["backbone"], batch.get("drop_noise_global"), batch.get("drop_noise_local")
+        if cfg.pack_crops and n_l > 0:
+            s_g, s_l = backbone.forward_features_list([globals_, locals_], [masks, None], [noise_g, noise_l])
+        else:
+            s_g, s_l = backbone.forward_features(globals_, masks=masks, drop_noise=noise_g), None
         s_g_cls = s_g["x_norm_clstoken"]
         s_patches = s_g["x_norm_patchtokens"].flatten(0, 1)[idx]
         s_g_logits, s_patch_logits = self._heads(self.student, s_g_cls, s_patches)
@@ -114,8 +121,9 @@ class DINOv2Objective(nn.Module):
         loss = s_g_logits.new_zeros(())
         t_views = list(teacher_cls.chunk(n_g))
         if n_l > 0:
-            s_l_cls = self.student["backbone"].forward_features(
-                locals_, drop_noise=batch.get("drop_noise_local"))["x_norm_clstoken"]
+            if s_l is None:
+                s_l = backbone.forward_features(locals_, drop_noise=noise_l)
+            s_l_cls = s_l["x_norm_clstoken"]
             s_l_logits = self.student["dino_head"](s_l_cls)
             local = self.dino_loss(list(s_l_logits.chunk(n_l)), t_views) / n_pairs  # every local vs every global
             metrics["dino_local_loss"] = local.detach()

@@ -55,7 +55,8 @@ def apply_fsdp(objective: DINOv2Objective, mesh: DeviceMesh, cfg: ParallelConfig
                 block.compile()
             fully_shard(block, **kwargs)
         fully_shard(backbone, **kwargs)
-        register_fsdp_forward_method(backbone, "forward_features")  # the objective calls it, not forward
+        for method in ("forward_features", "forward_features_list"):  # the objective calls these, not forward
+            register_fsdp_forward_method(backbone, method)
         for name, head in net.items():
             if name != "backbone":
                 fully_shard(head, **kwargs)

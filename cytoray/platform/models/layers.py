@@ -2,7 +2,8 @@
 
 Attention uses ``torch.nn.functional.scaled_dot_product_attention``; ``attn_impl="xformers"`` switches to
 ``xformers.ops.memory_efficient_attention`` when it is installed and the input is on CUDA (falls back to
-SDPA otherwise, with a one-time warning). No parallelism here: FSDP and checkpointing are applied from
+SDPA otherwise, with a one-time warning). Blocks also take packed sequences of several crop sizes (one (T, D)
+tensor, attention per crop: see ``Attention.forward``). No parallelism here: FSDP and checkpointing are applied from
 outside (``cytoray.platform.parallelize``).
 """
 
@@ -51,20 +52,33 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)  # (B, N, 3, H, Dh)
-        if self.attn_impl == "xformers" and x.is_cuda and xformers_available():
+    def forward(self, x: torch.Tensor, seq_groups: tuple[tuple[int, int], ...] | None = None) -> torch.Tensor:
+        """x (B, N, D) -> (B, N, D). Packed: x (T, D) holds the tokens of several crop sizes back to back,
+        ``seq_groups`` ((num_seqs, seq_len), ...) their layout; each sequence attends to its own tokens only
+        (block-diagonal attention), and the projections run once over all T tokens."""
+        if seq_groups is None:
+            b, n, d = x.shape
+            return self.proj(self._attend(self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads))
+                             .reshape(b, n, d))
+        d = x.shape[-1]
+        qkv = self.qkv(x)  # (T, 3D)
+        # Sequences of one crop size share a length, so the block-diagonal mask factorises into one dense
+        # batched attention per crop size: no masked-out FLOPs, flash/fused kernels on every device.
+        parts = qkv.split([n * t for n, t in seq_groups])
+        out = [self._attend(part.view(n, t, 3, self.num_heads, d // self.num_heads)).reshape(n * t, d)
+               for part, (n, t) in zip(parts, seq_groups)]
+        return self.proj(torch.cat(out))
+
+    def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv (B, N, 3, H, Dh) -> attention output (B, N, H, Dh)."""
+        if self.attn_impl == "xformers" and qkv.is_cuda and xformers_available():
             from xformers.ops import memory_efficient_attention
 
-            q, k, v = qkv.unbind(2)  # (B, N, H, Dh): xformers' layout
-            out = memory_efficient_attention(q, k, v).reshape(b, n, d)
-        else:
-            if self.attn_impl == "xformers":
-                _warn_xformers_fallback()
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh)
-            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
-        return self.proj(out)
+            return memory_efficient_attention(*qkv.unbind(2))  # (B, N, H, Dh): xformers' layout
+        if self.attn_impl == "xformers":
+            _warn_xformers_fallback()
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
 
 def _warn_xformers_fallback() -> None:
@@ -134,8 +148,11 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
         self.drop_path_rate = drop_path_rate
 
-    def forward(self, x: torch.Tensor, drop_noise: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, D); ``drop_noise`` (B, 2): stochastic-depth uniforms for the attention and MLP branches."""
+    def forward(self, x: torch.Tensor, drop_noise: torch.Tensor | None = None,
+                seq_groups: tuple[tuple[int, int], ...] | None = None) -> torch.Tensor:
+        """x (B, T, D); ``drop_noise`` (B, 2): stochastic-depth uniforms for the attention and MLP branches.
+        Packed (``seq_groups``, see ``Attention.forward``): x (T, D) and ``drop_noise`` (T, 2), each token
+        carrying its sequence's uniforms, so every token of a sequence keeps or drops its branch together."""
         n_attn, n_mlp = (None, None) if drop_noise is None else drop_noise.unbind(-1)
-        x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_path_rate, self.training, n_attn)
+        x = x + drop_path(self.ls1(self.attn(self.norm1(x), seq_groups)), self.drop_path_rate, self.training, n_attn)
         return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path_rate, self.training, n_mlp)

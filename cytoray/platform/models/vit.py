@@ -128,6 +128,37 @@ class VisionTransformer(nn.Module):
         return {"x_norm_clstoken": x_norm[:, 0], "x_norm_regtokens": x_norm[:, 1 : r + 1],
                 "x_norm_patchtokens": x_norm[:, r + 1 :], "x_prenorm": x, "masks": masks}
 
+    def forward_features_list(self, x_list: list[torch.Tensor], masks_list: list[torch.Tensor | None],
+                              drop_noise_list: list[torch.Tensor | None] | None = None) -> list[dict]:
+        """``forward_features`` for several crop sizes in one pass: what separate calls give, one dict per input.
+
+        Each input (B_i,3,H_i,W_i) is embedded on its own (positional embedding at its grid, its masks); then
+        all tokens are packed into one (T, D) sequence, T = sum B_i·(1+R+N_i), so the linear layers, norms and
+        MLPs run once per block over every crop, and attention stays within each crop (block-diagonal, see
+        ``Attention.forward``) — DINOv2's xformers packing of global and local crops, without xformers.
+        ``drop_noise_list`` entries are (B_i, depth, 2) as in ``forward_features``; where one is missing and
+        stochastic depth is active, per-sample uniforms come from the global RNG."""
+        tokens = [self.prepare_tokens(x, m) for x, m in zip(x_list, masks_list)]  # (B_i, T_i, D)
+        groups = tuple((t.shape[0], t.shape[1]) for t in tokens)
+        x = torch.cat([t.flatten(0, 1) for t in tokens])  # (T, D)
+        noise = None
+        if self.training and any(blk.drop_path_rate > 0 for blk in self.blocks):
+            drop_noise_list = drop_noise_list or [None] * len(tokens)
+            noise = torch.cat([  # (T, depth, 2): each token carries its sequence's uniforms
+                (u if u is not None else torch.rand(n, len(self.blocks), 2, device=x.device))
+                [:, None].expand(n, t, -1, -1).flatten(0, 1)
+                for u, (n, t) in zip(drop_noise_list, groups)])
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, None if noise is None else noise[:, i], groups)
+        x_norm = self.norm(x)
+        r, sizes = self.num_register_tokens, [n * t for n, t in groups]
+        outs = []
+        for x_i, xn_i, (n, t), m in zip(x.split(sizes), x_norm.split(sizes), groups, masks_list):
+            x_i, xn_i = x_i.view(n, t, -1), xn_i.view(n, t, -1)  # (T_i, D) -> (B_i, 1+R+N_i, D)
+            outs.append({"x_norm_clstoken": xn_i[:, 0], "x_norm_regtokens": xn_i[:, 1 : r + 1],
+                         "x_norm_patchtokens": xn_i[:, r + 1 :], "x_prenorm": x_i, "masks": m})
+        return outs
+
     def get_intermediate_layers(self, x: torch.Tensor, n: int | list[int] = 1, reshape: bool = False,
                                 return_class_token: bool = False, norm: bool = True):
         """Outputs of the last ``n`` blocks (or the listed block indices), as DINOv2's evaluation uses;
