@@ -84,7 +84,7 @@ def _base_rows(thumbs: np.ndarray) -> np.ndarray:
 
 
 def _scan(shard, ctx: Context, sample: np.ndarray, pool: int) -> dict:
-    i, a, b = shard
+    _, i, a, b = shard
     ing = read_rows(ctx.ingested, a, b, ["image_id", "pixel_sha256", "dataset"], ctx.storage_cfg)
     ids, thumbs = _fingerprints(ctx, a, b)
     if ids != ing.column("image_id").to_pylist():
@@ -105,7 +105,7 @@ def _router(lists: np.ndarray | None):
 
 
 def _route(shard, ctx: Context, lists: np.ndarray | None, pool: int) -> int:
-    i, a, b = shard
+    _, i, a, b = shard
     _, thumbs = _fingerprints(ctx, a, b)
     means, norms = D._centring(thumbs[:, :1])
     index = _router(lists)
@@ -227,12 +227,87 @@ def rank_rows(keys, priority: list[str]) -> np.ndarray:
     return rank
 
 
+def _leakage_hits(ctx: Context, shards, lists, probe: int, cfg: D.DedupConfig, embed_cfg, storage_cfg,
+                  go: dict) -> dict[int, tuple[str, str, float]]:
+    """{training row: (evaluation image id, ``eval:<manifest>``, cosine)} above ``cfg.leakage_threshold``, the
+    closest evaluation image over all sets; searched both ways (training shards against each evaluation set, and
+    each evaluation set against the index as one more query)."""
+    from cytoray.curation.embed import embed_rows
+    from cytoray.features.fingerprint import fingerprints_of_table
+
+    eval_sets = []
+    for uri in cfg.eval_manifests:
+        rows = D.read_eval_manifest(uri, storage_cfg)
+        fp = fingerprints_of_table(embed_rows(rows, embed_cfg, storage_cfg))
+        eval_sets.append((f"eval:{uri}", rows.column("image_id").to_pylist(), fp))
+    eval_sets = [e for e in eval_sets if len(e[1])]
+    hits: dict[int, tuple[str, str, float]] = {}
+    if not eval_sets or not ctx.ingested.rows:
+        return hits
+    thumbs = [e[2] for e in eval_sets]
+    per_shard = map_shards(_cross_shard, shards, ctx, thumbs, cfg.k, cfg.leakage_threshold, cfg,
+                           desc="leakage guard", **go)
+    back = map_shards(_search, [("eval", j) for j in range(len(eval_sets))], ctx, lists, probe, cfg.k,
+                      cfg.leakage_threshold, None, thumbs, cfg, desc="leakage guard (evaluation images)",
+                      ray_tasks=go["ray_tasks"], cfg=go["cfg"])
+    for j, (name, eval_ids, _) in enumerate(eval_sets):
+        e2, t2, s2 = back[j]
+        t, e, s = D._best_per_pair(np.concatenate([r[j][0] for r in per_shard] + [t2]),
+                                   np.concatenate([r[j][1] for r in per_shard] + [e2]),
+                                   np.concatenate([r[j][2] for r in per_shard] + [s2]))
+        for ti, ei, v in zip(t.tolist(), e.tolist(), s.tolist()):
+            if ti not in hits or v > hits[ti][2]:
+                hits[ti] = (eval_ids[ei], name, v)
+    log.info("leakage guard: %d training images dropped as near-copies of %d evaluation images",
+             len(hits), sum(len(e[1]) for e in eval_sets))
+    return hits
+
+
+def _decide(keys, involved: np.ndarray, leaked: np.ndarray, hits: dict, multi: np.ndarray, edges,
+            cfg: D.DedupConfig) -> tuple[np.ndarray, list[dict]]:
+    """(keep mask over every row, duplicate rows) from the keep-policy ``keys`` of the ``involved`` rows (those
+    sharing a 64-bit pixel hash (``multi``), with a near edge, or leaked), by ``dedup.resolve``."""
+    a, b, s = edges
+    ids = keys.column("image_id").to_pylist() if keys is not None else []
+    datasets = keys.column("dataset").to_pylist() if keys is not None else []
+    dups: list[dict] = []
+    for r in sorted(hits):
+        li = int(np.searchsorted(involved, r))
+        eval_id, name, v = hits[r]
+        dups.append({"image_id": ids[li], "duplicate_of": eval_id, "similarity": float(v), "reason": "leakage",
+                     "dataset": datasets[li], "duplicate_of_dataset": name})
+    keep = ~leaked
+    rest = np.flatnonzero(~leaked[involved])  # positions in ``involved`` of rows that take part in dedup
+    if not len(rest):
+        return keep, dups
+    sub = keys.take(rest)
+    rank = rank_rows(sub, cfg.dataset_priority)
+    rep = np.arange(len(rest))
+    full = sub.column("pixel_sha256").to_pylist()
+    groups: dict[str, list[int]] = {}
+    for j in np.flatnonzero(np.isin(involved[rest], multi)).tolist():  # exact copies: the same full pixel hash
+        groups.setdefault(full[j], []).append(j)
+    for idx in map(np.array, groups.values()):
+        if len(idx) > 1:
+            rep[idx] = idx[np.argmin(rank[idx])]
+    pos = involved[rest]
+    kept, dup_of, sim, exact = D.resolve(rank, rep, np.searchsorted(pos, a), np.searchsorted(pos, b), s)
+    sub_ids, sub_ds = sub.column("image_id").to_pylist(), sub.column("dataset").to_pylist()
+    for m in np.flatnonzero(~kept).tolist():
+        t = int(dup_of[m])
+        dups.append({"image_id": sub_ids[m], "duplicate_of": sub_ids[t], "similarity": float(sim[m]),
+                     "reason": "exact" if exact[m] else "near_duplicate", "dataset": sub_ds[m],
+                     "duplicate_of_dataset": sub_ds[t]})
+    keep[pos[~kept]] = False
+    log.info("dedup: %d images, %d duplicates (%d exact)", len(leaked) - len(hits), int((~kept).sum()),
+             int(exact.sum()))
+    return keep, dups
+
+
 def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_cfg) -> dict:
     """The dedup stage body (``dedup.run_dedup``)."""
     import pyarrow as pa
 
-    from cytoray.curation.embed import embed_rows
-    from cytoray.features.fingerprint import fingerprints_of_table
     from cytoray.manifest import DUPLICATES_SCHEMA
 
     scale = scale or ScaleConfig()
@@ -250,8 +325,7 @@ def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_
 
     sample = D.coarse_sample(n, nlist) if nlist > 1 else np.zeros(0, np.int64)
     pool = cfg.route_pool
-    scanned = map_shards(_scan, [s[1:] for s in shards], ctx, sample, pool, desc="dedup: scan", ray_tasks=ray_tasks,
-                         cfg=scale, rows=lambda s: s[2] - s[1])
+    scanned = map_shards(_scan, shards, ctx, sample, pool, desc="dedup: scan", **go)
     sha = np.concatenate([r["sha"] for r in scanned]) if scanned else np.zeros(0, np.uint64)
     images = Counter()
     for r in scanned:
@@ -263,38 +337,13 @@ def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_
         lists = faiss.serialize_index(D._kmeans_lists(
             np.concatenate([r["sample"] for r in scanned if r["sample"] is not None]), nlist))
     del scanned
-    map_shards(_route, [s[1:] for s in shards], ctx, lists, pool, desc="dedup: index", ray_tasks=ray_tasks,
-               cfg=scale, rows=lambda s: s[2] - s[1])
+    map_shards(_route, shards, ctx, lists, pool, desc="dedup: index", **go)
     probe = min(cfg.list_probe, nlist)
 
     # leakage guard over every image first (module docstring of curation.dedup)
-    eval_sets = []
-    for uri in cfg.eval_manifests:
-        rows = D.read_eval_manifest(uri, storage_cfg)
-        fp = fingerprints_of_table(embed_rows(rows, embed_cfg, storage_cfg))
-        eval_sets.append((f"eval:{uri}", rows.column("image_id").to_pylist(), fp))
-    eval_sets = [e for e in eval_sets if len(e[1])]
+    hits = _leakage_hits(ctx, shards, lists, probe, cfg, embed_cfg, storage_cfg, go)
     leaked = np.zeros(n, bool)
-    hits: dict[int, tuple[str, str, float]] = {}
-    if eval_sets and n:
-        thumbs = [e[2] for e in eval_sets]
-        per_shard = map_shards(_cross_shard, shards, ctx, thumbs, cfg.k, cfg.leakage_threshold, cfg,
-                               desc="leakage guard", **go)
-        back = map_shards(_search, [("eval", j) for j in range(len(eval_sets))], ctx, lists, probe,
-                          cfg.k, cfg.leakage_threshold, None, thumbs, cfg, desc="leakage guard (evaluation images)",
-                          ray_tasks=ray_tasks, cfg=scale)
-        for j, (name, eval_ids, _) in enumerate(eval_sets):
-            e2, t2, s2 = back[j]
-            t = np.concatenate([r[j][0] for r in per_shard] + [t2])
-            e = np.concatenate([r[j][1] for r in per_shard] + [e2])
-            s = np.concatenate([r[j][2] for r in per_shard] + [s2])
-            t, e, s = D._best_per_pair(t, e, s)
-            for ti, ei, v in zip(t.tolist(), e.tolist(), s.tolist()):
-                if ti not in hits or v > hits[ti][2]:
-                    hits[ti] = (eval_ids[ei], name, v)
-        leaked[list(hits)] = True
-        log.info("leakage guard: %d training images dropped as near-copies of %d evaluation images",
-                 len(hits), sum(len(e[1]) for e in eval_sets))
+    leaked[list(hits)] = True
 
     # exact copies: rows (not leaked) whose 64-bit hash is shared; confirmed on the full hash below
     multi = np.zeros(0, np.int64)
@@ -315,41 +364,7 @@ def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_
     # decisions on the rows that matter
     involved = np.unique(np.concatenate([multi, a, b, np.flatnonzero(leaked)]).astype(np.int64))
     got = [t for t in map_shards(_keys, shards, ctx, involved, desc="dedup: keys", **go) if t is not None]
-    keys = pa.concat_tables(got) if got else None
-    ids = keys.column("image_id").to_pylist() if keys is not None else []
-    datasets = keys.column("dataset").to_pylist() if keys is not None else []
-    dups: list[dict] = []
-    for r in sorted(hits):
-        li = int(np.searchsorted(involved, r))
-        eval_id, name, v = hits[r]
-        dups.append({"image_id": ids[li], "duplicate_of": eval_id, "similarity": float(v), "reason": "leakage",
-                     "dataset": datasets[li], "duplicate_of_dataset": name})
-    keep = ~leaked
-    rest = np.flatnonzero(~leaked[involved])  # positions in ``involved`` of rows that take part in dedup
-    if len(rest):
-        sub = keys.take(rest)
-        rank = rank_rows(sub, cfg.dataset_priority)
-        rep = np.arange(len(rest))
-        in_multi = np.isin(involved[rest], multi)
-        if in_multi.any():
-            full = sub.column("pixel_sha256").to_pylist()
-            groups: dict[str, list[int]] = {}
-            for j in np.flatnonzero(in_multi).tolist():
-                groups.setdefault(full[j], []).append(j)
-            for idx in map(np.array, groups.values()):
-                if len(idx) > 1:
-                    rep[idx] = idx[np.argmin(rank[idx])]
-        pos = involved[rest]
-        la, lb = np.searchsorted(pos, a), np.searchsorted(pos, b)
-        k_, dup_of, sim, exact = D.resolve(rank, rep, la, lb, s)
-        sub_ids, sub_ds = sub.column("image_id").to_pylist(), sub.column("dataset").to_pylist()
-        for m in np.flatnonzero(~k_).tolist():
-            t = int(dup_of[m])
-            dups.append({"image_id": sub_ids[m], "duplicate_of": sub_ids[t], "similarity": float(sim[m]),
-                         "reason": "exact" if exact[m] else "near_duplicate", "dataset": sub_ds[m],
-                         "duplicate_of_dataset": sub_ds[t]})
-        keep[pos[~k_]] = False
-        log.info("dedup: %d images, %d duplicates (%d exact)", n - len(hits), int((~k_).sum()), int(exact.sum()))
+    keep, dups = _decide(pa.concat_tables(got) if got else None, involved, leaked, hits, multi, (a, b, s), cfg)
 
     # outputs
     out = run_.uri("deduplicated.parquet")
