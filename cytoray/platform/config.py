@@ -19,7 +19,7 @@ from cytoray.platform.data.augment import AugmentConfig
 from cytoray.platform.data.stream import StreamConfig
 from cytoray.platform.models.vit import ViTConfig
 from cytoray.platform.objective import ObjectiveConfig
-from cytoray.platform.parallelize import ParallelConfig
+from cytoray.platform.parallelize import ParallelConfig, compile_mode
 from cytoray.platform.tracking import TrackingConfig
 from cytoray.runtime import RayConfig
 from cytoray.storage import StorageConfig
@@ -199,6 +199,7 @@ def load_pretrain_config(argv, preset: str, defaults: str | None = None, schema=
     cfg = config_lib.load_config(schema or PretrainConfig, defaults, files, overrides,
                                  base=[(preset_path(preset), {"preset": preset, "model": model})])
     worker_range(cfg.train)  # an int or [min, max]: typed as Any in the schema, so checked here
+    compile_mode(cfg.parallel.compile)  # off | blocks | model (or the older true/false): fail before workers start
     return cfg
 
 

@@ -43,6 +43,10 @@ class ObjectiveConfig:
     # One student backbone pass over global and local crops: tokens of both sizes packed into one sequence,
     # attention block-diagonal per crop (DINOv2's packing). Same loss as separate passes; fewer, larger kernels.
     pack_crops: bool = False
+    # Prototype cross-entropies in row chunks without fp32 (B × K) copies of the student logits (bf16 logits are
+    # upcast one chunk at a time, loss/cross_entropy.py); the same loss as the plain path (issue 14).
+    fused_loss: bool = False
+    fused_loss_chunk_rows: int = 1024  # rows per chunk: a 1024 × 65,536 fp32 block is 256 MiB
 
 
 class DINOv2Objective(nn.Module):
@@ -52,6 +56,8 @@ class DINOv2Objective(nn.Module):
             raise ValueError(f"objective.centering must be sinkhorn_knopp or centering, got {cfg.centering!r}")
         if cfg.koleo_scope not in KOLEO_SCOPES:
             raise ValueError(f"objective.koleo_scope must be one of {KOLEO_SCOPES}, got {cfg.koleo_scope!r}")
+        if cfg.fused_loss_chunk_rows < 1:
+            raise ValueError(f"objective.fused_loss_chunk_rows must be >= 1, got {cfg.fused_loss_chunk_rows}")
         self.cfg = cfg
         backbone = build_vit(vit)
         dim = backbone.embed_dim
@@ -67,9 +73,10 @@ class DINOv2Objective(nn.Module):
         for blk in self.teacher["backbone"].blocks:
             blk.drop_path_rate = 0.0
         self.teacher.requires_grad_(False)
-        self.dino_loss = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)
+        chunk_rows = cfg.fused_loss_chunk_rows if cfg.fused_loss else 0
+        self.dino_loss = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum, chunk_rows)
         self.ibot_loss = iBOTPatchLoss(cfg.ibot_out_dim if cfg.ibot_separate_head else cfg.out_dim,
-                                       cfg.student_temp, cfg.center_momentum)
+                                       cfg.student_temp, cfg.center_momentum, chunk_rows)
 
     def _heads(self, net: nn.ModuleDict, cls: torch.Tensor, patches: torch.Tensor):
         if "ibot_head" in net:

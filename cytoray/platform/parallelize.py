@@ -6,6 +6,10 @@ prototypes), then the objective itself as the root. The root matters: FSDP2 keep
 parameters unsharded after forward (it expects backward to need them next), and the teacher never runs
 backward — as its own root, the teacher would stay gathered and the sharded EMA update would see full
 tensors. One root above student and teacher reshards both.
+
+``parallel.compile`` picks what ``torch.compile`` sees: ``blocks`` compiles each transformer block (graphs
+between FSDP's per-block hooks); ``model`` compiles each backbone's ``forward_features`` whole (both crop
+sizes) and each head, so the compiler also sees patch embedding, tokens, final norm and the code between blocks.
 """
 
 from __future__ import annotations
@@ -26,8 +30,52 @@ class ParallelConfig:
 
     mixed_precision: str = "auto"  # auto: bf16 params / fp32 reduce on GPU, fp32 on CPU | bf16 | fp32
     activation_checkpointing: bool = False  # recompute each block in backward (memory for compute)
-    compile: bool = False  # torch.compile each block (GPU; slow to warm up on CPU)
+    # off | blocks (torch.compile each block) | model (each backbone's forward_features and each head whole);
+    # true / false from older configs mean blocks / off. GPU; slow to warm up on CPU.
+    compile: str = "off"
     reshard_after_forward: bool = True  # ZeRO-3; False keeps gathered params between forward and backward
+
+
+COMPILE_MODES = ("off", "blocks", "model")
+
+
+def compile_mode(value: str | bool) -> str:
+    """``parallel.compile`` as one of COMPILE_MODES (true/false, as bool or as the string OmegaConf makes of it,
+    are the older boolean switch: blocks/off)."""
+    mode = {"true": "blocks", "false": "off"}.get(str(value).lower(), str(value).lower())
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"parallel.compile must be one of {COMPILE_MODES} (or true/false), got {value!r}")
+    return mode
+
+
+def apply_activation_checkpointing(objective: DINOv2Objective) -> DINOv2Objective:
+    """Recompute each student block in backward (the teacher has no backward). Composable API: parameter names,
+    and so checkpoint keys, stay unchanged."""
+    for block in objective.student["backbone"].blocks:
+        checkpoint_activations(block)
+    return objective
+
+
+def apply_compile(objective: DINOv2Objective, mode: str) -> DINOv2Objective:
+    """torch.compile student and teacher in place (before ``fully_shard``, after activation checkpointing).
+
+    ``model``: ``dynamic=False`` for the backbones: training calls ``forward_features`` with three fixed
+    shapes (student global crops with masks, student local crops, teacher global crops), three graphs under
+    dynamo's recompile limit of 8. The heads see a varying number of masked patch tokens per step, so their
+    batch dimension turns dynamic after the first change (``dynamic=None``) instead of recompiling every step.
+    """
+    mode = compile_mode(mode)
+    for net in (objective.student, objective.teacher):
+        backbone = net["backbone"]
+        if mode == "blocks":
+            for block in backbone.blocks:
+                block.compile()
+        elif mode == "model":
+            backbone.forward_features = torch.compile(backbone.forward_features, dynamic=False)
+            for name, head in net.items():
+                if name != "backbone":
+                    head.compile()
+    return objective
 
 
 def mixed_precision_policy(mode: str, device_type: str) -> MixedPrecisionPolicy | None:
@@ -42,17 +90,16 @@ def mixed_precision_policy(mode: str, device_type: str) -> MixedPrecisionPolicy 
 
 def apply_fsdp(objective: DINOv2Objective, mesh: DeviceMesh, cfg: ParallelConfig) -> DINOv2Objective:
     """Shard student and teacher in place (activation checkpointing and compile first); returns the objective."""
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(objective)
+    apply_compile(objective, cfg.compile)
     mp = mixed_precision_policy(cfg.mixed_precision, mesh.device_type)
     kwargs = {"mesh": mesh, "reshard_after_forward": cfg.reshard_after_forward}
     if mp is not None:
         kwargs["mp_policy"] = mp
     for net in (objective.student, objective.teacher):
         backbone = net["backbone"]
-        for block in backbone.blocks:  # composable APIs: parameter names (checkpoint keys) stay unchanged
-            if cfg.activation_checkpointing and net is objective.student:
-                checkpoint_activations(block)
-            if cfg.compile:
-                block.compile()
+        for block in backbone.blocks:
             fully_shard(block, **kwargs)
         fully_shard(backbone, **kwargs)
         for method in ("forward_features", "forward_features_list"):  # the objective calls these, not forward

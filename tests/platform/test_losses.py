@@ -1,7 +1,10 @@
 import math
 
+import pytest
 import torch
+import torch.nn.functional as F
 
+from cytoray.platform.loss.cross_entropy import soft_cross_entropy
 from cytoray.platform.loss.dino import DINOLoss, sinkhorn_knopp
 from cytoray.platform.loss.distributed import all_reduce_sum, world_size
 from cytoray.platform.loss.ibot import iBOTPatchLoss, mask_weights
@@ -24,6 +27,43 @@ def test_sinkhorn_knopp_rows_and_columns():
 def test_sinkhorn_knopp_is_finite_for_huge_logits():
     q = sinkhorn_knopp(torch.tensor([[1000.0, 0.0], [0.0, 1000.0]]), temp=0.04)
     assert torch.isfinite(q).all()
+
+
+def test_sinkhorn_knopp_leaves_its_input_alone():
+    """The shift and exp work in place on the one fp32 buffer; fp32 input logits must not be that buffer."""
+    logits = torch.randn(8, 16)
+    before = logits.clone()
+    sinkhorn_knopp(logits, temp=1.0)
+    assert torch.equal(logits, before)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 64])
+def test_soft_cross_entropy_matches_log_softmax(chunk_rows):
+    """Chunked (3 < 10 rows, and single rows) or not: loss and logits gradient equal the plain fp32 path."""
+    torch.manual_seed(0)
+    n, k, temp = 10, 256, 0.1
+    logits = (torch.randn(n, k) * 3).requires_grad_()
+    targets = torch.softmax(torch.randn(n, k) / 0.05, -1)
+    g = torch.rand(n)
+    plain = -(targets * F.log_softmax(logits / temp, dim=-1)).sum(-1)
+    (plain * g).sum().backward()
+    want = logits.grad.clone()
+    logits.grad = None
+    fused = soft_cross_entropy(logits, targets, temp, chunk_rows)
+    (fused * g).sum().backward()
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, plain.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits.grad, want, rtol=1e-5, atol=1e-5)  # gradients reach 1/τ: a few ulp
+
+
+def test_soft_cross_entropy_keeps_bf16_logits_bf16():
+    logits = torch.randn(6, 32, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.softmax(torch.randn(6, 32), -1)
+    ce = soft_cross_entropy(logits, targets, 0.1, 4)
+    ce.sum().backward()
+    assert ce.dtype == torch.float32 and logits.grad.dtype == torch.bfloat16
+    plain = -(targets * F.log_softmax(logits.float() / 0.1, dim=-1)).sum(-1)
+    torch.testing.assert_close(ce, plain.detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_dino_loss_hand_checked():

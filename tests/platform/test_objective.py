@@ -86,3 +86,35 @@ def test_mfu_flops_estimate_matches_a_counted_step():
     counted = counter.get_total_flops() / b
     estimate = train_flops_per_image(ViTConfig(**vars(p.vit)), p.objective, p.augment, p.mask)
     assert 0.95 < estimate / counted < 1.05, (estimate, counted)
+
+
+def _loss_and_grads(obj, batch):
+    loss, metrics = obj(batch, teacher_temp=0.04)
+    loss.backward()
+    grads = {k: q.grad.clone() for k, q in obj.student.named_parameters() if q.grad is not None}
+    return loss.detach(), metrics, grads
+
+
+@pytest.mark.parametrize("overrides", [[], ["objective.centering=centering", "objective.ibot_separate_head=true"]])
+def test_fused_loss_matches_plain(overrides):
+    """objective.fused_loss (chunked cross-entropy, 5 rows per chunk < 12 global-CLS rows and the masked patches):
+    loss, every term and every student gradient as the plain path, fp32, within 1e-5."""
+    common = ["objective.out_dim=256", "objective.ibot_out_dim=256", *overrides]
+    p = load_preset("debug", common)
+    torch.manual_seed(0)
+    plain = DINOv2Objective(p.vit, p.objective)
+    fused = DINOv2Objective(p.vit, load_preset("debug", [*common, "objective.fused_loss=true",
+                                                         "objective.fused_loss_chunk_rows=5"]).objective)
+    fused.load_state_dict(plain.state_dict())
+    batch = _batch(p)
+    assert batch["mask_indices"].numel() > 5  # iBOT rows span several chunks
+    loss, metrics, grads = _loss_and_grads(plain, batch)
+    f_loss, f_metrics, f_grads = _loss_and_grads(fused, batch)
+    print(f"max |loss diff| {(f_loss - loss).abs().item():.2e}, max |grad diff| "
+          f"{max((f_grads[n] - g).abs().max().item() for n, g in grads.items()):.2e}")
+    torch.testing.assert_close(f_loss, loss, rtol=1e-5, atol=1e-5)
+    for key, value in metrics.items():
+        torch.testing.assert_close(f_metrics[key], value, rtol=1e-5, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+    assert f_grads.keys() == grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(f_grads[name], g, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")

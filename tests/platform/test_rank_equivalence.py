@@ -9,9 +9,11 @@ import torch
 
 from cytoray.platform.rank_equivalence import STEP_VALUES, run_step
 
-# Sinkhorn-Knopp + shared head + registers + stochastic depth; EMA centring + separate iBOT head.
+# Sinkhorn-Knopp + shared head + registers + stochastic depth + chunked (fused) prototype losses; EMA centring +
+# separate iBOT head + the plain losses.
 CONFIGS = [
-    ["vit.num_register_tokens=2", "vit.drop_path_rate=0.2"],
+    ["vit.num_register_tokens=2", "vit.drop_path_rate=0.2", "objective.fused_loss=true",
+     "objective.fused_loss_chunk_rows=7"],
     ["objective.centering=centering", "objective.ibot_separate_head=true"],
 ]
 RTOL, ATOL = 1e-5, 1e-7

@@ -3,7 +3,8 @@
 Teacher targets are either softmax((t - centre)/temp) with an EMA centre, or Sinkhorn-Knopp normalised
 (3 iterations, as DINOv2 / SwAV) so that prototypes are used evenly over the global batch. The loss is the
 cross-entropy between every student view and every teacher target, summed over pairs (the caller
-weights global vs local pairs, see ``objective.py``).
+weights global vs local pairs, see ``objective.py``). With ``fused_chunk_rows`` > 0 the cross-entropy runs in
+row chunks without fp32 (B × K) copies of the student logits (``cross_entropy.py``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cytoray.platform.loss.cross_entropy import soft_cross_entropy
 from cytoray.platform.loss.distributed import all_reduce_max, all_reduce_sum, world_size
 
 
@@ -26,10 +28,10 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temp: float, n_iterations: int 
     per-rank shift would weight each rank's rows by exp(-its own max) in the cross-rank sums (DINOv2 does not
     shift at all).
     """
-    logits = teacher_logits.float() / temp
+    logits = teacher_logits.float() / temp  # the one fp32 (B, K) buffer: shift and exp below work in place
     local_max = logits.max() if logits.numel() else logits.new_tensor(float("-inf"))
     shift = all_reduce_max(local_max.reshape(1).clone())
-    q = torch.exp(logits - shift).t()  # (K, B)
+    q = logits.sub_(shift).exp_().t()  # (K, B)
     k = q.shape[0]
     b = num_samples if num_samples is not None else q.shape[1] * world_size()
     total = all_reduce_sum(q.sum().reshape(1))
@@ -50,9 +52,11 @@ class TeacherCentering(nn.Module):
     The centre is the EMA of the global mean over all ranks; the count is all-reduced too, so it is right
     when ranks hold different numbers of rows (iBOT: masked patches per rank vary)."""
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 fused_chunk_rows: int = 0):
         super().__init__()
         self.student_temp, self.center_momentum = student_temp, center_momentum
+        self.fused_chunk_rows = fused_chunk_rows  # 0: plain fp32 log_softmax; > 0: chunked soft_cross_entropy
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     @torch.no_grad()
@@ -71,6 +75,14 @@ class DINOLoss(TeacherCentering):
     def forward(self, student_logits: list[torch.Tensor], teacher_probs: list[torch.Tensor]) -> torch.Tensor:
         """Sum over (student view, teacher view) pairs of mean cross-entropy."""
         total = student_logits[0].new_zeros(())
+        if self.fused_chunk_rows:
+            # Σ_t −Σ t·lsm = −Σ (Σ_t t)·lsm: one cross-entropy per student view against the summed targets.
+            targets = teacher_probs[0]
+            for t in teacher_probs[1:]:
+                targets = targets + t
+            for s in student_logits:
+                total = total + soft_cross_entropy(s, targets, self.student_temp, self.fused_chunk_rows).mean()
+            return total
         for s in student_logits:
             lsm = F.log_softmax(s.float() / self.student_temp, dim=-1)
             for t in teacher_probs:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cytoray.platform.loss.cross_entropy import soft_cross_entropy
 from cytoray.platform.loss.dino import TeacherCentering, sinkhorn_knopp
 from cytoray.platform.loss.distributed import all_reduce_sum
 
@@ -30,6 +31,9 @@ class iBOTPatchLoss(TeacherCentering):
         if student_logits.shape[0] == 0:
             return student_logits.sum() * 0.0  # no masked patch this step: zero, but keep the graph
         weights = mask_weights(masks) if weights is None else weights
+        if self.fused_chunk_rows:
+            ce = soft_cross_entropy(student_logits, teacher_probs, self.student_temp, self.fused_chunk_rows)
+            return (ce * weights).sum() / masks.shape[0]
         ce = (teacher_probs * F.log_softmax(student_logits.float() / self.student_temp, dim=-1)).sum(-1)
         return -(ce * weights).sum() / masks.shape[0]
 
