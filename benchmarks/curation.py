@@ -251,9 +251,11 @@ def main(argv=None):
 
     import faiss
 
-    from cytoray.curation.balance import BalanceConfig, run_balance
+    from cytoray.curation.balance import BalanceConfig
+    from cytoray.curation.balance_passes import run_balance
     from cytoray.curation.cluster import ClusterConfig, run_cluster
-    from cytoray.curation.dedup import DedupConfig, run_dedup
+    from cytoray.curation.dedup import DedupConfig
+    from cytoray.curation.dedup_stage import run_dedup
     from cytoray.curation.shards import ScaleConfig
 
     logging.basicConfig(format="    %(message)s")

@@ -16,7 +16,7 @@ Output per kept image: ``group``, ``weight`` (the group weight), ``repeats`` (ti
 0 = not sampled). The balanced manifest is the rows with ``repeats >= 1``; the unbalanced one keeps every
 deduplicated row with its cluster ids, for comparison.
 
-The stage (:func:`run_balance`) reads its inputs in row-range shards (``curation.shards``), here or as Ray
+The stage (``balance_passes.run_balance``) reads its inputs in row-range shards (``curation.shards``), here or as Ray
 tasks, with the same code either way: pass 1 counts per shard (leaves, datasets, cell types, clusters) and
 returns each row's (leaf, hash) — 12 bytes per row, the one array on the driver that grows with the rows —
 from which the driver computes every leaf's budget and extra-repeat cutoff; pass 2 writes each shard's rows
@@ -354,21 +354,3 @@ def mapping_template(sizes: dict, datasets: dict, cell_types: dict, column: str)
 
 
 # ------------------------------------------------------------------------------------------- the stage
-
-
-def run_balance(out_uri: str, cfg: BalanceConfig, storage_cfg=None, force: bool = False,
-                embeddings: str | None = None,
-                scale=None) -> dict:
-    """Balance stage: ``deduplicated.parquet`` + ``clusters.parquet`` -> ``unbalanced.parquet`` (every kept
-    image with cluster ids, group, weight, repeats) and ``balanced.parquet`` (rows with repeats >= 1), the
-    mapping template ``group_mapping_template.csv`` and before/after balance metrics. ``scale``
-    (``shards.ScaleConfig``): Ray tasks over shards or this process; the outputs are the same, written as
-    directories of part files by the Ray path."""
-    from cytoray.curation.balance_passes import balance_shards
-    from cytoray.curation.shards import ScaleConfig
-    from cytoray.curation.stage import run_stage
-
-    settings = {"balance": cfg, "embeddings": embeddings}
-    scale = scale or ScaleConfig()
-    return run_stage("balance", out_uri, settings,
-                     lambda run: balance_shards(run, cfg, embeddings, storage_cfg, scale), storage_cfg, force)

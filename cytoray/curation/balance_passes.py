@@ -364,3 +364,20 @@ def _embedding_rows(task: tuple, lay, storage_cfg) -> np.ndarray:
         out.append(unpack_vectors(t.column("embedding")))
     emb = np.concatenate(out)
     return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+
+
+def run_balance(out_uri: str, cfg: BalanceConfig, storage_cfg=None, force: bool = False,
+                embeddings: str | None = None,
+                scale=None) -> dict:
+    """Balance stage: ``deduplicated.parquet`` + ``clusters.parquet`` -> ``unbalanced.parquet`` (every kept
+    image with cluster ids, group, weight, repeats) and ``balanced.parquet`` (rows with repeats >= 1), the
+    mapping template ``group_mapping_template.csv`` and before/after balance metrics. ``scale``
+    (``shards.ScaleConfig``): Ray tasks over shards or this process; the outputs are the same, written as
+    directories of part files by the Ray path."""
+    from cytoray.curation.shards import ScaleConfig
+    from cytoray.curation.stage import run_stage
+
+    settings = {"balance": cfg, "embeddings": embeddings}
+    scale = scale or ScaleConfig()
+    return run_stage("balance", out_uri, settings,
+                     lambda run: balance_shards(run, cfg, embeddings, storage_cfg, scale), storage_cfg, force)

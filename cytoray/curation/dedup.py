@@ -519,18 +519,3 @@ def remove_leakage_and_duplicates(frame, embeddings: np.ndarray, thumbs: np.ndar
     keep = np.zeros(n, bool)
     keep[rest[keep_rest]] = True
     return keep, dups + rest_dups
-
-
-def run_dedup(out_uri: str, cfg: DedupConfig, storage_cfg=None, force: bool = False, embed_cfg=None,
-              scale=None) -> dict:
-    """Dedup stage: ``ingested.parquet`` + ``embeddings.parquet`` -> ``deduplicated.parquet`` (kept rows) and
-    ``duplicates.parquet`` (every removed image, the one it duplicates, similarity, reason), then the leakage
-    guard against ``cfg.eval_manifests`` (embedded with ``embed_cfg``, the run's embed settings).
-    Reconciles per dataset: images in == kept + duplicates (incl. leakage) (the run fails otherwise)."""
-    from cytoray.curation import dedup_stage
-    from cytoray.curation.embed import EmbedConfig
-    from cytoray.curation.stage import run_stage
-
-    embed_cfg = embed_cfg or EmbedConfig()
-    return run_stage("dedup", out_uri, cfg, lambda run: dedup_stage.run(run, cfg, embed_cfg, scale, storage_cfg),
-                     storage_cfg, force)

@@ -305,7 +305,7 @@ def _decide(keys, involved: np.ndarray, leaked: np.ndarray, hits: dict, multi: n
 
 
 def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_cfg) -> dict:
-    """The dedup stage body (``dedup.run_dedup``)."""
+    """The dedup stage body (:func:`run_dedup`)."""
     import pyarrow as pa
 
     from cytoray.manifest import DUPLICATES_SCHEMA
@@ -400,3 +400,17 @@ def summarize(cfg: D.DedupConfig, images: Counter, kept: Counter, dups: list[dic
     return {"stage": "dedup", "threshold": cfg.threshold, "k": cfg.k, "datasets": per, "total": total,
             "leakage_threshold": cfg.leakage_threshold, "eval_manifests": list(cfg.eval_manifests),
             "search": {"lists": nlist, "shards": shards, "ray_tasks": ray_tasks}}
+
+
+def run_dedup(out_uri: str, cfg: D.DedupConfig, storage_cfg=None, force: bool = False, embed_cfg=None,
+              scale=None) -> dict:
+    """Dedup stage: ``ingested.parquet`` + ``embeddings.parquet`` -> ``deduplicated.parquet`` (kept rows) and
+    ``duplicates.parquet`` (every removed image, the one it duplicates, similarity, reason), then the leakage
+    guard against ``cfg.eval_manifests`` (embedded with ``embed_cfg``, the run's embed settings).
+    Reconciles per dataset: images in == kept + duplicates (incl. leakage) (the run fails otherwise)."""
+    from cytoray.curation.embed import EmbedConfig
+    from cytoray.curation.stage import run_stage
+
+    embed_cfg = embed_cfg or EmbedConfig()
+    return run_stage("dedup", out_uri, cfg, lambda stage_run: run(stage_run, cfg, embed_cfg, scale, storage_cfg),
+                     storage_cfg, force)

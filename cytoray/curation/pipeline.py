@@ -19,9 +19,11 @@ import logging
 from dataclasses import dataclass, field
 
 from cytoray import config, console, storage
-from cytoray.curation.balance import BalanceConfig, run_balance
+from cytoray.curation.balance import BalanceConfig
+from cytoray.curation.balance_passes import run_balance
 from cytoray.curation.cluster import ClusterConfig, run_cluster
-from cytoray.curation.dedup import DedupConfig, run_dedup
+from cytoray.curation.dedup import DedupConfig
+from cytoray.curation.dedup_stage import run_dedup
 from cytoray.curation.embed import EmbedConfig, run_embed
 from cytoray.curation.ingest import DatasetSpec, IngestConfig, run_ingest
 from cytoray.curation.report import ReportConfig, write_report

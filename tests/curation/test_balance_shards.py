@@ -16,8 +16,8 @@ from cytoray.curation.balance import (
     BalanceError,
     cap_allocation,
     hierarchical_sample,
-    run_balance,
 )
+from cytoray.curation.balance_passes import run_balance
 from cytoray.curation.shards import ScaleConfig
 from cytoray.curation.stage import StageRun
 

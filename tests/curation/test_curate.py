@@ -138,7 +138,7 @@ def test_rerun_with_the_same_seed_gives_the_same_manifest(ray_local, collection,
     assert os.path.getmtime(a / "embeddings.parquet") == emb_mtime and os.path.getmtime(a / "clusters.parquet") == cl_mtime
     # A stage called directly (not through the pipeline) with a changed setting reruns too, and the next stage
     # sees that its input changed: stage markers record a lineage of settings, not just "done".
-    from cytoray.curation.balance import run_balance
+    from cytoray.curation.balance_passes import run_balance
     from cytoray.curation.cluster import ClusterConfig, run_cluster
 
     before = json.loads((a / "_stages" / "cluster.json").read_text())

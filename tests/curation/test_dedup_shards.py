@@ -6,7 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from cytoray.curation.dedup import DedupConfig, deduplicate, remove_leakage_and_duplicates, run_dedup
+from cytoray.curation.dedup import DedupConfig, deduplicate, remove_leakage_and_duplicates
+from cytoray.curation.dedup_stage import run_dedup
 from cytoray.curation.shards import ScaleConfig, layout, load_mask
 from cytoray.tables import read_table
 
