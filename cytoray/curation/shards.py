@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cytoray import storage
-from cytoray.tables import ROW_GROUP_ROWS
+from cytoray.tables import to_parquet_bytes
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +123,7 @@ def part_uri(uri: str, index: int) -> str:
 
 def write_part(uri: str, index: int, table: pa.Table, storage_cfg: storage.StorageConfig | None = None) -> None:
     """One file of a multi-file stage output (rows as given), atomically, row groups of ``ROW_GROUP_ROWS``."""
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf, row_group_size=ROW_GROUP_ROWS)
-    storage.write_bytes(part_uri(uri, index), buf.getvalue().to_pybytes(), storage_cfg)
+    storage.write_bytes(part_uri(uri, index), to_parquet_bytes(table, sort=False), storage_cfg)
 
 
 def map_shards(fn: Callable, shards: Sequence, *args, ray_tasks: bool, cfg: ScaleConfig | None = None,

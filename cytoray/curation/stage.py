@@ -86,9 +86,9 @@ class StageRun:
         storage.write_bytes(self.uri(name), data, self.storage_cfg)
 
     def cleanup(self) -> None:
-        fs, path = storage.filesystem(self.staging, self.storage_cfg)
-        if storage.with_retries(lambda: fs.exists(path), self.storage_cfg, f"stat {self.staging}"):
-            storage.with_retries(lambda: fs.rm(path, recursive=True), self.storage_cfg, f"remove {self.staging}")
+        from cytoray.curation.shards import remove
+
+        remove(self.staging, self.storage_cfg)
 
 
 def run_stage(stage: str, out_uri: str, settings, body: Callable[[StageRun], dict], storage_cfg=None,
