@@ -239,7 +239,7 @@ class _StepDataset(torch.utils.data.Dataset):
         if self.fn is None:  # built in the worker process, like the Ray actor
             self.fn = MultiCropBatches(**self.args)
         out = self.fn({"step": np.array([k])})
-        return {key: torch.from_numpy(v[0]) for key, v in out.items() if key != "step"}
+        return {key: torch.from_numpy(v[0]) for key, v in out.items() if key not in ("step", "worker")}
 
 
 _DINOBLOOM_CROPS = ["augment.global_crops.size=224", "augment.local_crops.size=98", "augment.local_crops.number=8"]

@@ -8,6 +8,7 @@ from cytoray.platform.config import load_preset
 from cytoray.platform.data.stream import (
     EpochOrder,
     ManifestError,
+    MultiCropBatches,
     StreamConfig,
     batch_positions,
     build_stream,
@@ -75,3 +76,23 @@ def test_stream_resumes_exactly_mid_epoch(ray_local, tmp_path):
     # the row repeated 3x appears 3x in each epoch of 14 samples
     order = EpochOrder(expand_repeats(read_manifest(manifest)), seed=7)
     assert np.bincount(order.rows(np.arange(14)), minlength=12).tolist() == [1] * 11 + [3]
+
+
+def test_every_actor_of_the_pool_builds_steps_in_order(ray_local, tmp_path):
+    """One block per step: a 2-actor pool spreads the steps over both actors, the order and crops unchanged."""
+    manifest = write_cell_manifest(str(tmp_path / "cells"), 6)
+    aug = load_preset("debug").augment
+    args = dict(seed=5, batch_size=2, world_size=2, rank=1, start_step=0, start_samples=0)
+    ds = build_stream(StreamConfig(manifest_uri=manifest, num_actors=2, num_cpus=0.25), None, aug, end_step=8,
+                      **args)
+    ds.context.wait_for_min_actors_s = 120  # both actors up before the first step is handed out
+    batches = list(ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1))
+    assert [int(b["step"][0]) for b in batches] == list(range(8))
+    assert len({int(b["worker"][0]) for b in batches}) == 2  # both actors built steps
+    direct = MultiCropBatches(manifest, None, aug, **args)  # the same steps built in this process
+    for b in batches:
+        expected = direct({"step": b["step"]})
+        assert np.array_equal(b["positions"], expected["positions"])
+        assert np.array_equal(b["global_crops"], expected["global_crops"])
+    empty = build_stream(StreamConfig(manifest_uri=manifest), None, aug, end_step=0, **args)
+    assert list(iter_steps(empty)) == []  # a run resumed at its last step streams nothing
