@@ -259,28 +259,47 @@ def bench_stream(args) -> None:
     print(f"{args.steps} steps x {args.batch} images (2x224 + 8x98 crops), {args.workers} worker process(es), "
           f"{os.cpu_count()} cores")
 
+    import psutil
+
+    def tree_cpu() -> float:
+        """CPU seconds of this process and all its descendants (Ray's daemons and workers, DataLoader workers)."""
+        total = 0.0
+        for p in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
     def timed(it):
-        """(wall incl. start-up, batches/s from the first batch to the last: start-up excluded)."""
-        t0, stamps = time.perf_counter(), []
+        """(wall incl. start-up, batches/s and CPU ms per batch over the process tree, both from batch 5 on).
+        Steady state starts at batch 5: the first batches carry the workers' start-up and fill the prefetch."""
+        t0, n, marks = time.perf_counter(), 0, []
         for _ in it:
-            stamps.append(time.perf_counter())
-        return stamps[-1] - t0, (len(stamps) - 1) / (stamps[-1] - stamps[0])
+            n += 1
+            if n in (5, args.steps):
+                marks.append((time.perf_counter(), tree_cpu()))
+        (ta, ca), (tb, cb) = marks
+        return tb - t0, (n - 5) / (tb - ta), 1000 * (cb - ca) / (n - 5)
 
     results = {}
-    for _rep in range(2):  # second pass: warm processes
+    for _rep in range(args.reps):  # interleaved passes: load from elsewhere hits both sides alike
         loader = torch.utils.data.DataLoader(_StepDataset(manifest, args.batch, args.steps), batch_size=None,
-                                             num_workers=args.workers, prefetch_factor=2, persistent_workers=False)
+                                             num_workers=args.workers, prefetch_factor=2, persistent_workers=True)
         results.setdefault("dataloader", []).append(timed(loader))
+        del loader
         ds = build_stream(StreamConfig(manifest_uri=manifest, num_actors=args.workers, num_cpus=1.0), None, aug,
                           0, args.batch, 1, 0, 0, args.steps, 0)
         results.setdefault("ray_data", []).append(timed(iter_steps(ds, prefetch_batches=2)))
-    for name, runs in results.items():
-        wall, steady = runs[-1]
-        print(f"{name:10s} wall {wall:6.2f} s (first pass {runs[0][0]:.2f} s)  steady {steady:6.2f} batches/s "
-              f"= {steady * args.batch:6.1f} img/s")
-    ratio = results["ray_data"][-1][1] / results["dataloader"][-1][1]
-    print(f"ratio ray_data / dataloader (steady, warm): {ratio:.2f}x; wall: "
-          f"{results['dataloader'][-1][0] / results['ray_data'][-1][0]:.2f}x")
+    med = {name: [float(np.median([r[i] for r in runs])) for i in range(3)] for name, runs in results.items()}
+    for name, (wall, steady, cpu) in med.items():
+        print(f"{name:10s} wall {wall:6.2f} s  steady {steady:6.2f} batches/s = {steady * args.batch:6.1f} img/s  "
+              f"CPU {cpu:5.0f} ms/batch (median of {args.reps}; passes: "
+              f"{', '.join(f'{r[1]:.2f}' for r in results[name])} b/s)")
+    ratios = [r[1] / d[1] for r, d in zip(results["ray_data"], results["dataloader"])]
+    print(f"ratio ray_data / dataloader (steady): median {np.median(ratios):.2f}x (pairs: "
+          f"{', '.join(f'{x:.2f}' for x in ratios)}); wall: {med['dataloader'][0] / med['ray_data'][0]:.2f}x")
     ray.shutdown()
 
 
@@ -301,6 +320,7 @@ def main(argv=None):
     r.add_argument("--batch", type=int, default=16)
     r.add_argument("--steps", type=int, default=12)
     r.add_argument("--workers", type=int, default=1)
+    r.add_argument("--reps", type=int, default=3, help="interleaved DataLoader / Ray Data passes (medians printed)")
     args = ap.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1) if args.mode == "step" else None
     bench_step(args) if args.mode == "step" else bench_stream(args)
