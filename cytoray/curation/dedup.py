@@ -197,14 +197,22 @@ def knn_edges(x: np.ndarray, k: int, threshold: float, cfg: DedupConfig, queries
 
 def _centring(thumbs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(N, Z) mean and L2 norm after removing it (at least 1e-6) of every thumbnail; the dihedral variants of a
-    thumbnail share both."""
+    thumbnail share both. From integer sums of the uint8 pixels (exact), in blocks."""
     flat = thumbs.reshape(thumbs.shape[0], thumbs.shape[1], -1)
-    means, norms = np.zeros(flat.shape[:2]), np.zeros(flat.shape[:2])
-    for a in range(0, len(flat), 8192):  # float64 in blocks: exact enough, no full-size temporaries
-        x = flat[a:a + 8192].astype(np.float64)
-        means[a:a + 8192] = x.mean(axis=2)
-        norms[a:a + 8192] = np.linalg.norm(x - means[a:a + 8192, :, None], axis=2)
-    return means.astype(np.float32), np.maximum(norms, 1e-6).astype(np.float32)
+    cells = flat.shape[2]
+    means, norms = np.zeros(flat.shape[:2], np.float32), np.zeros(flat.shape[:2], np.float32)
+    for a in range(0, len(flat), 8192):  # no full-size temporaries
+        x = flat[a:a + 8192]
+        if x.dtype == np.uint8:
+            x = x.astype(np.int32)
+            total, squares = x.sum(axis=2, dtype=np.int64), (x * x).sum(axis=2, dtype=np.int64)
+            means[a:a + 8192] = total / cells
+            norms[a:a + 8192] = np.sqrt(np.maximum(squares - total.astype(np.float64) ** 2 / cells, 0.0))
+        else:  # float fingerprints (features.fingerprint before quantisation)
+            x = x.astype(np.float64)
+            means[a:a + 8192] = x.mean(axis=2)
+            norms[a:a + 8192] = np.linalg.norm(x - x.mean(axis=2)[:, :, None], axis=2)
+    return means, np.maximum(norms, 1e-6)
 
 
 def _variant_rows(thumbs: np.ndarray, centring, rows: np.ndarray, variant: int) -> np.ndarray:
@@ -225,9 +233,58 @@ def pooled(rows: np.ndarray, pool: int) -> np.ndarray:
     if pool <= 1:
         return rows
     side = int(round(cells ** 0.5))
-    s = side // pool
-    p = rows.reshape(n, s, pool, s, pool).mean(axis=(2, 4)).reshape(n, s * s)
+    g = rows.reshape(n, side, side)
+    # pool² strided adds: numpy's mean over two non-adjacent axes is ~20x slower (it dominated routing)
+    p = sum(g[:, i::pool, j::pool] for i in range(pool) for j in range(pool)).reshape(n, -1)
     return p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
+
+
+def dihedral_perms(side: int) -> np.ndarray:
+    """(8, side²) index maps of the 8 flips/rotations of a flattened side×side grid, in ``_variant_rows``' order
+    (flip·4 + quarter turns): ``variant_row = row[perm[d]]``."""
+    grid = np.arange(side * side).reshape(side, side)
+    return np.stack([np.rot90(grid[:, ::-1] if flip else grid, rot).ravel() for flip in (0, 1) for rot in range(4)])
+
+
+# A bfloat16 product of unit rows differs from the fp32 cosine by at most (2u + u²)·|x|·|y| from rounding
+# the inputs (u = 2^-8; Cauchy-Schwarz over the elementwise errors) plus u from rounding the product to
+# bfloat16, plus the fp32 accumulation (< 1e-4 over 1,024 terms): under 0.0119. Pairs above threshold minus
+# this pass the bfloat16 screen and are then measured in fp32, so the screen loses no pair.
+SCREEN_MARGIN = 0.0125
+
+
+class Prints:
+    """Fingerprint thumbnails made ready for the search: ``thumbs`` (n, Z, s, s) uint8 as stored, their centring
+    (``_centring``: means, norms (n, Z)) and their centred unit rows in bfloat16, ``rows16`` (n, Z, s·s), for
+    the screening product, held as the int16 bit patterns (numpy gathers and flips them several times faster
+    than torch does); ``exact`` gives a variant's fp32 rows. 2·Z KB per image besides the thumbnails."""
+
+    def __init__(self, thumbs: np.ndarray, centring: tuple[np.ndarray, np.ndarray] | None = None,
+                 block: int = 8192):
+        import torch
+
+        self.thumbs = thumbs
+        self.centring = centring if centring is not None else _centring(thumbs)
+        n, z = thumbs.shape[:2]
+        self.rows16 = np.empty((n, z, thumbs.shape[2] * thumbs.shape[3]), np.int16)
+        for a in range(0, n, block):  # fp32 only a block at a time
+            idx = np.arange(a, min(n, a + block))
+            for zz in range(z):
+                f32 = torch.from_numpy(_variant_rows(thumbs, self.centring, idx, zz * 8))
+                self.rows16[a:a + block, zz] = f32.bfloat16().view(torch.int16).numpy()
+
+    def __len__(self) -> int:
+        return len(self.thumbs)
+
+    def exact(self, rows: np.ndarray, variant: int) -> np.ndarray:
+        return _variant_rows(self.thumbs, self.centring, rows, variant)
+
+
+def bf16(bits: np.ndarray):
+    """A torch bfloat16 view of int16 bit patterns (``Prints.rows16``)."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(bits)).view(torch.bfloat16)
 
 
 def _top_per_group(group: np.ndarray, s: np.ndarray, tie: np.ndarray, kk: int) -> np.ndarray:
@@ -247,70 +304,113 @@ def _best_per_pair(a: np.ndarray, b: np.ndarray, s: np.ndarray):
     return a[sel], b[sel], s[sel].astype(np.float32)
 
 
-def _probe_lists(lists, thumbs: np.ndarray, centring, probe: int, nv: int, pool: int = 1) -> np.ndarray:
-    """(len(thumbs), nv, probe) ids of the ``probe`` lists nearest to each query variant of each row (lists of
-    ``pooled`` rows when ``pool`` > 1)."""
-    step = max(1, 4096 // nv)
-    found = []
-    for a in range(0, len(thumbs), step):
-        rows = np.arange(a, min(len(thumbs), a + step))
-        x = np.concatenate([pooled(_variant_rows(thumbs, centring, rows, v), pool)[:, None] for v in range(nv)], 1)
-        found.append(lists.search(x.reshape(-1, x.shape[-1]), probe)[1].reshape(len(rows), nv, probe))
-    return np.concatenate(found) if found else np.zeros((0, nv, probe), np.int64)
+def _probe_lists(lists, prints: Prints, probe: int, pool: int = 1, block: int = 16384) -> np.ndarray:
+    """(len(prints), Z·8, probe) ids of the ``probe`` lists nearest to each query variant of each image (lists
+    of ``pooled`` rows when ``pool`` > 1). Each zoom is pooled once and searched against the 8 flips/rotations
+    of the centroids (a variant's product with a centroid is its zoom's with the inversely permuted centroid)."""
+    import faiss
+
+    thumbs = prints.thumbs
+    nz = thumbs.shape[1]
+    centroids = lists.reconstruct_n(0, lists.ntotal)
+    inverse = np.argsort(dihedral_perms(int(round(centroids.shape[1] ** 0.5))), axis=1)
+    routers = []
+    for inv in inverse:
+        r = faiss.IndexFlatIP(centroids.shape[1])
+        r.add(np.ascontiguousarray(centroids[:, inv]))
+        routers.append(r)
+    out = np.zeros((len(thumbs), nz * 8, probe), np.int64)
+    for a in range(0, len(thumbs), block):
+        rows = np.arange(a, min(len(thumbs), a + block))
+        for z in range(nz):
+            x = np.ascontiguousarray(pooled(prints.exact(rows, z * 8), pool))
+            for d, r in enumerate(routers):
+                out[rows, z * 8 + d] = r.search(x, probe)[1]
+    return out
 
 
-def search_members(query_thumbs: np.ndarray, qcentre, probes: np.ndarray, base: np.ndarray, base_ids: np.ndarray,
-                   base_list: np.ndarray, k: int, threshold: float, same_ids: np.ndarray | None = None,
-                   chunk_cells: int = 1 << 23):
+def search_members(queries: Prints, probes: np.ndarray, base: Prints, base_ids: np.ndarray, base_list: np.ndarray,
+                   k: int, threshold: float, same_ids: np.ndarray | None = None, chunk_cells: int = 1 << 23):
     """The core of the fingerprint search: each query variant against the index rows of the lists it probes.
 
-    ``probes``: (nq, V, P) list ids per query row and variant (-1: none); ``base``: centred unit zoom-1 rows of
-    the index, sorted by ``base_list`` (their list ids), ``base_ids`` their ids. One dense matrix product per
-    (list, variant) in blocks of at most ``chunk_cells`` similarities; only entries above ``threshold`` leave
-    a block, at most ``k`` per query variant. ``same_ids``: the queries' ids when they are index rows too (a
-    row never pairs with itself). Returns (query row · V + variant, index id, cosine), not yet reduced over
-    lists. (Screening pairs on 8×8 block means first was slower on CPU: within a list 3–25% of pairs pass any
-    useful screen, and gathering them costs more than the dense product.)"""
+    ``probes``: (nq, V, P) list ids per query image and variant (-1: none); ``base``: the index's zoom-1
+    prints, sorted by ``base_list`` (their list ids), ``base_ids`` their ids. Per list, every query variant
+    that probes it is gathered (``variant_rows16``) and multiplied with the list's rows in one bfloat16 matrix
+    product, in blocks of at most ``chunk_cells`` similarities; entries above ``threshold - SCREEN_MARGIN`` are
+    measured again in fp32 and only those above ``threshold`` leave a block, at most ``k`` per query variant.
+    (One product per list and not per (list, variant): with 24 variants a shard's queries split into blocks of
+    a few dozen rows at 10⁶ images, where the product runs at a tenth of its speed.) ``same_ids``: the queries'
+    ids when they are index rows too (a row never pairs with itself). Returns (query row · V + variant, index
+    id, cosine), not yet reduced over lists. (Screening pairs on 8×8 block means was slower on CPU: within a list
+    3–25% of pairs pass any useful screen, and gathering them costs more than the product.)"""
+    import torch
+
     nq, nv, probe = probes.shape
-    probe_rows = np.repeat(np.arange(nq), nv * probe)
-    probe_var = np.tile(np.repeat(np.arange(nv), probe), nq)
     probe_list = probes.ravel().astype(np.int64)
-    ok = probe_list >= 0
-    key = probe_list[ok] * nv + probe_var[ok]
-    probe_rows = probe_rows[ok]
-    by_key = np.argsort(key, kind="stable")
-    skey = key[by_key]
+    ok = np.flatnonzero(probe_list >= 0)
+    by_list = ok[np.argsort(probe_list[ok], kind="stable")]  # entries (query, variant, probe) grouped by list
+    sorted_lists = probe_list[by_list]
     lists, starts = np.unique(base_list, return_index=True)
     ends = np.append(starts[1:], len(base_list))
+    screen = threshold - SCREEN_MARGIN
     out_q, out_m, out_s = [], [], []
     for c, a0, b0 in zip(lists.tolist(), starts.tolist(), ends.tolist()):
-        members = base[a0:b0]
-        step = max(1, chunk_cells // len(members))
-        lo, hi = np.searchsorted(skey, [c * nv, (c + 1) * nv])
+        lo, hi = np.searchsorted(sorted_lists, [c, c + 1])
         if lo == hi:
             continue
-        for v in range(nv):
-            seg = by_key[lo + np.searchsorted(skey[lo:hi], c * nv + v):lo + np.searchsorted(skey[lo:hi], c * nv + v,
-                                                                                         side="right")]
-            rows = probe_rows[seg]
-            for a in range(0, len(rows), step):
-                q = rows[a:a + step]
-                sims = _variant_rows(query_thumbs, qcentre, q, v) @ members.T
-                qi, mi = np.nonzero(sims > threshold)
-                si = sims[qi, mi]
-                qi, mi = q[qi], base_ids[a0 + mi]
-                if same_ids is not None:
-                    other = same_ids[qi] != mi
-                    qi, mi, si = qi[other], mi[other], si[other]
-                if len(qi) > k:  # a block holds each query variant once: keep its k best here already
-                    top = _top_per_group(qi, si, mi, k)
-                    qi, mi, si = qi[top], mi[top], si[top]
-                out_q.append(qi * nv + v)
-                out_m.append(mi)
-                out_s.append(si)
+        entry = by_list[lo:hi] // probe  # query row · V + variant
+        entry = entry[np.argsort(entry % nv % 8, kind="stable")]  # grouped by flip/rotation: one copy each
+        members = bf16(base.rows16[a0:b0, 0]).T.contiguous()
+        step = max(1, chunk_cells // (b0 - a0))
+        for a in range(0, len(entry), step):
+            qv = entry[a:a + step]
+            sims = bf16(variant_rows16(queries, qv // nv, qv % nv)) @ members
+            hit = torch.nonzero(sims.amax(1) > screen)[:, 0]  # few rows: nonzero over all cells costs more
+            if not len(hit):
+                continue
+            ci, mi = (t.numpy() for t in torch.nonzero(sims[hit] > screen, as_tuple=True))
+            qvi, mi = qv[hit.numpy()[ci]], mi + a0
+            si = np.einsum("ij,ij->i", exact_rows(queries, qvi // nv, qvi % nv), base.exact(mi, 0))
+            above = si > threshold
+            qvi, mi, si = qvi[above], base_ids[mi[above]], si[above]
+            if same_ids is not None:
+                other = same_ids[qvi // nv] != mi
+                qvi, mi, si = qvi[other], mi[other], si[other]
+            if len(qvi) > k:  # a block holds each query variant once: keep its k best here already
+                top = _top_per_group(qvi, si, mi, k)
+                qvi, mi, si = qvi[top], mi[top], si[top]
+            out_q.append(qvi)
+            out_m.append(mi)
+            out_s.append(si.astype(np.float32))
     if not out_q:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     return np.concatenate(out_q), np.concatenate(out_m), np.concatenate(out_s)
+
+
+def variant_rows16(prints: Prints, rows: np.ndarray, variants: np.ndarray) -> np.ndarray:
+    """(len(rows), s·s) bfloat16 bits (int16) of variant ``variants[i]`` of image ``rows[i]``: a row gather of
+    the zooms' rows, then each flip/rotation as one strided copy over the rows that need it (fastest when the
+    rows come grouped by ``variants % 8``)."""
+    nz, cells = prints.rows16.shape[1:]
+    side = prints.thumbs.shape[2]
+    out = np.take(prints.rows16.reshape(-1, cells), rows * nz + variants // 8, axis=0)
+    d = variants % 8
+    cut = np.flatnonzero(np.diff(d)) + 1
+    for a, b in zip(np.r_[0, cut].tolist(), np.r_[cut, len(d)].tolist()):
+        flip, rot = divmod(int(d[a]), 4)
+        if flip or rot:
+            g = out[a:b].reshape(-1, side, side)
+            out[a:b] = np.rot90(g[:, :, ::-1] if flip else g, rot, axes=(1, 2)).reshape(b - a, cells)
+    return out
+
+
+def exact_rows(prints: Prints, rows: np.ndarray, variants: np.ndarray) -> np.ndarray:
+    """fp32 rows of variant ``variants[i]`` of image ``rows[i]`` (``_variant_rows``, mixed variants)."""
+    out = np.empty((len(rows), prints.thumbs.shape[2] * prints.thumbs.shape[3]), np.float32)
+    for v in np.unique(variants).tolist():
+        sel = np.flatnonzero(variants == v)
+        out[sel] = prints.exact(rows[sel], v)
+    return out
 
 
 def list_count(m: int, cfg: DedupConfig) -> int:
@@ -333,19 +433,21 @@ def _dihedral_search(query_thumbs: np.ndarray, index_thumbs: np.ndarray, k: int,
     (``search_members``). ``curation.dedup_stage`` runs the same search over shards.
     """
     nq, nv, m = len(query_thumbs), query_thumbs.shape[1] * 8, len(index_thumbs)
-    qcentre = _centring(query_thumbs)
-    icentre = qcentre if same else _centring(index_thumbs)
-    base = _variant_rows(index_thumbs, icentre, np.arange(m), 0)  # (M, s·s)
+    queries = Prints(query_thumbs)
+    icentre = queries.centring if same else _centring(index_thumbs)
     pool, nlist = cfg.route_pool, list_count(m, cfg)
     if nlist == 1:
         home = np.zeros(m, np.int64)
         probes = np.zeros((nq, nv, 1), np.int64)
     else:
+        base = _variant_rows(index_thumbs, icentre, np.arange(m), 0)  # (M, s·s) fp32, for the lists only
         lists = _kmeans_lists(pooled(base[coarse_sample(m, nlist)], pool), nlist)
         home = lists.search(pooled(base, pool), 1)[1][:, 0]
-        probes = _probe_lists(lists, query_thumbs, qcentre, min(cfg.list_probe, nlist), nv, pool)
+        del base
+        probes = _probe_lists(lists, queries, min(cfg.list_probe, nlist), pool)
     order = np.argsort(home, kind="stable")
-    qv, mi, si = search_members(query_thumbs, qcentre, probes, base[order], order, home[order], k, threshold,
+    index = Prints(index_thumbs[order, :1], (icentre[0][order, :1], icentre[1][order, :1]))
+    qv, mi, si = search_members(queries, probes, index, order, home[order], k, threshold,
                                 same_ids=np.arange(nq) if same else None, chunk_cells=chunk_cells)
     if len(qv) == 0:
         return qv, mi, si

@@ -121,7 +121,7 @@ def _route(shard, ctx: Context, lists: np.ndarray | None, pool: int) -> int:
 
 
 def _load_partition(ctx: Context, p: int, excluded: np.ndarray | None):
-    """(base rows sorted by list, their row ids, their lists) of index partition ``p``."""
+    """(index prints sorted by list (``dedup.Prints``), their row ids, their lists) of index partition ``p``."""
     fs, path = storage.filesystem(storage.join_uri(ctx.staging, "index", f"p{p:05d}"), ctx.storage_cfg)
     found = storage.with_retries(lambda: sorted(fs.find(path)), ctx.storage_cfg, f"list index partition {p}")
     rows, home, thumbs, means, norms = [], [], [], [], []
@@ -129,19 +129,16 @@ def _load_partition(ctx: Context, p: int, excluded: np.ndarray | None):
         if not f.endswith(".npz"):
             continue
         z = np.load(io.BytesIO(storage.with_retries(lambda f=f: fs.cat_file(f), ctx.storage_cfg, f"read {f}")))
-        rows.append(z["rows"]), home.append(z["home"]), thumbs.append(z["thumbs"])
-        means.append(z["means"]), norms.append(z["norms"])
+        ok = slice(None) if excluded is None else ~excluded[z["rows"]]
+        rows.append(z["rows"][ok]), home.append(z["home"][ok]), thumbs.append(z["thumbs"][ok])
+        means.append(z["means"][ok]), norms.append(z["norms"][ok])
     if not rows:
         return None
-    rows, home, thumbs = np.concatenate(rows), np.concatenate(home), np.concatenate(thumbs)
-    means, norms = np.concatenate(means), np.concatenate(norms)
-    if excluded is not None:
-        ok = ~excluded[rows]
-        rows, home, thumbs, means, norms = rows[ok], home[ok], thumbs[ok], means[ok], norms[ok]
+    rows, home = np.concatenate(rows), np.concatenate(home)
     order = np.argsort(home, kind="stable")  # by list; within a list by row (files in shard order)
-    base = D._variant_rows(thumbs[order][:, None], (means[order][:, None], norms[order][:, None]),
-                           np.arange(len(order)), 0)
-    return base, rows[order], home[order]
+    thumbs = np.concatenate(thumbs)[order][:, None]  # uint8, 1 KB per image; bfloat16 rows 2 KB more
+    centring = (np.concatenate(means)[order][:, None], np.concatenate(norms)[order][:, None])
+    return D.Prints(thumbs, centring), rows[order], home[order]
 
 
 def _search(query, ctx: Context, lists: np.ndarray | None, probe: int, k: int, threshold: float,
@@ -156,10 +153,10 @@ def _search(query, ctx: Context, lists: np.ndarray | None, probe: int, k: int, t
     else:
         thumbs, same_ids = eval_thumbs[query[1]], None
     nv = thumbs.shape[1] * 8
-    qcentre = D._centring(thumbs)
+    queries = D.Prints(thumbs)
     index = _router(lists)
     probes = np.zeros((len(thumbs), nv, 1), np.int64) if index is None else \
-        D._probe_lists(index, thumbs, qcentre, probe, nv, cfg.route_pool)
+        D._probe_lists(index, queries, probe, cfg.route_pool)
     if same_ids is not None and excluded is not None:
         probes[excluded[same_ids]] = -1
     part = np.where(probes >= 0, ctx.partition_of(probes), -1)
@@ -168,9 +165,10 @@ def _search(query, ctx: Context, lists: np.ndarray | None, probe: int, k: int, t
         loaded = _load_partition(ctx, p, excluded)
         if loaded is None or len(loaded[0]) == 0:
             continue
-        base, ids, lists = loaded
-        found.append(D.search_members(thumbs, qcentre, np.where(part == p, probes, -1), base, ids, lists, k,
-                                      threshold, same_ids=same_ids))
+        base, ids, homes = loaded
+        found.append(D.search_members(queries, np.where(part == p, probes, -1), base, ids, homes, k, threshold,
+                                      same_ids=same_ids))
+        del loaded, base
     if not found:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     qv, m, s = (np.concatenate(x) for x in zip(*found))
@@ -368,8 +366,8 @@ def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_
 
     # outputs
     out = run_.uri("deduplicated.parquet")
+    remove(out, storage_cfg)  # a file (this process) or a directory of parts (Ray tasks) from an earlier run
     if ray_tasks:
-        remove(out, storage_cfg)
         counts = map_shards(_write_kept, shards, ctx, np.packbits(keep), out, desc="dedup: write", **go)
         kept = sum(counts, Counter())
     else:

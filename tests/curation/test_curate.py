@@ -125,6 +125,13 @@ def test_rerun_with_the_same_seed_gives_the_same_manifest(ray_local, collection,
         [u.replace(str(b), "") for u in mb.column("uri").to_pylist()]
     assert ma.drop_columns(["uri"]).equals(mb.drop_columns(["uri"]))
     assert pq.read_table(a / "duplicates.parquet").equals(pq.read_table(b / "duplicates.parquet"))
+    # and back: dedup forced in this process over b's directory of parts writes one file with a's rows
+    from cytoray.curation.dedup import DedupConfig
+    from cytoray.curation.dedup_stage import run_dedup
+
+    run_dedup(str(b), DedupConfig(), force=True, scale=ScaleConfig(mode="local"))
+    assert (b / "deduplicated.parquet").is_file()
+    assert pq.read_table(b / "deduplicated.parquet").equals(pq.read_table(a / "deduplicated.parquet"))
     mtime = os.path.getmtime(a / "manifest.parquet")
     again = _run(collection, a)  # every stage marker present: nothing recomputed
     assert again["dedup"]["total"] == json.loads((a / "_stages" / "dedup.json").read_text())["total"]
