@@ -243,6 +243,8 @@ def main(argv=None):
     ap.add_argument("--recall-queries", type=int, default=2000,
                     help="reference: images whose exact search measures the partitioned search's recall")
     ap.add_argument("--part-rows", type=int, default=32_768, help="rows per part file of the planted stage files")
+    ap.add_argument("--reuse", action="store_true",
+                    help="--out holds a planted run of --images images already (truth.parquet): time the stages only")
     args = ap.parse_args(argv)
     if args.reference is None:
         args.reference = args.images <= 200_000
@@ -263,9 +265,20 @@ def main(argv=None):
     print(f"machine: {os.cpu_count()} CPUs; faiss {faiss.__version__} with {faiss.omp_get_max_threads()} threads")
     out = args.out or tempfile.mkdtemp(prefix="cytoray-bench-")
     t0 = time.perf_counter()
-    truth = write_planted_run(out, args.images, args.dim, args.copy_rate, args.seed, args.workers, args.part_rows)
+    if args.reuse:
+        import pyarrow.parquet as pq
+
+        if not args.out or not os.path.exists(os.path.join(out, "truth.parquet")):
+            raise SystemExit(f"--reuse: no planted run in {out!r} (truth.parquet); run once without --reuse")
+        truth = pq.read_table(os.path.join(out, "truth.parquet")).to_pandas()
+        if len(truth) != args.images:
+            raise SystemExit(f"--reuse: {out} holds {len(truth):,} images, not --images {args.images:,}")
+        how = "reused"
+    else:
+        truth = write_planted_run(out, args.images, args.dim, args.copy_rate, args.seed, args.workers, args.part_rows)
+        how = f"rendered and written to {out} in {time.perf_counter() - t0:.1f}s"
     print(f"data: {args.images:,} images ({(truth.kind != 'original').sum():,} planted copies, {DATASETS} datasets), "
-          f"fingerprints + {args.dim}-d embeddings, rendered and written to {out} in {time.perf_counter() - t0:.1f}s")
+          f"fingerprints + {args.dim}-d embeddings, {how}")
     dedup_cfg = DedupConfig() if args.route_pool is None else DedupConfig(route_pool=args.route_pool)
     cluster_cfg = ClusterConfig(use_gpu=False)
     scale = ScaleConfig(mode=args.scale, shard_rows=args.shard_rows)
