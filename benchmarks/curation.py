@@ -243,6 +243,10 @@ def main(argv=None):
     ap.add_argument("--recall-queries", type=int, default=2000,
                     help="reference: images whose exact search measures the partitioned search's recall")
     ap.add_argument("--part-rows", type=int, default=32_768, help="rows per part file of the planted stage files")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the parts an interrupted run with the same arguments wrote to --out")
+    ap.add_argument("--stages", default="dedup,cluster,balance",
+                    help="stages to time, in order ('' : only write the planted run)")
     ap.add_argument("--reuse", action="store_true",
                     help="--out holds a planted run of --images images already (truth.parquet): time the stages only")
     args = ap.parse_args(argv)
@@ -275,13 +279,17 @@ def main(argv=None):
             raise SystemExit(f"--reuse: {out} holds {len(truth):,} images, not --images {args.images:,}")
         how = "reused"
     else:
-        truth = write_planted_run(out, args.images, args.dim, args.copy_rate, args.seed, args.workers, args.part_rows)
+        truth = write_planted_run(out, args.images, args.dim, args.copy_rate, args.seed, args.workers, args.part_rows,
+                                  resume=args.resume)
         how = f"rendered and written to {out} in {time.perf_counter() - t0:.1f}s"
     print(f"data: {args.images:,} images ({(truth.kind != 'original').sum():,} planted copies, {DATASETS} datasets), "
           f"fingerprints + {args.dim}-d embeddings, {how}")
     dedup_cfg = DedupConfig() if args.route_pool is None else DedupConfig(route_pool=args.route_pool)
     cluster_cfg = ClusterConfig(use_gpu=False)
     scale = ScaleConfig(mode=args.scale, shard_rows=args.shard_rows)
+    wanted = [x for x in args.stages.split(",") if x]
+    if not wanted:
+        return
     if args.scale == "ray":
         import ray
 
@@ -289,6 +297,9 @@ def main(argv=None):
     stages = (("dedup", lambda: run_dedup(out, dedup_cfg, force=True, scale=scale)),
               ("cluster", lambda: run_cluster(out, cluster_cfg, force=True, scale=scale)),
               ("balance", lambda: run_balance(out, BalanceConfig(), force=True, scale=scale)))
+    if unknown := set(wanted) - {name for name, _ in stages}:
+        raise SystemExit(f"--stages: unknown {sorted(unknown)}; choose from dedup, cluster, balance")
+    stages = tuple((name, run) for name, run in stages if name in wanted)
     total = 0.0
     print(f"stages: {'Ray tasks' if args.scale == 'ray' else 'this process'}, shards of {args.shard_rows:,} rows")
     with PeakRSS() as overall:

@@ -24,8 +24,8 @@ Every removed image goes to ``duplicates.parquet`` (image_id, duplicate_of, simi
 ``duplicate_of`` always names an image that is kept (or an evaluation image, for leakage).
 
 Search is exact up to ``flat_max`` index rows and partitioned above it: faiss k-means lists, each query compared
-with the rows of its few nearest lists by one dense matrix product per list, so cost grows as N · probe · list
-size instead of N². The fingerprint search and the leakage guard (``_dihedral_search``: lists of ~``list_size``
+with the rows of its few nearest lists by one dense matrix product per list (bfloat16; pairs near the threshold
+are measured again in fp32, ``search_members``), so cost grows as N · probe · list size instead of N². The fingerprint search and the leakage guard (``_dihedral_search``: lists of ~``list_size``
 images, ``list_probe`` probed) run this way on CPU; ``knn_edges`` on embeddings runs ``partitioned_edges`` unless
 faiss sees a GPU, where it uses a faiss flat or IVF-flat index (``build_index``).
 """

@@ -50,3 +50,21 @@ def test_streamed_run_is_aligned_deterministic_and_matches_its_truth(tmp_path):
         if c.transform == "flip":  # horizontal or vertical; the zoom-1 thumbnail is a 2x2 box mean, flips exactly
             assert (fp[i, 0] == fp[s, 0, :, ::-1]).all() or (fp[i, 0] == fp[s, 0, ::-1]).all()
     assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+
+
+def test_an_interrupted_run_resumes_with_the_parts_it_wrote(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    write_planted_run(a, 300, dim=8, copy_rate=0.2, seed=5, part_rows=100)
+    write_planted_run(b, 300, dim=8, copy_rate=0.2, seed=5, part_rows=100)
+    # b interrupted after its first part: parts 1 and 2 and the truth missing
+    for name in ("ingested.parquet", "embeddings.parquet"):
+        for i in (1, 2):
+            os.remove(os.path.join(b, name, f"part-{i:05d}.parquet"))
+    os.remove(os.path.join(b, "truth.parquet"))
+    first = os.path.getmtime(os.path.join(b, "embeddings.parquet", "part-00000.parquet"))
+    write_planted_run(b, 300, dim=8, copy_rate=0.2, seed=5, part_rows=100, resume=True)
+    assert os.path.getmtime(os.path.join(b, "embeddings.parquet", "part-00000.parquet")) == first  # kept
+    assert _parts(a) == _parts(b) and read_marker(b, "embed")["count"] == 300
+    # other settings: resume starts over rather than mix two collections
+    write_planted_run(b, 300, dim=8, copy_rate=0.2, seed=6, part_rows=100, resume=True)
+    assert os.path.getmtime(os.path.join(b, "embeddings.parquet", "part-00000.parquet")) > first

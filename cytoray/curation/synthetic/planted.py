@@ -285,7 +285,7 @@ def _truth(plan: dict[str, np.ndarray]):
 
 
 def write_planted_run(out: str, n: int, dim: int = 384, copy_rate: float = 0.05, seed: int = 0, workers: int = 1,
-                      part_rows: int = 32_768, storage_cfg=None):
+                      part_rows: int = 32_768, storage_cfg=None, resume: bool = False):
     """What ingest and embed write for ``n`` synthetic cells with planted copies (as :func:`make_collection`), in
     memory bounded by ``part_rows`` whatever ``n``: ``ingested.parquet/`` and ``embeddings.parquet/`` as
     directories of part files (``part_rows`` rows each, rows aligned, image ids ``c%09d`` in generation order),
@@ -294,7 +294,11 @@ def write_planted_run(out: str, n: int, dim: int = 384, copy_rate: float = 0.05,
 
     Memory: the caller holds a few bytes per image (≈ 0.7 GB at 5M images); a worker one part, ≈ 1.1 GB at the
     default 32,768 rows, most of it Parquet's writer on the fingerprint lists (``shards.write_part``). Workers
-    are spawned, so a script calling this with ``workers > 1`` needs an ``if __name__ == "__main__"`` guard."""
+    are spawned, so a script calling this with ``workers > 1`` needs an ``if __name__ == "__main__"`` guard.
+
+    ``resume``: keep the parts an interrupted call with the same arguments wrote (``planted.json`` records them;
+    a part counts once its embeddings file, written last and atomically, exists) and render only the rest."""
+    import json
     from concurrent.futures import as_completed
 
     from cytoray import console, storage, tables
@@ -305,18 +309,31 @@ def write_planted_run(out: str, n: int, dim: int = 384, copy_rate: float = 0.05,
         raise ValueError(f"write_planted_run: n={n} and part_rows={part_rows} must be >= 1, copy_rate={copy_rate} "
                          "in [0, 0.5]")
     plan = _plan(n, copy_rate, seed)
+    settings = {"planted": {"images": n, "dim": dim, "copy_rate": copy_rate, "seed": seed, "part_rows": part_rows}}
+    record = storage.join_uri(out, "planted.json")
+    resume = resume and storage.exists(record, storage_cfg) and \
+        json.loads(storage.read_bytes(record, storage_cfg)) == settings
     # markers first, so that nothing counts as done while the files are replaced; then the old files (fewer
     # parts than before would leave stale ones)
     for stage in STAGES:
         remove(marker_uri(out, stage), storage_cfg)
-    for name in ("ingested.parquet", "embeddings.parquet"):
-        remove(storage.join_uri(out, name), storage_cfg)
+    if not resume:
+        for name in ("ingested.parquet", "embeddings.parquet"):
+            remove(storage.join_uri(out, name), storage_cfg)
+        storage.write_bytes(record, json.dumps(settings).encode(), storage_cfg)
 
     per_row = ("dataset", "stain_ds", "cls", "mode", "kind", "source")
     jobs = [(out, storage_cfg, seed, dim, i, a, {**{k: plan[k][a:a + part_rows] for k in per_row},
                                                  "stains": plan["stains"]})
             for i, a in enumerate(range(0, n, part_rows))]
     progress = console.Progress("planted images", n, "images")
+    if resume:
+        from cytoray.curation.shards import part_uri
+
+        done = {j[4] for j in jobs if storage.exists(part_uri(storage.join_uri(out, "embeddings.parquet"), j[4]),
+                                                     storage_cfg)}
+        progress.update(increment=sum(len(j[6]["kind"]) for j in jobs if j[4] in done))
+        jobs = [j for j in jobs if j[4] not in done]
     try:
         if workers <= 1:
             for job in jobs:
@@ -332,7 +349,6 @@ def write_planted_run(out: str, n: int, dim: int = 384, copy_rate: float = 0.05,
     truth = _truth(plan)
     del plan
     tables.write_table(storage.join_uri(out, "truth.parquet"), truth, storage_cfg, sort=False)
-    settings = {"planted": {"images": n, "dim": dim, "copy_rate": copy_rate, "seed": seed, "part_rows": part_rows}}
     run_stage("ingest", out, settings, lambda run: {"stage": "ingest", "images": n}, storage_cfg, force=True)
     run_stage("embed", out, settings, lambda run: {"stage": "embed", "embedder": "synthetic", "count": n,
                                                    "dim": dim}, storage_cfg, force=True)
