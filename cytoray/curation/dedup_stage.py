@@ -74,8 +74,15 @@ class Context:
 def _fingerprints(ctx: Context, a: int, b: int):
     from cytoray.features.fingerprint import fingerprints_of_table
 
+    import pyarrow as pa
+
     t = read_rows(ctx.embeddings, a, b, ["image_id", "fingerprint"], ctx.storage_cfg)
-    return t.column("image_id").to_pylist(), fingerprints_of_table(t)
+    ids, thumbs = t.column("image_id").to_pylist(), fingerprints_of_table(t)
+    del t
+    # Decoding the fingerprint lists leaves ~10x their size in Arrow's memory pool, which keeps it: a search
+    # task at 10^6 images peaked 0.8 GiB higher without this.
+    pa.default_memory_pool().release_unused()
+    return ids, thumbs
 
 
 def _base_rows(thumbs: np.ndarray) -> np.ndarray:
