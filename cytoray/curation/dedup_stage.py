@@ -72,9 +72,9 @@ class Context:
 
 
 def _fingerprints(ctx: Context, a: int, b: int):
-    from cytoray.features.fingerprint import fingerprints_of_table
-
     import pyarrow as pa
+
+    from cytoray.features.fingerprint import fingerprints_of_table
 
     t = read_rows(ctx.embeddings, a, b, ["image_id", "fingerprint"], ctx.storage_cfg)
     ids, thumbs = t.column("image_id").to_pylist(), fingerprints_of_table(t)
