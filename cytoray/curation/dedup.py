@@ -24,8 +24,8 @@ Every removed image goes to ``duplicates.parquet`` (image_id, duplicate_of, simi
 ``duplicate_of`` always names an image that is kept (or an evaluation image, for leakage).
 
 Search is exact up to ``flat_max`` index rows and partitioned above it: faiss k-means lists, each query compared
-with the rows of its few nearest lists by one dense matrix product per list (bfloat16; pairs near the threshold
-are measured again in fp32, ``search_members``), so cost grows as N · probe · list size instead of N². The fingerprint search and the leakage guard (``_dihedral_search``: lists of ~``list_size``
+with the rows of its few nearest lists by one dense matrix product per list (int8 with an exact error bound;
+pairs near the threshold are measured again in fp32, ``search_members``), so cost grows as N · probe · list size instead of N². The fingerprint search and the leakage guard (``_dihedral_search``: lists of ~``list_size``
 images, ``list_probe`` probed) run this way on CPU; ``knn_edges`` on embeddings runs ``partitioned_edges`` unless
 faiss sees a GPU, where it uses a faiss flat or IVF-flat index (``build_index``).
 """
@@ -246,45 +246,42 @@ def dihedral_perms(side: int) -> np.ndarray:
     return np.stack([np.rot90(grid[:, ::-1] if flip else grid, rot).ravel() for flip in (0, 1) for rot in range(4)])
 
 
-# A bfloat16 product of unit rows differs from the fp32 cosine by at most (2u + u²)·|x|·|y| from rounding
-# the inputs (u = 2^-8; Cauchy-Schwarz over the elementwise errors) plus u from rounding the product to
-# bfloat16, plus the fp32 accumulation (< 1e-4 over 1,024 terms): under 0.0119. Pairs above threshold minus
-# this pass the bfloat16 screen and are then measured in fp32, so the screen loses no pair.
-SCREEN_MARGIN = 0.0125
+# The screening product runs on int8 rows: row x (centred, unit) is stored as q = round(x · s), s = 127 / max|x|,
+# with its exact rounding error e = ||x - q / s||. For unit rows x, y: |x·y - (q_x·q_y) / (s_x s_y)| <= e_x + e_y
+# + 3 e_x e_y (Cauchy-Schwarz on each error term; q_x·q_y is an exact int32 sum), so a pair above the threshold
+# always passes the screen "estimate > threshold - that bound", and every pair that passes is measured again in
+# fp32. On the synthetic thumbnails e is ~0.006 (median) to 0.02 (max): the screen sits near 0.96.
+SCREEN_SLACK = 1e-5  # fp32 rounding of the estimate's two scalings
 
 
 class Prints:
     """Fingerprint thumbnails made ready for the search: ``thumbs`` (n, Z, s, s) uint8 as stored, their centring
-    (``_centring``: means, norms (n, Z)) and their centred unit rows in bfloat16, ``rows16`` (n, Z, s·s), for
-    the screening product, held as the int16 bit patterns (numpy gathers and flips them several times faster
-    than torch does); ``exact`` gives a variant's fp32 rows. 2·Z KB per image besides the thumbnails."""
+    (``_centring``: means, norms (n, Z)), their centred unit rows quantised to int8 for the screening product,
+    ``rows8`` (n, Z, s·s), with each row's inverse scale ``inv8`` and exact quantisation error ``err8`` (n, Z);
+    ``exact`` gives a variant's fp32 rows. Z KB per image besides the thumbnails."""
 
     def __init__(self, thumbs: np.ndarray, centring: tuple[np.ndarray, np.ndarray] | None = None,
                  block: int = 8192):
-        import torch
-
         self.thumbs = thumbs
         self.centring = centring if centring is not None else _centring(thumbs)
         n, z = thumbs.shape[:2]
-        self.rows16 = np.empty((n, z, thumbs.shape[2] * thumbs.shape[3]), np.int16)
+        self.rows8 = np.empty((n, z, thumbs.shape[2] * thumbs.shape[3]), np.int8)
+        self.inv8, self.err8 = np.empty((n, z), np.float32), np.empty((n, z), np.float32)
         for a in range(0, n, block):  # fp32 only a block at a time
             idx = np.arange(a, min(n, a + block))
             for zz in range(z):
-                f32 = torch.from_numpy(_variant_rows(thumbs, self.centring, idx, zz * 8))
-                self.rows16[a:a + block, zz] = f32.bfloat16().view(torch.int16).numpy()
+                x = _variant_rows(thumbs, self.centring, idx, zz * 8)
+                scale = 127.0 / np.maximum(np.abs(x).max(axis=1), 1e-12)
+                q = np.rint(x * scale[:, None])
+                self.rows8[idx, zz] = q
+                self.inv8[idx, zz] = 1.0 / scale
+                self.err8[idx, zz] = np.linalg.norm(x - q / scale[:, None], axis=1)
 
     def __len__(self) -> int:
         return len(self.thumbs)
 
     def exact(self, rows: np.ndarray, variant: int) -> np.ndarray:
         return _variant_rows(self.thumbs, self.centring, rows, variant)
-
-
-def bf16(bits: np.ndarray):
-    """A torch bfloat16 view of int16 bit patterns (``Prints.rows16``)."""
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(bits)).view(torch.bfloat16)
 
 
 def _top_per_group(group: np.ndarray, s: np.ndarray, tie: np.ndarray, kk: int) -> np.ndarray:
@@ -335,14 +332,15 @@ def search_members(queries: Prints, probes: np.ndarray, base: Prints, base_ids: 
 
     ``probes``: (nq, V, P) list ids per query image and variant (-1: none); ``base``: the index's zoom-1
     prints, sorted by ``base_list`` (their list ids), ``base_ids`` their ids. Per list, every query variant
-    that probes it is gathered (``variant_rows16``) and multiplied with the list's rows in one bfloat16 matrix
-    product, in blocks of at most ``chunk_cells`` similarities; entries above ``threshold - SCREEN_MARGIN`` are
-    measured again in fp32 and only those above ``threshold`` leave a block, at most ``k`` per query variant.
-    (One product per list and not per (list, variant): with 24 variants a shard's queries split into blocks of
-    a few dozen rows at 10⁶ images, where the product runs at a tenth of its speed.) ``same_ids``: the queries'
-    ids when they are index rows too (a row never pairs with itself). Returns (query row · V + variant, index
-    id, cosine), not yet reduced over lists. (Screening pairs on 8×8 block means was slower on CPU: within a list
-    3–25% of pairs pass any useful screen, and gathering them costs more than the product.)"""
+    that probes it is gathered (``variant_rows8``) and multiplied with the list's rows in one int8 matrix product
+    (exact int32 sums), in blocks of at most ``chunk_cells`` similarities; entries whose estimate is within the
+    rows' quantisation bound of the threshold (``Prints``) are measured again in fp32 and only those above
+    ``threshold`` leave a block, at most ``k`` per query variant. (One product per list and not per (list,
+    variant): with 24 variants a shard's queries split into blocks of a few dozen rows at 10⁶ images, where the
+    product runs at a tenth of its speed.) ``same_ids``: the queries' ids when they are index rows too (a row
+    never pairs with itself). Returns (query row · V + variant, index id, cosine), not yet reduced over lists.
+    (Screening pairs on 8×8 block means was slower on CPU: within a list 3–25% of pairs pass any useful screen,
+    and gathering them costs more than the product.)"""
     import torch
 
     nq, nv, probe = probes.shape
@@ -352,7 +350,6 @@ def search_members(queries: Prints, probes: np.ndarray, base: Prints, base_ids: 
     sorted_lists = probe_list[by_list]
     lists, starts = np.unique(base_list, return_index=True)
     ends = np.append(starts[1:], len(base_list))
-    screen = threshold - SCREEN_MARGIN
     out_q, out_m, out_s = [], [], []
     for c, a0, b0 in zip(lists.tolist(), starts.tolist(), ends.tolist()):
         lo, hi = np.searchsorted(sorted_lists, [c, c + 1])
@@ -360,15 +357,22 @@ def search_members(queries: Prints, probes: np.ndarray, base: Prints, base_ids: 
             continue
         entry = by_list[lo:hi] // probe  # query row · V + variant
         entry = entry[np.argsort(entry % nv % 8, kind="stable")]  # grouped by flip/rotation: one copy each
-        members = bf16(base.rows16[a0:b0, 0]).T.contiguous()
+        members = torch.from_numpy(base.rows8[a0:b0, 0]).T
+        inv_m = torch.from_numpy(base.inv8[a0:b0, 0])
+        err_m = float(base.err8[a0:b0, 0].max())
         step = max(1, chunk_cells // (b0 - a0))
         for a in range(0, len(entry), step):
             qv = entry[a:a + step]
-            sims = bf16(variant_rows16(queries, qv // nv, qv % nv)) @ members
+            rows, zoom = qv // nv, qv % nv // 8
+            sims = torch._int_mm(torch.from_numpy(variant_rows8(queries, rows, qv % nv)), members).float()
+            sims *= inv_m  # x·y ≈ q_x·q_y / (s_x s_y): the members' scales here, the queries' per row below
+            inv_q, err_q = queries.inv8[rows, zoom], queries.err8[rows, zoom]
+            screen = torch.from_numpy(threshold - err_q - err_m - 3 * err_q * err_m - SCREEN_SLACK) / \
+                torch.from_numpy(inv_q)
             hit = torch.nonzero(sims.amax(1) > screen)[:, 0]  # few rows: nonzero over all cells costs more
             if not len(hit):
                 continue
-            ci, mi = (t.numpy() for t in torch.nonzero(sims[hit] > screen, as_tuple=True))
+            ci, mi = (t.numpy() for t in torch.nonzero(sims[hit] > screen[hit, None], as_tuple=True))
             qvi, mi = qv[hit.numpy()[ci]], mi + a0
             si = np.einsum("ij,ij->i", exact_rows(queries, qvi // nv, qvi % nv), base.exact(mi, 0))
             above = si > threshold
@@ -387,13 +391,13 @@ def search_members(queries: Prints, probes: np.ndarray, base: Prints, base_ids: 
     return np.concatenate(out_q), np.concatenate(out_m), np.concatenate(out_s)
 
 
-def variant_rows16(prints: Prints, rows: np.ndarray, variants: np.ndarray) -> np.ndarray:
-    """(len(rows), s·s) bfloat16 bits (int16) of variant ``variants[i]`` of image ``rows[i]``: a row gather of
-    the zooms' rows, then each flip/rotation as one strided copy over the rows that need it (fastest when the
-    rows come grouped by ``variants % 8``)."""
-    nz, cells = prints.rows16.shape[1:]
+def variant_rows8(prints: Prints, rows: np.ndarray, variants: np.ndarray) -> np.ndarray:
+    """(len(rows), s·s) int8 rows of variant ``variants[i]`` of image ``rows[i]``: a row gather of the zooms'
+    rows, then each flip/rotation as one strided copy over the rows that need it (fastest when the rows come
+    grouped by ``variants % 8``). A variant shares its zoom's scale and quantisation error."""
+    nz, cells = prints.rows8.shape[1:]
     side = prints.thumbs.shape[2]
-    out = np.take(prints.rows16.reshape(-1, cells), rows * nz + variants // 8, axis=0)
+    out = np.take(prints.rows8.reshape(-1, cells), rows * nz + variants // 8, axis=0)
     d = variants % 8
     cut = np.flatnonzero(np.diff(d)) + 1
     for a, b in zip(np.r_[0, cut].tolist(), np.r_[cut, len(d)].tolist()):

@@ -143,7 +143,7 @@ def _load_partition(ctx: Context, p: int, excluded: np.ndarray | None):
         return None
     rows, home = np.concatenate(rows), np.concatenate(home)
     order = np.argsort(home, kind="stable")  # by list; within a list by row (files in shard order)
-    thumbs = np.concatenate(thumbs)[order][:, None]  # uint8, 1 KB per image; bfloat16 rows 2 KB more
+    thumbs = np.concatenate(thumbs)[order][:, None]  # uint8, 1 KB per image; int8 rows 1 KB more
     centring = (np.concatenate(means)[order][:, None], np.concatenate(norms)[order][:, None])
     return D.Prints(thumbs, centring), rows[order], home[order]
 

@@ -325,12 +325,11 @@ def test_fingerprint_search_equals_brute_force_knn():
         assert np.allclose([got[p] for p in leak], list(leak.values()), atol=1e-5)
 
 
-def test_bfloat16_screen_loses_no_pair_just_above_the_threshold():
-    """Pairs at cosine threshold ± up to 0.002: bfloat16 rounds many of those above the threshold to below it
-    (its spacing near 1 is 0.0039), yet the search returns exactly the pairs above it, with fp32 cosines."""
-    import torch
-
-    from cytoray.curation.dedup import _dihedral_search
+def test_int8_screen_loses_no_pair_just_above_the_threshold():
+    """Pairs at cosine threshold ± up to 0.002: the int8 product's estimate puts some of those above the threshold
+    below it, yet the search returns exactly the pairs above it, with fp32 cosines (the screen is widened by the
+    rows' exact quantisation errors, ``dedup.Prints``)."""
+    from cytoray.curation.dedup import Prints, _dihedral_search
 
     rng = np.random.default_rng(7)
     n, cells, thr = 300, 32 * 32, DedupConfig().threshold
@@ -342,10 +341,11 @@ def test_bfloat16_screen_loses_no_pair_just_above_the_threshold():
     y = centred_unit(rng.normal(size=(n, cells)))
     w = rng.normal(size=(n, cells))
     w = centred_unit(w - (w * y).sum(1, keepdims=True) * y)  # orthogonal to y, mean zero
-    c = thr + rng.choice([-1, 1], n) * rng.uniform(1e-4, 2e-3, n)
+    c = thr + rng.choice([-1, 1], n) * rng.uniform(1e-5, 2e-3, n)
     x = c[:, None] * y + np.sqrt(1 - c[:, None] ** 2) * w
-    est = (torch.from_numpy(x).bfloat16() * torch.from_numpy(y).bfloat16()).float().sum(1).bfloat16().float().numpy()
-    assert ((c > thr) & (est <= thr)).sum() > 20  # a plain bfloat16 threshold would lose these
+    px, py = Prints(x.reshape(n, 1, 32, 32)), Prints(y.reshape(n, 1, 32, 32))
+    est = (px.rows8[:, 0].astype(np.int64) * py.rows8[:, 0]).sum(1) * px.inv8[:, 0] * py.inv8[:, 0]
+    assert ((c > thr) & (est <= thr)).sum() >= 3  # a plain threshold on the int8 estimate would lose these
     q, i, s = _dihedral_search(x.reshape(n, 1, 32, 32), y.reshape(n, 1, 32, 32), 8, thr, DedupConfig(), same=False)
     found = dict(zip(zip(q.tolist(), i.tolist()), s.tolist()))
     above = np.flatnonzero(c > thr)
@@ -354,16 +354,16 @@ def test_bfloat16_screen_loses_no_pair_just_above_the_threshold():
     assert np.allclose([found[r, r] for r in above.tolist()], c[above], atol=1e-5)
 
 
-def test_bfloat16_variant_rows_are_the_rounded_fp32_variants():
-    import torch
-
-    from cytoray.curation.dedup import Prints, variant_rows16
+def test_int8_variant_rows_are_the_quantised_fp32_variants():
+    from cytoray.curation.dedup import Prints, variant_rows8
 
     thumbs = np.random.default_rng(3).integers(0, 256, (5, 3, 32, 32), dtype=np.uint8)
     prints = Prints(thumbs)
     rows, variants = np.repeat(np.arange(5), 24), np.tile(np.arange(24), 5)
     o = np.argsort(variants % 8, kind="stable")
-    got = variant_rows16(prints, rows[o], variants[o])
-    for r, v, bits in zip(rows[o].tolist(), variants[o].tolist(), got):
-        want = torch.from_numpy(prints.exact(np.array([r]), v)[0]).bfloat16().view(torch.int16).numpy()
-        assert (bits == want).all(), (r, v)
+    got = variant_rows8(prints, rows[o], variants[o])
+    for r, v, q in zip(rows[o].tolist(), variants[o].tolist(), got):
+        x = prints.exact(np.array([r]), v)[0]
+        scale = 1 / prints.inv8[r, v // 8]
+        assert (q == np.rint(x * scale)).all(), (r, v)  # a flip/rotation of the quantised zoom row
+        assert abs(np.linalg.norm(x - q / scale) - prints.err8[r, v // 8]) < 1e-6
