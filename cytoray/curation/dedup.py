@@ -283,6 +283,18 @@ class Prints:
     def exact(self, rows: np.ndarray, variant: int) -> np.ndarray:
         return _variant_rows(self.thumbs, self.centring, rows, variant)
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Everything, as arrays with one row per image (to store; ``of_arrays`` reads them back)."""
+        return {"thumbs": self.thumbs, "means": self.centring[0], "norms": self.centring[1], "rows8": self.rows8,
+                "inv8": self.inv8, "err8": self.err8}
+
+    @classmethod
+    def of_arrays(cls, arrays: dict[str, np.ndarray]) -> Prints:
+        self = cls.__new__(cls)
+        self.thumbs, self.centring = arrays["thumbs"], (arrays["means"], arrays["norms"])
+        self.rows8, self.inv8, self.err8 = arrays["rows8"], arrays["inv8"], arrays["err8"]
+        return self
+
 
 def _top_per_group(group: np.ndarray, s: np.ndarray, tie: np.ndarray, kk: int) -> np.ndarray:
     """Positions of the entries among the ``kk`` largest ``s`` of their group (ties: the smaller ``tie``)."""

@@ -20,7 +20,8 @@ process (``scale.mode``); both run the same code on the same shards, so they giv
    ``duplicates.parquet``, and ``kept_rows.npy`` (one bit per ingested row) for the stages after.
 
 The driver holds 8 bytes per image (the 64-bit hash) plus the coarse sample, the edges and the involved rows'
-keys. Each task holds one shard's fingerprints (3 KB per image) and one index partition (1 KB per image).
+keys. Each task holds one shard's fingerprints (3 KB per image, and 3 KB of int8 rows) and one index partition
+(2 KB per image: the zoom-1 thumbnail and its int8 row, made once by the route pass).
 """
 
 from __future__ import annotations
@@ -114,15 +115,15 @@ def _router(lists: np.ndarray | None):
 def _route(shard, ctx: Context, lists: np.ndarray | None, pool: int) -> int:
     _, i, a, b = shard
     _, thumbs = _fingerprints(ctx, a, b)
-    means, norms = D._centring(thumbs[:, :1])
     index = _router(lists)
     home = np.zeros(b - a, np.int64) if index is None else \
         index.search(D.pooled(_base_rows(thumbs), pool), 1)[1][:, 0]
+    prints = D.Prints(np.ascontiguousarray(thumbs[:, :1]))  # made once here, not by every query shard's task
     part = ctx.partition_of(home)
     for p in np.unique(part).tolist():
         sel = np.flatnonzero(part == p)
         buf = io.BytesIO()
-        np.savez(buf, rows=sel + a, home=home[sel], thumbs=thumbs[sel, 0], means=means[sel, 0], norms=norms[sel, 0])
+        np.savez(buf, rows=sel + a, home=home[sel], **{k: v[sel] for k, v in prints.arrays().items()})
         storage.write_bytes(ctx.part_uri(p, i), buf.getvalue(), ctx.storage_cfg)
     return b - a
 
@@ -131,21 +132,20 @@ def _load_partition(ctx: Context, p: int, excluded: np.ndarray | None):
     """(index prints sorted by list (``dedup.Prints``), their row ids, their lists) of index partition ``p``."""
     fs, path = storage.filesystem(storage.join_uri(ctx.staging, "index", f"p{p:05d}"), ctx.storage_cfg)
     found = storage.with_retries(lambda: sorted(fs.find(path)), ctx.storage_cfg, f"list index partition {p}")
-    rows, home, thumbs, means, norms = [], [], [], [], []
+    parts: dict[str, list] = {}
     for f in found:  # s<shard>.npz in shard order: one listing, no request per (partition, shard)
         if not f.endswith(".npz"):
             continue
         z = np.load(io.BytesIO(storage.with_retries(lambda f=f: fs.cat_file(f), ctx.storage_cfg, f"read {f}")))
         ok = slice(None) if excluded is None else ~excluded[z["rows"]]
-        rows.append(z["rows"][ok]), home.append(z["home"][ok]), thumbs.append(z["thumbs"][ok])
-        means.append(z["means"][ok]), norms.append(z["norms"][ok])
-    if not rows:
+        for k in z.files:
+            parts.setdefault(k, []).append(z[k][ok])
+    if not parts:
         return None
-    rows, home = np.concatenate(rows), np.concatenate(home)
+    rows, home = np.concatenate(parts.pop("rows")), np.concatenate(parts.pop("home"))
     order = np.argsort(home, kind="stable")  # by list; within a list by row (files in shard order)
-    thumbs = np.concatenate(thumbs)[order][:, None]  # uint8, 1 KB per image; int8 rows 1 KB more
-    centring = (np.concatenate(means)[order][:, None], np.concatenate(norms)[order][:, None])
-    return D.Prints(thumbs, centring), rows[order], home[order]
+    arrays = {k: np.concatenate(parts.pop(k))[order] for k in list(parts)}  # pieces freed key by key
+    return D.Prints.of_arrays(arrays), rows[order], home[order]  # uint8 thumbnails and int8 rows: 2 KB per image
 
 
 def _search(query, ctx: Context, lists: np.ndarray | None, probe: int, k: int, threshold: float,
