@@ -4,6 +4,9 @@ their ``_stages`` markers), with planted copies whose ground truth is known.
 
     python benchmarks/curation.py                                   # 100,000 images
     python benchmarks/curation.py --images 10000 --baseline-images 10000
+    # 5M: write the stage files once (resumable), then time the stages on them
+    python benchmarks/curation.py --images 5000000 --out /tmp/bench5m --resume --stages ''
+    python benchmarks/curation.py --images 5000000 --out /tmp/bench5m --reuse --eval-images 0 --baseline-images 0
 
 Images are synthetic cells (``synthetic.cells.render_cell``, 64 px, one stain per dataset) fingerprinted as the
 embed stage does (``features.fingerprint``); about ``--copy-rate`` of them are planted copies of another image —
