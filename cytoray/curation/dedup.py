@@ -25,7 +25,8 @@ Every removed image goes to ``duplicates.parquet`` (image_id, duplicate_of, simi
 
 Search is exact up to ``flat_max`` index rows and partitioned above it: faiss k-means lists, each query compared
 with the rows of its few nearest lists by one dense matrix product per list (int8 with an exact error bound;
-pairs near the threshold are measured again in fp32, ``search_members``), so cost grows as N · probe · list size instead of N². The fingerprint search and the leakage guard (``_dihedral_search``: lists of ~``list_size``
+pairs near the threshold are measured again in fp32, ``search_members``), so cost grows as N · probe · list size
+instead of N². The fingerprint search and the leakage guard (``_dihedral_search``: lists of ~``list_size``
 images, ``list_probe`` probed) run this way on CPU; ``knn_edges`` on embeddings runs ``partitioned_edges`` unless
 faiss sees a GPU, where it uses a faiss flat or IVF-flat index (``build_index``).
 """
