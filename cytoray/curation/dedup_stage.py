@@ -115,10 +115,10 @@ def _router(lists: np.ndarray | None):
 def _route(shard, ctx: Context, lists: np.ndarray | None, pool: int) -> int:
     _, i, a, b = shard
     _, thumbs = _fingerprints(ctx, a, b)
+    prints = D.Prints(np.ascontiguousarray(thumbs[:, :1]))  # made once here, not by every query shard's task
     index = _router(lists)
     home = np.zeros(b - a, np.int64) if index is None else \
-        index.search(D.pooled(_base_rows(thumbs), pool), 1)[1][:, 0]
-    prints = D.Prints(np.ascontiguousarray(thumbs[:, :1]))  # made once here, not by every query shard's task
+        index.search(D.pooled(prints.exact(np.arange(b - a), 0), pool), 1)[1][:, 0]  # = _base_rows(thumbs)
     part = ctx.partition_of(home)
     for p in np.unique(part).tolist():
         sel = np.flatnonzero(part == p)
