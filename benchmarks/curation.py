@@ -177,10 +177,11 @@ def score(out: str, truth) -> None:
           "recall by kind: " + ", ".join(f"{t} {r:.3f}" for t, r in per.items()))
 
 
-def reference(out: str, dedup_cfg, cluster_cfg, recall_queries: int, seed: int) -> None:
+def reference(out: str, dedup_cfg, cluster_cfg, recall_queries: int, seed: int, stages: list[str]) -> None:
     """The stages' results against the single-process, in-memory algorithms on the whole arrays: dedup's
     decisions (``dedup.deduplicate``), cluster labels (adjusted Rand index against ``hierarchical_kmeans``), and
-    the partitioned search's recall against the exact search for ``recall_queries`` random images."""
+    the partitioned search's recall against the exact search for ``recall_queries`` random images; the cluster
+    comparison only when ``stages`` ran cluster (its output is from the same dedup run then)."""
     import pandas as pd
     from sklearn.metrics import adjusted_rand_score
 
@@ -200,16 +201,16 @@ def reference(out: str, dedup_cfg, cluster_cfg, recall_queries: int, seed: int) 
     got = set(zip(stage.image_id, stage.duplicate_of, stage.reason))
     print(f"reference dedup (in memory, one process): {t_dedup:.1f}s; {len(ref):,} duplicates, the stage "
           f"{len(got):,}, identical: {ref == got} ({len(ref & got):,} in both)")
-    kept = keep
-    x = emb[kept] / np.linalg.norm(emb[kept], axis=1, keepdims=True)
-    t0 = time.perf_counter()
-    h = hierarchical_kmeans(x, cluster_cfg)
-    t_cluster = time.perf_counter() - t0
-    clusters = read_table(os.path.join(out, "clusters.parquet"))
-    aris = [adjusted_rand_score(h.labels[:, t], clusters.column(c).to_numpy())
-            for t, c in enumerate(h.column_names())]
-    print(f"reference cluster (in memory): {t_cluster:.1f}s; adjusted Rand index per level (finest first) "
-          + ", ".join(f"{a:.4f}" for a in aris))
+    if "cluster" in stages:
+        x = emb[keep] / np.linalg.norm(emb[keep], axis=1, keepdims=True)
+        t0 = time.perf_counter()
+        h = hierarchical_kmeans(x, cluster_cfg)
+        t_cluster = time.perf_counter() - t0
+        clusters = read_table(os.path.join(out, "clusters.parquet"))
+        aris = [adjusted_rand_score(h.labels[:, t], clusters.column(c).to_numpy())
+                for t, c in enumerate(h.column_names())]
+        print(f"reference cluster (in memory): {t_cluster:.1f}s; adjusted Rand index per level (finest first) "
+              + ", ".join(f"{a:.4f}" for a in aris))
     if recall_queries and len(thumbs) > dedup_cfg.flat_max:
         rng = np.random.default_rng(seed)
         q = np.sort(rng.choice(len(thumbs), min(recall_queries, len(thumbs)), replace=False))
@@ -322,7 +323,7 @@ def main(argv=None):
     if args.scale == "ray":
         ray.shutdown()
     if args.reference:
-        reference(out, dedup_cfg, cluster_cfg, args.recall_queries, args.seed)
+        reference(out, dedup_cfg, cluster_cfg, args.recall_queries, args.seed, wanted)
     score(out, truth)
     if args.eval_images:
         leakage(out, truth, args.eval_images, args.seed)

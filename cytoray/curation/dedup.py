@@ -60,20 +60,25 @@ class DedupConfig:
     dataset_priority: list[str] = field(default_factory=list)
     flat_max: int = 5_000  # exact search up to this many index rows, partitioned (or IVF-flat on a GPU) above
     # Partitioned fingerprint search: k-means lists of ~list_size images, each query variant searching its
-    # list_probe nearest lists. Cost per query variant ~ N / list_size centroids (at 1/route_pool² of the row
-    # length) + list_probe · list_size rows; at 10,000 images these find every pair the exact search finds
-    # (benchmarks/RESULTS.md). 0: the size that balances the two, sqrt(N / list_probe) / route_pool, at least
-    # 250 (250 up to 750,000 images, 645 at 5M, 2,887 at 100M: list_sizes).
+    # list_probe nearest lists. Cost per image ~ Z routing searches over N / list_size centroids (one per zoom:
+    # ``route_rows``; at 1/route_pool² of the row length) + Z · 8 variants · list_probe · list_size rows; at
+    # 10,000 images these find every pair the exact search finds (benchmarks/RESULTS.md). 0: the size that
+    # balances the two, sqrt(N / (8 · list_probe)) / route_pool, at least 250 (250 up to 6M images, 1,021 at
+    # 100M).
     list_size: int = 0
     list_probe: int = 3
-    # Lists are trained and routed on route_pool×route_pool block means of the thumbnails (16×16 for 32×32: a
-    # quarter of routing's work, which grows with the number of lists and dominates from ~10⁶ images on); 1:
-    # full thumbnails. 4 (8×8) lost planted copies in tests/curation/test_dedup_parts.py. Recall and time:
-    # benchmarks/RESULTS.md.
+    # Lists are trained and routed on route_pool×route_pool block means of the thumbnails, summed over their 8
+    # flips/rotations (``route_rows``; 16×16 for 32×32: a quarter of routing's work); 1: full thumbnails. 4 (8×8)
+    # lost planted copies in tests/curation/test_dedup_parts.py. Recall and time: benchmarks/RESULTS.md.
     route_pool: int = 2
     # Sharded search (curation.dedup_stage): index rows per partition that one search task holds at a time
     # (1 KB each as uint8 zoom-1 thumbnails).
     partition_rows: int = 262_144
+    # Query images one search task takes (whole consecutive shards). A task loads every index partition its
+    # queries probe (nearly all of them from 10⁶ images on), so reading the index costs O(N) per task: fewer,
+    # larger tasks read it fewer times (benchmarks/RESULTS.md). Fewer shards per task when more would leave
+    # fewer than ``scale.max_in_flight`` tasks.
+    search_rows: int = 131_072
     nprobe: int = 16  # IVF-flat lists probed (embeddings on a GPU)
     use_gpu: bool = True  # knn_edges on embeddings: a faiss GPU index when faiss has GPUs
 
@@ -227,24 +232,20 @@ def _variant_rows(thumbs: np.ndarray, centring, rows: np.ndarray, variant: int) 
     return np.ascontiguousarray(t).reshape(len(rows), -1) / norms[rows, z, None]
 
 
-def pooled(rows: np.ndarray, pool: int) -> np.ndarray:
-    """(n, s·s) unit rows of square thumbnails -> (n, (s/pool)²) unit rows of their pool×pool block means
-    (flips and quarter turns commute with it, so a variant's pooled row is the pooled variant)."""
+def route_rows(rows: np.ndarray, pool: int) -> np.ndarray:
+    """(n, s·s) unit rows of square thumbnails -> (n, (s/pool)²) unit rows that route them to lists: their
+    pool×pool block means, summed over the 8 flips/rotations. Every flip/rotation of an image has the same route
+    row, so an image's 8 query variants at a zoom share one routing search, and a flipped or rotated copy is
+    routed exactly like its source (``_probe_lists``)."""
     n, cells = rows.shape
-    if pool <= 1:
-        return rows
     side = int(round(cells ** 0.5))
     g = rows.reshape(n, side, side)
-    # pool² strided adds: numpy's mean over two non-adjacent axes is ~20x slower (it dominated routing)
-    p = sum(g[:, i::pool, j::pool] for i in range(pool) for j in range(pool)).reshape(n, -1)
-    return p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
-
-
-def dihedral_perms(side: int) -> np.ndarray:
-    """(8, side²) index maps of the 8 flips/rotations of a flattened side×side grid, in ``_variant_rows``' order
-    (flip·4 + quarter turns): ``variant_row = row[perm[d]]``."""
-    grid = np.arange(side * side).reshape(side, side)
-    return np.stack([np.rot90(grid[:, ::-1] if flip else grid, rot).ravel() for flip in (0, 1) for rot in range(4)])
+    if pool > 1:  # pool² strided adds: numpy's mean over two non-adjacent axes is ~20x slower
+        g = sum(g[:, i::pool, j::pool] for i in range(pool) for j in range(pool))
+    g = g + g[:, ::-1, ::-1]  # + half turn
+    g = g + np.rot90(g, 1, axes=(1, 2))  # + quarter turns: all 4 rotations
+    p = (g + g[:, :, ::-1]).reshape(n, -1)  # + their mirror images: the 8 of D4
+    return np.ascontiguousarray(p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12), np.float32)
 
 
 # The screening product runs on int8 rows: row x (centred, unit) is stored as q = round(x · s), s = 127 / max|x|,
@@ -315,27 +316,14 @@ def _best_per_pair(a: np.ndarray, b: np.ndarray, s: np.ndarray):
 
 
 def _probe_lists(lists, prints: Prints, probe: int, pool: int = 1, block: int = 16384) -> np.ndarray:
-    """(len(prints), Z·8, probe) ids of the ``probe`` lists nearest to each query variant of each image (lists
-    of ``pooled`` rows when ``pool`` > 1). Each zoom is pooled once and searched against the 8 flips/rotations
-    of the centroids (a variant's product with a centroid is its zoom's with the inversely permuted centroid)."""
-    import faiss
-
-    thumbs = prints.thumbs
-    nz = thumbs.shape[1]
-    centroids = lists.reconstruct_n(0, lists.ntotal)
-    inverse = np.argsort(dihedral_perms(int(round(centroids.shape[1] ** 0.5))), axis=1)
-    routers = []
-    for inv in inverse:
-        r = faiss.IndexFlatIP(centroids.shape[1])
-        r.add(np.ascontiguousarray(centroids[:, inv]))
-        routers.append(r)
-    out = np.zeros((len(thumbs), nz * 8, probe), np.int64)
-    for a in range(0, len(thumbs), block):
-        rows = np.arange(a, min(len(thumbs), a + block))
+    """(len(prints), Z·8, probe) ids of the ``probe`` lists nearest to each query variant of each image: the lists
+    nearest to its zoom's ``route_rows``, one search per zoom (the 8 flips/rotations of a zoom share it)."""
+    nz = prints.thumbs.shape[1]
+    out = np.empty((len(prints), nz * 8, probe), np.int64)
+    for a in range(0, len(prints), block):
+        rows = np.arange(a, min(len(prints), a + block))
         for z in range(nz):
-            x = np.ascontiguousarray(pooled(prints.exact(rows, z * 8), pool))
-            for d, r in enumerate(routers):
-                out[rows, z * 8 + d] = r.search(x, probe)[1]
+            out[rows, z * 8:z * 8 + 8] = lists.search(route_rows(prints.exact(rows, z * 8), pool), probe)[1][:, None]
     return out
 
 
@@ -434,7 +422,7 @@ def list_count(m: int, cfg: DedupConfig) -> int:
     """How many lists the partitioned search splits ``m`` index rows into (1 up to ``cfg.flat_max``: exact)."""
     if m <= cfg.flat_max:
         return 1
-    size = cfg.list_size or max(250, round((m / max(1, cfg.list_probe)) ** 0.5 / max(1, cfg.route_pool)))
+    size = cfg.list_size or max(250, round((m / (8 * max(1, cfg.list_probe))) ** 0.5 / max(1, cfg.route_pool)))
     return max(1, m // size)
 
 
@@ -458,8 +446,8 @@ def _dihedral_search(query_thumbs: np.ndarray, index_thumbs: np.ndarray, k: int,
         probes = np.zeros((nq, nv, 1), np.int64)
     else:
         base = _variant_rows(index_thumbs, icentre, np.arange(m), 0)  # (M, s·s) fp32, for the lists only
-        lists = _kmeans_lists(pooled(base[coarse_sample(m, nlist)], pool), nlist)
-        home = lists.search(pooled(base, pool), 1)[1][:, 0]
+        lists = _kmeans_lists(route_rows(base[coarse_sample(m, nlist)], pool), nlist)
+        home = lists.search(route_rows(base, pool), 1)[1][:, 0]
         del base
         probes = _probe_lists(lists, queries, min(cfg.list_probe, nlist), pool)
     order = np.argsort(home, kind="stable")

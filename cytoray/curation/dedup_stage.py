@@ -102,7 +102,7 @@ def _scan(shard, ctx: Context, sample: np.ndarray, pool: int) -> dict:
                     for h in ing.column("pixel_sha256").to_pylist()], np.uint64)
     rows = sample[(sample >= a) & (sample < b)] - a
     return {"sha": sha, "datasets": Counter(ing.column("dataset").to_pylist()),
-            "sample": D.pooled(_base_rows(thumbs[rows]), pool) if len(rows) else None}
+            "sample": D.route_rows(_base_rows(thumbs[rows]), pool) if len(rows) else None}
 
 
 def _router(lists: np.ndarray | None):
@@ -118,7 +118,7 @@ def _route(shard, ctx: Context, lists: np.ndarray | None, pool: int) -> int:
     prints = D.Prints(np.ascontiguousarray(thumbs[:, :1]))  # made once here, not by every query shard's task
     index = _router(lists)
     home = np.zeros(b - a, np.int64) if index is None else \
-        index.search(D.pooled(prints.exact(np.arange(b - a), 0), pool), 1)[1][:, 0]  # = _base_rows(thumbs)
+        index.search(D.route_rows(prints.exact(np.arange(b - a), 0), pool), 1)[1][:, 0]  # = _base_rows(thumbs)
     part = ctx.partition_of(home)
     for p in np.unique(part).tolist():
         sel = np.flatnonzero(part == p)
@@ -185,6 +185,17 @@ def _search(query, ctx: Context, lists: np.ndarray | None, probe: int, k: int, t
         q = same_ids[q]
         return D._best_per_pair(np.minimum(q, m[top]), np.maximum(q, m[top]), s[top])
     return D._best_per_pair(q, m[top], s[top])
+
+
+def query_groups(shards: list, search_rows: int, scale: ScaleConfig) -> list:
+    """The search pass's queries: runs of consecutive shards as one ("shard", group, first row, stop row) each, of
+    at most ``search_rows`` rows (at least one shard) and, when there are enough shards, at least
+    ``scale.max_in_flight`` groups (``DedupConfig.search_rows``)."""
+    if search_rows < 1:
+        raise ValueError(f"curation dedup.search_rows={search_rows} must be >= 1")
+    per = max(1, min(search_rows // max(1, scale.shard_rows), -(-len(shards) // max(1, scale.max_in_flight))))
+    return [("shard", g, shards[j][2], shards[min(len(shards), j + per) - 1][3])
+            for g, j in enumerate(range(0, len(shards), per))]
 
 
 def _cross_shard(shard, ctx: Context, eval_thumbs: list[np.ndarray], k: int, threshold: float, cfg: D.DedupConfig):
@@ -358,10 +369,11 @@ def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_
         multi = cand[counts[inv] > 1]
     a = b = np.zeros(0, np.int64)
     s = np.zeros(0, np.float32)
+    groups = query_groups(shards, cfg.search_rows, scale)
     if cfg.near and (~leaked).sum() > 1:
-        found = map_shards(_search, shards, ctx, lists, probe, cfg.k, cfg.threshold,
-                           np.packbits(leaked) if leaked.any() else None, [], cfg, desc="dedup: near-duplicate search",
-                           **go)
+        found = map_shards(_search, groups, ctx, lists, probe, cfg.k,
+                           cfg.threshold, np.packbits(leaked) if leaked.any() else None, [], cfg,
+                           desc="dedup: near-duplicate search", **go)
         if found:
             a, b, s = (np.concatenate(x) for x in zip(*found))
             a, b, s = D._best_per_pair(a, b, s)  # a pair found from both of its shards once
@@ -383,11 +395,11 @@ def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_
         kept = Counter(table.column("dataset").to_pylist())
     run_.publish("duplicates.parquet", pa.Table.from_pylist(dups, schema=DUPLICATES_SCHEMA))
     publish_mask(run_, KEPT_MASK, keep)
-    return summarize(cfg, images, kept, dups, ray_tasks, len(shards), nlist)
+    return summarize(cfg, images, kept, dups, ray_tasks, len(shards), nlist, len(groups))
 
 
 def summarize(cfg: D.DedupConfig, images: Counter, kept: Counter, dups: list[dict], ray_tasks: bool, shards: int,
-              nlist: int) -> dict:
+              nlist: int, search_tasks: int) -> dict:
     """The stage summary; fails when a dataset's images != kept + duplicates."""
     per: dict[str, dict] = {}
     for name in sorted(images):
@@ -404,7 +416,7 @@ def summarize(cfg: D.DedupConfig, images: Counter, kept: Counter, dups: list[dic
                                                             "leakage", "cross_dataset")}
     return {"stage": "dedup", "threshold": cfg.threshold, "k": cfg.k, "datasets": per, "total": total,
             "leakage_threshold": cfg.leakage_threshold, "eval_manifests": list(cfg.eval_manifests),
-            "search": {"lists": nlist, "shards": shards, "ray_tasks": ray_tasks}}
+            "search": {"lists": nlist, "shards": shards, "search_tasks": search_tasks, "ray_tasks": ray_tasks}}
 
 
 def run_dedup(out_uri: str, cfg: D.DedupConfig, storage_cfg=None, force: bool = False, embed_cfg=None,

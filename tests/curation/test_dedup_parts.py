@@ -367,3 +367,18 @@ def test_int8_variant_rows_are_the_quantised_fp32_variants():
         scale = 1 / prints.inv8[r, v // 8]
         assert (q == np.rint(x * scale)).all(), (r, v)  # a flip/rotation of the quantised zoom row
         assert abs(np.linalg.norm(x - q / scale) - prints.err8[r, v // 8]) < 1e-6
+
+
+def test_every_flip_and_rotation_of_an_image_routes_like_the_image():
+    """``route_rows`` is invariant under the 8 flips/rotations (so one routing search serves a zoom's 8 query
+    variants) and pools before it sums (16×16 rows for 32×32 thumbnails)."""
+    from cytoray.curation.dedup import route_rows
+
+    x = np.random.default_rng(5).standard_normal((6, 32, 32)).astype(np.float32)
+    ref = route_rows(x.reshape(6, -1), 2)
+    assert ref.shape == (6, 256) and np.allclose(np.linalg.norm(ref, axis=1), 1, atol=1e-6)
+    for flip in (False, True):
+        for rot in range(4):
+            t = np.ascontiguousarray(np.rot90(x[:, :, ::-1] if flip else x, rot, axes=(1, 2))).reshape(6, -1)
+            np.testing.assert_allclose(route_rows(t, 2), ref, atol=1e-6)
+    assert np.abs(route_rows(x[1:2].reshape(1, -1), 2) - ref[0]).max() > 0.1  # and it tells images apart

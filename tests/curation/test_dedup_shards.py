@@ -2,12 +2,14 @@
 search (``dedup.deduplicate`` / ``remove_leakage_and_duplicates``); the partitioned (list) branch, several
 index partitions, multi-file inputs and outputs, and the leakage guard all take part."""
 
+from dataclasses import replace
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from cytoray.curation.dedup import DedupConfig, deduplicate, remove_leakage_and_duplicates
-from cytoray.curation.dedup_stage import run_dedup
+from cytoray.curation.dedup_stage import query_groups, run_dedup
 from cytoray.curation.shards import ScaleConfig, layout, load_mask
 from cytoray.tables import read_table
 
@@ -58,12 +60,14 @@ def _run(tmp_path, name, planted, cfg, scale, parts=0):
 
 
 def test_ray_tasks_and_this_process_find_the_same_duplicates(planted, ray_local, tmp_path):
-    # lists (flat_max below N), 3 index partitions, 4 query shards, the leakage guard both ways
+    # lists (flat_max below N), 3 index partitions, 4 query shards (searched 2 per task by the Ray tasks), the
+    # leakage guard both ways
     cfg = DedupConfig(flat_max=300, partition_rows=500, eval_manifests=[planted[2]])
     _, local, d_local, k_local = _run(tmp_path, "local", planted, cfg, ScaleConfig(mode="local", shard_rows=350))
-    out, ray_, d_ray, k_ray = _run(tmp_path, "ray", planted, cfg, ScaleConfig(mode="ray", shard_rows=350), parts=3)
-    assert local["search"] == {"lists": 4, "shards": 4, "ray_tasks": False}
-    assert ray_["search"] == {"lists": 4, "shards": 4, "ray_tasks": True}
+    out, ray_, d_ray, k_ray = _run(tmp_path, "ray", planted, replace(cfg, search_rows=700),
+                                   ScaleConfig(mode="ray", shard_rows=350, max_in_flight=2), parts=3)
+    assert local["search"] == {"lists": 4, "shards": 4, "search_tasks": 4, "ray_tasks": False}
+    assert ray_["search"] == {"lists": 4, "shards": 4, "search_tasks": 2, "ray_tasks": True}
     assert len(layout(f"{out}/deduplicated.parquet").files) == 4  # one part per shard, written by the tasks
     assert k_local == k_ray and local["total"] == ray_["total"]
     assert d_local[["image_id", "duplicate_of", "reason"]].equals(d_ray[["image_id", "duplicate_of", "reason"]])
@@ -102,3 +106,15 @@ def test_sharded_stage_equals_the_in_memory_search(planted, ray_local, tmp_path)
     ref = sorted((d["image_id"], d["duplicate_of"], d["reason"]) for d in dups)
     assert ref == list(zip(d_stage.image_id, d_stage.duplicate_of, d_stage.reason))
     assert kept == frame.image_id[keep].tolist()
+
+
+def test_query_groups_take_whole_shards_and_leave_tasks_for_every_slot():
+    shards = [("shard", i, a, min(1000, a + 100)) for i, a in enumerate(range(0, 1000, 100))]  # 10 shards
+    scale = ScaleConfig(shard_rows=100, max_in_flight=3)
+    assert query_groups(shards, 400, scale) == [("shard", 0, 0, 400), ("shard", 1, 400, 800),
+                                                ("shard", 2, 800, 1000)]  # 4 shards per task, 3 tasks
+    assert query_groups(shards, 400, ScaleConfig(shard_rows=100, max_in_flight=8)) == [
+        ("shard", g, 200 * g, 200 * g + 200) for g in range(5)]  # 2 per task: 8 slots want >= 8 tasks
+    assert query_groups(shards, 50, scale) == shards  # never less than a shard
+    with pytest.raises(ValueError, match="search_rows"):
+        query_groups(shards, 0, scale)
