@@ -242,6 +242,8 @@ def main(argv=None):
                     help="stages as Ray tasks over shards (default) or in this process")
     ap.add_argument("--shard-rows", type=int, default=32_768)
     ap.add_argument("--route-pool", type=int, default=None, help="dedup.route_pool (default: the config default)")
+    ap.add_argument("--routing", choices=("variant", "invariant"), default=None,
+                    help="dedup.routing (default: the config default)")
     ap.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
                     help="compare with the in-memory algorithms (default: up to 200,000 images)")
     ap.add_argument("--recall-queries", type=int, default=2000,
@@ -288,7 +290,8 @@ def main(argv=None):
         how = f"rendered and written to {out} in {time.perf_counter() - t0:.1f}s"
     print(f"data: {args.images:,} images ({(truth.kind != 'original').sum():,} planted copies, {DATASETS} datasets), "
           f"fingerprints + {args.dim}-d embeddings, {how}")
-    dedup_cfg = DedupConfig() if args.route_pool is None else DedupConfig(route_pool=args.route_pool)
+    dedup_cfg = DedupConfig(**{k: v for k, v in (("route_pool", args.route_pool), ("routing", args.routing))
+                               if v is not None})
     cluster_cfg = ClusterConfig(use_gpu=False)
     scale = ScaleConfig(mode=args.scale, shard_rows=args.shard_rows)
     wanted = [x for x in args.stages.split(",") if x]
@@ -314,7 +317,8 @@ def main(argv=None):
                 dt = time.perf_counter() - t
             total += dt
             detail = {"dedup": lambda s: f"{s['total']['kept']:,} kept, {s['total']['exact']:,} exact, "
-                                         f"{s['total']['near']:,} near, {s['search']['lists']:,} lists",
+                                         f"{s['total']['near']:,} near, {s['search']['lists']:,} lists, "
+                                         f"{s['search']['routing']} routing, {s['search']['search_tasks']} search tasks",
                       "cluster": lambda s: f"levels {s['levels']}",
                       "balance": lambda s: f"{s['sampled_images']:,} images for {s['samples_per_epoch']:,} samples"}
             print(f"  {name:8s} {dt:8.1f}s  {mem.line()}  ({detail[name](summary)})")

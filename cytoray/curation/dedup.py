@@ -40,6 +40,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+ROUTINGS = ("variant", "invariant")  # DedupConfig.routing
+
 
 @dataclass
 class DedupConfig:
@@ -60,16 +62,23 @@ class DedupConfig:
     dataset_priority: list[str] = field(default_factory=list)
     flat_max: int = 5_000  # exact search up to this many index rows, partitioned (or IVF-flat on a GPU) above
     # Partitioned fingerprint search: k-means lists of ~list_size images, each query variant searching its
-    # list_probe nearest lists. Cost per image ~ Z routing searches over N / list_size centroids (one per zoom:
-    # ``route_rows``; at 1/route_pool² of the row length) + Z · 8 variants · list_probe · list_size rows; at
-    # 10,000 images these find every pair the exact search finds (benchmarks/RESULTS.md). 0: the size that
-    # balances the two, sqrt(N / (8 · list_probe)) / route_pool, at least 250 (250 up to 6M images, 1,021 at
-    # 100M).
+    # list_probe nearest lists. Cost per image ~ R routing searches over N / list_size centroids (at 1/route_pool²
+    # of the row length; R = 24 variants, or 3 zooms with routing=invariant) + 24 · list_probe · list_size rows;
+    # at 10,000 images these find every pair the exact search finds (benchmarks/RESULTS.md). 0: the size that
+    # balances the two, sqrt(N / list_probe) / route_pool (variant; 645 at 5M, 2,887 at 100M) or
+    # sqrt(N / (8 · list_probe)) / route_pool (invariant; 1,021 at 100M), at least 250.
     list_size: int = 0
     list_probe: int = 3
-    # Lists are trained and routed on route_pool×route_pool block means of the thumbnails, summed over their 8
-    # flips/rotations (``route_rows``; 16×16 for 32×32: a quarter of routing's work); 1: full thumbnails. 4 (8×8)
-    # lost planted copies in tests/curation/test_dedup_parts.py. Recall and time: benchmarks/RESULTS.md.
+    # How a query variant finds its lists. "variant": each of the 24 zoom × flip × rotation variants on its own
+    # route row (exact). "invariant": one search per zoom on a row summed over its 8 flips/rotations
+    # (``route_rows``), shared by the 8: routing costs an eighth and the search pass ran 2.6× faster at 10⁶
+    # images, but the coarser rows put cropped copies in other lists more often (planted crop recall 0.685 ->
+    # 0.559 at 10⁶; benchmarks/RESULTS.md).
+    routing: str = "variant"
+    # Lists are trained and routed on route_pool×route_pool block means of the thumbnails (16×16 for 32×32: a
+    # quarter of routing's work, which grows with the number of lists and dominates from ~10⁶ images on); 1:
+    # full thumbnails. 4 (8×8) lost planted copies in tests/curation/test_dedup_parts.py. Recall and time:
+    # benchmarks/RESULTS.md.
     route_pool: int = 2
     # Sharded search (curation.dedup_stage): index rows per partition that one search task holds at a time
     # (1 KB each as uint8 zoom-1 thumbnails).
@@ -232,20 +241,29 @@ def _variant_rows(thumbs: np.ndarray, centring, rows: np.ndarray, variant: int) 
     return np.ascontiguousarray(t).reshape(len(rows), -1) / norms[rows, z, None]
 
 
-def route_rows(rows: np.ndarray, pool: int) -> np.ndarray:
+def route_rows(rows: np.ndarray, pool: int, invariant: bool = False) -> np.ndarray:
     """(n, s·s) unit rows of square thumbnails -> (n, (s/pool)²) unit rows that route them to lists: their
-    pool×pool block means, summed over the 8 flips/rotations. Every flip/rotation of an image has the same route
-    row, so an image's 8 query variants at a zoom share one routing search, and a flipped or rotated copy is
-    routed exactly like its source (``_probe_lists``)."""
+    pool×pool block means (flips and quarter turns commute with it, so a variant's pooled row is the pooled
+    variant); ``invariant``: summed over the 8 flips/rotations, so that every flip/rotation of an image has the
+    same route row (``dedup.routing``)."""
     n, cells = rows.shape
     side = int(round(cells ** 0.5))
     g = rows.reshape(n, side, side)
     if pool > 1:  # pool² strided adds: numpy's mean over two non-adjacent axes is ~20x slower
         g = sum(g[:, i::pool, j::pool] for i in range(pool) for j in range(pool))
-    g = g + g[:, ::-1, ::-1]  # + half turn
-    g = g + np.rot90(g, 1, axes=(1, 2))  # + quarter turns: all 4 rotations
-    p = (g + g[:, :, ::-1]).reshape(n, -1)  # + their mirror images: the 8 of D4
+    if invariant:
+        g = g + g[:, ::-1, ::-1]  # + half turn
+        g = g + np.rot90(g, 1, axes=(1, 2))  # + quarter turns: all 4 rotations
+        g = g + g[:, :, ::-1]  # + their mirror images: the 8 of D4
+    p = g.reshape(n, -1)
     return np.ascontiguousarray(p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12), np.float32)
+
+
+def dihedral_perms(side: int) -> np.ndarray:
+    """(8, side²) index maps of the 8 flips/rotations of a flattened side×side grid, in ``_variant_rows``' order
+    (flip·4 + quarter turns): ``variant_row = row[perm[d]]``."""
+    grid = np.arange(side * side).reshape(side, side)
+    return np.stack([np.rot90(grid[:, ::-1] if flip else grid, rot).ravel() for flip in (0, 1) for rot in range(4)])
 
 
 # The screening product runs on int8 rows: row x (centred, unit) is stored as q = round(x · s), s = 127 / max|x|,
@@ -315,15 +333,33 @@ def _best_per_pair(a: np.ndarray, b: np.ndarray, s: np.ndarray):
     return a[sel], b[sel], s[sel].astype(np.float32)
 
 
-def _probe_lists(lists, prints: Prints, probe: int, pool: int = 1, block: int = 16384) -> np.ndarray:
-    """(len(prints), Z·8, probe) ids of the ``probe`` lists nearest to each query variant of each image: the lists
-    nearest to its zoom's ``route_rows``, one search per zoom (the 8 flips/rotations of a zoom share it)."""
+def _probe_lists(lists, prints: Prints, probe: int, pool: int = 1, invariant: bool = False,
+                 block: int = 16384) -> np.ndarray:
+    """(len(prints), Z·8, probe) ids of the ``probe`` lists nearest to each query variant of each image, lists
+    of ``route_rows``. ``invariant``: one search per zoom, which its 8 flips/rotations share; else each zoom is
+    searched against the 8 flips/rotations of the centroids (a variant's product with a centroid is its zoom's
+    with the inversely permuted centroid)."""
+    import faiss
+
     nz = prints.thumbs.shape[1]
+    routers = [lists]
+    if not invariant:
+        centroids = lists.reconstruct_n(0, lists.ntotal)
+        routers = []
+        for inv in np.argsort(dihedral_perms(int(round(centroids.shape[1] ** 0.5))), axis=1):
+            r = faiss.IndexFlatIP(centroids.shape[1])
+            r.add(np.ascontiguousarray(centroids[:, inv]))
+            routers.append(r)
     out = np.empty((len(prints), nz * 8, probe), np.int64)
     for a in range(0, len(prints), block):
         rows = np.arange(a, min(len(prints), a + block))
         for z in range(nz):
-            out[rows, z * 8:z * 8 + 8] = lists.search(route_rows(prints.exact(rows, z * 8), pool), probe)[1][:, None]
+            x = route_rows(prints.exact(rows, z * 8), pool, invariant)
+            if invariant:
+                out[rows, z * 8:z * 8 + 8] = lists.search(x, probe)[1][:, None]
+            else:
+                for d, r in enumerate(routers):
+                    out[rows, z * 8 + d] = r.search(x, probe)[1]
     return out
 
 
@@ -420,9 +456,12 @@ def exact_rows(prints: Prints, rows: np.ndarray, variants: np.ndarray) -> np.nda
 
 def list_count(m: int, cfg: DedupConfig) -> int:
     """How many lists the partitioned search splits ``m`` index rows into (1 up to ``cfg.flat_max``: exact)."""
+    if cfg.routing not in ROUTINGS:
+        raise ValueError(f"curation dedup.routing={cfg.routing!r}: choose one of {list(ROUTINGS)}")
     if m <= cfg.flat_max:
         return 1
-    size = cfg.list_size or max(250, round((m / (8 * max(1, cfg.list_probe))) ** 0.5 / max(1, cfg.route_pool)))
+    routed = max(1, cfg.list_probe) * (8 if cfg.routing == "invariant" else 1)  # variants per routing search
+    size = cfg.list_size or max(250, round((m / routed) ** 0.5 / max(1, cfg.route_pool)))
     return max(1, m // size)
 
 
@@ -446,10 +485,11 @@ def _dihedral_search(query_thumbs: np.ndarray, index_thumbs: np.ndarray, k: int,
         probes = np.zeros((nq, nv, 1), np.int64)
     else:
         base = _variant_rows(index_thumbs, icentre, np.arange(m), 0)  # (M, s·s) fp32, for the lists only
-        lists = _kmeans_lists(route_rows(base[coarse_sample(m, nlist)], pool), nlist)
-        home = lists.search(route_rows(base, pool), 1)[1][:, 0]
+        invariant = cfg.routing == "invariant"
+        lists = _kmeans_lists(route_rows(base[coarse_sample(m, nlist)], pool, invariant), nlist)
+        home = lists.search(route_rows(base, pool, invariant), 1)[1][:, 0]
         del base
-        probes = _probe_lists(lists, queries, min(cfg.list_probe, nlist), pool)
+        probes = _probe_lists(lists, queries, min(cfg.list_probe, nlist), pool, invariant)
     order = np.argsort(home, kind="stable")
     index = Prints(index_thumbs[order, :1], (icentre[0][order, :1], icentre[1][order, :1]))
     qv, mi, si = search_members(queries, probes, index, order, home[order], k, threshold,

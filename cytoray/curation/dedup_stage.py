@@ -91,7 +91,7 @@ def _base_rows(thumbs: np.ndarray) -> np.ndarray:
     return D._variant_rows(thumbs, D._centring(thumbs[:, :1]), np.arange(len(thumbs)), 0)
 
 
-def _scan(shard, ctx: Context, sample: np.ndarray, pool: int) -> dict:
+def _scan(shard, ctx: Context, sample: np.ndarray, pool: int, invariant: bool) -> dict:
     _, i, a, b = shard
     ing = read_rows(ctx.ingested, a, b, ["image_id", "pixel_sha256", "dataset"], ctx.storage_cfg)
     ids, thumbs = _fingerprints(ctx, a, b)
@@ -102,7 +102,7 @@ def _scan(shard, ctx: Context, sample: np.ndarray, pool: int) -> dict:
                     for h in ing.column("pixel_sha256").to_pylist()], np.uint64)
     rows = sample[(sample >= a) & (sample < b)] - a
     return {"sha": sha, "datasets": Counter(ing.column("dataset").to_pylist()),
-            "sample": D.route_rows(_base_rows(thumbs[rows]), pool) if len(rows) else None}
+            "sample": D.route_rows(_base_rows(thumbs[rows]), pool, invariant) if len(rows) else None}
 
 
 def _router(lists: np.ndarray | None):
@@ -112,13 +112,13 @@ def _router(lists: np.ndarray | None):
     return None if lists is None else faiss.deserialize_index(lists)
 
 
-def _route(shard, ctx: Context, lists: np.ndarray | None, pool: int) -> int:
+def _route(shard, ctx: Context, lists: np.ndarray | None, pool: int, invariant: bool) -> int:
     _, i, a, b = shard
     _, thumbs = _fingerprints(ctx, a, b)
     prints = D.Prints(np.ascontiguousarray(thumbs[:, :1]))  # made once here, not by every query shard's task
     index = _router(lists)
     home = np.zeros(b - a, np.int64) if index is None else \
-        index.search(D.route_rows(prints.exact(np.arange(b - a), 0), pool), 1)[1][:, 0]  # = _base_rows(thumbs)
+        index.search(D.route_rows(prints.exact(np.arange(b - a), 0), pool, invariant), 1)[1][:, 0]
     part = ctx.partition_of(home)
     for p in np.unique(part).tolist():
         sel = np.flatnonzero(part == p)
@@ -163,7 +163,7 @@ def _search(query, ctx: Context, lists: np.ndarray | None, probe: int, k: int, t
     queries = D.Prints(thumbs)
     index = _router(lists)
     probes = np.zeros((len(thumbs), nv, 1), np.int64) if index is None else \
-        D._probe_lists(index, queries, probe, cfg.route_pool)
+        D._probe_lists(index, queries, probe, cfg.route_pool, cfg.routing == "invariant")
     if same_ids is not None and excluded is not None:
         probes[excluded[same_ids]] = -1
     part = np.where(probes >= 0, ctx.partition_of(probes), -1)
@@ -340,8 +340,8 @@ def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_
     go = dict(ray_tasks=ray_tasks, cfg=scale, rows=lambda s: s[3] - s[2])
 
     sample = D.coarse_sample(n, nlist) if nlist > 1 else np.zeros(0, np.int64)
-    pool = cfg.route_pool
-    scanned = map_shards(_scan, shards, ctx, sample, pool, desc="dedup: scan", **go)
+    pool, invariant = cfg.route_pool, cfg.routing == "invariant"
+    scanned = map_shards(_scan, shards, ctx, sample, pool, invariant, desc="dedup: scan", **go)
     sha = np.concatenate([r["sha"] for r in scanned]) if scanned else np.zeros(0, np.uint64)
     images = Counter()
     for r in scanned:
@@ -353,7 +353,7 @@ def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_
         lists = faiss.serialize_index(D._kmeans_lists(
             np.concatenate([r["sample"] for r in scanned if r["sample"] is not None]), nlist))
     del scanned
-    map_shards(_route, shards, ctx, lists, pool, desc="dedup: index", **go)
+    map_shards(_route, shards, ctx, lists, pool, invariant, desc="dedup: index", **go)
     probe = min(cfg.list_probe, nlist)
 
     # leakage guard over every image first (module docstring of curation.dedup)
@@ -416,7 +416,8 @@ def summarize(cfg: D.DedupConfig, images: Counter, kept: Counter, dups: list[dic
                                                             "leakage", "cross_dataset")}
     return {"stage": "dedup", "threshold": cfg.threshold, "k": cfg.k, "datasets": per, "total": total,
             "leakage_threshold": cfg.leakage_threshold, "eval_manifests": list(cfg.eval_manifests),
-            "search": {"lists": nlist, "shards": shards, "search_tasks": search_tasks, "ray_tasks": ray_tasks}}
+            "search": {"lists": nlist, "routing": cfg.routing, "shards": shards, "search_tasks": search_tasks,
+                       "ray_tasks": ray_tasks}}
 
 
 def run_dedup(out_uri: str, cfg: D.DedupConfig, storage_cfg=None, force: bool = False, embed_cfg=None,

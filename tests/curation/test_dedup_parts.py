@@ -3,6 +3,7 @@ against the synthetic ground truth (precision/recall bars)."""
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from cytoray.curation.dedup import (
     DedupConfig,
@@ -11,6 +12,7 @@ from cytoray.curation.dedup import (
     dihedral_knn_edges,
     keep_order,
     knn_edges,
+    list_count,
     remove_leakage_and_duplicates,
     select_representatives,
 )
@@ -314,7 +316,7 @@ def test_fingerprint_search_equals_brute_force_knn():
     for (e, t), v in _brute_force_dihedral(evals, thumbs, cfg.k, cfg.leakage_threshold, same=False).items():
         leak[t, e] = max(leak.get((t, e), -1.0), v)
     assert planted <= set(want)
-    for c in (cfg, DedupConfig(flat_max=50, list_size=40)):
+    for c in (cfg, DedupConfig(flat_max=50, list_size=40), DedupConfig(flat_max=50, list_size=40, routing="invariant")):
         i, j, s = dihedral_knn_edges(thumbs, c.k, c.threshold, c)
         got = dict(zip(zip(i.tolist(), j.tolist()), s.tolist()))
         assert (i < j).all() and set(got) == set(want)
@@ -375,10 +377,14 @@ def test_every_flip_and_rotation_of_an_image_routes_like_the_image():
     from cytoray.curation.dedup import route_rows
 
     x = np.random.default_rng(5).standard_normal((6, 32, 32)).astype(np.float32)
-    ref = route_rows(x.reshape(6, -1), 2)
+    ref = route_rows(x.reshape(6, -1), 2, invariant=True)
     assert ref.shape == (6, 256) and np.allclose(np.linalg.norm(ref, axis=1), 1, atol=1e-6)
     for flip in (False, True):
         for rot in range(4):
             t = np.ascontiguousarray(np.rot90(x[:, :, ::-1] if flip else x, rot, axes=(1, 2))).reshape(6, -1)
-            np.testing.assert_allclose(route_rows(t, 2), ref, atol=1e-6)
-    assert np.abs(route_rows(x[1:2].reshape(1, -1), 2) - ref[0]).max() > 0.1  # and it tells images apart
+            np.testing.assert_allclose(route_rows(t, 2, invariant=True), ref, atol=1e-6)
+            if flip or rot:  # the plain route row is the pooled variant's, a different one
+                assert np.abs(route_rows(t, 2) - route_rows(x.reshape(6, -1), 2)).max() > 0.1
+    assert np.abs(route_rows(x[1:2].reshape(1, -1), 2, invariant=True) - ref[0]).max() > 0.1  # tells images apart
+    with pytest.raises(ValueError, match="dedup.routing"):
+        list_count(10_000, DedupConfig(routing="sorted"))

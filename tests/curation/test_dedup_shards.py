@@ -66,8 +66,8 @@ def test_ray_tasks_and_this_process_find_the_same_duplicates(planted, ray_local,
     _, local, d_local, k_local = _run(tmp_path, "local", planted, cfg, ScaleConfig(mode="local", shard_rows=350))
     out, ray_, d_ray, k_ray = _run(tmp_path, "ray", planted, replace(cfg, search_rows=700),
                                    ScaleConfig(mode="ray", shard_rows=350, max_in_flight=2), parts=3)
-    assert local["search"] == {"lists": 4, "shards": 4, "search_tasks": 4, "ray_tasks": False}
-    assert ray_["search"] == {"lists": 4, "shards": 4, "search_tasks": 2, "ray_tasks": True}
+    assert local["search"] == {"lists": 4, "routing": "variant", "shards": 4, "search_tasks": 4, "ray_tasks": False}
+    assert ray_["search"] == {"lists": 4, "routing": "variant", "shards": 4, "search_tasks": 2, "ray_tasks": True}
     assert len(layout(f"{out}/deduplicated.parquet").files) == 4  # one part per shard, written by the tasks
     assert k_local == k_ray and local["total"] == ray_["total"]
     assert d_local[["image_id", "duplicate_of", "reason"]].equals(d_ray[["image_id", "duplicate_of", "reason"]])
