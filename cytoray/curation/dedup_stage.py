@@ -10,18 +10,19 @@ process (``scale.mode``); both run the same code on the same shards, so they giv
    is one list and the search is exact.
 3. **route**: per shard, each image's home list; the zoom-1 thumbnails are written to the stage's staging
    directory by partition (contiguous list ranges of about ``dedup.partition_rows`` images): the index.
-4. **search** (leakage guard first when evaluation manifests are given, then near duplicates): per query shard,
-   every zoom × flip × rotation of every image probes its ``list_probe`` nearest lists; the task loads the index
-   partitions those lists are in, one at a time, and returns only the pairs above the threshold
-   (``dedup.search_members``, the in-memory search's own core). Evaluation images are one more query shard.
+4. **search** (leakage guard first when evaluation manifests are given, then near duplicates): per group of
+   query shards (``query_groups``), every zoom × flip × rotation of every image probes its ``list_probe`` nearest
+   lists; the task loads the index partitions those lists are in, one at a time, and returns only the pairs
+   above the threshold (``dedup.search_members``, the in-memory search's own core). Evaluation images are one more query shard.
 5. The driver resolves the keep decisions (``dedup.resolve``) on the rows that matter — rows sharing a pixel
    64-bit hash and rows with an edge — after fetching just their keep-policy keys (**keys**).
 6. **write**: ``deduplicated.parquet`` (one file here; a directory of part files from Ray tasks),
    ``duplicates.parquet``, and ``kept_rows.npy`` (one bit per ingested row) for the stages after.
 
 The driver holds 8 bytes per image (the 64-bit hash) plus the coarse sample, the edges and the involved rows'
-keys. Each task holds one shard's fingerprints (3 KB per image, and 3 KB of int8 rows) and one index partition
-(2 KB per image: the zoom-1 thumbnail and its int8 row, made once by the route pass).
+keys. Each task holds one shard's (a search task: its group's) fingerprints (3 KB per image, and 3 KB of int8
+rows) and one index partition (2 KB per image: the zoom-1 thumbnail and its int8 row, made once by the route
+pass).
 """
 
 from __future__ import annotations
