@@ -34,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from cytoray.curation.dedup import ROUTINGS  # noqa: E402
 from cytoray.curation.synthetic.planted import DATASETS, KINDS, write_planted_run  # noqa: E402
 
 
@@ -242,7 +243,7 @@ def main(argv=None):
                     help="stages as Ray tasks over shards (default) or in this process")
     ap.add_argument("--shard-rows", type=int, default=32_768)
     ap.add_argument("--route-pool", type=int, default=None, help="dedup.route_pool (default: the config default)")
-    ap.add_argument("--routing", choices=("variant", "invariant"), default=None,
+    ap.add_argument("--routing", choices=ROUTINGS, default=None,
                     help="dedup.routing (default: the config default)")
     ap.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
                     help="compare with the in-memory algorithms (default: up to 200,000 images)")
@@ -318,7 +319,8 @@ def main(argv=None):
             total += dt
             detail = {"dedup": lambda s: f"{s['total']['kept']:,} kept, {s['total']['exact']:,} exact, "
                                          f"{s['total']['near']:,} near, {s['search']['lists']:,} lists, "
-                                         f"{s['search']['routing']} routing, {s['search']['search_tasks']} search tasks",
+                                         f"{s['search']['routing']} routing, "
+                                         f"{s['search']['search_tasks']} search tasks",
                       "cluster": lambda s: f"levels {s['levels']}",
                       "balance": lambda s: f"{s['sampled_images']:,} images for {s['samples_per_epoch']:,} samples"}
             print(f"  {name:8s} {dt:8.1f}s  {mem.line()}  ({detail[name](summary)})")

@@ -91,6 +91,10 @@ class DedupConfig:
     nprobe: int = 16  # IVF-flat lists probed (embeddings on a GPU)
     use_gpu: bool = True  # knn_edges on embeddings: a faiss GPU index when faiss has GPUs
 
+    @property
+    def invariant_routing(self) -> bool:
+        return self.routing == "invariant"
+
 
 def gpu_count() -> int:
     import faiss
@@ -342,10 +346,9 @@ def _probe_lists(lists, prints: Prints, probe: int, pool: int = 1, invariant: bo
     import faiss
 
     nz = prints.thumbs.shape[1]
-    routers = [lists]
+    routers = []  # variant routing: the centroids flipped/rotated, one index per flip/rotation
     if not invariant:
         centroids = lists.reconstruct_n(0, lists.ntotal)
-        routers = []
         for inv in np.argsort(dihedral_perms(int(round(centroids.shape[1] ** 0.5))), axis=1):
             r = faiss.IndexFlatIP(centroids.shape[1])
             r.add(np.ascontiguousarray(centroids[:, inv]))
@@ -460,7 +463,7 @@ def list_count(m: int, cfg: DedupConfig) -> int:
         raise ValueError(f"curation dedup.routing={cfg.routing!r}: choose one of {list(ROUTINGS)}")
     if m <= cfg.flat_max:
         return 1
-    routed = max(1, cfg.list_probe) * (8 if cfg.routing == "invariant" else 1)  # variants per routing search
+    routed = max(1, cfg.list_probe) * (8 if cfg.invariant_routing else 1)  # variants per routing search
     size = cfg.list_size or max(250, round((m / routed) ** 0.5 / max(1, cfg.route_pool)))
     return max(1, m // size)
 
@@ -485,7 +488,7 @@ def _dihedral_search(query_thumbs: np.ndarray, index_thumbs: np.ndarray, k: int,
         probes = np.zeros((nq, nv, 1), np.int64)
     else:
         base = _variant_rows(index_thumbs, icentre, np.arange(m), 0)  # (M, s·s) fp32, for the lists only
-        invariant = cfg.routing == "invariant"
+        invariant = cfg.invariant_routing
         lists = _kmeans_lists(route_rows(base[coarse_sample(m, nlist)], pool, invariant), nlist)
         home = lists.search(route_rows(base, pool, invariant), 1)[1][:, 0]
         del base

@@ -13,7 +13,8 @@ process (``scale.mode``); both run the same code on the same shards, so they giv
 4. **search** (leakage guard first when evaluation manifests are given, then near duplicates): per group of
    query shards (``query_groups``), every zoom × flip × rotation of every image probes its ``list_probe`` nearest
    lists; the task loads the index partitions those lists are in, one at a time, and returns only the pairs
-   above the threshold (``dedup.search_members``, the in-memory search's own core). Evaluation images are one more query shard.
+   above the threshold (``dedup.search_members``, the in-memory search's own core). Evaluation images are one
+   more query shard.
 5. The driver resolves the keep decisions (``dedup.resolve``) on the rows that matter — rows sharing a pixel
    64-bit hash and rows with an edge — after fetching just their keep-policy keys (**keys**).
 6. **write**: ``deduplicated.parquet`` (one file here; a directory of part files from Ray tasks),
@@ -164,7 +165,7 @@ def _search(query, ctx: Context, lists: np.ndarray | None, probe: int, k: int, t
     queries = D.Prints(thumbs)
     index = _router(lists)
     probes = np.zeros((len(thumbs), nv, 1), np.int64) if index is None else \
-        D._probe_lists(index, queries, probe, cfg.route_pool, cfg.routing == "invariant")
+        D._probe_lists(index, queries, probe, cfg.route_pool, cfg.invariant_routing)
     if same_ids is not None and excluded is not None:
         probes[excluded[same_ids]] = -1
     part = np.where(probes >= 0, ctx.partition_of(probes), -1)
@@ -341,7 +342,7 @@ def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_
     go = dict(ray_tasks=ray_tasks, cfg=scale, rows=lambda s: s[3] - s[2])
 
     sample = D.coarse_sample(n, nlist) if nlist > 1 else np.zeros(0, np.int64)
-    pool, invariant = cfg.route_pool, cfg.routing == "invariant"
+    pool, invariant = cfg.route_pool, cfg.invariant_routing
     scanned = map_shards(_scan, shards, ctx, sample, pool, invariant, desc="dedup: scan", **go)
     sha = np.concatenate([r["sha"] for r in scanned]) if scanned else np.zeros(0, np.uint64)
     images = Counter()
