@@ -88,7 +88,9 @@ def training(meta: dict, run: RunRecord) -> str:
             ("Global batch", f"{batch} images per step" if batch else "unknown"),
             ("Optimiser", f"AdamW, base lr {o.get('base_lr')} (scaling: {o.get('lr_scaling')}), warm-up "
                           f"{o.get('warmup_iters')} steps, cosine to {o.get('min_lr')}; weight decay "
-                          f"{o.get('weight_decay')} -> {o.get('weight_decay_end')}; clip {o.get('clip_grad')}"),
+                          f"{o.get('weight_decay')} -> {o.get('weight_decay_end')}; clip {o.get('clip_grad')} "
+                          + ("per student part" if o.get("clip_scope", "global") == "submodule"  # older runs: global
+                             else "on the joint student norm")),
             ("Teacher", f"EMA momentum {o.get('momentum_teacher')} -> {o.get('final_momentum_teacher')}, "
                         f"temperature {o.get('warmup_teacher_temp')} -> {o.get('teacher_temp')}"),
             ("Crops", f"{g.get('number')} global {g.get('size')} px (scale {g.get('scale')}), "

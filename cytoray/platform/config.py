@@ -51,7 +51,10 @@ class OptimConfig:
     freeze_last_layer_iters: int = 1250
     layer_decay: float = 1.0
     patch_embed_lr_mult: float = 0.2
-    clip_grad: float = 3.0
+    clip_grad: float = 3.0  # max gradient L2 norm; 0: no clipping (norms are still logged)
+    # submodule: backbone, DINO head and iBOT head each clipped on its own norm (DINOv2's rule);
+    # global: one norm over all student parameters (docs/training.md, "Gradient clipping")
+    clip_scope: str = "submodule"
     adamw_beta1: float = 0.9
     adamw_beta2: float = 0.999
 

@@ -43,7 +43,7 @@ from cytoray.platform.metrics import MetricsLog
 from cytoray.platform.models.checkpoints import export_state_dict, load_pretrained_weights
 from cytoray.platform.objective import DINOv2Objective
 from cytoray.platform.parallelize import apply_fsdp, local_numel
-from cytoray.platform.step import build_optimizer, train_step
+from cytoray.platform.step import CLIP_SCOPES, build_optimizer, train_step
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,8 @@ def train_loop_per_worker(config: dict) -> None:
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         values = sched.at(step)
 
-        metrics = train_step(objective, optimizer, batch, values, p.optim.clip_grad, step, t.skip_nonfinite)
+        metrics = train_step(objective, optimizer, batch, values, p.optim.clip_grad, step, t.skip_nonfinite,
+                             p.optim.clip_scope)
 
         samples += global_batch
         step_t = time.perf_counter() - t_prev
@@ -344,6 +345,9 @@ def validate(cfg: PretrainConfig) -> int:
         raise config_lib.ConfigError(
             f"crop sizes ({p.augment.global_crops.size}, {p.augment.local_crops.size}) must be multiples of "
             f"model.vit.patch_size={p.vit.patch_size}")
+    if p.optim.clip_scope not in CLIP_SCOPES:
+        raise config_lib.ConfigError(f"model.optim.clip_scope={p.optim.clip_scope!r}: must be one of {CLIP_SCOPES} "
+                                     f"(submodule: each student part on its own norm, as DINOv2)")
     if t.checkpoint_every < 1:
         raise config_lib.ConfigError("train.checkpoint_every must be >= 1")
     validation.check(cfg.eval, cfg.storage)

@@ -2,7 +2,8 @@
 
 Sections: the run (name, preset, backbone, steps, workers, batch); loss terms over steps; the probe score of every
 scored checkpoint per manifest, method and metric; schedules (lr, weight decay, teacher momentum and temperature);
-throughput and data wait; every other per-step metric (collapse monitors, grad norm, GPU memory). Each figure has a
+gradient norms per student part before clipping and whether each part was clipped; throughput and data wait;
+every other per-step metric (collapse monitors, GPU memory). Each figure has a
 table of first / last / min / max below it. The page reads what the run wrote: ``config.yaml``, ``metrics.csv``
 (``metrics.MetricsLog``) and ``eval/results.csv`` (``eval.validation``); a missing or malformed file becomes a
 note on the page and a warning, not an error.
@@ -138,6 +139,21 @@ def _header(run_uri: str, cfg: dict, steps: np.ndarray) -> str:
     return table(["", ""], rows)
 
 
+def _gradient_order(key: str) -> tuple[int, str]:
+    """Joint norm, then each part's norm, then each part's clipping flag."""
+    return (0 if key == "grad_norm" else 1 if key.startswith("grad_norm_") else 2, key)
+
+
+def _gradient_title(key: str) -> str:
+    if key == "grad_norm":
+        return "grad norm (all student parameters)"
+    if key.startswith("grad_norm_"):
+        return f"grad norm: {key[len('grad_norm_'):]}"
+    if key.startswith("grad_clipped_"):
+        return f"clipped (1) or not (0): {key[len('grad_clipped_'):]}"
+    return key
+
+
 def build_training_report(run_uri: str, storage_cfg=None) -> str:
     import yaml
 
@@ -169,7 +185,8 @@ def build_training_report(run_uri: str, storage_cfg=None) -> str:
         return f"<section id='{key}'><h2>{title}</h2>{body}</section>"
 
     losses = {k: k for k in ["loss"] + sorted(k for k in columns if k.endswith("_loss"))}
-    shown = set(losses) | set(SCHEDULES) | set(THROUGHPUT)
+    gradients = {k: _gradient_title(k) for k in sorted(columns, key=_gradient_order) if k.startswith("grad_")}
+    shown = set(losses) | set(SCHEDULES) | set(THROUGHPUT) | set(gradients)
     name = (cfg.get("run") or {}).get("name", "?")
     parts = [f"<h1>cytoray training: {html.escape(str(name))}</h1>", RENDER_CHECK,
              "".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes),
@@ -177,6 +194,8 @@ def build_training_report(run_uri: str, storage_cfg=None) -> str:
              section("losses", "Loss terms", losses, "no loss values in metrics.csv"),
              f"<section id='probe'><h2>Probe score per checkpoint</h2>{probe}</section>",
              section("schedules", "Schedules", SCHEDULES, "no schedule values in metrics.csv"),
+             section("gradients", "Gradient norms before clipping (per student part) and clipping", gradients,
+                     "no gradient norms in metrics.csv"),
              section("throughput", "Throughput and data wait", THROUGHPUT, "no throughput values in metrics.csv"),
              section("other", "Other per-step metrics", {k: k for k in columns if k not in shown},
                      "no other metrics in metrics.csv")]

@@ -29,7 +29,8 @@ def _cfg(manifest, storage, name, *overrides):
 def _curve(run_dir):
     with open(os.path.join(run_dir, "metrics.csv")) as f:
         rows = list(csv.DictReader(f))
-    return [int(r["step"]) for r in rows], {k: np.array([float(r[k]) for r in rows]) for k in ("loss", "lr", "momentum")}
+    return [int(r["step"]) for r in rows], {k: np.array([float(r[k]) for r in rows]) for k in ("loss", "lr", "momentum", "grad_norm_backbone", "grad_norm_dino_head",
+                                                                        "grad_clipped_dino_head")}
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,10 @@ def test_resume_history_equals_one_run_and_every_checkpoint_is_probed(ray_local,
     np.testing.assert_allclose(b["lr"], a["lr"])  # same schedule position
     np.testing.assert_allclose(b["momentum"], a["momentum"])
     np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-4)  # same data, crops, masks, drops and state
+    # per-part gradient norms (before clipping, full cross-rank norms) logged at every step, the same on any world
+    np.testing.assert_allclose(b["grad_norm_backbone"], a["grad_norm_backbone"], rtol=1e-3)
+    np.testing.assert_allclose(b["grad_norm_dino_head"], a["grad_norm_dino_head"], rtol=1e-3)
+    assert (a["grad_norm_backbone"] > 0).all() and set(a["grad_clipped_dino_head"]) <= {0.0, 1.0}
     assert a["loss"][-4:].mean() < a["loss"][:4].mean()
 
     # sharded checkpoints: one file per rank, each well under the whole
@@ -136,6 +141,8 @@ def test_bad_settings_fail_before_launch(ray_local, manifest, tmp_path):
         pretrain(_cfg(manifest, str(tmp_path), "x", "model.augment.local_crops.size=30"))
     with pytest.raises(ConfigError, match=r"eval.manifests: labelled manifest .*nope.parquet does not exist"):
         pretrain(_cfg(manifest, str(tmp_path), "x", f"eval.manifests=[{tmp_path / 'nope.parquet'}]"))
+    with pytest.raises(ConfigError, match="model.optim.clip_scope='per_layer': must be one of"):
+        pretrain(_cfg(manifest, str(tmp_path), "x", "model.optim.clip_scope=per_layer"))
     with pytest.raises(ConfigError, match="eval.every must be >= 1"):
         pretrain(_cfg(manifest, str(tmp_path), "x", f"eval.manifests=[{manifest}]", "eval.every=0"))
     with pytest.raises(ConfigError, match=r"tracking.mlflow_uri='unknown-scheme://x': the MLflow store cannot be used"):

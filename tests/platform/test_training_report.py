@@ -24,7 +24,9 @@ def _write_run(run, steps=40, probe_steps=(20, 40)):
     metrics = MetricsLog(str(run), 0)
     for step in range(steps):
         row = {k: 10.0 / (1 + step) + i for i, k in enumerate(LOSSES)}
-        row.update(teacher_entropy=5.0, student_feature_std=0.1, grad_norm=1.0, lr=1e-3 * step / steps, wd=0.04,
+        row.update(teacher_entropy=5.0, student_feature_std=0.1, grad_norm=5.0, grad_norm_backbone=3.0,
+                   grad_norm_dino_head=4.0, grad_clipped_backbone=0.0, grad_clipped_dino_head=1.0,
+                   lr=1e-3 * step / steps, wd=0.04,
                    momentum=0.99, teacher_temp=0.07, images_per_s=100.0 + step, step_time_s=0.5, data_wait_s=0.05,
                    data_wait_frac=0.1)
         metrics.log(step, row)
@@ -54,9 +56,10 @@ def test_training_report_shows_losses_schedules_throughput_and_probe(tmp_path):
     uri = write_training_report(str(run))
     assert uri == str(run / "training.html")
     dom, loaded, total = _render(run / "training.html")
-    for section in ("run", "losses", "probe", "schedules", "throughput", "other"):
+    for section in ("run", "losses", "probe", "schedules", "gradients", "throughput", "other"):
         assert f'<section id="{section}">' in dom, section
-    assert loaded == total == 5  # losses, probe, schedules, throughput, other: all decoded by the browser
+    assert loaded == total == 6  # losses, probe, schedules, gradients, throughput, other: all decoded by the browser
+    assert "<td>grad norm: backbone</td><td>3</td>" in dom and "<td>clipped (1) or not (0): dino_head</td>" in dom
     assert "cytoray training: tiny" in dom and "vit_debug" in dom and "40 of 40" in dom
     for name in LOSSES + ("learning rate", "teacher temperature", "images / s", "teacher_entropy"):
         assert f"<td>{name}</td>" in dom, name
@@ -74,7 +77,7 @@ def test_training_report_without_probe_or_with_bad_metrics_still_renders(tmp_pat
     write_training_report(str(run))
     dom, loaded, total = _render(run / "training.html")
     assert "no per-checkpoint probe in this run" in dom
-    assert "1 malformed rows of" in dom and loaded == total == 4
+    assert "1 malformed rows of" in dom and loaded == total == 5
     assert "5 of 5" in dom
     assert "<td>loss</td><td>10</td><td>nan</td>" in dom  # the short row's missing cells are NaN
 
