@@ -8,17 +8,20 @@ their ``_stages`` markers), with planted copies whose ground truth is known.
     python benchmarks/curation.py --images 5000000 --out /tmp/bench5m --resume --stages ''
     python benchmarks/curation.py --images 5000000 --out /tmp/bench5m --reuse --eval-images 0 --baseline-images 0
 
-Images are synthetic cells (``synthetic.cells.render_cell``, 64 px, one stain per dataset) fingerprinted as the
-embed stage does (``features.fingerprint``); about ``--copy-rate`` of them are planted copies of another image —
-exact pixels, JPEG re-encoded, flipped, rotated 90°, cropped 3–8% and resized back, downscaled, recoloured —
-40% of them in another dataset. Embeddings (``--dim``) are a skewed mixture (2,000 Pareto-weighted modes) and
-a copy's embedding is its source's plus a little noise; 13 datasets of very different sizes.
+Images are synthetic cells (``synthetic.cells.render_cell``, 96 px, one stain per dataset) fingerprinted as the
+embed stage does (``features.fingerprint``); about ``--copy-rate`` of them are planted copies of another image
+(``synthetic.copies``: exact, JPEG quality 50-95, flips, quarter turns, crops of 2-10% off one or two sides, another
+box over the smear field, scale 0.5-0.9 and 1.1-1.5, blur, brightness/gamma, stain shifts, and pairs of these) and
+``--lookalike-rate`` are distinct cells made to look like another (same class, stain, size and position — more often
+for the featureless classes — or an overlapping crop of the same field). 40% of copies are in another dataset.
+Embeddings (``--dim``) are a skewed mixture (2,000 Pareto-weighted modes); 13 datasets of very different sizes.
 
-Prints per stage: wall time and peak RSS of this process (sampled); planted-pair precision and recall of
-``duplicates.parquet``, per kind of copy; the leakage guard's search against ``--eval-images`` of the originals
-(time, planted copies flagged). Baseline in the same process: the fingerprint search as it was before
-issue 15 (faiss flat kNN per query variant, a dict per match) against the current one on the first
-``--baseline-images`` images, with the pairs each finds.
+Prints per stage: wall time and peak RSS of this process (sampled); for dedup the candidate pairs per image and the
+verification counts. Then planted-pair precision and recall of ``duplicates.parquet`` per kind of copy, distinct
+cells lost per class, look-alike pairs removed; the leakage guard against ``--eval-images`` of the originals
+(flagged: the evaluation images themselves, their planted copies, unrelated); the fingerprint bytes per image.
+Baseline in the same process: the decision copy detection replaced (one cosine threshold, 0.985, on grey centre
+thumbnails at three zooms, computed here from the verification thumbnails) on the first ``--baseline-images``.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cytoray.curation.dedup import ROUTINGS  # noqa: E402
-from cytoray.curation.synthetic.planted import DATASETS, KINDS, write_planted_run  # noqa: E402
+from cytoray.curation.synthetic.planted import DATASETS, write_planted_run  # noqa: E402
 
 
 class PeakRSS:
@@ -87,103 +90,99 @@ class PeakRSS:
                 f"all Ray processes {self.ray_total / g:5.2f} GiB")
 
 
-def legacy_dihedral_knn_edges(thumbs: np.ndarray, k: int, threshold: float):
-    """The fingerprint search before issue 15 on float32 thumbnails with their means removed: a faiss flat index
-    of the zoom-1 thumbnails, one kNN search per query variant (zoom × flip × rotation) and a Python dict over
-    every match."""
-    import faiss
+def baseline(out: str, truth, rows: int) -> None:
+    """The decision before copy detection — fingerprint cosine above 0.985 among each image's 8 nearest, searched over
+    3 centred zooms × 8 flips/rotations of 32 × 32 grey thumbnails — on the first ``rows`` images, scored like the
+    stage; the thumbnails are made from the verification thumbnails (the whole image, squashed)."""
+    from PIL import Image
 
-    def unit(x):
-        x = x.reshape(len(x), -1).astype(np.float32)
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
-
-    index = faiss.IndexFlatIP(thumbs.shape[-1] ** 2)
-    index.add(unit(thumbs[:, 0]))
-    best: dict[tuple[int, int], float] = {}
-    for z in range(thumbs.shape[1]):
-        for flip in (False, True):
-            for rot in range(4):
-                t = thumbs[:, z, :, ::-1] if flip else thumbs[:, z]
-                sims, nbrs = index.search(unit(np.rot90(t, rot, axes=(1, 2))), k + 1)
-                rows = np.repeat(np.arange(len(t)), nbrs.shape[1])
-                cols, s = nbrs.ravel(), sims.ravel()
-                ok = (cols >= 0) & (s > threshold) & (cols != rows)
-                for i, j, v in zip(rows[ok].tolist(), cols[ok].tolist(), s[ok].tolist()):
-                    key = (min(i, j), max(i, j))
-                    best[key] = max(best.get(key, -1.0), v)
-    return best
-
-
-def baseline(out: str, rows: int) -> None:
-    """Old vs current fingerprint search on the first ``rows`` images of the run, same process."""
-    from cytoray.curation.dedup import DedupConfig, dihedral_knn_edges, list_count
+    from cytoray.curation import dedup as D
     from cytoray.curation.embed import load_embeddings
-    from cytoray.features.fingerprint import fingerprints_from_u8
+    from cytoray.curation.synthetic.scoring import dedup_precision_recall
 
-    thumbs = load_embeddings(out)[2][:rows]
-    cfg = DedupConfig()
+    ids, _, prints = load_embeddings(out)
+    ids, verify = ids[:rows], prints["verify"][:rows]
+    side = verify.shape[-1]
+    thumbs = np.empty((len(verify), 3, 32, 32), np.uint8)
+    for i, v in enumerate(verify):
+        im = Image.fromarray(v)
+        for z, zoom in enumerate((1.0, 1.08, 1.16)):
+            s = side / zoom
+            box = ((side - s) / 2, (side - s) / 2, (side + s) / 2, (side + s) / 2)
+            thumbs[i, z] = np.asarray(im.resize((32, 32), Image.BOX, box=box))
+    cfg = D.DedupConfig()
     t0 = time.perf_counter()
-    old = legacy_dihedral_knn_edges(fingerprints_from_u8(thumbs), cfg.k, cfg.threshold)  # float32, as it was
-    t_old = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    i, j, s = dihedral_knn_edges(thumbs, cfg.k, cfg.threshold, cfg)
-    t_new = time.perf_counter() - t1
-    new = dict(zip(zip(i.tolist(), j.tolist()), s.tolist()))
-    both = set(old) & set(new)
-    diff = max((abs(old[p] - new[p]) for p in both), default=0.0)
-    lists = list_count(rows, cfg)
-    mode = "exact" if lists == 1 else f"partitioned, lists of ~{rows // lists}, {cfg.list_probe} probed"
-    print(f"fingerprint search on {rows:,} images: before issue 15 {t_old:.1f}s, now {t_new:.1f}s ({mode}): "
-          f"{t_old / t_new:.1f}x; pairs {len(old):,} before, {len(new):,} now, {len(both):,} in both "
-          f"(max |Δ cosine| {diff:.1e})")
+    q, m, sim = D._dihedral_search(thumbs, thumbs, 8, 0.985, cfg, same=True)
+    a, b, sim = D._best_per_pair(np.minimum(q, m), np.maximum(q, m), sim)
+    dt = time.perf_counter() - t0
+    keep, dup_of, _, _ = D.resolve(np.arange(len(ids)), np.arange(len(ids)), a, b, sim)
+    dups = [{"image_id": ids[i], "duplicate_of": ids[int(dup_of[i])]} for i in np.flatnonzero(~keep)]
+    present = set(ids)
+    sub = truth[truth.image_id.isin(present)]
+    sub = sub[~(sub.kind.isin(["near_duplicate", "exact_duplicate"]) & ~sub.duplicate_of.isin(present))]
+    s = dedup_precision_recall(dups, sub)
+    print(f"baseline (cosine >= 0.985 on centre thumbnails, no verification), first {len(ids):,} images: "
+          f"{dt:.1f}s; precision {s['precision']:.4f} ({s['false_removals']} distinct cells removed), recall "
+          f"{s['recall']:.4f}; by kind: " + ", ".join(f"{k} {v:.2f}" for k, v in s["recall_by_transform"].items()))
 
 
 def leakage(out: str, truth, n_eval: int, seed: int) -> None:
-    """The leakage guard's search (``dedup.cross_edges``) of every image against ``n_eval`` originals as an
-    evaluation set: time, and how many planted copies of those originals it flags."""
-    from cytoray.curation.dedup import DedupConfig, cross_edges
+    """The leakage guard (``dedup.leakage_pairs``, in this process) of every image against ``n_eval`` originals as an
+    evaluation set: time, flagged images (the evaluation images themselves, their planted copies, unrelated)."""
+    from cytoray.curation.dedup import DedupConfig, leakage_pairs
     from cytoray.curation.embed import load_embeddings
+    from cytoray.curation.synthetic.scoring import leakage_scores
 
-    ids, _, thumbs = load_embeddings(out)
-    row = {k: r for r, k in enumerate(ids)}
+    ids, _, prints = load_embeddings(out)
     originals = truth.image_id[truth.kind == "original"].to_numpy()
-    chosen = np.random.default_rng(seed).choice(originals, min(n_eval, len(originals)), replace=False)
+    chosen = np.sort(np.random.default_rng(seed).choice(originals, min(n_eval, len(originals)), replace=False))
+    row = {k: r for r, k in enumerate(ids)}
     evals = np.array([row[k] for k in chosen])
     cfg = DedupConfig()
     t0 = time.perf_counter()
-    t, e, _ = cross_edges(thumbs, thumbs[evals], cfg.k, cfg.leakage_threshold, cfg)
+    pairs = leakage_pairs(prints, {k: v[evals] for k, v in prints.items()}, cfg)
     dt = time.perf_counter() - t0
-    found = set(zip(t.tolist(), evals[e].tolist()))
-    copies = truth[truth.duplicate_of.isin(set(chosen))]
-    planted = {(row[c], row[o]) for c, o in zip(copies.image_id, copies.duplicate_of)}
-    print(f"leakage guard search, {len(ids):,} images against {len(evals):,} evaluation images (both ways): "
-          f"{dt:.1f}s; planted copies of evaluation images flagged {len(planted & found)}/{len(planted)}; "
-          f"{len(set(t.tolist())):,} images flagged (incl. the evaluation images themselves)")
+    best: dict[int, tuple] = {}
+    for k in np.flatnonzero(pairs.verified(cfg.leakage_threshold)).tolist():
+        t = int(pairs.b[k])
+        if t not in best or pairs.score[k] > best[t][1]:
+            best[t] = (chosen[int(pairs.a[k])], float(pairs.score[k]))
+    dups = [{"image_id": ids[t], "duplicate_of": e, "reason": "leakage"} for t, (e, _) in best.items()]
+    s = leakage_scores(dups, truth, set(chosen.tolist()))
+    print(f"leakage guard, {len(ids):,} images against {len(evals):,} evaluation images: {dt:.1f}s, "
+          f"{len(pairs.a):,} candidate pairs; flagged {s['flagged']:,} = {s['self']:,} evaluation images themselves + "
+          f"{s['planted_copies_flagged']:,} of {s['planted_copies']:,} planted copies + {s['unrelated']:,} unrelated")
 
 
 def score(out: str, truth) -> None:
     from cytoray.curation.synthetic.scoring import dedup_precision_recall
     from cytoray.tables import read_table
 
-    dups = read_table(os.path.join(out, "duplicates.parquet")).to_pylist()
-    total = dedup_precision_recall(dups, truth)
-    per = {t: dedup_precision_recall(dups, truth[truth["transform"].isin([t]) | (truth.kind == "original")])["recall"]
-           for t in KINDS}
-    copies = truth[truth.kind != "original"]
+    table = read_table(os.path.join(out, "duplicates.parquet")).to_pandas()
+    dups = table[table.reason != "leakage"].to_dict("records")
+    s = dedup_precision_recall(dups, truth)
+    copies = truth[truth.kind.isin(["near_duplicate", "exact_duplicate"])]
     src_ds = dict(zip(truth.image_id, truth.dataset))
-    across = copies[[src_ds[d] != s for d, s in zip(copies.duplicate_of, copies.dataset)]]
+    across = copies[[src_ds[d] != x for d, x in zip(copies.duplicate_of, copies.dataset)]]
     cross = dedup_precision_recall(dups, truth[truth.image_id.isin(across.image_id) | (truth.kind == "original")])
-    print(f"planted pairs: {total['planted']:,}; duplicates reported {total['reported']:,}; precision "
-          f"{total['precision']:.4f}, recall {total['recall']:.4f} (across datasets {cross['recall']:.4f}); "
-          "recall by kind: " + ", ".join(f"{t} {r:.3f}" for t, r in per.items()))
+    lost = s["distinct_lost_by_class"]
+    worst = max(lost, key=lost.get)
+    print(f"planted copies: {s['planted']:,}; duplicates reported {s['reported']:,}; precision {s['precision']:.4f} "
+          f"({s['false_removals']} distinct cells removed), recall {s['recall']:.4f} (across datasets "
+          f"{cross['recall']:.4f})")
+    print("  recall by kind: " + ", ".join(f"{k} {v:.3f}" for k, v in s["recall_by_transform"].items()))
+    print(f"  distinct cells lost per class: largest {worst} {lost[worst]:.4f}" +
+          "".join(f", {k} {v:.4f}" for k, v in lost.items() if v and k != worst))
+    print(f"  look-alike pairs planted {s['lookalike_pairs']:,}, removed as duplicates {s['lookalike_pairs_removed']}")
+    for r in table[table.reason == "near_duplicate"].nsmallest(3, "similarity").itertuples():
+        print(f"  lowest-scoring removal: {r.image_id} of {r.duplicate_of}, score {r.similarity:.3f} ({r.transform})")
 
 
 def reference(out: str, dedup_cfg, cluster_cfg, recall_queries: int, seed: int, stages: list[str]) -> None:
     """The stages' results against the single-process, in-memory algorithms on the whole arrays: dedup's
     decisions (``dedup.deduplicate``), cluster labels (adjusted Rand index against ``hierarchical_kmeans``), and
-    the partitioned search's recall against the exact search for ``recall_queries`` random images; the cluster
-    comparison only when ``stages`` ran cluster (its output is from the same dedup run then)."""
-    import pandas as pd
+    the partitioned candidate search's recall against the exact search for ``recall_queries`` random images; the
+    cluster comparison only when ``stages`` ran cluster (its output is from the same dedup run then)."""
     from sklearn.metrics import adjusted_rand_score
 
     from cytoray.curation import dedup as D
@@ -191,14 +190,14 @@ def reference(out: str, dedup_cfg, cluster_cfg, recall_queries: int, seed: int, 
     from cytoray.curation.embed import load_embeddings
     from cytoray.tables import read_table
 
-    ids, emb, thumbs = load_embeddings(out)
+    ids, emb, prints = load_embeddings(out)
     frame = read_table(os.path.join(out, "ingested.parquet"),
                        columns=["image_id", "pixel_sha256", "cell_type", "width", "height", "dataset"]).to_pandas()
     t0 = time.perf_counter()
-    keep, dups = D.deduplicate(frame, None, dedup_cfg, thumbs=thumbs)
+    keep, dups, _ = D.deduplicate(frame, dedup_cfg, prints=prints)
     t_dedup = time.perf_counter() - t0
     stage = read_table(os.path.join(out, "duplicates.parquet")).to_pandas()
-    ref = set(zip(*(pd.DataFrame(dups)[c] for c in ("image_id", "duplicate_of", "reason")))) if dups else set()
+    ref = {(d["image_id"], d["duplicate_of"], d["reason"]) for d in dups}
     got = set(zip(stage.image_id, stage.duplicate_of, stage.reason))
     print(f"reference dedup (in memory, one process): {t_dedup:.1f}s; {len(ref):,} duplicates, the stage "
           f"{len(got):,}, identical: {ref == got} ({len(ref & got):,} in both)")
@@ -212,21 +211,22 @@ def reference(out: str, dedup_cfg, cluster_cfg, recall_queries: int, seed: int, 
                 for t, c in enumerate(h.column_names())]
         print(f"reference cluster (in memory): {t_cluster:.1f}s; adjusted Rand index per level (finest first) "
               + ", ".join(f"{a:.4f}" for a in aris))
-    if recall_queries and len(thumbs) > dedup_cfg.flat_max:
+    views = prints["views"]
+    if recall_queries and len(views) > dedup_cfg.flat_max:
         rng = np.random.default_rng(seed)
-        q = np.sort(rng.choice(len(thumbs), min(recall_queries, len(thumbs)), replace=False))
-        exact_cfg = D.DedupConfig(flat_max=len(thumbs) + 1)
+        q = np.sort(rng.choice(len(views), min(recall_queries, len(views)), replace=False))
+        exact_cfg = D.DedupConfig(flat_max=len(views) + 1)
         t0 = time.perf_counter()
-        qi, mi, _ = D._dihedral_search(thumbs[q], thumbs, dedup_cfg.k, dedup_cfg.threshold, exact_cfg, same=False)
+        qi, mi, _, _ = D._directed_candidates(views[q], views, exact_cfg, same=False)
         t_exact = time.perf_counter() - t0
         own = q[qi] != mi
         exact_pairs = {(min(a, b), max(a, b)) for a, b in zip(q[qi][own].tolist(), mi[own].tolist())}
-        a, b, _ = D.dihedral_knn_edges(thumbs, dedup_cfg.k, dedup_cfg.threshold, dedup_cfg)
+        a, b, _, _ = D.candidate_pairs(views, dedup_cfg)
         part = set(zip(a.tolist(), b.tolist()))
         found = len(exact_pairs & part)
-        print(f"partitioned vs exact search, {len(q):,} random query images against all {len(thumbs):,}: exact "
-              f"finds {len(exact_pairs):,} pairs ({t_exact:.1f}s), the partitioned search {found:,} of them: recall "
-              f"{found / max(1, len(exact_pairs)):.4f}")
+        print(f"partitioned vs exact candidate search, {len(q):,} random query images against all {len(views):,}: "
+              f"exact finds {len(exact_pairs):,} pairs ({t_exact:.1f}s), the partitioned search {found:,} of them: "
+              f"recall {found / max(1, len(exact_pairs)):.4f}")
 
 
 def main(argv=None):
@@ -234,6 +234,7 @@ def main(argv=None):
     ap.add_argument("--images", type=int, default=100_000)
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--copy-rate", type=float, default=0.05)
+    ap.add_argument("--lookalike-rate", type=float, default=0.05)
     ap.add_argument("--baseline-images", type=int, default=5000, help="0: no baseline")
     ap.add_argument("--eval-images", type=int, default=1000, help="leakage guard search; 0: skip it")
     ap.add_argument("--out", default=None, help="run directory (default: a temporary one)")
@@ -249,7 +250,7 @@ def main(argv=None):
                     help="compare with the in-memory algorithms (default: up to 200,000 images)")
     ap.add_argument("--recall-queries", type=int, default=2000,
                     help="reference: images whose exact search measures the partitioned search's recall")
-    ap.add_argument("--part-rows", type=int, default=32_768, help="rows per part file of the planted stage files")
+    ap.add_argument("--part-rows", type=int, default=16_384, help="rows per part file of the planted stage files")
     ap.add_argument("--resume", action="store_true",
                     help="keep the parts an interrupted run with the same arguments wrote to --out")
     ap.add_argument("--stages", default="dedup,cluster,balance",
@@ -287,10 +288,16 @@ def main(argv=None):
         how = "reused"
     else:
         truth = write_planted_run(out, args.images, args.dim, args.copy_rate, args.seed, args.workers, args.part_rows,
-                                  resume=args.resume)
+                                  resume=args.resume, lookalike_rate=args.lookalike_rate)
         how = f"rendered and written to {out} in {time.perf_counter() - t0:.1f}s"
-    print(f"data: {args.images:,} images ({(truth.kind != 'original').sum():,} planted copies, {DATASETS} datasets), "
-          f"fingerprints + {args.dim}-d embeddings, {how}")
+    from cytoray.features.fingerprint import FINGERPRINT_BYTES
+
+    on_disk = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(os.path.join(out, "embeddings.parquet"))
+                  for f in fs)
+    print(f"data: {args.images:,} images ({truth.kind.isin(['near_duplicate', 'exact_duplicate']).sum():,} planted "
+          f"copies, {(truth.kind == 'lookalike').sum():,} look-alikes, {DATASETS} datasets), fingerprints "
+          f"({FINGERPRINT_BYTES:,} bytes per image; embeddings.parquet {on_disk / args.images:,.0f} bytes per image on "
+          f"disk with the {args.dim}-d embeddings), {how}")
     dedup_cfg = DedupConfig(**{k: v for k, v in (("route_pool", args.route_pool), ("routing", args.routing))
                                if v is not None})
     cluster_cfg = ClusterConfig(use_gpu=False)
@@ -318,14 +325,17 @@ def main(argv=None):
                 dt = time.perf_counter() - t
             total += dt
             detail = {"dedup": lambda s: f"{s['total']['kept']:,} kept, {s['total']['exact']:,} exact, "
-                                         f"{s['total']['near']:,} near, {s['search']['lists']:,} lists, "
-                                         f"{s['search']['routing']} routing, "
+                                         f"{s['total']['near']:,} near; "
+                                         f"{s['verification']['near']['candidates'] / args.images:.2f} candidate "
+                                         f"pairs per image, {s['verification']['near']['verified']:,} verified, "
+                                         f"{s['verification']['near']['unverifiable']:,} unverifiable; "
+                                         f"{s['search']['lists']:,} lists, {s['search']['routing']} routing, "
                                          f"{s['search']['search_tasks']} search tasks",
                       "cluster": lambda s: f"levels {s['levels']}",
                       "balance": lambda s: f"{s['sampled_images']:,} images for {s['samples_per_epoch']:,} samples"}
             print(f"  {name:8s} {dt:8.1f}s  {mem.line()}  ({detail[name](summary)})")
     print(f"dedup -> cluster -> balance: {total:.1f}s ({total / 60:.2f} min), {overall.line()}; "
-          f"dedup: {'exact' if args.images <= dedup_cfg.flat_max else 'partitioned'} fingerprint search")
+          f"dedup: {'exact' if args.images <= dedup_cfg.flat_max else 'partitioned'} candidate search")
     if args.scale == "ray":
         ray.shutdown()
     if args.reference:
@@ -334,7 +344,7 @@ def main(argv=None):
     if args.eval_images:
         leakage(out, truth, args.eval_images, args.seed)
     if args.baseline_images:
-        baseline(out, min(args.baseline_images, args.images))
+        baseline(out, truth, min(args.baseline_images, args.images))
 
 
 if __name__ == "__main__":

@@ -34,9 +34,12 @@ CURATION_COLUMNS = pa.schema([  # added by cluster + balance (one cluster_l<t> p
 CLUSTER_COLUMN_PREFIX = "cluster_l"
 QUARANTINE_SCHEMA = pa.schema([("uri", pa.string()), ("dataset", pa.string()), ("reason", pa.string()),
                                ("detail", pa.string())])
+# similarity: the verified score of the pair (curation.verification; 1.0 for exact copies); transform: how the removed
+# image relates to the one it duplicates ("identical pixels", "flip horizontal; box x 0.94 y 1.00 of the other's, ...")
 DUPLICATES_SCHEMA = pa.schema([("image_id", pa.string()), ("duplicate_of", pa.string()),
                                ("similarity", pa.float32()), ("reason", pa.string()),  # exact | near_duplicate | leakage
-                               ("dataset", pa.string()), ("duplicate_of_dataset", pa.string())])
+                               ("dataset", pa.string()), ("duplicate_of_dataset", pa.string()),
+                               ("transform", pa.string())])
 SAMPLING_COLUMNS = ("repeats", "weight")  # how often a row is seen per epoch (see platform.data.stream)
 
 

@@ -30,10 +30,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cytoray.curation.dedup import gpu_count
 from cytoray.curation.shards import Layout, ScaleConfig
 
 log = logging.getLogger(__name__)
+
+
+def gpu_count() -> int:
+    """GPUs faiss sees (0 with the CPU build)."""
+    import faiss
+
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
 @dataclass
@@ -320,7 +326,7 @@ def load_stage_embeddings(out_uri: str, image_ids: list[str], source: str | None
         ids = t.column("image_id").to_pylist()
         emb = unpack_vectors(t.column("embedding"))
     else:
-        ids, emb, _ = load_embeddings(out_uri, storage_cfg)
+        ids, emb, _ = load_embeddings(out_uri, storage_cfg, fingerprints=False)
     pos = {k: i for i, k in enumerate(ids)}
     missing = [k for k in image_ids if k not in pos]
     if missing:

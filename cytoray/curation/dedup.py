@@ -1,40 +1,51 @@
-"""Deduplication: the leakage guard first, then exact (identical decoded pixels) and near-duplicates (faiss kNN,
-cosine above a threshold), within and across datasets. Near-duplicates are searched on instance fingerprints
-with flip/rotation/zoom query expansion (``dihedral_knn_edges``) — global colour statistics cannot separate
-re-exports from other cells of the same class and source (precision <= 0.41 on the synthetic ground truth,
-benchmarks/RESULTS.md) — or on any L2-normalised embedding (``knn_edges``).
+"""Deduplication as copy detection: the leakage guard first, then exact copies (identical decoded pixels) and near
+duplicates (the same picture re-exported), within and across datasets.
+
+Two images are the same picture when one maps onto the other by what re-exports do (re-encoding, another box,
+rescaling, flips and quarter turns, colour and stain shifts) — not when they merely look alike: distinct cells of
+one class and source are close by nature, and among 10⁸ cells many pairs pass any fixed similarity. So near
+duplicates and leakage are decided in two named steps (docs/curation.md, "Duplicates"):
+
+1. **Candidates** (``candidate_pairs``): each image's two content-anchored views (``features.fingerprint``) are
+   searched against the same view of every other image under the 8 flips/rotations; each image keeps its
+   ``candidates`` most similar partners per view above ``candidate_threshold`` (view cosine). Tuned for recall:
+   the source of a planted copy is the nearest image of one view for 99.7% of copies among 30,000 images.
+2. **Verification** (``verification.verify_pairs``): per candidate pair, the transform that maps one verification
+   thumbnail onto the other (flip/rotation, scale per axis, shift) and the aligned pixels' score (1 - the largest
+   local mismatch). Only a pair whose score reaches ``threshold`` (``leakage_threshold`` against evaluation
+   images) is a duplicate; its record says which transform. A pair that cannot be compared (too little overlap or
+   structure) is unverifiable: both images stay, and the stage counts it.
+
+The decisions on verified pairs:
 
 1. **Leakage guard** (with ``eval_manifests``, held-out labelled sets): their images are fingerprinted the same
-   way and *every* ingested image whose fingerprint similarity to an evaluation image exceeds the stricter
-   ``leakage_threshold`` is dropped with ``reason = "leakage"``, ``duplicate_of`` = that evaluation image,
-   ``duplicate_of_dataset`` = ``eval:<manifest uri>``. It runs before in-collection dedup, so leakage takes
-   precedence: four copies of one evaluation cell are four leakage rows, whichever of them dedup would keep.
+   way and *every* ingested image with a verified copy among them is dropped with ``reason = "leakage"``,
+   ``duplicate_of`` = that evaluation image, ``duplicate_of_dataset`` = ``eval:<manifest uri>``. It runs before
+   in-collection dedup, so leakage takes precedence: four copies of one evaluation cell are four leakage rows.
 2. **Exact duplicates**: per pixel hash, the first image by the keep policy stays; the others are ``exact``.
 3. **Near duplicates, without chaining** (the SemDeDup / NeMo rule): images are visited in keep-policy order and
-   one is removed only when its similarity to an image *already kept* is above ``threshold``; it is recorded as
-   a duplicate of the most similar such image. So A~B and B~C never removes C for A's sake, and every
-   ``similarity`` in ``duplicates.parquet`` is a measured pair above the threshold (1.0 for exact copies).
+   one is removed only when it has a verified edge to an image *already kept*; it is recorded as a duplicate of
+   the best-scoring such image. So A~B and B~C never removes C for A's sake.
 
 Keep policy, first wins:
 1. labelled (``cell_type`` not null) before unlabelled;
 2. more pixels (width × height) before fewer (re-exports are usually downscaled);
 3. position of its dataset in ``dataset_priority`` (unlisted datasets after listed ones);
 4. ``image_id`` (deterministic tie-break).
-Every removed image goes to ``duplicates.parquet`` (image_id, duplicate_of, similarity, reason) and
-``duplicate_of`` always names an image that is kept (or an evaluation image, for leakage).
+Every removed image goes to ``duplicates.parquet`` (image_id, duplicate_of, similarity = the verified score,
+reason, transform) and ``duplicate_of`` always names an image that is kept (or an evaluation image, for leakage).
 
-Search is exact up to ``flat_max`` index rows and partitioned above it: faiss k-means lists, each query compared
-with the rows of its few nearest lists by one dense matrix product per list (int8 with an exact error bound;
-pairs near the threshold are measured again in fp32, ``search_members``), so cost grows as N · probe · list size
-instead of N². The fingerprint search and the leakage guard (``_dihedral_search``: lists of ~``list_size``
-images, ``list_probe`` probed) run this way on CPU; ``knn_edges`` on embeddings runs ``partitioned_edges`` unless
-faiss sees a GPU, where it uses a faiss flat or IVF-flat index (``build_index``).
+The candidate search is exact up to ``flat_max`` index rows and partitioned above it: faiss k-means lists, each
+query compared with the rows of its few nearest lists by one dense matrix product per list (int8 with an exact
+error bound; pairs near the threshold are measured again in fp32, ``search_members``), so cost grows as
+N · probe · list size instead of N². ``curation.dedup_stage`` runs the same steps over shards as Ray tasks.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -47,78 +58,87 @@ ROUTINGS = ("variant", "invariant")  # DedupConfig.routing
 class DedupConfig:
     exact: bool = True
     near: bool = True
-    k: int = 8  # neighbours searched per image and query variant
-    # Cosine of fingerprints above which two images are near-duplicates. Tuned on the synthetic collection
-    # with seed 0 and checked on seed 123, where it finds every planted copy with no false pair; 0.98 lets
-    # false pairs in (precision and recall: benchmarks/RESULTS.md).
-    threshold: float = 0.985
-    # Leakage guard: training images whose fingerprint cosine to any image of these evaluation manifests
-    # (Parquet with a ``uri`` column; ``image_id`` optional) exceeds ``leakage_threshold`` are dropped.
+    # Verified score (``verification``: 1 - the largest local mismatch of the aligned pictures) from which a
+    # candidate pair is a near duplicate. Planted copies of 96 px cells score 0.81-1.0 and distinct look-alike cells
+    # (same class, stain, size and position) at most 0.54 (benchmarks/RESULTS.md, "Copy detection").
+    threshold: float = 0.75
+    # Leakage guard: training images with a verified copy (score >= leakage_threshold) among the images of these
+    # evaluation manifests (Parquet with a ``uri`` column; ``image_id`` optional) are dropped.
     eval_manifests: list[str] = field(default_factory=list)
-    # Stricter than ``threshold`` (it removes more): over-removal is the safe error for an evaluation set.
-    # On the synthetic collection every planted copy scores well above it, and the few unrelated images that
-    # score above it are dropped too (calibration: benchmarks/RESULTS.md).
-    leakage_threshold: float = 0.975
+    leakage_threshold: float = 0.75
+    # Candidate search: per image and view, the ``candidates`` most similar images whose view cosine (best of the
+    # 8 flips/rotations) exceeds ``candidate_threshold`` go to verification.
+    candidates: int = 1
+    candidate_threshold: float = 0.75
     dataset_priority: list[str] = field(default_factory=list)
-    flat_max: int = 5_000  # exact search up to this many index rows, partitioned (or IVF-flat on a GPU) above
-    # Partitioned fingerprint search: k-means lists of ~list_size images, each query variant searching its
-    # list_probe nearest lists. Cost per image ~ R routing searches over N / list_size centroids (at 1/route_pool²
-    # of the row length; R = 24 variants, or 3 zooms with routing=invariant) + 24 · list_probe · list_size rows;
-    # at 10,000 images these find every pair the exact search finds (benchmarks/RESULTS.md). 0: the size that
-    # balances the two, sqrt(N / list_probe) / route_pool (variant; 645 at 5M, 2,887 at 100M) or
-    # sqrt(N / (8 · list_probe)) / route_pool (invariant; 1,021 at 100M), at least 250.
+    flat_max: int = 5_000  # exact search up to this many index rows, partitioned above
+    # Partitioned search: k-means lists of ~list_size images per view, each query variant searching its
+    # list_probe nearest lists. Cost per image and view ~ 8 routing searches over N / list_size centroids (1 with
+    # routing=invariant) + 8 · list_probe · list_size rows. 0: the size that balances the two,
+    # sqrt(N / list_probe) / route_pool (variant) or sqrt(N / (8 · list_probe)) / route_pool (invariant), at least 250.
     list_size: int = 0
     list_probe: int = 3
-    # How a query variant finds its lists. "variant": each of the 24 zoom × flip × rotation variants on its own
-    # route row (exact). "invariant": one search per zoom on a row summed over its 8 flips/rotations
-    # (``route_rows``), shared by the 8: routing costs an eighth and the search pass ran 2.6× faster at 10⁶
-    # images, but the coarser rows put cropped copies in other lists more often (planted crop recall 0.685 ->
-    # 0.559 at 10⁶; benchmarks/RESULTS.md).
+    # How a query variant finds its lists. "variant": each of the 8 flips/rotations on its own route row (exact).
+    # "invariant": one search on a row summed over the 8 (``route_rows``), shared by them: routing costs an eighth,
+    # but the coarser rows put copies in other lists more often (benchmarks/RESULTS.md).
     routing: str = "variant"
-    # Lists are trained and routed on route_pool×route_pool block means of the thumbnails (16×16 for 32×32: a
-    # quarter of routing's work, which grows with the number of lists and dominates from ~10⁶ images on); 1:
-    # full thumbnails. 4 (8×8) lost planted copies in tests/curation/test_dedup_parts.py. Recall and time:
-    # benchmarks/RESULTS.md.
+    # Lists are trained and routed on route_pool×route_pool block means of the views (16×16 for 32×32: a quarter
+    # of routing's work); 1: full views.
     route_pool: int = 2
     # Sharded search (curation.dedup_stage): index rows per partition that one search task holds at a time
-    # (1 KB each as uint8 zoom-1 thumbnails).
+    # (2 KB each: a view's uint8 thumbnail and its int8 row).
     partition_rows: int = 262_144
     # Query images one search task takes (whole consecutive shards). A task loads every index partition its
-    # queries probe (nearly all of them from 10⁶ images on), so reading the index costs O(N) per task: fewer,
-    # larger tasks read it fewer times (benchmarks/RESULTS.md). Fewer shards per task when more would leave
-    # fewer than ``scale.max_in_flight`` tasks.
+    # queries probe (nearly all of them from 10⁶ images on), so fewer, larger tasks read the index fewer times.
     search_rows: int = 131_072
-    nprobe: int = 16  # IVF-flat lists probed (embeddings on a GPU)
-    use_gpu: bool = True  # knn_edges on embeddings: a faiss GPU index when faiss has GPUs
+    # Verification pass (sharded): candidate pairs per verification task.
+    verify_pairs: int = 65_536
 
     @property
     def invariant_routing(self) -> bool:
         return self.routing == "invariant"
 
 
-def gpu_count() -> int:
-    import faiss
+def check_config(cfg: DedupConfig) -> None:
+    """Bad settings fail with the key named."""
+    if cfg.routing not in ROUTINGS:
+        raise ValueError(f"curation dedup.routing={cfg.routing!r}: choose one of {list(ROUTINGS)}")
+    if cfg.candidates < 1:
+        raise ValueError(f"curation dedup.candidates={cfg.candidates} must be >= 1 (candidates per image and view)")
+    for key in ("threshold", "leakage_threshold"):
+        if not -1.0 <= getattr(cfg, key) <= 1.0:
+            raise ValueError(f"curation dedup.{key}={getattr(cfg, key)} is a verified score in [-1, 1] (1 - local "
+                             "mismatch; docs/curation.md)")
+    if not -1.0 < cfg.candidate_threshold < 1.0:
+        raise ValueError(f"curation dedup.candidate_threshold={cfg.candidate_threshold} is a cosine in (-1, 1)")
 
-    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
+class Pairs(NamedTuple):
+    """Candidate pairs and what verification made of them: rows a < b (or query/evaluation rows), the candidate
+    view cosine and view, the verified score (NaN: unverifiable) and transform (d, sx, sy, tx, ty of b onto a)."""
 
-def build_index(x: np.ndarray, cfg: DedupConfig):
-    """Inner-product index over L2-normalised rows: flat for small N, IVF-flat for large N."""
-    import faiss
+    a: np.ndarray
+    b: np.ndarray
+    similarity: np.ndarray
+    view: np.ndarray
+    score: np.ndarray
+    transform: np.ndarray
 
-    n, d = x.shape
-    if n <= cfg.flat_max:
-        index = faiss.IndexFlatIP(d)
-    else:
-        nlist = int(4 * np.sqrt(n))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        train = x[np.random.default_rng(0).choice(n, min(n, nlist * 64), replace=False)]
-        index.train(train)
-        index.nprobe = cfg.nprobe
-    if cfg.use_gpu and gpu_count() > 0:
-        index = faiss.index_cpu_to_all_gpus(index)
-    index.add(x)
-    return index
+    @classmethod
+    def empty(cls) -> Pairs:
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int8),
+                   np.zeros(0, np.float32), np.zeros((0, 5), np.float32))
+
+    def take(self, sel) -> Pairs:
+        return Pairs(*(x[sel] for x in self))
+
+    @classmethod
+    def concat(cls, parts: list[Pairs]) -> Pairs:
+        parts = [p for p in parts if len(p.a)]
+        return cls(*(np.concatenate(x) for x in zip(*parts))) if parts else cls.empty()
+
+    def verified(self, threshold: float) -> np.ndarray:
+        return np.nan_to_num(self.score, nan=-np.inf) >= threshold
 
 
 def coarse_sample(m: int, nlist: int, cap: int = 131_072, seed: int = 1234) -> np.ndarray:
@@ -141,77 +161,6 @@ def _kmeans_lists(sample: np.ndarray, nlist: int):
     index = faiss.IndexFlatIP(sample.shape[1])
     index.add(km.centroids)
     return index
-
-
-def partitioned_edges(x: np.ndarray, threshold: float, cfg: DedupConfig, k: int | None = None,
-                      list_size: int = 1000, probe: int = 2, chunk: int = 4096):
-    """Near-duplicate pairs at scale (N > ``flat_max``): an IVF-style search with dense BLAS inside each list.
-
-    faiss k-means splits the rows into ~N/``list_size`` lists (trained on a subsample); each row is stored
-    in its nearest list and probes its ``probe`` nearest lists, so a pair is missed only if neither row's
-    ``probe`` nearest centroids hold the other — for near-duplicates (cosine > 0.9) practically never,
-    because a copy lands next to its original. Inside a list, queries × members is one matrix product.
-    Cost ≈ N · probe · list_size · d flops instead of N² · d. Returns (i, j, cosine), i < j, with at most
-    ``k`` partners per row when ``k`` is given.
-    """
-    n = len(x)
-    nlist = max(1, n // list_size)
-    _, lists = _kmeans_lists(x[coarse_sample(n, nlist)], nlist).search(x, min(probe, nlist))
-    home = lists[:, 0]
-    order = np.argsort(home, kind="stable")
-    bounds = np.searchsorted(home[order], np.arange(nlist + 1))
-    probe_rows = np.repeat(np.arange(n), lists.shape[1])
-    probe_lists = lists.ravel()
-    porder = np.argsort(probe_lists, kind="stable")
-    pbounds = np.searchsorted(probe_lists[porder], np.arange(nlist + 1))
-    out_i, out_j, out_s = [], [], []
-    for c in range(nlist):
-        members = order[bounds[c]:bounds[c + 1]]
-        queries = probe_rows[porder[pbounds[c]:pbounds[c + 1]]]
-        if len(members) == 0 or len(queries) == 0:
-            continue
-        xm = x[members]
-        for a in range(0, len(queries), chunk):
-            q = queries[a:a + chunk]
-            sims = x[q] @ xm.T
-            qi, mi = np.nonzero(sims > threshold)
-            keep = q[qi] != members[mi]
-            out_i.append(q[qi[keep]])
-            out_j.append(members[mi[keep]])
-            out_s.append(sims[qi[keep], mi[keep]])
-    if not out_i:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    i, j, s = np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s).astype(np.float32)
-    a, b = np.minimum(i, j), np.maximum(i, j)
-    key = a.astype(np.int64) * n + b
-    by_pair = np.lexsort((-s, key))
-    first = np.ones(len(key), bool)
-    first[1:] = key[by_pair][1:] != key[by_pair][:-1]
-    sel = by_pair[first]  # each pair once (found from both sides / several lists)
-    a, b, s = a[sel], b[sel], s[sel]
-    if k is not None:  # at most k partners per row, the most similar first
-        o = np.lexsort((-s, a))
-        rank = np.arange(len(o)) - np.searchsorted(a[o], a[o])
-        sel = o[rank < k]
-        a, b, s = a[sel], b[sel], s[sel]
-    return a, b, s
-
-
-def knn_edges(x: np.ndarray, k: int, threshold: float, cfg: DedupConfig, queries: np.ndarray | None = None):
-    """Pairs (i, j, cosine) with cosine > threshold among each row's k nearest neighbours (self excluded
-    when ``queries`` is None). Exact flat search up to ``flat_max`` rows; above it the partitioned search
-    for a self-search on CPU, else ``build_index``'s IVF-flat (on the GPU when faiss sees one)."""
-    if queries is None and x.shape[0] > cfg.flat_max and not (cfg.use_gpu and gpu_count() > 0):
-        return partitioned_edges(x, threshold, cfg, k=k)
-    index = build_index(x, cfg)
-    q = x if queries is None else queries
-    sims, nbrs = index.search(q, min(k + (queries is None), x.shape[0]))
-    rows = np.repeat(np.arange(q.shape[0]), nbrs.shape[1])
-    cols, s = nbrs.ravel(), sims.ravel()
-    keep = (cols >= 0) & (s > threshold)
-    if queries is None:
-        keep &= cols != rows
-    return rows[keep], cols[keep], s[keep]
 
 
 def _centring(thumbs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -384,6 +333,7 @@ def search_members(queries: Prints, probes: np.ndarray, base: Prints, base_ids: 
     import torch
 
     nq, nv, probe = probes.shape
+    same = int(same_ids is not None)
     probe_list = probes.ravel().astype(np.int64)
     ok = np.flatnonzero(probe_list >= 0)
     by_list = ok[np.argsort(probe_list[ok], kind="stable")]  # entries (query, variant, probe) grouped by list
@@ -407,13 +357,18 @@ def search_members(queries: Prints, probes: np.ndarray, base: Prints, base_ids: 
             sims = torch._int_mm(torch.from_numpy(variant_rows8(queries, rows, qv % nv)), members).float()
             sims *= inv_m  # x·y ≈ q_x·q_y / (s_x s_y): the members' scales here, the queries' per row below
             inv_q, err_q = queries.inv8[rows, zoom], queries.err8[rows, zoom]
-            screen = torch.from_numpy(threshold - err_q - err_m - 3 * err_q * err_m - SCREEN_SLACK) / \
-                torch.from_numpy(inv_q)
-            hit = torch.nonzero(sims.amax(1) > screen)[:, 0]  # few rows: nonzero over all cells costs more
-            if not len(hit):
+            bound = torch.from_numpy((err_q + err_m + 3 * err_q * err_m + SCREEN_SLACK) / inv_q)  # error, row units
+            screen = torch.from_numpy(threshold / inv_q) - bound
+            # measured again in fp32: what passes the screen and can be among the row's k best (+ itself) — an
+            # estimate within twice the error bound of the k-th largest, at most 8 more than k (at a candidate
+            # threshold most entries pass the screen; only the best can be kept)
+            kk = min(k + same, b0 - a0)
+            vals, best = torch.topk(sims, min(kk + 8, b0 - a0), dim=1)
+            near_top = vals >= (vals[:, kk - 1] - 2 * bound)[:, None]
+            ci, cj = (t.numpy() for t in torch.nonzero((vals > screen[:, None]) & near_top, as_tuple=True))
+            if not len(ci):
                 continue
-            ci, mi = (t.numpy() for t in torch.nonzero(sims[hit] > screen[hit, None], as_tuple=True))
-            qvi, mi = qv[hit.numpy()[ci]], mi + a0
+            qvi, mi = qv[ci], best.numpy()[ci, cj] + a0
             si = np.einsum("ij,ij->i", exact_rows(queries, qvi // nv, qvi % nv), base.exact(mi, 0))
             above = si > threshold
             qvi, mi, si = qvi[above], base_ids[mi[above]], si[above]
@@ -459,8 +414,7 @@ def exact_rows(prints: Prints, rows: np.ndarray, variants: np.ndarray) -> np.nda
 
 def list_count(m: int, cfg: DedupConfig) -> int:
     """How many lists the partitioned search splits ``m`` index rows into (1 up to ``cfg.flat_max``: exact)."""
-    if cfg.routing not in ROUTINGS:
-        raise ValueError(f"curation dedup.routing={cfg.routing!r}: choose one of {list(ROUTINGS)}")
+    check_config(cfg)
     if m <= cfg.flat_max:
         return 1
     routed = max(1, cfg.list_probe) * (8 if cfg.invariant_routing else 1)  # variants per routing search
@@ -503,27 +457,115 @@ def _dihedral_search(query_thumbs: np.ndarray, index_thumbs: np.ndarray, k: int,
     return _best_per_pair(qv[top] // nv, mi[top], si[top])
 
 
-def dihedral_knn_edges(thumbs: np.ndarray, k: int, threshold: float, cfg: DedupConfig):
-    """Near-duplicate edges from fingerprint thumbnails (N, Z, s, s), uint8 as stored or float
-    (``features.fingerprint``); each is compared with its mean removed.
+def _directed_candidates(query_views: np.ndarray, index_views: np.ndarray, cfg: DedupConfig, same: bool):
+    """(query row, index row, view cosine, view) of each query image's ``cfg.candidates`` most similar index
+    images per view above ``cfg.candidate_threshold``: views (N, V, s, s) uint8, each view searched on its own
+    (``_dihedral_search`` with one 'zoom': the view's 8 flips/rotations against the index images' same view)."""
+    out = []
+    for v in range(query_views.shape[1]):
+        # each flip/rotation keeps its `candidates` best; the image's best are among them
+        q, i, sim = _dihedral_search(query_views[:, v:v + 1], index_views[:, v:v + 1], cfg.candidates,
+                                     cfg.candidate_threshold, cfg, same)
+        top = _top_per_group(q, sim, i, cfg.candidates)
+        out.append((q[top], i[top], sim[top], np.full(len(top), v, np.int8)))
+    return tuple(np.concatenate(x) for x in zip(*out))
 
-    The index holds each image's zoom-1 thumbnail; every image is queried with all zoom levels × the 8
-    flips/rotations of its thumbnail, so flipped, rotated and slightly cropped copies are found exactly
-    (query expansion instead of an invariant, lossy descriptor); exact up to ``cfg.flat_max`` images,
-    partitioned above (``_dihedral_search``). Returns (i, j, cosine), i < j, with the best cosine per pair
-    above ``threshold``.
-    """
-    q, m, s = _dihedral_search(thumbs, thumbs, k, threshold, cfg, same=True)
-    return _best_per_pair(np.minimum(q, m), np.maximum(q, m), s)
+
+def _merge_candidates(a, b, sim, view) -> tuple[np.ndarray, ...]:
+    """Each (a, b) once, with its best view cosine and that view; sorted by (a, b)."""
+    if not len(a):
+        return a, b, sim.astype(np.float32), view
+    key = a.astype(np.int64) * (int(b.max()) + 1) + b
+    o = np.lexsort((-sim, key))
+    first = np.r_[True, key[o][1:] != key[o][:-1]]
+    sel = o[first]
+    return a[sel], b[sel], sim[sel].astype(np.float32), view[sel]
 
 
-def cross_edges(train_thumbs: np.ndarray, eval_thumbs: np.ndarray, k: int, threshold: float, cfg: DedupConfig):
-    """Leakage guard edges: (train row, eval row, best cosine) above ``threshold``, searched both ways
-    (training images against the evaluation index and evaluation images against the training index), so
-    a copy is found whichever of the two was cropped or zoomed."""
-    t, e, s = _dihedral_search(train_thumbs, eval_thumbs, k, threshold, cfg, same=False)
-    e2, t2, s2 = _dihedral_search(eval_thumbs, train_thumbs, k, threshold, cfg, same=False)
-    return _best_per_pair(np.concatenate([t, t2]), np.concatenate([e, e2]), np.concatenate([s, s2]))
+def candidate_pairs(views: np.ndarray, cfg: DedupConfig) -> tuple[np.ndarray, ...]:
+    """Candidate pairs (a < b, view cosine, view) among images with views (N, V, s, s) (step 1, module docstring)."""
+    q, i, sim, view = _directed_candidates(views, views, cfg, same=True)
+    return _merge_candidates(np.minimum(q, i), np.maximum(q, i), sim, view)
+
+
+def cross_candidate_pairs(train_views: np.ndarray, eval_views: np.ndarray, cfg: DedupConfig) -> tuple[np.ndarray, ...]:
+    """Leakage candidates (training row, evaluation row, view cosine, view), searched both ways (each training image's
+    best evaluation images and each evaluation image's best training images), so a copy is found whichever of the
+    two is the query that finds it."""
+    t, e, s1, v1 = _directed_candidates(train_views, eval_views, cfg, same=False)
+    e2, t2, s2, v2 = _directed_candidates(eval_views, train_views, cfg, same=False)
+    return _merge_candidates(np.concatenate([t, t2]), np.concatenate([e, e2]), np.concatenate([s1, s2]),
+                             np.concatenate([v1, v2]))
+
+
+def verify(prints: dict, a: np.ndarray, b: np.ndarray, sim: np.ndarray, view: np.ndarray,
+           prints_b: dict | None = None) -> Pairs:
+    """Step 2 (``verification.verify_pairs``) for candidate pairs of rows a of ``prints`` and rows b of ``prints_b``
+    (default: ``prints``); fingerprints as ``features.fingerprint.fingerprint_batch`` gives them."""
+    from cytoray.curation.verification import verify_pairs
+
+    if not len(a):
+        return Pairs.empty()
+    if prints_b is not None:  # two sets: verify on their concatenation
+        offset = len(prints["size"])
+        prints = {k: np.concatenate([prints[k], prints_b[k]]) for k in VERIFY_KEYS}
+        b = b + offset
+    sides = prints["size"].min(1).astype(np.float64)
+    score, trans, _ = verify_pairs(prints, sides, a, b)
+    return Pairs(a, b, sim, view, score, trans)
+
+
+VERIFY_KEYS = ("views", "frames", "verify", "size")
+
+
+def near_duplicate_pairs(prints: dict, cfg: DedupConfig) -> Pairs:
+    """Candidate pairs (a < b) among the images of ``prints`` with their verification (both steps)."""
+    return verify(prints, *candidate_pairs(prints["views"], cfg))
+
+
+def leakage_pairs(train: dict, evals: dict, cfg: DedupConfig) -> Pairs:
+    """Leakage candidates with their verification: ``a`` an evaluation row, ``b`` a training row (the transform maps
+    the training image onto the evaluation image)."""
+    t, e, sim, view = cross_candidate_pairs(train["views"], evals["views"], cfg)
+    pairs = verify(evals, e, t, sim, view, prints_b=train)
+    return pairs._replace(b=t)
+
+
+def component_pairs(rank: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs to verify besides the candidates: within each group of images linked by verified edges (a, b) — rows
+    ranked by ``rank`` (lower = kept first) — every member with the group's first image, where that pair is not an
+    edge yet. Each image proposes only its best candidates, so three copies of one picture may link as a chain
+    (a1 - a2 - a0); the no-chaining rule removes an image only for an edge to a kept image, which this adds.
+    Returns (member, first) rows, sorted (min, max)."""
+    if not len(a):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    nodes, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
+    parent = np.arange(len(nodes))
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for u, v in zip(inv[:len(a)].tolist(), inv[len(a):].tolist()):
+        ru, rv = find(u), find(v)
+        if ru != rv:
+            parent[max(ru, rv)] = min(ru, rv)
+    root = np.array([find(x) for x in range(len(nodes))])
+    first = {}
+    for x in np.argsort(rank[nodes], kind="stable").tolist():
+        first.setdefault(root[x], x)
+    have = set(zip(np.minimum(a, b).tolist(), np.maximum(a, b).tolist()))
+    out = []
+    for x in range(len(nodes)):
+        f = first[root[x]]
+        if f != x:
+            pair = (min(nodes[x], nodes[f]), max(nodes[x], nodes[f]))
+            if pair not in have:
+                out.append(pair)
+    out = np.array(out, np.int64).reshape(-1, 2)
+    return out[:, 0], out[:, 1]
 
 
 def select_representatives(rank: np.ndarray, i: np.ndarray, j: np.ndarray, s: np.ndarray):
@@ -585,12 +627,20 @@ def resolve(rank: np.ndarray, rep: np.ndarray, a: np.ndarray, b: np.ndarray, s: 
     return keep, dup_of, sim, exact
 
 
-def deduplicate(manifest, embeddings: np.ndarray | None, cfg: DedupConfig,
-                thumbs: np.ndarray | None = None) -> tuple[np.ndarray, list[dict]]:
-    """manifest: pandas DataFrame (image_id, pixel_sha256, cell_type, width, height, dataset), rows aligned
-    with ``embeddings`` (L2-normalised) and/or fingerprint ``thumbs``. Near-duplicates come from the
-    fingerprints when given (recommended), else from the embeddings. Returns (keep mask, duplicate rows); see
-    the module docstring for the rules."""
+def transform_text(pairs: Pairs, i: int, removed_is_a: bool) -> str:
+    """The transform of pair i in words, as the removed image relates to the one it duplicates."""
+    from cytoray.curation.verification import Transform
+
+    d, sx, sy, tx, ty = pairs.transform[i].tolist()
+    t = Transform(int(d), sx, sy, tx, ty)
+    return (t.inverse() if removed_is_a else t).describe()
+
+
+def deduplicate(manifest, cfg: DedupConfig, prints: dict | None = None) -> tuple[np.ndarray, list[dict], Pairs]:
+    """manifest: pandas DataFrame (image_id, pixel_sha256, cell_type, width, height, dataset), rows aligned with
+    ``prints`` (``features.fingerprint.fingerprint_batch``). Near duplicates need the fingerprints (without them only
+    exact copies are found). Returns (keep mask, duplicate rows, the verified candidate pairs); see the module
+    docstring for the rules."""
     n = len(manifest)
     rank = keep_order(manifest["cell_type"].notna().tolist(),
                       manifest["width"].tolist(), manifest["height"].tolist(), manifest["dataset"].tolist(),
@@ -601,18 +651,37 @@ def deduplicate(manifest, embeddings: np.ndarray | None, cfg: DedupConfig,
         for idx in manifest.groupby("pixel_sha256").indices.values():
             if len(idx) > 1:
                 rep[idx] = idx[np.argmin(rank[idx])]
-    a = b = np.zeros(0, np.int64)
-    s = np.zeros(0, np.float32)
-    if cfg.near and (rep == np.arange(n)).sum() > 1 and (thumbs is not None or embeddings is not None):
-        if thumbs is not None:
-            a, b, s = dihedral_knn_edges(thumbs, cfg.k, cfg.threshold, cfg)
+    pairs = Pairs.empty()
+    if cfg.near and prints is not None and (rep == np.arange(n)).sum() > 1:
+        pairs = near_duplicate_pairs(prints, cfg)
+        linked = pairs.take(pairs.verified(cfg.threshold))
+        extra_a, extra_b = component_pairs(rank, linked.a, linked.b)
+        nan = np.full(len(extra_a), np.nan, np.float32)
+        pairs = Pairs.concat([pairs, verify(prints, extra_a, extra_b, nan, np.full(len(extra_a), -1, np.int8))])
+    edges = pairs.take(pairs.verified(cfg.threshold))
+    keep, dup_of, sim, exact = resolve(rank, rep, edges.a, edges.b, edges.score)
+    dups = duplicate_rows(ids, keep, dup_of, sim, exact, edges)
+    log.info("dedup: %d images, %d duplicates (%d exact); %d candidate pairs verified", n, len(dups),
+             int(exact.sum()), len(pairs.a))
+    return keep, dups, pairs
+
+
+def duplicate_rows(ids: list[str], keep, dup_of, sim, exact, edges: Pairs) -> list[dict]:
+    """duplicates.parquet rows of the removed rows (``resolve``'s output), each with the transform of its edge to
+    the image it duplicates (exact copies: identical pixels)."""
+    edge_of = {(int(a), int(b)): k for k, (a, b) in enumerate(zip(edges.a.tolist(), edges.b.tolist()))}
+    rows = []
+    for m in np.flatnonzero(~keep).tolist():
+        t = int(dup_of[m])
+        if exact[m]:
+            how = "identical pixels"
         else:
-            a, b, s = knn_edges(embeddings, cfg.k, cfg.threshold, cfg)
-    keep, dup_of, sim, exact = resolve(rank, rep, a, b, s)
-    dups = [{"image_id": ids[m], "duplicate_of": ids[int(dup_of[m])], "similarity": float(sim[m]),
-             "reason": "exact" if exact[m] else "near_duplicate"} for m in np.flatnonzero(~keep)]
-    log.info("dedup: %d images, %d duplicates (%d exact)", n, len(dups), int(exact.sum()))
-    return keep, dups
+            k = edge_of.get((m, t), edge_of.get((t, m)))
+            how = transform_text(edges, k, removed_is_a=edges.a[k] == m) if k is not None else \
+                "identical pixels to a near duplicate"  # an exact copy of a removed image points past it
+        rows.append({"image_id": ids[m], "duplicate_of": ids[t], "similarity": float(sim[m]),
+                     "reason": "exact" if exact[m] else "near_duplicate", "transform": how})
+    return rows
 
 
 def read_eval_manifest(uri: str, storage_cfg=None):
@@ -628,44 +697,51 @@ def read_eval_manifest(uri: str, storage_cfg=None):
     return pa.table({"image_id": pa.array([f"{i}" for i in ids.to_pylist()]), "uri": table.column("uri")})
 
 
-def leakage_guard(train_fp: np.ndarray, eval_sets: list[tuple[str, list[str], np.ndarray]], cfg: DedupConfig):
-    """{train row: (eval image id, eval set name, cosine)} for every training row above leakage_threshold
-    (the closest evaluation image over all sets)."""
-    hits: dict[int, tuple[str, str, float]] = {}
-    for name, eval_ids, eval_fp in eval_sets:
-        if len(eval_ids) == 0 or len(train_fp) == 0:
+def leakage_guard(train: dict, eval_sets: list[tuple[str, list[str], dict]], cfg: DedupConfig):
+    """({train row: (eval image id, eval set name, score, transform)} for every training row with a verified copy
+    among the evaluation images (the best-scoring one over all sets), [the verified candidate pairs per set])."""
+    hits: dict[int, tuple[str, str, float, str]] = {}
+    checked = []
+    for name, eval_ids, evals in eval_sets:
+        if len(eval_ids) == 0 or len(train["size"]) == 0:
+            checked.append(Pairs.empty())
             continue
-        t, e, s = cross_edges(train_fp, eval_fp, cfg.k, cfg.leakage_threshold, cfg)
-        for ti, ei, v in zip(t.tolist(), e.tolist(), s.tolist()):
-            if ti not in hits or v > hits[ti][2]:
-                hits[ti] = (eval_ids[ei], name, v)
-    return hits
+        pairs = leakage_pairs(train, evals, cfg)
+        checked.append(pairs)
+        for k in np.flatnonzero(pairs.verified(cfg.leakage_threshold)).tolist():
+            t, v = int(pairs.b[k]), float(pairs.score[k])
+            if t not in hits or v > hits[t][2]:
+                hits[t] = (eval_ids[int(pairs.a[k])], name, v, transform_text(pairs, k, removed_is_a=False))
+    return hits, checked
 
 
-def remove_leakage_and_duplicates(frame, embeddings: np.ndarray, thumbs: np.ndarray | None,
-                                  eval_sets: list[tuple[str, list[str], np.ndarray]], cfg: DedupConfig):
+def remove_leakage_and_duplicates(frame, prints: dict | None, eval_sets: list[tuple[str, list[str], dict]],
+                                  cfg: DedupConfig):
     """The dedup stage's decisions (module docstring): leakage over every row first, then exact and near
     duplicates among the rest. ``eval_sets``: (name, image ids, fingerprints) per evaluation manifest. Returns
-    (keep mask, duplicate rows with dataset and duplicate_of_dataset)."""
+    (keep mask, duplicate rows with dataset and duplicate_of_dataset, verified candidate pairs: near-duplicate
+    pairs in frame rows, then leakage pairs per set)."""
     n = len(frame)
     ids, datasets = frame["image_id"].tolist(), frame["dataset"].tolist()
     leaked = np.zeros(n, bool)
     dups: list[dict] = []
-    if eval_sets and thumbs is not None:
-        hits = leakage_guard(thumbs, eval_sets, cfg)
+    checked: list[Pairs] = []
+    if eval_sets and prints is not None:
+        hits, checked = leakage_guard(prints, eval_sets, cfg)
         for r in sorted(hits):
-            eval_id, name, v = hits[r]
+            eval_id, name, v, how = hits[r]
             leaked[r] = True
-            dups.append({"image_id": ids[r], "duplicate_of": eval_id, "similarity": float(v), "reason": "leakage",
-                         "dataset": datasets[r], "duplicate_of_dataset": name})
-        log.info("leakage guard: %d training images dropped as near-copies of %d evaluation images",
+            dups.append({"image_id": ids[r], "duplicate_of": eval_id, "similarity": v, "reason": "leakage",
+                         "transform": how, "dataset": datasets[r], "duplicate_of_dataset": name})
+        log.info("leakage guard: %d training images dropped as copies of %d evaluation images",
                  len(hits), sum(len(e[1]) for e in eval_sets))
     rest = np.flatnonzero(~leaked)
-    keep_rest, rest_dups = deduplicate(frame.iloc[rest].reset_index(drop=True), embeddings[rest], cfg,
-                                       thumbs=None if thumbs is None else thumbs[rest])
+    sub = None if prints is None else {k: v[rest] for k, v in prints.items()}
+    keep_rest, rest_dups, pairs = deduplicate(frame.iloc[rest].reset_index(drop=True), cfg, prints=sub)
     dataset_of = dict(zip(ids, datasets))
     for d in rest_dups:
         d["dataset"], d["duplicate_of_dataset"] = dataset_of[d["image_id"]], dataset_of[d["duplicate_of"]]
     keep = np.zeros(n, bool)
     keep[rest[keep_rest]] = True
-    return keep, dups + rest_dups
+    pairs = pairs._replace(a=rest[pairs.a], b=rest[pairs.b])
+    return keep, dups + rest_dups, [pairs, *checked]

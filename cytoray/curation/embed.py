@@ -1,21 +1,19 @@
-"""Embed stage: every ingested image -> an embedding (for dedup's leakage guard, clustering and the balance
-metrics) and a near-duplicate fingerprint, computed once per image by ``features.extract.FeatureActor`` on a
-Ray Data actor pool.
+"""Embed stage: every ingested image -> an embedding (for clustering and the balance metrics) and its copy-detection
+fingerprints (dedup and the leakage guard), computed once per image by ``features.extract.FeatureActor`` on a Ray
+Data actor pool.
 
 Embedders: ``handcrafted`` (default; weights-free RudolfV-style features, ``features.handcrafted``) or ``vit``
 (the normalised CLS token of a checkpoint: DINOv2 hub, DinoBloom release or cytoray export/training checkpoint,
 preprocessed as its run recorded). Vectors are float32 and L2-normalised; handcrafted features are z-scored per
 dimension with the run's own statistics first (recorded in the stage marker). The stage writes
-``embeddings.parquet`` (image_id, embedding, fingerprint) in manifest order; users may bring their own embeddings
-for clustering and balancing (``embeddings=`` in the curation config).
+``embeddings.parquet`` (image_id, embedding, and the fingerprint columns of ``features.fingerprint``) in manifest
+order; users may bring their own embeddings for clustering and balancing (``embeddings=`` in the curation config).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-
-import numpy as np
 
 from cytoray.features.extract import FeatureSpec, PoolSpec
 
@@ -48,7 +46,7 @@ def feature_spec(cfg: EmbedConfig) -> FeatureSpec:
 
 
 def embed_rows(rows, cfg: EmbedConfig, storage_cfg=None):
-    """(image_id, uri) rows -> table (image_id, raw ``feature``, uint8 ``fingerprint``) in the same order."""
+    """(image_id, uri) rows -> table (image_id, raw ``feature``, fingerprint columns) in the same order."""
     from cytoray.features.extract import extract_table
 
     pool = PoolSpec(cfg.batch_size, cfg.concurrency, cfg.num_cpus, cfg.num_gpus)
@@ -57,7 +55,7 @@ def embed_rows(rows, cfg: EmbedConfig, storage_cfg=None):
 
 def run_embed(out_uri: str, cfg: EmbedConfig, storage_cfg=None, force: bool = False) -> dict:
     """Embed stage: ``ingested.parquet`` -> ``embeddings.parquet`` (image_id; ``embedding`` float32,
-    L2-normalised; ``fingerprint`` uint8) in manifest order."""
+    L2-normalised; the fingerprint columns) in manifest order."""
     from cytoray.curation.stage import run_stage
 
     spec = feature_spec(cfg)  # bad settings fail before any stage state changes
@@ -73,8 +71,10 @@ def _embed(run, cfg: EmbedConfig, spec: FeatureSpec, storage_cfg) -> dict:
     rows = run.read("ingested.parquet", ["image_id", "uri"])
     table = embed_rows(rows, cfg, storage_cfg)
     emb, stats = normalise(unpack_vectors(table.column("feature")), spec.backbone)
+    from cytoray.features.fingerprint import FINGERPRINT_COLUMNS
+
     out = pa.table({"image_id": table.column("image_id"), "embedding": pack_vectors(emb),
-                    "fingerprint": table.column("fingerprint")})
+                    **{c: table.column(c) for c in FINGERPRINT_COLUMNS.values()}})
     run.publish("embeddings.parquet", out, sort=False)  # manifest order
     meta = {"stage": "embed", "embedder": cfg.name, "count": rows.num_rows, "dim": int(emb.shape[1])}
     if stats is not None:
@@ -83,11 +83,14 @@ def _embed(run, cfg: EmbedConfig, spec: FeatureSpec, storage_cfg) -> dict:
     return meta
 
 
-def load_embeddings(out_uri: str, storage_cfg=None) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(image_ids, embeddings (N, D) float32, fingerprints (N, Z, s, s) uint8) from ``embeddings.parquet``."""
+def load_embeddings(out_uri: str, storage_cfg=None, fingerprints: bool = True):
+    """(image_ids, embeddings (N, D) float32, fingerprints (``features.fingerprint.fingerprints_of_table``) or None)
+    from ``embeddings.parquet``."""
     from cytoray import storage
-    from cytoray.features.fingerprint import fingerprints_of_table
+    from cytoray.features.fingerprint import FINGERPRINT_COLUMNS, fingerprints_of_table
     from cytoray.tables import read_table, unpack_vectors
 
-    t = read_table(storage.join_uri(out_uri, "embeddings.parquet"), storage_cfg)
-    return t.column("image_id").to_pylist(), unpack_vectors(t.column("embedding")), fingerprints_of_table(t)
+    columns = ["image_id", "embedding"] + (list(FINGERPRINT_COLUMNS.values()) if fingerprints else [])
+    t = read_table(storage.join_uri(out_uri, "embeddings.parquet"), storage_cfg, columns=columns)
+    return (t.column("image_id").to_pylist(), unpack_vectors(t.column("embedding")),
+            fingerprints_of_table(t) if fingerprints else None)

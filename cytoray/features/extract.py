@@ -3,7 +3,7 @@ evaluation.
 
 :class:`FeatureActor` loads its extractor once (``__init__``) and, per batch of ``(image_id, uri)`` rows, decodes
 every image once and returns ``image_id``, raw ``feature`` (FixedSizeList float32) and, when asked, the
-near-duplicate ``fingerprint`` (FixedSizeList uint8). :func:`extract_table` runs it over a table (on an actor pool,
+copy-detection fingerprint columns (``features.fingerprint.FINGERPRINT_COLUMNS``). :func:`extract_table` runs it over a table (on an actor pool,
 or in the calling process) and checks that every row comes back exactly once, in input order.
 :func:`normalise` turns raw features into what search and probes use.
 """
@@ -25,7 +25,7 @@ class FeatureSpec:
     arch: str | None = None  # checkpoint URI: architecture when the checkpoint does not record it
     image_size: int | None = None  # ViT input side; None: the run's recorded crop size, else min(img_size, 224)
     cls_and_patch: bool = False  # ViT: CLS ‖ mean patch token
-    fingerprints: bool = False  # also the near-duplicate fingerprint (curation's dedup)
+    fingerprints: bool = False  # also the copy-detection fingerprints (curation's dedup)
 
 
 @dataclass(frozen=True)
@@ -68,15 +68,14 @@ class FeatureActor:
         import pyarrow as pa
 
         from cytoray import images, storage
-        from cytoray.features.fingerprint import fingerprint_u8
+        from cytoray.features.fingerprint import fingerprint_columns
         from cytoray.tables import pack_vectors
 
         rgb = [images.decode(storage.read_bytes(u, self.storage_cfg), min_side=1).rgb
                for u in batch.column("uri").to_pylist()]
         out = {"image_id": batch.column("image_id"), "feature": pack_vectors(self.features(rgb).astype(np.float32))}
         if self.spec.fingerprints:
-            fps = np.stack([fingerprint_u8(im) for im in rgb]) if rgb else np.zeros((0, 1), np.uint8)
-            out["fingerprint"] = pack_vectors(fps.reshape(len(rgb), -1))
+            out.update(fingerprint_columns(rgb))
         return pa.table(out)
 
 

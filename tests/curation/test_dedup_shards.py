@@ -16,19 +16,19 @@ from cytoray.tables import read_table
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
-    """1,200 synthetic images with planted copies, plus 4 evaluation cells saved as PNG whose exact copies are
-    among the training rows: (ingested, embeddings, eval manifest uri, leaked image ids)."""
+    """1,200 synthetic images with planted copies and look-alikes, plus 4 evaluation cells saved as PNG whose exact
+    copies are among the training rows: (ingested, embeddings, eval manifest uri, leaked image ids)."""
     from PIL import Image
 
     from cytoray.curation.synthetic.cells import Stain, render_cell
     from cytoray.curation.synthetic.planted import make_collection
-    from cytoray.features.fingerprint import fingerprint_u8
+    from cytoray.features.fingerprint import fingerprint_columns
     from cytoray.tables import pack_vectors, write_table
 
     ingested, embeddings, _ = make_collection(1200, 8, 0.1, seed=3)
     root = tmp_path_factory.mktemp("eval")
     rng = np.random.default_rng(11)
-    cells = [render_cell(c, 64, 0.3, Stain(), rng) for c in ("blast", "monocyte", "eosinophil", "lymphocyte")]
+    cells = [render_cell(c, 96, 0.2, Stain(), rng) for c in ("blast", "monocyte", "eosinophil", "lymphocyte")]
     uris = []
     for k, im in enumerate(cells):
         Image.fromarray(im).save(root / f"e{k}.png")
@@ -37,12 +37,11 @@ def planted(tmp_path_factory):
     leaked = [f"ds00/leak{k}" for k in range(len(cells))]
     extra_ing = pa.table({f.name: pa.array([leaked[k] if f.name == "image_id" else f"leakpx{k}"
                                             if f.name == "pixel_sha256" else "ds00" if f.name == "dataset"
-                                            else 64 if f.name in ("width", "height") else None
+                                            else 96 if f.name in ("width", "height") else None
                                             for k in range(len(cells))], f.type)
                           for f in ingested.schema}, schema=ingested.schema)
-    fp = np.stack([fingerprint_u8(im) for im in cells])
     extra_emb = pa.table({"image_id": pa.array(leaked), "embedding": pack_vectors(
-        np.ones((len(cells), 8), np.float32) / np.sqrt(8)), "fingerprint": pack_vectors(fp.reshape(len(cells), -1))})
+        np.ones((len(cells), 8), np.float32) / np.sqrt(8)), **fingerprint_columns(cells)})
     ingested = pa.concat_tables([ingested, extra_ing]).sort_by("image_id")
     embeddings = pa.concat_tables([embeddings, extra_emb.cast(embeddings.schema)]).sort_by("image_id")
     return ingested, embeddings, str(root / "eval.parquet"), leaked
@@ -74,6 +73,7 @@ def test_ray_tasks_and_this_process_find_the_same_duplicates(planted, ray_local,
     np.testing.assert_allclose(d_local.similarity, d_ray.similarity, atol=1e-6)
     leaks = d_ray[d_ray.reason == "leakage"]
     assert sorted(leaks.image_id) == sorted(planted[3]) and (leaks.similarity > 0.999).all()
+    assert set(leaks["transform"]) == {"same frame"}
     assert local["total"]["near"] > 50 and local["total"]["exact"] > 5
     mask = load_mask(out)
     ids = planted[0].column("image_id").to_pylist()
@@ -84,14 +84,17 @@ def test_sharded_stage_equals_the_in_memory_search(planted, ray_local, tmp_path)
     from cytoray.features.fingerprint import fingerprints_of_table
 
     frame = planted[0].select(["image_id", "pixel_sha256", "cell_type", "width", "height", "dataset"]).to_pandas()
-    thumbs = fingerprints_of_table(planted[1])
+    prints = fingerprints_of_table(planted[1])
     for cfg in (DedupConfig(flat_max=300), DedupConfig()):  # partitioned and exact search
-        keep, dups = deduplicate(frame, None, cfg, thumbs=thumbs)
+        keep, dups, _ = deduplicate(frame, cfg, prints=prints)
         _, summary, d_stage, kept = _run(tmp_path, f"flat{cfg.flat_max}", planted, cfg,
                                          ScaleConfig(mode="local", shard_rows=500))
-        ref = sorted((d["image_id"], d["duplicate_of"], d["reason"]) for d in dups)
-        assert ref == list(zip(d_stage.image_id, d_stage.duplicate_of, d_stage.reason)), cfg
+        ref = sorted((d["image_id"], d["duplicate_of"], d["reason"], d["transform"]) for d in dups)
+        assert ref == list(zip(d_stage.image_id, d_stage.duplicate_of, d_stage.reason, d_stage["transform"])), cfg
         assert kept == frame.image_id[keep].tolist()
+        v = summary["verification"]["near"]
+        assert v["candidates"] == v["verified"] + v["kept_apart"] + v["no_alignment"] + v["unverifiable"]
+        assert sum(v["histogram_verified"]) == v["verified"] and v["verified"] >= summary["total"]["near"]
     # with the leakage guard (exact search): the same leaks and duplicates as the in-memory stage rules
     cfg = DedupConfig(eval_manifests=[planted[2]])
     from cytoray.curation.dedup import read_eval_manifest
@@ -99,9 +102,8 @@ def test_sharded_stage_equals_the_in_memory_search(planted, ray_local, tmp_path)
 
     rows = read_eval_manifest(planted[2])
     eval_fp = fingerprints_of_table(embed_rows(rows, EmbedConfig()))
-    keep, dups = remove_leakage_and_duplicates(frame, np.zeros((len(frame), 1), np.float32), thumbs,
-                                               [(f"eval:{planted[2]}", rows.column("image_id").to_pylist(), eval_fp)],
-                                               cfg)
+    keep, dups, _ = remove_leakage_and_duplicates(frame, prints, [(f"eval:{planted[2]}",
+                                                                   rows.column("image_id").to_pylist(), eval_fp)], cfg)
     _, _, d_stage, kept = _run(tmp_path, "leak", planted, cfg, ScaleConfig(mode="local", shard_rows=500))
     ref = sorted((d["image_id"], d["duplicate_of"], d["reason"]) for d in dups)
     assert ref == list(zip(d_stage.image_id, d_stage.duplicate_of, d_stage.reason))

@@ -140,8 +140,12 @@ def _nucleus_mask(kind: str, yy, xx, cy, cx, r, rng: np.random.Generator) -> tup
 
 
 def render_cell(cell_class: str, size: int, um_per_px: float, stain: Stain, rng: np.random.Generator,
-                num_rbc: int | None = None) -> np.ndarray:
-    """One ``size``×``size``×3 uint8 image of a ``cell_class`` cell at ``um_per_px``, centred ± jitter."""
+                num_rbc: int | None = None, geometry: tuple[float, float, float] | None = None) -> np.ndarray:
+    """One ``size``×``size``×3 uint8 image of a ``cell_class`` cell at ``um_per_px``, centred ± jitter.
+
+    ``geometry``: (size factor, centre y, centre x) of the white cell instead of drawn ones (factor ~U(0.9, 1.1),
+    centre size/2 ± 3%): distinct cells rendered with the same geometry are look-alikes (same class, stain, size
+    and position; ``synthetic.copies``)."""
     spec = CLASSES[cell_class]
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     conc = np.zeros((3, size, size), np.float32)  # stain concentration maps (nuclear, eosin, blue)
@@ -163,8 +167,11 @@ def render_cell(cell_class: str, size: int, um_per_px: float, stain: Stain, rng:
         np.maximum(win, disc * (0.45 - 0.25 * centre) * gain, out=win)
 
     # The white cell: cytoplasm disc, then nucleus, granules, pale zones.
-    r_cell = spec.cell_um / 2 / um_per_px * rng.uniform(0.9, 1.1)
-    cy, cx = size / 2 + rng.normal(0, size * 0.03, 2)
+    if geometry is None:
+        r_cell = spec.cell_um / 2 / um_per_px * rng.uniform(0.9, 1.1)
+        cy, cx = size / 2 + rng.normal(0, size * 0.03, 2)
+    else:
+        r_cell, cy, cx = spec.cell_um / 2 / um_per_px * geometry[0], geometry[1], geometry[2]
     cell = _disc(yy, xx, cy, cx, r_cell * rng.uniform(0.92, 1.0), r_cell, rng.uniform(0, np.pi))
     conc[:, cell > 0] = 0.0  # the white cell lies over the red cells
     nucleus, pale = _nucleus_mask(spec.nucleus, yy, xx, cy, cx, spec.nucleus_frac * r_cell, rng)

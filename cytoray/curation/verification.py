@@ -1,0 +1,530 @@
+"""Copy verification: find the transform that maps one image onto the other and score the aligned pixels.
+
+Two images are the same picture when one maps onto the other by what re-exports do. On the verification
+thumbnails (``features.fingerprint``: the whole image in grey, squashed to 64 × 64) those are: a flip or quarter
+turn (``d``, the 8 of the dihedral group, as the search's query variants), a scale per axis (``sx, sy`` in
+[0.75, 1.33]: another box, or a crop resized back) and a shift (``tx, ty``, at most ``MAX_SHIFT`` of the side).
+Rescaling the whole image, re-encoding, blur and colour changes leave the squashed geometry alone.
+
+Per candidate pair, batched in torch (``verify_pairs``):
+
+1. **Search** (coarse, 32 × 32, mid band): for each plausible flip/rotation (those whose view similarity is within
+   ``D_MARGIN`` of the best), a grid of axis scales around the estimate from the two images' canonical windows,
+   and every shift at once by FFT cross-correlation.
+2. **Refine** (64 × 64, mid band): two rounds of a 3⁴ grid of scale and shift steps around the best, by the
+   masked correlation over the overlap.
+3. **Score** (64 × 64, fine band 0.6 / 1.5 px): both thumbnails band-passed before the warp, the sharper one
+   blurred to the other's resolution (from the images' pixel sizes: a copy downscaled to half has lost the
+   finest detail, which is not evidence against it), then the **local mismatch** ``L(u) = G*(a-b)² / (G*(a²+b²) +
+   κ·G*1)`` in a Gaussian window ``G`` (σ 3 px) at every point of the overlap: 0 where the two agree, 1 where
+   they are unrelated, 2 where they are opposite. The score is ``1 - max L``: a single region where the pictures
+   differ (another red cell next to the white cell, another nucleus shape) makes it low, however well the rest
+   agrees. That is what separates a copy from a distinct cell of the same class, stain and size: their global
+   correlation is 0.9-0.95 (the cell's outline dominates it), but somewhere their details differ.
+
+A pair whose images cannot be compared (a thumbnail without structure, or no overlap of at least ``MIN_OVERLAP``
+of both images) is **unverifiable**: ``score`` is NaN and the pair is never a duplicate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_SHIFT = 0.12  # largest shift per axis between the two images, as a fraction of the side (a box moved by 10%)
+SCALE_RANGE = (0.75, 1.333)  # axis scales the family allows
+MIN_OVERLAP = 0.55  # each image's share inside the other, at least
+D_MARGIN = 0.05  # flips/rotations searched: view similarity within this of the best
+MAX_D = 3  # ... at most this many
+BAND = (1.0, 2.5)  # difference-of-Gaussians band of alignment and score, in pixels of the 96 px thumbnail
+ALIGN_SIZES = (24, 48)  # the search runs at the first size, the refinement at both
+COARSE_MIN = 0.8  # coarse alignment correlation below which a pair is not refined: no copy
+NO_ALIGNMENT = -2.0  # the score of such a pair (below any score of an aligned pair, which is in [-1, 1])
+WINDOW_SIGMA = 3.0  # local mismatch window
+# floor of the local signal energy, relative to the mean energy: below it, a region's disagreement counts less (flat
+# background is not evidence; JPEG blocks in it are not either). 0.1 let two round cells of one class through where
+# only their nucleus texture differs; 0.01 failed JPEG copies at quality 50-60 (benchmarks/RESULTS.md)
+KAPPA = 0.05
+EROSION = 2  # pixels of the overlap's edge not scored (the band-pass there saw the other side of the edge)
+NATIVE_BLUR = 0.5  # blur of a thumbnail sampled from a larger image, in thumbnail pixels
+CLIPPED = 253  # grey level from which a pixel counts as clipped white ...
+CLIPPED_SHARE = 0.8  # ... and the share of clipped pixels around it that makes a region clipped (not sensor noise)
+MIN_COMPARED = 0.25  # share of a's frame that must remain to compare, else the pair is unverifiable
+FLIP_NAMES = ("", "rotate 90", "rotate 180", "rotate 270", "flip horizontal", "flip horizontal, rotate 90",
+              "flip horizontal, rotate 180", "flip horizontal, rotate 270")
+
+
+@dataclass(frozen=True)
+class Transform:
+    """How image b maps onto image a: b's thumbnail turned by ``d`` (``_variant_rows``' order: flip·4 + quarter
+    turns), then scaled about the centre by (sx, sy) and shifted by (tx, ty) fractions of the side: b's pixel at v
+    lands at s·v + t in a's frame (centred coordinates), so b shows a box of sx × sy of a's, centred at t."""
+
+    d: int
+    sx: float
+    sy: float
+    tx: float
+    ty: float
+
+    def inverse(self) -> Transform:
+        """How a maps onto b. With D the flip/rotation and S = diag(sx, sy): u_a = S D u_b + t, so
+        u_b = D⁻¹ S⁻¹ (u_a - t) = S' D⁻¹ u_a + t' with S' = D⁻¹ S⁻¹ D (the scales, swapped by a quarter turn)."""
+        mats = [_dihedral_matrix(d) for d in range(8)]
+        dm = mats[self.d]
+        inv = np.linalg.inv(dm)
+        d_inv = next(k for k, m in enumerate(mats) if np.allclose(m, inv))
+        s_inv = np.diag([1 / self.sx, 1 / self.sy])
+        s2 = inv @ s_inv @ dm
+        t2 = -(inv @ s_inv @ np.array([self.tx, self.ty]))
+        return Transform(d_inv, float(abs(s2[0, 0])), float(abs(s2[1, 1])), float(t2[0]), float(t2[1]))
+
+    def describe(self) -> str:
+        """e.g. ``flip horizontal; box x 0.94 y 1.00 of the other's, offset x +0.03 y -0.02``."""
+        parts = [FLIP_NAMES[self.d]] if self.d else []
+        if abs(self.sx - 1) > 0.015 or abs(self.sy - 1) > 0.015 or abs(self.tx) > 0.01 or abs(self.ty) > 0.01:
+            parts.append(f"box x {self.sx:.2f} y {self.sy:.2f} of the other's, offset x {self.tx:+.2f} "
+                         f"y {self.ty:+.2f}")
+        return "; ".join(parts) or "same frame"
+
+
+def _dihedral_matrix(d: int) -> np.ndarray:
+    """Variant ``d`` (``dihedral``) as a matrix on centred (x, y): a horizontal flip x -> -x first, then quarter turns
+    (x, y) -> (y, -x) (``dihedral_points``)."""
+    flip, rot = divmod(int(d), 4)
+    m = np.diag([-1.0, 1.0]) if flip else np.eye(2)
+    r = np.array([[0.0, 1.0], [-1.0, 0.0]])
+    for _ in range(rot):
+        m = r @ m
+    return m
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+_BLUR_CACHE: dict = {}
+
+
+def blur_matrix(n: int, sigma: float):
+    """(n, n) Gaussian blur along one axis with edge pixels repeated (rows sum to 1), truncated at 3 sigma."""
+    torch = _torch()
+    key = (n, round(float(sigma), 3))
+    if key not in _BLUR_CACHE:
+        r = max(1, int(math.ceil(3 * sigma)))
+        offsets = np.arange(-r, r + 1)
+        ker = np.exp(-offsets**2 / (2 * sigma * sigma))
+        ker /= ker.sum()
+        mat = np.zeros((n, n))
+        for i in range(n):
+            np.add.at(mat[i], np.clip(i + offsets, 0, n - 1), ker)
+        _BLUR_CACHE[key] = torch.from_numpy(mat.astype(np.float32))
+    return _BLUR_CACHE[key]
+
+
+def blur(x, sigma):
+    """Separable Gaussian blur of (N, 1, H, W) with edges repeated, as two matrix products; ``sigma`` a float or an
+    (N,) tensor of per-image sigmas (0: unchanged), grouped by value."""
+    torch = _torch()
+    if torch.is_tensor(sigma):
+        out = x.clone()
+        for s in torch.unique(sigma).tolist():
+            if s > 0:
+                sel = sigma == s
+                out[sel] = blur(x[sel], s)
+        return out
+    if sigma <= 0:
+        return x
+    h, w = x.shape[-2:]
+    return blur_matrix(h, sigma) @ x @ blur_matrix(w, sigma).T
+
+
+def band(x, sigmas):
+    return blur(x, sigmas[0]) - blur(x, sigmas[1])
+
+
+def dihedral(x, d):
+    """Variant ``d`` (flip·4 + quarter turns, ``curation.dedup._variant_rows``' order) of (..., H, W)."""
+    torch = _torch()
+    flip, rot = divmod(int(d), 4)
+    if flip:
+        x = torch.flip(x, (-1,))
+    return torch.rot90(x, rot, (-2, -1)) if rot else x
+
+
+def dihedral_each(x, ds):
+    """Each of (N, 1, H, W) turned by its own ``ds[i]``."""
+    out = x.clone()
+    for d in np.unique(ds).tolist():
+        sel = np.flatnonzero(ds == d)
+        out[sel] = dihedral(x[sel], d)
+    return out
+
+
+def resample_matrices(n_out: int, n_in: int, scale, shift, cubic: bool = False):
+    """(N, n_out, n_in) interpolation weights along one axis and (N, n_out) validity for output(u) = input((u -
+    shift) / scale) in centred coordinates (fractions of the side, 0 at the centre); ``scale``, ``shift`` (N,)
+    tensors. Linear or Keys cubic (a = -0.5) taps; an output is valid when its source lies within the input."""
+    torch = _torch()
+    u = (torch.arange(n_out, dtype=torch.float32) + 0.5) / n_out - 0.5
+    pos = ((u[None] - shift[:, None]) / scale[:, None] + 0.5) * n_in - 0.5  # (N, n_out) input pixel coordinate
+    valid = (pos >= -1e-4) & (pos <= n_in - 1 + 1e-4)
+    base = torch.floor(pos)
+    frac = pos - base
+    if cubic:
+        offsets = (-1, 0, 1, 2)
+        dist = [frac + 1, frac, 1 - frac, 2 - frac]
+        weights = [torch.where(x <= 1, 1.5 * x**3 - 2.5 * x**2 + 1, -0.5 * x**3 + 2.5 * x**2 - 4 * x + 2)
+                   for x in dist]
+    else:
+        offsets, weights = (0, 1), [1 - frac, frac]
+    mat = torch.zeros(pos.shape[0], n_out, n_in)
+    for off, w in zip(offsets, weights):
+        mat.scatter_add_(2, (base.long() + off).clamp(0, n_in - 1)[..., None], w[..., None])
+    return mat, valid
+
+
+def warp(x, sx, sy, tx, ty, cubic=False):
+    """(N, 1, H, W) images scaled about the centre by (sx, sy) and shifted by (tx, ty) fractions of the side ((N,)
+    tensors): output(u) = x((u - t) / s), as two separable resampling products. Returns the warped images (0
+    outside the source) and their validity masks (N, 1, H, W)."""
+    h, w = x.shape[-2:]
+    ry, vy = resample_matrices(h, h, sy, ty, cubic)
+    rx, vx = resample_matrices(w, w, sx, tx, cubic)
+    g = ry @ x[:, 0] @ rx.transpose(1, 2)
+    m = (vy[:, :, None] & vx[:, None, :]).to(x.dtype)
+    return (g * m)[:, None], m[:, None]
+
+
+def rect_mask(n: int, h: int, w: int, sx, sy, tx, ty, erode: int = 0):
+    """(N, 1, H, W) validity mask of ``warp`` with the same parameters, shrunk by ``erode`` pixels per side (the
+    overlap is a rectangle: each axis's valid range, eroded on its own)."""
+    torch = _torch()
+
+    def valid(size, scale, shift):
+        u = (torch.arange(size, dtype=torch.float32) + 0.5) / size - 0.5
+        pos = ((u[None] - shift[:, None]) / scale[:, None] + 0.5) * size - 0.5
+        v = ((pos >= -1e-4) & (pos <= size - 1 + 1e-4)).to(torch.float32)
+        if erode:
+            v = -torch.nn.functional.max_pool1d(-torch.nn.functional.pad(v[:, None], (erode, erode)), 2 * erode + 1,
+                                                stride=1)[:, 0]
+        return v
+
+    return (valid(h, sy, ty)[:, :, None] * valid(w, sx, tx)[:, None, :])[:, None]
+
+
+def masked_ncc(a, g, m):
+    """Correlation of (N, 1, H, W) a and g over the masks m, per image."""
+    n = m.sum((1, 2, 3)).clamp(min=1)
+    ma, mg = (a * m).sum((1, 2, 3)) / n, (g * m).sum((1, 2, 3)) / n
+    ac, gc = (a - ma.view(-1, 1, 1, 1)) * m, (g - mg.view(-1, 1, 1, 1)) * m
+    return (ac * gc).sum((1, 2, 3)) / ((ac**2).sum((1, 2, 3)) * (gc**2).sum((1, 2, 3))).sqrt().clamp(min=1e-9)
+
+
+def dihedral_points(y: np.ndarray, x: np.ndarray, ds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where centred points (y, x) (fractions, 0 at the centre) land in variant ``ds`` of the image (``dihedral``:
+    a horizontal flip x -> -x first, then quarter turns counter-clockwise (y, x) -> (-x, y))."""
+    flip, rot = ds // 4, ds % 4
+    x = np.where(flip == 1, -x, x)
+    for k in range(1, 4):
+        sel = rot >= k
+        y, x = np.where(sel, -x, y), np.where(sel, y, x)
+    return y, x
+
+
+def _evaluate(a, b, d, sx, sy, tx, ty, cubic=False):
+    """Masked correlation of a (P, 1, S, S) with b turned by d and warped, one hypothesis per row."""
+    g, m = warp(dihedral_each(b, d), sx, sy, tx, ty, cubic)
+    return masked_ncc(a, g, m)
+
+
+def _search(a, b, ds, centre_a, centre_b, s0x, s0y):
+    """Per pair and flip in ``ds`` (P, k) (-1: none), the best (d, sx, sy, tx, ty) on (P, 1, S, S) mid-band
+    thumbnails over axis scales on 3 × 3 grids around the canonical windows' estimate s0 and around 1, each with
+    the shift that maps b's dark-mass centre onto a's (``centre_*`` (P, 2): y, x centred fractions). Returns the
+    pair index and the hypothesis of every (pair, flip) row."""
+    torch = _torch()
+    grid = np.array([(fx, fy) for fx in (0.9, 1.0, 1.11) for fy in (0.9, 1.0, 1.11)])
+    pair_rows, hyps, fits = [], [], []
+    for j in range(ds.shape[1]):
+        rows = np.flatnonzero(ds[:, j] >= 0)
+        if not len(rows):
+            continue
+        d = ds[rows, j]
+        cy, cx = dihedral_points(centre_b[rows, 0], centre_b[rows, 1], d)
+        cand = []
+        for base_x, base_y in ((s0x[rows], s0y[rows]), (np.ones(len(rows)), np.ones(len(rows)))):
+            for fx, fy in grid:
+                cand.append((np.clip(base_x * fx, *SCALE_RANGE), np.clip(base_y * fy, *SCALE_RANGE)))
+        k = len(cand)
+        sx = np.stack([h[0] for h in cand], 1).reshape(-1)  # (rows · k,) row-major per pair
+        sy = np.stack([h[1] for h in cand], 1).reshape(-1)
+        rep = np.repeat(np.arange(len(rows)), k)
+        tx = np.clip(centre_a[rows, 1][rep] - sx * cx[rep], -MAX_SHIFT, MAX_SHIFT)
+        ty = np.clip(centre_a[rows, 0][rep] - sy * cy[rep], -MAX_SHIFT, MAX_SHIFT)
+        f = lambda v: torch.from_numpy(np.ascontiguousarray(v, np.float32))  # noqa: E731
+        c = _evaluate(a[rows][rep], b[rows][rep], d[rep], f(sx), f(sy), f(tx), f(ty)).numpy().reshape(len(rows), k)
+        sel = np.arange(len(rows)) * k + c.argmax(1)
+        pair_rows.append(rows)
+        hyps.append(np.stack([d, sx[sel], sy[sel], tx[sel], ty[sel]], 1))
+        fits.append(c.max(1))
+    if not pair_rows:
+        return np.zeros(0, np.int64), np.zeros((0, 5)), np.zeros(0)
+    return np.concatenate(pair_rows), np.concatenate(hyps), np.concatenate(fits)
+
+
+def _refine(a, b, t, steps, cubic=False):
+    """Coordinate search around t (P, 5): per pass, each of sx, sy, tx, ty moved by ± its step ((scale factor, shift
+    in pixels of a)) and the best of the 9 kept."""
+    torch = _torch()
+    p, size = a.shape[0], a.shape[-1]
+    t = t.copy()
+    d = t[:, 0].astype(int)
+    rep = np.repeat(np.arange(p), 9)
+    for scale_step, shift_px in steps:
+        moves = np.zeros((9, 4))
+        moves[1:3, 0] = np.log([scale_step, 1 / scale_step])
+        moves[3:5, 1] = np.log([scale_step, 1 / scale_step])
+        moves[5:7, 2] = [shift_px / size, -shift_px / size]
+        moves[7:9, 3] = [shift_px / size, -shift_px / size]
+        sx = np.clip(t[:, 1:2] * np.exp(moves[None, :, 0]), *SCALE_RANGE).reshape(-1)
+        sy = np.clip(t[:, 2:3] * np.exp(moves[None, :, 1]), *SCALE_RANGE).reshape(-1)
+        tx = np.clip(t[:, 3:4] + moves[None, :, 2], -MAX_SHIFT, MAX_SHIFT).reshape(-1)
+        ty = np.clip(t[:, 4:5] + moves[None, :, 3], -MAX_SHIFT, MAX_SHIFT).reshape(-1)
+        f = lambda v: torch.from_numpy(np.ascontiguousarray(v, np.float32))  # noqa: E731
+        c = _evaluate(a[rep], b[rep], d[rep], f(sx), f(sy), f(tx), f(ty), cubic).numpy().reshape(p, 9)
+        sel = np.arange(p) * 9 + c.argmax(1)
+        t[:, 1], t[:, 2], t[:, 3], t[:, 4] = sx[sel], sy[sel], tx[sel], ty[sel]
+    return t
+
+
+def _standardise(x, m):
+    """(x - mean) / sd over the mask m, per image; returns it and the sd (N, 1, 1, 1)."""
+    n = m.sum((1, 2, 3), keepdim=True).clamp(min=1)
+    mean = (x * m).sum((1, 2, 3), keepdim=True) / n
+    sd = ((((x - mean) * m) ** 2).sum((1, 2, 3), keepdim=True) / n).sqrt().clamp(min=1e-6)
+    return (x - mean) / sd, sd
+
+
+def _gauss_newton(a, b, t, iterations: int, cubic: bool = False):
+    """Refine t (P, 5) by Gauss-Newton on the normalised residual over the overlap: b turned by d and warped,
+    parameters log sx, log sy, tx, ty. g(u) = b((u - t) / s), so dg/dt = -grad g and dg/dlog s = -(u - t) grad g
+    per axis, grad g the warped image's gradient in fractions of the side. Steps are clipped to 2% in scale and one
+    pixel in shift per iteration."""
+    torch = _torch()
+    size = a.shape[-1]
+    t = torch.from_numpy(t.astype(np.float32))
+    bd = dihedral_each(b, t[:, 0].long().numpy())
+    u = (torch.arange(size, dtype=torch.float32) + 0.5) / size - 0.5
+    for _ in range(iterations):
+        g, _ = warp(bd, t[:, 1], t[:, 2], t[:, 3], t[:, 4], cubic)
+        m = rect_mask(len(g), size, size, t[:, 1], t[:, 2], t[:, 3], t[:, 4], erode=1)
+        za, _ = _standardise(a, m)
+        zg, sd = _standardise(g, m)
+        gx = torch.zeros_like(g)
+        gy = torch.zeros_like(g)
+        gx[..., 1:-1] = (g[..., 2:] - g[..., :-2]) * (size / 2)
+        gy[..., 1:-1, :] = (g[..., 2:, :] - g[..., :-2, :]) * (size / 2)
+        ux = u.view(1, 1, 1, -1) - t[:, 3].view(-1, 1, 1, 1)
+        uy = u.view(1, 1, -1, 1) - t[:, 4].view(-1, 1, 1, 1)
+        jac = torch.stack([-ux * gx, -uy * gy, -gx, -gy], 1)[:, :, 0] / sd  # (P, 4, H, W)
+        jac = jac * m
+        r = (za - zg)[:, 0] * m[:, 0]
+        h = torch.einsum("pihw,pjhw->pij", jac, jac) + 1e-3 * torch.eye(4)
+        step = torch.linalg.solve(h, torch.einsum("pihw,phw->pi", jac, r))
+        step[:, :2] = step[:, :2].clamp(-0.02, 0.02)
+        step[:, 2:] = step[:, 2:].clamp(-1.0 / size, 1.0 / size)
+        t[:, 1] = (t[:, 1] * torch.exp(step[:, 0])).clamp(*SCALE_RANGE)
+        t[:, 2] = (t[:, 2] * torch.exp(step[:, 1])).clamp(*SCALE_RANGE)
+        t[:, 3] = (t[:, 3] + step[:, 2]).clamp(-MAX_SHIFT, MAX_SHIFT)
+        t[:, 4] = (t[:, 4] + step[:, 3]).clamp(-MAX_SHIFT, MAX_SHIFT)
+    return t.numpy().astype(np.float64)
+
+
+def _local_mismatch(a, g, m):
+    """max over the overlap of L (module docstring) for (P, 1, S, S) fine-band a, warped g and mask m."""
+    torch = _torch()
+    m = _erode(m, EROSION)
+    n = m.sum((1, 2, 3)).clamp(min=1)
+
+    def z(x):
+        mean = (x * m).sum((1, 2, 3), keepdim=True) / n.view(-1, 1, 1, 1)
+        var = (((x - mean) * m) ** 2).sum((1, 2, 3), keepdim=True) / n.view(-1, 1, 1, 1)
+        return (x - mean) / var.sqrt().clamp(min=1e-6) * m
+
+    za, zg = z(a), z(g)
+    # the window's sums at half resolution (2 × 2 means, then the window's half sigma): a quarter of the work
+    pool = torch.nn.functional.avg_pool2d
+    num = blur(pool((za - zg) ** 2, 2), WINDOW_SIGMA / 2)
+    cov = blur(pool(m, 2), WINDOW_SIGMA / 2)
+    den = blur(pool(za**2 + zg**2, 2), WINDOW_SIGMA / 2) + KAPPA * 2 * cov
+    local = torch.where(cov > 0.7, num / den.clamp(min=1e-9), torch.zeros_like(num))
+    return local.amax((1, 2, 3))
+
+
+def _erode(m, px):
+    """Masks (N, 1, H, W) shrunk by ``px`` pixels, outside the frame counting as masked out (a band-pass near the
+    frame's edge saw repeated edge pixels, not the other image's content beyond it)."""
+    torch = _torch()
+    if px <= 0:
+        return m
+    F = torch.nn.functional
+    padded = F.pad(m, (px, px, px, px), value=0.0)
+    k = 2 * px + 1
+    rows = -F.max_pool2d(-padded, (1, k), stride=1)  # the minimum along each row's window ...
+    return -F.max_pool2d(-rows, (k, 1), stride=1)  # ... then along each column's: the 2-D minimum, separably
+
+
+def _resolution_sigma(side: np.ndarray, size: int) -> np.ndarray:
+    """Blur of a thumbnail of ``size`` sampled from an image whose shorter side is ``side`` pixels."""
+    return NATIVE_BLUR * np.maximum(1.0, size / np.maximum(side, 1.0))
+
+
+def initial_scales(frames_a: np.ndarray, frames_b: np.ndarray, ds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sx, sy) that map b's canonical window (turned by ``ds``) onto a's: the search's starting point."""
+    ha = frames_a[:, 0, 2:4].astype(np.float64)
+    hb = frames_b[:, 0, 2:4].astype(np.float64)
+    swap = (ds % 4) % 2 == 1  # a quarter turn swaps the axes
+    hb = np.where(swap[:, None], hb[:, ::-1], hb)
+    s = np.clip(ha / np.maximum(hb, 1e-6), *SCALE_RANGE)
+    return s[:, 0], s[:, 1]
+
+
+def verify_pairs(prints: dict[str, np.ndarray], sides: np.ndarray, a_idx: np.ndarray, b_idx: np.ndarray,
+                 chunk: int = 512):
+    """Verify the pairs (a_idx[i], b_idx[i]) of images whose fingerprints are ``prints`` (``features.fingerprint``:
+    views (N, 2, 32, 32), frames (N, 2, 4), verify (N, 64, 64)); ``sides`` (N,) each image's shorter side in pixels.
+    Returns score (P,) float32 (NaN: unverifiable), transforms (P, 5) float32 (d, sx, sy, tx, ty: b onto a,
+    ``Transform``) and overlap (P,) (the smaller share of either image inside the other)."""
+    torch = _torch()
+    p = len(a_idx)
+    score = np.full(p, np.nan, np.float32)
+    trans = np.zeros((p, 5), np.float32)
+    overlap = np.zeros(p, np.float32)
+    if not p:
+        return score, trans, overlap
+    order = np.argsort(a_idx, kind="stable")  # pairs of one image in one chunk: its levels are made once
+    with torch.no_grad():
+        for lo in range(0, p, chunk):
+            sel = order[lo:lo + chunk]
+            ga, gb = a_idx[sel], b_idx[sel]
+            used, inverse = np.unique(np.concatenate([ga, gb]), return_inverse=True)
+            levels = _image_levels(prints["verify"][used])  # per chunk: memory stays bounded
+            ds = candidate_flips(prints["views"][ga], prints["views"][gb])
+            s, t, o = _verify_chunk(levels, inverse[:len(sel)], inverse[len(sel):], sides[ga], sides[gb], ds,
+                                    prints["frames"][ga], prints["frames"][gb])
+            score[sel], trans[sel], overlap[sel] = s, t, o
+    return score, trans, overlap
+
+
+def _image_levels(thumbs: np.ndarray) -> dict:
+    """Per image, once: the raw thumbnail's spread, the mid band at 64 and pooled to 32 and 16, the fine band."""
+    torch = _torch()
+    F = torch.nn.functional
+    x = torch.from_numpy(np.ascontiguousarray(thumbs, np.float32))[:, None]
+    mid = band(x, BAND)
+    flat = thumbs.reshape(len(thumbs), -1)
+    return {"std": torch.from_numpy(flat.std(1, dtype=np.float32)), "mid": mid,
+            "half": F.adaptive_avg_pool2d(mid, ALIGN_SIZES[1]), "quarter": F.adaptive_avg_pool2d(mid, ALIGN_SIZES[0]),
+            "clipped": _clipped_regions(x, (flat >= CLIPPED).any(1))}
+
+
+def _clipped_regions(x, any_clipped: np.ndarray):
+    """(N, 1, S, S) 1 where at least CLIPPED_SHARE of the 4 × 4 pixels around are clipped white (on a grid of every
+    other pixel): a region whose detail was lost (isolated bright pixels of sensor noise do not count). Only images
+    with a clipped pixel are looked at (``any_clipped``)."""
+    torch = _torch()
+    F = torch.nn.functional
+    out = torch.zeros_like(x)
+    sel = torch.from_numpy(np.flatnonzero(any_clipped))
+    if len(sel):
+        clipped = (x[sel] >= CLIPPED).to(x.dtype)
+        share = F.avg_pool2d(clipped, 4, 2, 1, count_include_pad=False)  # 4 × 4 means at every other pixel
+        out[sel] = F.interpolate((share >= CLIPPED_SHARE).to(x.dtype), scale_factor=2, mode="nearest")
+    return out
+
+
+def _verify_chunk(levels, ia, ib, side_a, side_b, ds, fa, fb):
+    torch = _torch()
+    s0x, s0y = initial_scales(fa, fb, np.maximum(ds[:, 0], 0))
+    centre_a = fa[:, 0, 1::-1].astype(np.float64) - 0.5  # (y, x) of the dark mass, centred
+    centre_b = fb[:, 0, 1::-1].astype(np.float64) - 0.5
+    a_i, b_i = torch.from_numpy(ia), torch.from_numpy(ib)
+    # every plausible flip searched and refined; the pair keeps the one that aligns best at 32 px
+    rows, t, _ = _search(levels["quarter"][a_i], levels["quarter"][b_i], ds, centre_a, centre_b, s0x, s0y)
+    ra, rb = a_i[rows], b_i[rows]
+    t = _gauss_newton(levels["quarter"][ra], levels["quarter"][rb], t, 4)
+    tt = torch.from_numpy(t.astype(np.float32))
+    coarse = _evaluate(levels["quarter"][ra], levels["quarter"][rb], t[:, 0].astype(int), tt[:, 1], tt[:, 2],
+                       tt[:, 3], tt[:, 4]).numpy()
+    # a flip whose coarse alignment correlates below COARSE_MIN is no copy (copies: >= 0.85 in the benchmark; half
+    # of the look-alike candidates fall below): the refinement at 48 px and the score run on the rest only
+    alive = coarse >= COARSE_MIN
+    p = len(ia)
+    score = np.full(p, NO_ALIGNMENT, np.float32)
+    trans = np.zeros((p, 5), np.float32)
+    share = np.zeros(p, np.float32)
+    rows, t = rows[alive], t[alive]
+    if not len(rows):
+        return score, trans, share
+    ra, rb = a_i[rows], b_i[rows]
+    t = _gauss_newton(levels["half"][ra], levels["half"][rb], t, 5)
+    tt = torch.from_numpy(t.astype(np.float32))
+    fit = _evaluate(levels["half"][ra], levels["half"][rb], t[:, 0].astype(int), tt[:, 1], tt[:, 2], tt[:, 3],
+                    tt[:, 4]).numpy()
+    order = np.lexsort((-fit, rows))
+    first = order[np.r_[True, rows[order][1:] != rows[order][:-1]]]  # the best-fitting flip of each pair
+    done = rows[first]
+    s, t_, o = _score(levels, a_i[done], b_i[done], side_a[done], side_b[done], t[first])
+    score[done], trans[done], share[done] = s, t_, o
+    return score, trans, share
+
+
+def _score(levels, a_i, b_i, side_a, side_b, t):
+    """Scores (module docstring), transforms and overlaps of aligned pairs."""
+    torch = _torch()
+    size = levels["mid"].shape[-1]
+    # score on the fine band at a common resolution
+    sa, sb = _resolution_sigma(side_a, size), _resolution_sigma(side_b, size)
+    extra_a = np.sqrt(np.maximum(sb**2 - sa**2, 0.0)).round(1)
+    extra_b = np.sqrt(np.maximum(sa**2 - sb**2, 0.0)).round(1)
+    af = blur(levels["mid"][a_i], torch.from_numpy(extra_a).float())
+    bf = blur(levels["mid"][b_i], torch.from_numpy(extra_b).float())
+    tt = torch.from_numpy(t.astype(np.float32))
+    d = t[:, 0].astype(int)
+    g, m = warp(dihedral_each(bf, d), tt[:, 1], tt[:, 2], tt[:, 3], tt[:, 4], cubic=True)
+    clipped_b, _ = warp(dihedral_each(levels["clipped"][b_i], d), tt[:, 1], tt[:, 2], tt[:, 3], tt[:, 4])
+    # regions white in either image hold no detail to compare (a brighter copy clips its background)
+    compared = m * (1 - ((levels["clipped"][a_i] + clipped_b) > 0.5).to(m.dtype))
+    mismatch = _local_mismatch(af, g, compared)
+    inside_a = m.mean((1, 2, 3))  # share of a covered by b
+    inside_b = (inside_a / (tt[:, 1] * tt[:, 2])).clamp(max=1.0)  # share of b inside a: b spans sx·sy of a's frame
+    share = torch.minimum(inside_a, inside_b)
+    structured = (levels["std"][a_i] > 1.0) & (levels["std"][b_i] > 1.0)
+    ok = structured & (share >= MIN_OVERLAP) & (compared.mean((1, 2, 3)) >= MIN_COMPARED)
+    score = torch.where(ok, 1.0 - mismatch, torch.full_like(mismatch, float("nan")))
+    return score.numpy(), t.astype(np.float32), share.numpy()
+
+
+def candidate_flips(views_a: np.ndarray, views_b: np.ndarray) -> np.ndarray:
+    """(P, MAX_D) flips/rotations of b worth searching: those whose view similarity to a (the better of the two
+    views) is within D_MARGIN of the best of the 8 (best first; -1 pads). views (P, 2, s, s) uint8 as stored."""
+    from cytoray.curation.dedup import dihedral_perms
+
+    p, nviews, s, _ = views_a.shape
+    perms = dihedral_perms(s)  # variant row = row[perm[d]]
+    sims = np.full((p, 8), -2.0)
+    for v in range(nviews):
+        va = views_a[:, v].reshape(p, -1).astype(np.float32)
+        vb = views_b[:, v].reshape(p, -1).astype(np.float32)
+        va -= va.mean(1, keepdims=True)
+        vb -= vb.mean(1, keepdims=True)
+        va /= np.maximum(np.linalg.norm(va, axis=1, keepdims=True), 1e-6)
+        vb /= np.maximum(np.linalg.norm(vb, axis=1, keepdims=True), 1e-6)
+        sims = np.maximum(sims, np.stack([np.einsum("ij,ij->i", vb[:, perms[d]], va) for d in range(8)], 1))
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :MAX_D]
+    top = np.take_along_axis(sims, order, 1)
+    return np.where(top >= top[:, :1] - D_MARGIN, order, -1)
