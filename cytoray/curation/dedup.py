@@ -219,12 +219,10 @@ def dihedral_perms(side: int) -> np.ndarray:
     return np.stack([np.rot90(grid[:, ::-1] if flip else grid, rot).ravel() for flip in (0, 1) for rot in range(4)])
 
 
-# The screening product runs on int8 rows: row x (centred, unit) is stored as q = round(x · s), s = 127 / max|x|,
+# The candidate product runs on int8 rows: row x (centred, unit) is stored as q = round(x · s), s = 127 / max|x|,
 # with its exact rounding error e = ||x - q / s||. For unit rows x, y: |x·y - (q_x·q_y) / (s_x s_y)| <= e_x + e_y
-# + 3 e_x e_y (Cauchy-Schwarz on each error term; q_x·q_y is an exact int32 sum), so a pair above the threshold
-# always passes the screen "estimate > threshold - that bound", and every pair that passes is measured again in
-# fp32. On the synthetic thumbnails e is ~0.006 (median) to 0.02 (max): the screen sits near 0.96.
-SCREEN_SLACK = 1e-5  # fp32 rounding of the estimate's two scalings
+# + 3 e_x e_y (Cauchy-Schwarz on each error term; q_x·q_y is an exact int32 sum). On the band-passed views e is
+# ~0.01: the estimate proposes candidates; verification measures the pixels.
 
 
 class Prints:
@@ -317,19 +315,18 @@ def _probe_lists(lists, prints: Prints, probe: int, pool: int = 1, invariant: bo
 
 def search_members(queries: Prints, probes: np.ndarray, base: Prints, base_ids: np.ndarray, base_list: np.ndarray,
                    k: int, threshold: float, same_ids: np.ndarray | None = None, chunk_cells: int = 1 << 23):
-    """The core of the fingerprint search: each query variant against the index rows of the lists it probes.
+    """The core of the candidate search: each query variant against the index rows of the lists it probes.
 
-    ``probes``: (nq, V, P) list ids per query image and variant (-1: none); ``base``: the index's zoom-1
-    prints, sorted by ``base_list`` (their list ids), ``base_ids`` their ids. Per list, every query variant
-    that probes it is gathered (``variant_rows8``) and multiplied with the list's rows in one int8 matrix product
-    (exact int32 sums), in blocks of at most ``chunk_cells`` similarities; entries whose estimate is within the
-    rows' quantisation bound of the threshold (``Prints``) are measured again in fp32 and only those above
-    ``threshold`` leave a block, at most ``k`` per query variant. (One product per list and not per (list,
-    variant): with 24 variants a shard's queries split into blocks of a few dozen rows at 10⁶ images, where the
-    product runs at a tenth of its speed.) ``same_ids``: the queries' ids when they are index rows too (a row
-    never pairs with itself). Returns (query row · V + variant, index id, cosine), not yet reduced over lists.
-    (Screening pairs on 8×8 block means was slower on CPU: within a list 3–25% of pairs pass any useful screen,
-    and gathering them costs more than the product.)"""
+    ``probes``: (nq, V, P) list ids per query image and variant (-1: none); ``base``: the index's prints, sorted by
+    ``base_list`` (their list ids), ``base_ids`` their ids. Per list, every query variant that probes it is gathered
+    (``variant_rows8``) and multiplied with the list's rows in one int8 matrix product (exact int32 sums), in blocks
+    of at most ``chunk_cells`` similarities; each query variant's ``k`` best estimates above ``threshold`` leave a
+    block. The estimates are within the rows' exact quantisation bound of the fp32 cosine (``Prints``: ~0.02 on the
+    band-passed views), which is precision enough to propose candidates — verification decides. (One product per
+    list and not per (list, variant): with many variants a shard's queries would split into blocks of a few dozen
+    rows, where the product runs at a tenth of its speed.) ``same_ids``: the queries' ids when they are index rows
+    too (a row never pairs with itself). Returns (query row · V + variant, index id, estimate), not yet reduced
+    over lists."""
     import torch
 
     nq, nv, probe = probes.shape
@@ -349,35 +346,22 @@ def search_members(queries: Prints, probes: np.ndarray, base: Prints, base_ids: 
         entry = entry[np.argsort(entry % nv % 8, kind="stable")]  # grouped by flip/rotation: one copy each
         members = torch.from_numpy(base.rows8[a0:b0, 0]).T
         inv_m = torch.from_numpy(base.inv8[a0:b0, 0])
-        err_m = float(base.err8[a0:b0, 0].max())
         step = max(1, chunk_cells // (b0 - a0))
+        kk = min(k + same, b0 - a0)  # + the query itself, dropped below
         for a in range(0, len(entry), step):
             qv = entry[a:a + step]
             rows, zoom = qv // nv, qv % nv // 8
             sims = torch._int_mm(torch.from_numpy(variant_rows8(queries, rows, qv % nv)), members).float()
             sims *= inv_m  # x·y ≈ q_x·q_y / (s_x s_y): the members' scales here, the queries' per row below
-            inv_q, err_q = queries.inv8[rows, zoom], queries.err8[rows, zoom]
-            bound = torch.from_numpy((err_q + err_m + 3 * err_q * err_m + SCREEN_SLACK) / inv_q)  # error, row units
-            screen = torch.from_numpy(threshold / inv_q) - bound
-            # measured again in fp32: what passes the screen and can be among the row's k best (+ itself) — an
-            # estimate within twice the error bound of the k-th largest, at most 8 more than k (at a candidate
-            # threshold most entries pass the screen; only the best can be kept)
-            kk = min(k + same, b0 - a0)
-            vals, best = torch.topk(sims, min(kk + 8, b0 - a0), dim=1)
-            near_top = vals >= (vals[:, kk - 1] - 2 * bound)[:, None]
-            ci, cj = (t.numpy() for t in torch.nonzero((vals > screen[:, None]) & near_top, as_tuple=True))
+            sims *= torch.from_numpy(queries.inv8[rows, zoom])[:, None]
+            vals, best = torch.topk(sims, kk, dim=1)
+            ci, cj = (t.numpy() for t in torch.nonzero(vals > threshold, as_tuple=True))
             if not len(ci):
                 continue
-            qvi, mi = qv[ci], best.numpy()[ci, cj] + a0
-            si = np.einsum("ij,ij->i", exact_rows(queries, qvi // nv, qvi % nv), base.exact(mi, 0))
-            above = si > threshold
-            qvi, mi, si = qvi[above], base_ids[mi[above]], si[above]
+            qvi, mi, si = qv[ci], base_ids[best.numpy()[ci, cj] + a0], vals.numpy()[ci, cj]
             if same_ids is not None:
                 other = same_ids[qvi // nv] != mi
                 qvi, mi, si = qvi[other], mi[other], si[other]
-            if len(qvi) > k:  # a block holds each query variant once: keep its k best here already
-                top = _top_per_group(qvi, si, mi, k)
-                qvi, mi, si = qvi[top], mi[top], si[top]
             out_q.append(qvi)
             out_m.append(mi)
             out_s.append(si.astype(np.float32))
@@ -400,15 +384,6 @@ def variant_rows8(prints: Prints, rows: np.ndarray, variants: np.ndarray) -> np.
         if flip or rot:
             g = out[a:b].reshape(-1, side, side)
             out[a:b] = np.rot90(g[:, :, ::-1] if flip else g, rot, axes=(1, 2)).reshape(b - a, cells)
-    return out
-
-
-def exact_rows(prints: Prints, rows: np.ndarray, variants: np.ndarray) -> np.ndarray:
-    """fp32 rows of variant ``variants[i]`` of image ``rows[i]`` (``_variant_rows``, mixed variants)."""
-    out = np.empty((len(rows), prints.thumbs.shape[2] * prints.thumbs.shape[3]), np.float32)
-    for v in np.unique(variants).tolist():
-        sel = np.flatnonzero(variants == v)
-        out[sel] = prints.exact(rows[sel], v)
     return out
 
 

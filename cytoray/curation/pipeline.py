@@ -96,9 +96,12 @@ def stage_line(stage: str, summary: dict) -> str:
     if stage == "embed":
         return f"embed: {summary['count']} images -> {summary['embedder']} features ({summary['dim']} dims)"
     if stage == "dedup":
-        t = summary["total"]
+        t, v = summary["total"], summary.get("verification", {})
+        pairs = sum(v[k]["candidates"] for k in ("near", "leakage") if k in v)
+        unverifiable = sum(v[k]["unverifiable"] for k in ("near", "leakage") if k in v)
         return (f"dedup: {t['images']} images -> {t['kept']} kept, {t['duplicates']} duplicates ({t['exact']} exact, "
-                f"{t['near']} near, {t['cross_dataset']} across datasets), {t['leakage']} dropped by the leakage guard")
+                f"{t['near']} near, {t['cross_dataset']} across datasets), {t['leakage']} dropped by the leakage guard; "
+                f"{pairs} candidate pairs verified ({unverifiable} unverifiable, kept)")
     if stage == "cluster":
         return f"cluster: {summary['images']} images -> levels {summary['levels']}"
     if stage == "balance":
@@ -201,6 +204,9 @@ def finalize(out_uri: str, results: dict, storage_cfg, balanced: bool = True) ->
                "datasets": per, "total": total,
                "stages": {k: {"seconds": v.get("seconds")} for k, v in results.items()},
                "embedder": results["embed"]["embedder"], "dedup_threshold": dedup["threshold"],
+               # candidate pairs per kind: verified (removed), kept apart, no alignment, unverifiable (both kept)
+               "dedup_verification": {k: {c: n for c, n in dedup["verification"][k].items()
+                                          if not c.startswith("histogram")} for k in ("near", "leakage")},
                "leakage_threshold": dedup.get("leakage_threshold"), "eval_manifests": dedup.get("eval_manifests", []),
                "clusters": {"levels": results["cluster"]["levels"], "columns": results["cluster"]["columns"]},
                "balance": {k: bal[k] for k in ("target_size", "samples_per_epoch", "sampled_images", "max_repeat",

@@ -3,7 +3,8 @@ data URI; no network, no side files).
 
 Sections: counts per stage and dataset; bar charts before/after balancing by dataset, cell type, group and
 top-level cluster with the balance metrics; one montage per top-level cluster (to name and weight clusters in
-``group_mapping_template.csv``); example duplicate pairs side by side with their similarity; quarantine
+``group_mapping_template.csv``); the copy-detection counts, the verified-score distribution of removed vs kept-apart
+candidate pairs and the lowest-scoring removals side by side with their score and transform; quarantine
 reasons; a 2-D PCA map of the embeddings coloured by dataset and by cell type. A small script counts the
 images the browser decoded and writes the figure into ``#render-check`` (the headless-browser test reads it).
 """
@@ -97,6 +98,31 @@ CSS = """.montage{margin:10px 0 18px}.montage img,.pair img{margin:1px;border:1p
 .pair{display:inline-block;margin:6px 12px 6px 0;font-size:12px;text-align:center}"""
 
 
+def _verification(v: dict | None) -> str:
+    """Counts of the candidate pairs per kind and the score distribution of those removed vs kept apart."""
+    if not v:
+        return ""
+    from cytoray.figures import figure
+
+    rows = [[k, v[k]["candidates"], v[k]["verified"], v[k]["kept_apart"], v[k]["no_alignment"], v[k]["unverifiable"],
+             v[k]["threshold"]] for k in ("near", "leakage")]
+    bins = np.array(v["score_bins"])
+    fig, axes = figure((9.0, 2.8), 1, 2, squeeze=False)
+    for ax, k in zip(axes.flat, ("near", "leakage")):
+        centres, width = (bins[:-1] + bins[1:]) / 2, bins[1] - bins[0]
+        ax.bar(centres, v[k]["histogram_kept_apart"], width, color="tab:blue", alpha=0.7, label="kept apart")
+        ax.bar(centres, v[k]["histogram_verified"], width, color="tab:red", alpha=0.7, label="removed (verified)")
+        ax.axvline(v[k]["threshold"], color="k", lw=1, ls="--")
+        ax.set_yscale("symlog")
+        ax.set_title(f"{k} candidate pairs: verified score", fontsize=10)
+        ax.tick_params(labelsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return (table(["candidates", "pairs", "verified (removed)", "kept apart", "no alignment", "unverifiable",
+                   "threshold"], rows)
+            + f"<img alt='verified scores of candidate pairs' src='{png_uri(fig)}'>")
+
+
 def build_report(out_uri: str, cfg: ReportConfig, storage_cfg=None) -> str:
     """The report's HTML from the run directory's outputs."""
     from cytoray import storage, tables
@@ -169,13 +195,18 @@ def build_report(out_uri: str, cfg: ReportConfig, storage_cfg=None) -> str:
             other = r.duplicate_of if "://" in r.duplicate_of or r.duplicate_of.startswith("/") else None
         right = (f"<img src='{_thumb(other, cfg.thumb_size, storage_cfg)}'>" if other
                  else "<span>(evaluation image)</span>")
+        how = getattr(r, "transform", None) or ""
         pairs.append(f"<div class='pair'><img src='{_thumb(uri_of[r.image_id], cfg.thumb_size, storage_cfg)}'>{right}"
                      f"<br>{html.escape(r.reason)} {r.similarity:.3f}<br>{html.escape(r.dataset)} &rarr; "
-                     f"{html.escape(r.duplicate_of_dataset)}</div>")
+                     f"{html.escape(r.duplicate_of_dataset)}<br><span class='note'>{html.escape(how)}</span></div>")
     by_reason = dups["reason"].value_counts().to_dict() if len(dups) else {}
-    parts.append(f"<section id='duplicates'><h2>Duplicates ({len(dups)})</h2><p class='note'>{by_reason}; the "
-                 "lowest-similarity examples per reason (the ones to check): removed image left, kept or "
-                 "evaluation image right.</p>" + "".join(pairs) + "</section>")
+    verification = (read_marker(out_uri, "dedup", storage_cfg) or {}).get("verification")
+    parts.append(f"<section id='duplicates'><h2>Duplicates ({len(dups)})</h2><p class='note'>{by_reason}. A near "
+                 "duplicate or leak is a candidate pair whose images map onto each other (the transform under each "
+                 "pair: flip or turn, the box of one in the other's frame, its offset) with a verified score of at "
+                 "least the threshold (docs/curation.md, \"Duplicates\").</p>" + _verification(verification)
+                 + "<p class='note'>The lowest-scoring removals per reason (the ones to check): removed image left, "
+                   "kept or evaluation image right.</p>" + "".join(pairs) + "</section>")
 
     # quarantine
     q_rows = [[d, r, n] for (d, r), n in quarantine.groupby(["dataset", "reason"]).size().items()] if len(quarantine) else []

@@ -47,7 +47,7 @@ WINDOW_SIGMA = 3.0  # local mismatch window
 # background is not evidence; JPEG blocks in it are not either). 0.1 let two round cells of one class through where
 # only their nucleus texture differs; 0.01 failed JPEG copies at quality 50-60 (benchmarks/RESULTS.md)
 KAPPA = 0.05
-EROSION = 2  # pixels of the overlap's edge not scored (the band-pass there saw the other side of the edge)
+EROSION = 4  # pixels of the overlap's edge not scored (the band-pass there saw the other side of the edge)
 NATIVE_BLUR = 0.5  # blur of a thumbnail sampled from a larger image, in thumbnail pixels
 CLIPPED = 253  # grey level from which a pixel counts as clipped white ...
 CLIPPED_SHARE = 0.8  # ... and the share of clipped pixels around it that makes a region clipped (not sensor noise)
@@ -396,7 +396,7 @@ def initial_scales(frames_a: np.ndarray, frames_b: np.ndarray, ds: np.ndarray) -
 def verify_pairs(prints: dict[str, np.ndarray], sides: np.ndarray, a_idx: np.ndarray, b_idx: np.ndarray,
                  chunk: int = 512):
     """Verify the pairs (a_idx[i], b_idx[i]) of images whose fingerprints are ``prints`` (``features.fingerprint``:
-    views (N, 2, 32, 32), frames (N, 2, 4), verify (N, 64, 64)); ``sides`` (N,) each image's shorter side in pixels.
+    views (N, V, 32, 32), frames (N, V, 4), verify (N, 96, 96)); ``sides`` (N,) each image's shorter side in pixels.
     Returns score (P,) float32 (NaN: unverifiable), transforms (P, 5) float32 (d, sx, sy, tx, ty: b onto a,
     ``Transform``) and overlap (P,) (the smaller share of either image inside the other)."""
     torch = _torch()

@@ -2,24 +2,26 @@
 
 Two steps use them (docs/curation.md, "Duplicates"):
 
-- **Candidate views** ``views`` (2, 32, 32) uint8: band-passed grey windows anchored on the image's content, so
-  that another bounding box, rescaling or a stretched re-export of the same picture gives the same window:
-  ``canonical`` — centred on the dark mass (the cell's nucleus and granules) and sized by its spread (second
-  moments per axis, at least half the image), ``centred`` — centred on the same point, 84% of the image per axis.
-  Each window is sampled at 32 × 32 after an anti-alias blur and band-passed (difference of Gaussians, 0.6 / 1.6
-  px), which removes illumination and colour shifts and keeps the structure that tells cells apart. The search
-  compares each view with the same view of the other images under the 8 flips and quarter turns.
+- **Candidate views** ``views`` (3, 32, 32) uint8: band-passed grey windows, two of them anchored on the image's
+  content, so that another bounding box, rescaling or a stretched re-export of the same picture gives the same
+  window: ``canonical`` — centred on the dark mass (the cell's nucleus and granules) and sized by its spread
+  (second moments per axis, at least half the image), ``centred`` — centred on the same point, 84% of the image per
+  axis; and ``frame`` — the whole image, squashed (for a cell that fills its box, where the dark mass reaches the
+  border and moves with a crop). Each window is sampled at 32 × 32 after an anti-alias blur and band-passed
+  (difference of Gaussians, 0.6 / 1.6 px), which removes illumination and colour shifts and keeps the structure
+  that tells cells apart. The search compares each view with the same view of the other images under the 8 flips
+  and quarter turns.
 - **Verification thumbnail** ``verify`` (64, 64) uint8: the whole image in grey, squashed to a square (so a crop
   resized back and one left at its size map alike), on which ``curation.verification`` finds the transform
   between two images and scores the aligned pixels.
 
-``frames`` (2, 4) float32 are the views' windows (centre x, y and half-sizes as fractions of the image width and
+``frames`` (3, 4) float32 are the views' windows (centre x, y and half-sizes as fractions of the image width and
 height): the verifier starts its search from them; ``size`` (height, width) tells it the image's resolution.
-6,184 bytes per image in all (views 2,048, verify 4,096, frames 32, size 8).
+12,344 bytes per image in all (views 3,072, verify 9,216, frames 48, size 8).
 
-Measured on planted copies and look-alikes (benchmarks/RESULTS.md, "Copy detection"): with both views, the true
-source is the nearest image of one of them for 99.7% of copies among 30,000 images, where either view alone
-finds 91-98%.
+Measured on planted copies and look-alikes (benchmarks/RESULTS.md, "Copy detection"): with the two anchored views,
+the true source is the nearest image of one of them for 99.7% of copies among 30,000 images, where either view
+alone finds 91-98%; the frame view adds copies of the largest cells at 10⁵ images.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-VIEWS = ("canonical", "centred")
+VIEWS = ("canonical", "centred", "frame")
 VIEW_SIZE = 32
 VERIFY_SIZE = 96
 VIEW_BAND = (0.6, 1.6)  # difference-of-Gaussians sigmas of the views, in view pixels
@@ -66,13 +68,14 @@ def dark_mass_frame(g: np.ndarray) -> tuple[float, float, float, float]:
 
 
 def view_frames(g: np.ndarray) -> np.ndarray:
-    """(2, 4) windows of the two views as fractions of the image: centre x, y, half-width, half-height."""
+    """(3, 4) windows of the views as fractions of the image: centre x, y, half-width, half-height."""
     h, w = g.shape
     cx, cy, sx, sy = dark_mass_frame(g)
     canonical = (cx / w, cy / h, max(CANONICAL_SPREAD * sx / w, CANONICAL_MIN_HALF),
                  max(CANONICAL_SPREAD * sy / h, CANONICAL_MIN_HALF))
     centred = (cx / w, cy / h, CENTRED_HALF, CENTRED_HALF)
-    return np.array([canonical, centred], np.float32)
+    frame = (0.5, 0.5, 0.5, 0.5)
+    return np.array([canonical, centred, frame], np.float32)
 
 
 def sample_window(g: np.ndarray, frame, size: int = VIEW_SIZE) -> np.ndarray:
@@ -116,7 +119,7 @@ def _work_image(g: np.ndarray) -> np.ndarray:
 
 
 def fingerprint(rgb_u8: np.ndarray) -> dict[str, np.ndarray]:
-    """views (2, 32, 32) uint8, frames (2, 4) float32, verify (64, 64) uint8 and size (height, width) int32 of one
+    """views (3, 32, 32) uint8, frames (3, 4) float32, verify (96, 96) uint8 and size (height, width) int32 of one
     H×W×3 uint8 image."""
     g = grey(rgb_u8)
     work = _work_image(g)
@@ -130,7 +133,7 @@ def fingerprint(rgb_u8: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def fingerprint_batch(images: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """The fingerprints of several images, stacked: views (N, 2, 32, 32), frames (N, 2, 4), verify (N, 64, 64),
+    """The fingerprints of several images, stacked: views (N, 3, 32, 32), frames (N, 3, 4), verify (N, 96, 96),
     size (N, 2)."""
     parts = [fingerprint(im) for im in images]
     if not parts:

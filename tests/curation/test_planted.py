@@ -7,6 +7,7 @@ import numpy as np
 
 from cytoray.curation.embed import load_embeddings
 from cytoray.curation.stage import read_marker
+from cytoray.curation.synthetic.copies import FEATURELESS, LOOKALIKE_KINDS
 from cytoray.curation.synthetic.planted import KINDS, write_planted_run
 from cytoray.tables import read_table
 
@@ -18,8 +19,8 @@ def _parts(out):
 
 def test_streamed_run_is_aligned_deterministic_and_matches_its_truth(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    truth = write_planted_run(a, 600, dim=16, copy_rate=0.2, seed=5, workers=2, part_rows=200)
-    again = write_planted_run(b, 600, dim=16, copy_rate=0.2, seed=5, workers=1, part_rows=200)
+    truth = write_planted_run(a, 600, dim=16, copy_rate=0.2, seed=5, workers=2, part_rows=200, lookalike_rate=0.1)
+    again = write_planted_run(b, 600, dim=16, copy_rate=0.2, seed=5, workers=1, part_rows=200, lookalike_rate=0.1)
 
     # three parts per stage file, byte for byte the same with 2 worker processes as in this process
     parts = _parts(a)
@@ -34,9 +35,9 @@ def test_streamed_run_is_aligned_deterministic_and_matches_its_truth(tmp_path):
     ids, emb, fp = load_embeddings(a)
     assert list(ids) == ing.column("image_id").to_pylist() == sorted(ids) == truth.image_id.tolist()
 
-    # copies: as many as asked, every kind, each of an earlier original
-    copies = truth[truth.kind != "original"]
-    assert len(copies) == 120 and set(copies["transform"]) == set(KINDS)
+    # copies: as many as asked, every kind, each of an earlier original, their drawn parameters recorded
+    copies = truth[truth.kind.isin(["near_duplicate", "exact_duplicate"])]
+    assert len(copies) == 120 and set(copies["transform"]) == set(KINDS) and copies.detail.notna().all()
     assert (copies.duplicate_of < copies.image_id).all()
     assert set(truth.kind[truth.image_id.isin(copies.duplicate_of)]) == {"original"}
     row = {k: r for r, k in enumerate(ids)}
@@ -46,9 +47,18 @@ def test_streamed_run_is_aligned_deterministic_and_matches_its_truth(tmp_path):
         assert float(emb[i] @ emb[s]) > 0.99
         assert (sha[i] == sha[s]) == (c.transform == "exact")  # the source rendered again: the same pixels
         if c.transform == "exact":
-            assert (fp[i] == fp[s]).all()
-        if c.transform == "flip":  # horizontal or vertical; the zoom-1 thumbnail is a 2x2 box mean, flips exactly
-            assert (fp[i, 0] == fp[s, 0, :, ::-1]).all() or (fp[i, 0] == fp[s, 0, ::-1]).all()
+            assert (fp["verify"][i] == fp["verify"][s]).all()
+        if c.transform == "flip":  # the verification thumbnail of a flipped image is the flipped thumbnail
+            v, w = fp["verify"][i], fp["verify"][s]
+            assert (v == w[:, ::-1]).all() or (v == w[::-1]).all(), c.detail
+    # look-alikes: distinct cells (own pixels, own embedding) next to an original of the same class and dataset
+    looks = truth[truth.kind == "lookalike"]
+    assert len(looks) == 60 and set(looks["transform"]) == set(LOOKALIKE_KINDS)
+    for r in looks.itertuples():
+        i, s = row[r.image_id], row[r.lookalike_of]
+        assert r.cell_type == truth.cell_type[s] and r.dataset == truth.dataset[s] and sha[i] != sha[s]
+        assert float(emb[i] @ emb[s]) < 0.99
+    assert truth.cell_type[looks.lookalike_of.map(row)].isin(FEATURELESS).mean() > 0.3  # weighted towards them
     assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
 
 

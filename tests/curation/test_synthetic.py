@@ -8,7 +8,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 
 from cytoray.curation.synthetic.cells import CLASS_NAMES, Stain, render_cell
-from cytoray.curation.synthetic.collection import CollectionSpec, generate_collection
+from cytoray.curation.synthetic.collection import NEAR_TRANSFORMS, CollectionSpec, generate_collection
 from cytoray.curation.synthetic.layouts import STYLES
 
 
@@ -76,7 +76,7 @@ def test_ground_truth_lists_planted_files(collection, ground_truth):
     dups = ground_truth[ground_truth.kind.str.endswith("duplicate")]
     assert (dups.duplicate_of.str.split("/").str[0] != dups.dataset).any()  # some cross-dataset copies
     assert (dups.duplicate_of.str.split("/").str[0] == dups.dataset).any()  # and some within
-    assert set(dups[dups.kind == "near_duplicate"]["transform"]) <= {"reencode", "flip", "rot90", "crop", "resize", "recolour"}
+    assert set(dups[dups.kind == "near_duplicate"]["transform"]) <= set(NEAR_TRANSFORMS)
     for row in ground_truth[ground_truth.kind != "crop"].itertuples():
         assert os.path.exists(os.path.join(root, row.dataset, row.relpath)), row
     bad = ground_truth[ground_truth.kind == "bad"]

@@ -10,7 +10,7 @@ Output under ``OUT_DIR``:
                               expected_reason, patient_id, patient_label
 
 ``kind`` is ``original``, ``exact_duplicate`` (same decoded pixels, other encoding), ``near_duplicate``
-(re-encoded / flipped / rotated / cropped / resized / recoloured), ``crop`` (a cell in a detection or
+(a re-export: ``NEAR_TRANSFORMS``, parameters drawn by ``synthetic.copies``), ``crop`` (a cell in a detection or
 segmentation field) or ``bad`` (with the quarantine reason ingestion must give).
 Everything is a pure function of the seed.
 """
@@ -42,7 +42,10 @@ DEFAULT_DATASETS = {
 }
 FIELD_LAYOUTS = {"bccd", "segpc"}  # one file per field; cells are cropped at ingestion
 EXT_FMT = {"jpg": "jpg", "jpeg": "jpg", "tif": "tiff", "tiff": "tiff", "bmp": "bmp", "png": "png"}
-NEAR_TRANSFORMS = ("reencode", "flip", "rot90", "crop", "resize", "recolour")
+# re-exports of a published image (``synthetic.copies``); a box beyond the image needs the smear field, which a
+# published image does not come with
+NEAR_TRANSFORMS = ("reencode", "flip", "rot90", "crop_one_side", "crop_two_sides", "downscale", "upscale", "blur",
+                   "colour", "stain", "combo")
 BAD_KINDS = ("empty_file", "truncated", "not_an_image", "too_small", "too_large")
 
 
@@ -58,23 +61,12 @@ class CollectionSpec:
 
 
 def _transform(img: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-    """A near-duplicate of ``img``: what re-uploads and re-exports of the same cell look like."""
+    """A near-duplicate of ``img``: what re-uploads and re-exports of the same cell look like (``copies.make_copy``
+    with the image as its own field: another box can only be inside it)."""
+    from cytoray.curation.synthetic.copies import make_copy
+
     h, w = img.shape[:2]
-    if kind == "flip":
-        return img[:, ::-1] if rng.random() < 0.5 else img[::-1]
-    if kind == "rot90":
-        return np.rot90(img, int(rng.integers(1, 4))).copy()
-    if kind == "crop":
-        f = rng.uniform(0.03, 0.08)
-        dy, dx = int(h * f), int(w * f)
-        return np.asarray(Image.fromarray(img[dy : h - dy, dx : w - dx]).resize((w, h), Image.BICUBIC))
-    if kind == "resize":
-        s = rng.uniform(0.8, 0.95)
-        return np.asarray(Image.fromarray(img).resize((int(w * s), int(h * s)), Image.BICUBIC))
-    if kind == "recolour":
-        gain = rng.uniform(0.94, 1.06, 3)
-        return np.clip(img.astype(np.float32) * gain, 0, 255).astype(np.uint8)
-    return img  # reencode: same pixels, encoded again below at another quality
+    return make_copy(img, (0, 0, w, h), kind, rng)[0]
 
 
 def _fmt_of(relpath: str) -> str:
