@@ -465,6 +465,8 @@ def _verify_chunk(levels, ia, ib, side_a, side_b, ds, fa, fb):
     alive = coarse >= COARSE_MIN
     p = len(ia)
     score = np.full(p, NO_ALIGNMENT, np.float32)
+    flat = ~((levels["std"][a_i] > 1.0) & (levels["std"][b_i] > 1.0)).numpy()
+    score[flat] = np.nan  # an image without structure: nothing to compare (unverifiable), whatever the alignment
     trans = np.zeros((p, 5), np.float32)
     share = np.zeros(p, np.float32)
     rows, t = rows[alive], t[alive]
@@ -480,6 +482,7 @@ def _verify_chunk(levels, ia, ib, side_a, side_b, ds, fa, fb):
     done = rows[first]
     s, t_, o = _score(levels, a_i[done], b_i[done], side_a[done], side_b[done], t[first])
     score[done], trans[done], share[done] = s, t_, o
+    score[flat] = np.nan
     return score, trans, share
 
 

@@ -1,0 +1,87 @@
+"""Copy verification on hand-made pairs: the transform found is the one applied, copies score high and distinct
+look-alikes low, what cannot be compared is unverifiable, and the records read right in both directions."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cytoray.curation.synthetic import copies as C
+from cytoray.curation.synthetic.cells import Stain
+from cytoray.curation.verification import NO_ALIGNMENT, Transform, candidate_flips, verify_pairs
+from cytoray.features.fingerprint import fingerprint_batch
+
+
+def _field(cls="monocyte", seed=0, geometry=None):
+    rng = np.random.default_rng(seed)
+    return C.render_field_and_box(cls, 96, 0.2, Stain(), rng, geometry)
+
+
+def _verify(images):
+    """Scores, transforms of pairs (images[0], images[k]) for k >= 1."""
+    fp = fingerprint_batch(images)
+    n = len(images) - 1
+    s, t, o = verify_pairs(fp, fp["size"].min(1).astype(float), np.zeros(n, int), np.arange(1, n + 1))
+    return s, t
+
+
+def test_the_transform_found_is_the_one_applied():
+    field = _field()
+    a = C.crop(field, C.image_box(96))
+    flipped = np.ascontiguousarray(a[:, ::-1])
+    cut = np.ascontiguousarray(a[:, 10:])  # a box of 86 / 96 of the width, its centre 5 px to the right
+    turned_cut = np.ascontiguousarray(np.rot90(cut))
+    half = np.asarray(Image.fromarray(a).resize((48, 48), Image.BILINEAR))
+    s, t = _verify([a, flipped, cut, turned_cut, half])
+    assert (s > 0.85).all(), s
+    assert t[0, 0] == 4 and np.allclose(t[0, 1:], [1, 1, 0, 0], atol=0.02)  # flip horizontal
+    assert np.allclose(t[1, 1:], [86 / 96, 1, 5 / 96, 0], atol=0.015), t[1]
+    d, sx, sy, tx, ty = t[2]
+    assert d in (1, 3) and np.isclose(Transform(int(d), sx, sy, tx, ty).inverse().inverse().sx, sx)
+    assert np.allclose(t[3, 1:], [1, 1, 0, 0], atol=0.02) and s[3] > 0.85  # half the pixels: the same frame
+
+
+def test_inverse_and_description():
+    t = Transform(5, 0.9, 1.1, 0.05, -0.02)  # flip horizontal, rotate 90
+    inv = t.inverse()
+    back = inv.inverse()
+    assert back.d == t.d and np.allclose([back.sx, back.sy, back.tx, back.ty], [t.sx, t.sy, t.tx, t.ty])
+    # b's point u maps to a at S D u + t; a's point maps back by the inverse
+    u = np.array([0.1, -0.2])
+    from cytoray.curation.verification import _dihedral_matrix
+
+    to_a = np.diag([t.sx, t.sy]) @ _dihedral_matrix(t.d) @ u + [t.tx, t.ty]
+    to_b = np.diag([inv.sx, inv.sy]) @ _dihedral_matrix(inv.d) @ to_a + [inv.tx, inv.ty]
+    assert np.allclose(to_b, u)
+    assert Transform(0, 1, 1, 0, 0).describe() == "same frame"
+    assert Transform(4, 0.92, 1.0, -0.04, 0.0).describe() == \
+        "flip horizontal; box x 0.92 y 1.00 of the other's, offset x -0.04 y +0.00"
+
+
+def test_look_alikes_score_low_and_blank_images_are_unverifiable():
+    geometry = (1.0, 0.0, 0.0)
+    images = [C.crop(_field("basophil", seed, geometry), C.image_box(96)) for seed in range(4)]
+    buf = io.BytesIO()
+    Image.fromarray(images[0]).save(buf, "JPEG", quality=60)
+    jpeg = np.asarray(Image.open(buf).convert("RGB"))
+    blank = np.full((96, 96, 3), 240, np.uint8)
+    s, _ = _verify(images + [jpeg, blank])
+    assert (s[:3] < 0.6).all() or (s[:3] == NO_ALIGNMENT).any(), s  # twins: same class, stain, size, position
+    assert s[3] > 0.75  # the JPEG copy at quality 60
+    assert np.isnan(s[4])  # nothing to compare: both stay
+
+
+def test_candidate_flips_put_the_matching_flip_first():
+    a = C.crop(_field("blast", 3), C.image_box(96))
+    fp = fingerprint_batch([a, np.ascontiguousarray(np.rot90(a, 2))])
+    ds = candidate_flips(fp["views"][[0]], fp["views"][[1]])
+    assert ds.shape == (1, 3) and ds[0, 0] == 2  # a half turn
+
+
+@pytest.mark.parametrize("size", [40, 150])
+def test_small_and_large_images_verify(size):
+    a = C.crop(_field("eosinophil", 5), C.image_box(96))
+    big = np.asarray(Image.fromarray(a).resize((size, size), Image.LANCZOS))
+    s, _ = _verify([a, big])
+    assert s[0] > 0.8, s
