@@ -36,8 +36,9 @@ Every removed image goes to ``duplicates.parquet`` (image_id, duplicate_of, simi
 reason, transform) and ``duplicate_of`` always names an image that is kept (or an evaluation image, for leakage).
 
 The candidate search is exact up to ``flat_max`` index rows and partitioned above it: faiss k-means lists, each
-query compared with the rows of its few nearest lists by one dense matrix product per list (int8 with an exact
-error bound; pairs near the threshold are measured again in fp32, ``search_members``), so cost grows as
+query compared with the rows of its few nearest lists by one dense matrix product per list (int8, whose estimates
+are within an exact quantisation bound of the fp32 cosine, ``search_members``: they propose candidates, verification
+decides), so cost grows as
 N · probe · list size instead of N². ``curation.dedup_stage`` runs the same steps over shards as Ray tasks.
 """
 
@@ -59,11 +60,14 @@ class DedupConfig:
     exact: bool = True
     near: bool = True
     # Verified score (``verification``: 1 - the largest local mismatch of the aligned pictures) from which a
-    # candidate pair is a near duplicate. Planted copies of 96 px cells score 0.81-1.0 and distinct look-alike cells
-    # (same class, stain, size and position) at most 0.54 (benchmarks/RESULTS.md, "Copy detection").
-    threshold: float = 0.75
+    # candidate pair is a near duplicate. Planted copies of 96 px cells score 0.78-1.0 (99.8% of them >= 0.8),
+    # distinct look-alike cells (same class, stain, size and position) at most 0.25; the candidate pairs of distinct
+    # cells that score 0.75-0.8 are featureless blobs (platelets, smooth round cells) on empty background
+    # (benchmarks/RESULTS.md, "Copy detection").
+    threshold: float = 0.8
     # Leakage guard: training images with a verified copy (score >= leakage_threshold) among the images of these
-    # evaluation manifests (Parquet with a ``uri`` column; ``image_id`` optional) are dropped.
+    # evaluation manifests (Parquet with a ``uri`` column; ``image_id`` optional) are dropped. Lower than
+    # ``threshold``: a missed copy contaminates the evaluation, a false flag costs one training image.
     eval_manifests: list[str] = field(default_factory=list)
     leakage_threshold: float = 0.75
     # Candidate search: per image and view, the ``candidates`` most similar images whose view cosine (best of the

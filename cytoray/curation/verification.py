@@ -1,29 +1,32 @@
 """Copy verification: find the transform that maps one image onto the other and score the aligned pixels.
 
 Two images are the same picture when one maps onto the other by what re-exports do. On the verification
-thumbnails (``features.fingerprint``: the whole image in grey, squashed to 64 × 64) those are: a flip or quarter
+thumbnails (``features.fingerprint``: the whole image in grey, squashed to 96 × 96) those are: a flip or quarter
 turn (``d``, the 8 of the dihedral group, as the search's query variants), a scale per axis (``sx, sy`` in
-[0.75, 1.33]: another box, or a crop resized back) and a shift (``tx, ty``, at most ``MAX_SHIFT`` of the side).
+``SCALE_RANGE``: another box, or a crop resized back) and a shift (``tx, ty``, at most ``MAX_SHIFT`` of the side).
 Rescaling the whole image, re-encoding, blur and colour changes leave the squashed geometry alone.
 
-Per candidate pair, batched in torch (``verify_pairs``):
+Per candidate pair, batched in torch (``verify_pairs``), all on the band ``BAND`` (difference of Gaussians):
 
-1. **Search** (coarse, 32 × 32, mid band): for each plausible flip/rotation (those whose view similarity is within
-   ``D_MARGIN`` of the best), a grid of axis scales around the estimate from the two images' canonical windows,
-   and every shift at once by FFT cross-correlation.
-2. **Refine** (64 × 64, mid band): two rounds of a 3⁴ grid of scale and shift steps around the best, by the
-   masked correlation over the overlap.
-3. **Score** (64 × 64, fine band 0.6 / 1.5 px): both thumbnails band-passed before the warp, the sharper one
-   blurred to the other's resolution (from the images' pixel sizes: a copy downscaled to half has lost the
-   finest detail, which is not evidence against it), then the **local mismatch** ``L(u) = G*(a-b)² / (G*(a²+b²) +
-   κ·G*1)`` in a Gaussian window ``G`` (σ 3 px) at every point of the overlap: 0 where the two agree, 1 where
-   they are unrelated, 2 where they are opposite. The score is ``1 - max L``: a single region where the pictures
-   differ (another red cell next to the white cell, another nucleus shape) makes it low, however well the rest
-   agrees. That is what separates a copy from a distinct cell of the same class, stain and size: their global
-   correlation is 0.9-0.95 (the cell's outline dominates it), but somewhere their details differ.
+1. **Search** (24 × 24): for each plausible flip/rotation (view similarity within ``D_MARGIN`` of the best, at most
+   ``MAX_D``), axis scales on 3 × 3 grids around the estimate from the two canonical windows and around 1, each
+   with the shift that maps one dark-mass centre onto the other; Gauss–Newton refinement of the best. A pair whose
+   coarse alignment correlates below ``COARSE_MIN`` is no copy (score ``NO_ALIGNMENT``).
+2. **Refine** (48 × 48): Gauss–Newton on the normalised residual over the overlap.
+3. **Score** (96 × 96): the sharper image blurred to the other's resolution (from the images' pixel sizes: a copy
+   downscaled to half has lost the finest detail, which is not evidence against it), then the **local mismatch**
+   ``L(u) = G*(a-b)² / (G*(a²+b²) + κ·G*1)`` of the standardised band in a Gaussian window ``G`` (σ 3 px) at every
+   point of the overlap, regions clipped white left out: 0 where the two agree, 1 where unrelated, 2 where opposite.
+   Clipped white is evidence of its own (``_clip_mismatch``): a brighter copy clips the pixels that are brightest
+   in the other image, so where one image is white the other may not be clearly darker than where it is not. The
+   score is ``1 - max L``: a single region where the pictures differ (another red cell next to the white cell,
+   another nucleus shape) makes it low, however well the rest agrees. That is what separates a copy from a
+   distinct cell of the same class, stain and size: their global correlation is 0.9-0.95 (the cell's outline
+   dominates it), but somewhere their details differ.
 
-A pair whose images cannot be compared (a thumbnail without structure, or no overlap of at least ``MIN_OVERLAP``
-of both images) is **unverifiable**: ``score`` is NaN and the pair is never a duplicate.
+A pair whose images cannot be compared (a thumbnail without structure, no overlap of at least ``MIN_OVERLAP`` of
+both images, or less than ``MIN_COMPARED`` of the frame left outside clipped regions) is **unverifiable**: ``score``
+is NaN and the pair is never a duplicate.
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ EROSION = 4  # pixels of the overlap's edge not scored (the band-pass there saw 
 NATIVE_BLUR = 0.5  # blur of a thumbnail sampled from a larger image, in thumbnail pixels
 CLIPPED = 253  # grey level from which a pixel counts as clipped white ...
 CLIPPED_SHARE = 0.8  # ... and the share of clipped pixels around it that makes a region clipped (not sensor noise)
+CLIP_TOLERANCE = 12.0  # grey levels: where one image is clipped white, the other is at most this far below its clip level
+CLIP_MOSTLY = 0.9  # a grey level of one image at which the other is clipped this often is a clipping level
+CLIP_WEIGHT = 2.0  # mismatch per local share of pixels that break it (an eighth of the window: the score 0.75)
 MIN_COMPARED = 0.25  # share of a's frame that must remain to compare, else the pair is unverifiable
 FLIP_NAMES = ("", "rotate 90", "rotate 180", "rotate 270", "flip horizontal", "flip horizontal, rotate 90",
               "flip horizontal, rotate 180", "flip horizontal, rotate 270")
@@ -365,6 +371,60 @@ def _local_mismatch(a, g, m):
     return local.amax((1, 2, 3))
 
 
+def _clip_mismatch(a, g, ca, cg, m):
+    """The clipped regions' part of the mismatch, for (P, 1, S, S) raw grey ``a``, warped ``g``, their clipped-white
+    regions ``ca``, ``cg`` and the overlap ``m``. A region clipped in one image holds no detail, but it still says
+    something: a brighter copy clips its *brightest* pixels, so where a is clipped white, g must be at least as bright
+    (within ``CLIP_TOLERANCE`` grey levels) as where a is not, and the other way round. Pixels that break this (a red cell where the other image is white) are violations;
+    the result is CLIP_WEIGHT times their largest local share (the mismatch window), 0 where nothing is clipped."""
+    torch = _torch()
+    out = torch.zeros(len(a), dtype=a.dtype)
+    has = ((ca * m).sum((1, 2, 3)) > 0) | ((cg * m).sum((1, 2, 3)) > 0)
+    if not bool(has.any()):
+        return out
+    i = torch.nonzero(has)[:, 0]
+    a, g, ca, cg, m = a[i], g[i], ca[i], cg[i], _erode(m[i], EROSION)
+    n = m.sum((1, 2, 3)).clamp(min=1)
+
+    def violations(c_one, c_other, x_other):
+        # a brighter copy clips every pixel above some level t of the other image: the other's pixels outside the
+        # clipped regions (a ring of 2 px off their blocky edge) lie below t, so their 98th percentile is a lower
+        # bound of it; inside, none may lie clearly below that bound
+        outside = m * (1 - _dilate(c_one, 2))
+        count = outside.sum((1, 2, 3))
+        vals = torch.where(outside > 0, x_other, torch.full_like(x_other, -1.0)).flatten(1).sort(1, descending=True)
+        level = vals.values.gather(1, (0.02 * count).long()[:, None])[:, 0]
+        known = (count >= 0.05 * n).to(a.dtype)  # too little left outside to bound t: no evidence
+        below = (x_other < (level - CLIP_TOLERANCE).view(-1, 1, 1, 1)).to(a.dtype)
+        return c_one * (1 - c_other) * m * below * known.view(-1, 1, 1, 1)
+
+    def unclipped_where_clipped(c_one, x_one, x_other):
+        # and where the other image's grey level is one at which the one is (almost) always clipped, the one may not
+        # be clearly darker (a red cell beside the cell where the brighter image has background)
+        bins = (x_other.clamp(0, 255) / 4).long().clamp(max=63).flatten(1)  # (P, S·S) grey bins of 4 levels
+        w = m.flatten(1)
+        count = torch.zeros(len(m), 64, dtype=a.dtype).scatter_add_(1, bins, w)
+        clipped = torch.zeros(len(m), 64, dtype=a.dtype).scatter_add_(1, bins, w * c_one.flatten(1))
+        mostly = (clipped >= CLIP_MOSTLY * count) & (count >= 20)
+        dark = (x_one.flatten(1) < CLIPPED - 2 * CLIP_TOLERANCE).to(a.dtype)
+        return (w * dark * mostly.gather(1, bins).to(a.dtype)).view_as(m)
+
+    v = torch.maximum(violations(ca, cg, g), violations(cg, ca, a))
+    v = torch.maximum(v, torch.maximum(unclipped_where_clipped(ca, a, g), unclipped_where_clipped(cg, g, a)))
+    pool = torch.nn.functional.avg_pool2d
+    cov = blur(pool(m, 2), WINDOW_SIGMA / 2)
+    share = blur(pool(v, 2), WINDOW_SIGMA / 2) / cov.clamp(min=1e-6)
+    local = torch.where(cov > 0.7, share, torch.zeros_like(share))
+    out[i] = CLIP_WEIGHT * local.amax((1, 2, 3))
+    return out
+
+
+def _dilate(m, px):
+    """Masks (N, 1, H, W) grown by ``px`` pixels."""
+    torch = _torch()
+    return torch.nn.functional.max_pool2d(m, 2 * px + 1, stride=1, padding=px)
+
+
 def _erode(m, px):
     """Masks (N, 1, H, W) shrunk by ``px`` pixels, outside the frame counting as masked out (a band-pass near the
     frame's edge saw repeated edge pixels, not the other image's content beyond it)."""
@@ -427,7 +487,7 @@ def _image_levels(thumbs: np.ndarray) -> dict:
     x = torch.from_numpy(np.ascontiguousarray(thumbs, np.float32))[:, None]
     mid = band(x, BAND)
     flat = thumbs.reshape(len(thumbs), -1)
-    return {"std": torch.from_numpy(flat.std(1, dtype=np.float32)), "mid": mid,
+    return {"std": torch.from_numpy(flat.std(1, dtype=np.float32)), "mid": mid, "raw": x,
             "half": F.adaptive_avg_pool2d(mid, ALIGN_SIZES[1]), "quarter": F.adaptive_avg_pool2d(mid, ALIGN_SIZES[0]),
             "clipped": _clipped_regions(x, (flat >= CLIPPED).any(1))}
 
@@ -503,6 +563,9 @@ def _score(levels, a_i, b_i, side_a, side_b, t):
     # regions white in either image hold no detail to compare (a brighter copy clips its background)
     compared = m * (1 - ((levels["clipped"][a_i] + clipped_b) > 0.5).to(m.dtype))
     mismatch = _local_mismatch(af, g, compared)
+    raw_b, _ = warp(dihedral_each(levels["raw"][b_i], d), tt[:, 1], tt[:, 2], tt[:, 3], tt[:, 4])
+    mismatch = torch.maximum(mismatch, _clip_mismatch(levels["raw"][a_i], raw_b, levels["clipped"][a_i],
+                                                      clipped_b, m))
     inside_a = m.mean((1, 2, 3))  # share of a covered by b
     inside_b = (inside_a / (tt[:, 1] * tt[:, 2])).clamp(max=1.0)  # share of b inside a: b spans sx·sy of a's frame
     share = torch.minimum(inside_a, inside_b)

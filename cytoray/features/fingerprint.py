@@ -11,7 +11,7 @@ Two steps use them (docs/curation.md, "Duplicates"):
   (difference of Gaussians, 0.6 / 1.6 px), which removes illumination and colour shifts and keeps the structure
   that tells cells apart. The search compares each view with the same view of the other images under the 8 flips
   and quarter turns.
-- **Verification thumbnail** ``verify`` (64, 64) uint8: the whole image in grey, squashed to a square (so a crop
+- **Verification thumbnail** ``verify`` (96, 96) uint8: the whole image in grey, squashed to a square (so a crop
   resized back and one left at its size map alike), on which ``curation.verification`` finds the transform
   between two images and scores the aligned pixels.
 

@@ -85,3 +85,34 @@ def test_small_and_large_images_verify(size):
     big = np.asarray(Image.fromarray(a).resize((size, size), Image.LANCZOS))
     s, _ = _verify([a, big])
     assert s[0] > 0.8, s
+
+
+def test_clipped_white_is_evidence_where_the_other_image_is_dark():
+    """A brighter copy clips its background: it still verifies. But where one image is clipped white the other may not
+    hold a red cell that the brighter image would have kept (the look-alike that a clipped copy aligns with)."""
+    import torch
+
+    from cytoray.curation.verification import _clip_mismatch, _clipped_regions
+
+    a = C.crop(_field("plasma_cell", 1), C.image_box(96))
+    bright = np.clip(a.astype(np.float32) * 1.14, 0, 255).astype(np.uint8)
+    assert (bright >= 253).mean() > 0.4
+    s, _ = _verify([a, bright])
+    assert s[0] > 0.9, s  # the copy, its background clipped
+
+    g = np.asarray(Image.fromarray(bright).convert("L"), np.float32)
+    other = np.asarray(Image.fromarray(a).convert("L"), np.float32).copy()
+    yy, xx = np.mgrid[:96, :96]
+    inner = (np.minimum(yy, xx) > 14) & (np.maximum(yy, xx) < 82)
+    white = np.argwhere((g >= 253) & inner & ((yy - 48) ** 2 + (xx - 48) ** 2 > 30**2))[0]  # clipped, off the cell
+    other[(yy - white[0]) ** 2 + (xx - white[1]) ** 2 < 8**2] = 200.0  # a red cell there in the other image
+
+    def mismatch(x, y):
+        tx, ty = (torch.from_numpy(v)[None, None] for v in (x, y))
+        clip = [_clipped_regions(t, np.array([True])) for t in (tx, ty)]
+        return float(_clip_mismatch(tx, ty, clip[0], clip[1], torch.ones_like(tx))[0])
+
+    plain = np.asarray(Image.fromarray(a).convert("L"), np.float32)
+    assert mismatch(g, plain) < 0.1  # the copy: where bright is white, the original is bright too
+    assert mismatch(g, other) > 0.5  # a dark disc where the copy is white: no copy
+    assert mismatch(other, g) > 0.5  # either way round
