@@ -50,6 +50,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from cytoray.curation.verification import dihedral_perms
+
 log = logging.getLogger(__name__)
 
 ROUTINGS = ("variant", "invariant")  # DedupConfig.routing
@@ -214,13 +216,6 @@ def route_rows(rows: np.ndarray, pool: int, invariant: bool = False) -> np.ndarr
         g = g + g[:, :, ::-1]  # + their mirror images: the 8 of D4
     p = g.reshape(n, -1)
     return np.ascontiguousarray(p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12), np.float32)
-
-
-def dihedral_perms(side: int) -> np.ndarray:
-    """(8, side²) index maps of the 8 flips/rotations of a flattened side×side grid, in ``_variant_rows``' order
-    (flip·4 + quarter turns): ``variant_row = row[perm[d]]``."""
-    grid = np.arange(side * side).reshape(side, side)
-    return np.stack([np.rot90(grid[:, ::-1] if flip else grid, rot).ravel() for flip in (0, 1) for rot in range(4)])
 
 
 # The candidate product runs on int8 rows: row x (centred, unit) is stored as q = round(x · s), s = 127 / max|x|,

@@ -575,11 +575,16 @@ def _score(levels, a_i, b_i, side_a, side_b, t):
     return score.numpy(), t.astype(np.float32), share.numpy()
 
 
+def dihedral_perms(side: int) -> np.ndarray:
+    """(8, side²) index maps of the 8 flips/rotations of a flattened side×side grid, in ``_variant_rows``' order
+    (flip·4 + quarter turns): ``variant_row = row[perm[d]]``."""
+    grid = np.arange(side * side).reshape(side, side)
+    return np.stack([np.rot90(grid[:, ::-1] if flip else grid, rot).ravel() for flip in (0, 1) for rot in range(4)])
+
+
 def candidate_flips(views_a: np.ndarray, views_b: np.ndarray) -> np.ndarray:
     """(P, MAX_D) flips/rotations of b worth searching: those whose view similarity to a (the better of the two
     views) is within D_MARGIN of the best of the 8 (best first; -1 pads). views (P, 2, s, s) uint8 as stored."""
-    from cytoray.curation.dedup import dihedral_perms
-
     p, nviews, s, _ = views_a.shape
     perms = dihedral_perms(s)  # variant row = row[perm[d]]
     sims = np.full((p, 8), -2.0)

@@ -62,12 +62,12 @@ def test_curation_outputs_reconcile_and_find_planted_duplicates(ray_local, colle
         assert leaks.set_index("image_id").loc[lid, "duplicate_of"] == f"leak_{i:03d}"
     assert set(leaks.image_id) == set(leaked_ids), leaks  # copies only: no look-alike flagged as leakage
     assert t["leakage"] == len(leaks) and summary["eval_manifests"] == [eval_manifest]
-    # every candidate pair accounted for; the records say which transform (the leaks are byte copies)
+    # every candidate pair accounted for; the records say which transform (the leaks are mirrored)
     v = summary["dedup_verification"]
     for kind in ("near", "leakage"):
         assert v[kind]["candidates"] == sum(v[kind][c] for c in ("verified", "kept_apart", "no_alignment",
                                                                  "unverifiable"))
-    assert v["leakage"]["verified"] >= len(leaks) and set(leaks["transform"]) == {"same frame"}
+    assert v["leakage"]["verified"] >= len(leaks) and set(leaks["transform"]) == {"flip horizontal"}
     assert near["transform"].notna().all() and (near.similarity >= summary["dedup_threshold"]).all()
 
     # clustering and balancing: ids per level, a tree; balanced manifest = rows with repeats >= 1

@@ -280,7 +280,8 @@ def test_candidate_search_matches_brute_force():
     """Each image's best image per view (the 8 flips/rotations of its view against every other image's same view)
     above the candidate threshold, exact and partitioned, matches a brute-force fp64 search within the int8
     estimate's bound (``dedup.Prints``), which is all a candidate needs."""
-    from cytoray.curation.dedup import _directed_candidates, dihedral_perms
+    from cytoray.curation.dedup import _directed_candidates
+    from cytoray.curation.verification import dihedral_perms
 
     prints, _ = _planted_views(originals=300, copies_per_kind=6, seed=4)
     views = prints["views"]
