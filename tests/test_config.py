@@ -71,3 +71,32 @@ def test_saved_config_is_resolved_and_redacted(tmp_path):
     saved = yaml.safe_load(text)
     assert saved["storage"]["secret_access_key"] == "***" and saved["storage"]["region"] == "eu-west-1"
     assert saved["name"] == "run" and saved["inner"]["batch_size"] == 32
+
+
+def test_curate_recipe_config_states_the_defaults():
+    """recipes/configs/curate.yaml shows users the curation defaults; a value there that differs from the dataclass
+    default silently overrides it for every recipe run (it once kept dedup at a retired threshold)."""
+    import dataclasses
+    import os
+
+    from cytoray.curation.pipeline import CurateConfig
+
+    path = os.path.join(os.path.dirname(__file__), "..", "recipes", "configs", "curate.yaml")
+    with open(path) as fh:
+        stated = yaml.safe_load(fh)
+    differs, seen = [], 0
+
+    def walk(node, obj, prefix):
+        nonlocal seen
+        for key, value in node.items():
+            assert hasattr(obj, key), f"curate.yaml: unknown key {prefix}{key}"
+            default = getattr(obj, key)
+            if isinstance(value, dict) and dataclasses.is_dataclass(default):
+                walk(value, default, f"{prefix}{key}.")
+            else:
+                seen += 1
+                if value != default:
+                    differs.append(f"{prefix}{key}: {value!r} in the file, {default!r} in the code")
+
+    walk(stated, CurateConfig(), "")
+    assert seen >= 10 and not differs, differs
