@@ -4,7 +4,7 @@ Stages form a chain (:data:`STAGES`); each reads its predecessors' outputs in th
 its own. :func:`run_stage` owns everything around a stage's algorithm:
 
 - **Marker** ``_stages/<stage>.json``: the stage's summary plus ``settings`` (plain JSON), ``lineage`` (a hash of
-  the stage name, its settings and its predecessor's lineage) and ``seconds``. A stage is done when its marker
+  the stage name, its output format (:data:`FORMATS`), its settings and its predecessor's lineage) and ``seconds``. A stage is done when its marker
   exists and its lineage equals what the current settings and the predecessor's current marker give. So a
   changed setting reruns that stage, and — because the lineage changes — every later stage the next time it is
   asked to run, whoever calls it (the pipeline, a recipe, or ``run_cluster`` directly).
@@ -31,6 +31,13 @@ from cytoray.errors import UserError
 log = logging.getLogger(__name__)
 
 STAGES = ("ingest", "embed", "dedup", "cluster", "balance")
+# What a stage's outputs hold, by version: bumped when code changes the columns or their meaning, so that a run
+# directory written by older code reruns that stage (and, through the lineage, every later one) instead of
+# failing on a missing column or mixing outputs of two designs. Stages not named are at their first format.
+FORMATS = {
+    "embed": "copy-detection fingerprints (3 views, frames, 96 px verify, image size)",
+    "dedup": "verified copies (score, transform)",
+}
 MARKER_DIR = "_stages"
 RESERVED = ("settings", "lineage", "seconds")
 
@@ -63,7 +70,8 @@ def read_marker(out_uri: str, stage: str, storage_cfg=None) -> dict | None:
 
 
 def lineage(stage: str, settings, upstream: str | None) -> str:
-    return hashlib.sha256(json.dumps([stage, plain(settings), upstream]).encode()).hexdigest()[:16]
+    key = [stage, plain(settings), upstream] + ([FORMATS[stage]] if stage in FORMATS else [])
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
 class StageRun:

@@ -194,3 +194,16 @@ def test_stages_run_in_order_and_a_failed_stage_leaves_no_marker(tmp_path):
         stage.run_stage("cluster", str(tmp_path), {"levels": [2]}, fails)
     with pytest.raises(AssertionError, match="reserved summary keys \\['seconds'\\]"):
         stage.run_stage("cluster", str(tmp_path), {}, lambda run: {"seconds": 1})
+
+
+def test_a_stage_written_in_an_older_output_format_reruns(tmp_path, monkeypatch):
+    """A run directory from older code (its embed outputs lack columns today's dedup reads) is rerun from the stage
+    whose format changed, not reported as up to date."""
+    from cytoray.curation import stage
+
+    (tmp_path / "_stages").mkdir()
+    (tmp_path / "_stages" / "ingest.json").write_text(json.dumps({"lineage": "x"}))
+    assert stage.run_stage("embed", str(tmp_path), {"k": 1}, lambda run: {"n": 1})["n"] == 1
+    assert stage.run_stage("embed", str(tmp_path), {"k": 1}, lambda run: {"n": 2})["n"] == 1  # current
+    monkeypatch.setitem(stage.FORMATS, "embed", "a later format")
+    assert stage.run_stage("embed", str(tmp_path), {"k": 1}, lambda run: {"n": 3})["n"] == 3  # rerun
