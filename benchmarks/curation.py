@@ -152,6 +152,17 @@ def leakage(out: str, truth, n_eval: int, seed: int) -> None:
     print(f"leakage guard, {len(ids):,} images against {len(evals):,} evaluation images: {dt:.1f}s, "
           f"{len(pairs.a):,} candidate pairs; flagged {s['flagged']:,} = {s['self']:,} evaluation images themselves + "
           f"{s['planted_copies_flagged']:,} of {s['planted_copies']:,} planted copies + {s['unrelated']:,} unrelated")
+    # where the cut sits: every verified pair's score from 0.5 up, planted copies of evaluation images vs the rest
+    source = dict(zip(truth.image_id, truth.duplicate_of))
+    copy_s, other_s = [], []
+    for k in np.flatnonzero(pairs.verified(0.5)).tolist():
+        e, t = chosen[int(pairs.a[k])], ids[int(pairs.b[k])]
+        if e != t:
+            (copy_s if source.get(t) == e else other_s).append(float(pairs.score[k]))
+    lo = f"{min(copy_s):.3f}" if copy_s else "-"
+    hi = f"{max(other_s):.3f}" if other_s else "-"
+    print(f"  scores: planted copies {len(copy_s):,} pairs, lowest {lo}; other pairs >= 0.5: {len(other_s):,}, "
+          f"highest {hi} (leakage_threshold {cfg.leakage_threshold})")
 
 
 def score(out: str, truth) -> None:
