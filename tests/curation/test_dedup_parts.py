@@ -207,6 +207,29 @@ def test_look_alike_cells_are_kept_and_a_one_sided_crop_is_found():
     assert "box x 0.92 y 1.00" in dups[0]["transform"] and "offset x -0.04" in dups[0]["transform"]
 
 
+def test_an_unverifiable_candidate_pair_keeps_both_and_is_counted():
+    """A copy faded to 2% of its contrast is still the cell's nearest view (band-passed views are normalised), but
+    its thumbnail has no structure left to align: the pair is unverifiable (NaN), both images stay, and the stage's
+    counts say so."""
+    from cytoray.curation.dedup_stage import verification_summary
+    from cytoray.curation.synthetic import copies as C
+
+    rng = np.random.default_rng(3)
+    cells = {f"cell{k}": C.crop(C.render_field_and_box(("lymphocyte", "monocyte", "basophil")[k], 96, 0.2, Stain(),
+                                                       rng, (1.0, 0.0, 0.0)), C.image_box(96)) for k in range(3)}
+    a = cells["cell0"].astype(float)
+    cells["faded"] = np.clip(a.mean() + (a - a.mean()) * 0.02, 0, 255).round().astype(np.uint8)
+    frame, prints = _fingerprinted(cells)
+    cfg = DedupConfig()
+    keep, dups, pairs = deduplicate(frame, cfg, prints=prints)
+    ids = frame.image_id.to_numpy()
+    faded = [k for k in range(len(pairs.a)) if {ids[pairs.a[k]], ids[pairs.b[k]]} == {"cell0", "faded"}]
+    assert faded and np.isnan(pairs.score[faded]).all(), (pairs.a, pairs.b, pairs.score)
+    assert keep.all() and dups == []
+    counts = verification_summary(pairs, type(pairs).empty(), cfg)["near"]
+    assert counts["unverifiable"] >= 1 and counts["verified"] == 0
+
+
 def test_copies_never_chain_and_distinct_disks_stay():
     """A chain of crops, each 10% off the left of the one before: the first two are copies of the original (boxes of
     0.90 and 0.81 of it), the third (0.73) is not — its edge to the second does not remove it, since the second is
