@@ -4,7 +4,7 @@ manifests, and a headless browser for the HTML reports.
 ``local_s3()`` starts moto's S3 server on 127.0.0.1 (a real HTTP endpoint; boto3, s3fs and pyarrow talk to
 it exactly as to AWS). ``FlakyProxy`` sits in front of any endpoint and answers every ``fail_every``-th
 request with an S3 ``503 SlowDown`` / ``500 InternalError`` or a dropped connection, so retry paths run
-for real. Needs the ``dev`` extra (moto[server]).
+for real; otherwise it answers as the upstream does (``HEAD`` with the object's size and no body). Needs the ``dev`` extra (moto[server]).
 """
 
 from __future__ import annotations
@@ -105,6 +105,10 @@ class FlakyProxy:
                                f"<Message>injected by FlakyProxy</Message></Error>").encode()
                     self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
+                    if self.command == "HEAD":  # a HEAD response has no body (S3 sends the status alone)
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
                     self.wfile.write(payload)
@@ -119,9 +123,14 @@ class FlakyProxy:
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "content-length", "connection", "server", "date"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
+                if self.command == "HEAD":
+                    # HEAD's Content-Length is the object's size (what a GET would send), not this empty body:
+                    # pyarrow and s3fs size files by it
+                    self.send_header("Content-Length", resp.getheader("Content-Length") or "0")
+                    self.end_headers()
+                else:
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
                     self.wfile.write(data)
                 conn.close()
 

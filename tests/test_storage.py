@@ -105,3 +105,68 @@ def test_redact():
     assert red["storage"] == {"secret_access_key": "***", "access_key_id": "***", "session_token": "***",
                               "region": "r", "endpoint_url": "http://x"}
     assert red["keep"] == [{"password": "***"}] and red["monkey_count"] == 3
+
+
+
+def test_flaky_proxy_answers_head_as_s3_does(s3):
+    """HEAD carries the object's size, an injected HEAD error has no body (so the connection stays usable), and
+    pyarrow and s3fs, which size objects with HEAD, see the real size through the proxy even when HEADs fail."""
+    import dataclasses
+    import http.client
+
+    import boto3
+
+    from cytoray.testing import FlakyProxy
+
+    storage.write_bytes("s3://cytoray-test/proxy/a.bin", b"x" * 1234, s3)
+    with FlakyProxy(s3.endpoint_url, fail_every=2) as proxy:
+        client = boto3.client("s3", endpoint_url=proxy.endpoint, region_name=s3.region,
+                              aws_access_key_id=s3.access_key_id, aws_secret_access_key=s3.secret_access_key)
+        url = {m: client.generate_presigned_url(op, Params={"Bucket": "cytoray-test", "Key": "proxy/a.bin"})
+               for m, op in (("HEAD", "head_object"), ("GET", "get_object"))}
+        conn = http.client.HTTPConnection(proxy.endpoint.removeprefix("http://"), timeout=10)
+        statuses = []
+        for method in ("HEAD", "HEAD", "GET"):  # the 2nd request fails; all three share one connection
+            conn.request(method, url[method].removeprefix(proxy.endpoint))
+            resp = conn.getresponse()
+            body = resp.read()
+            statuses.append(resp.status)
+            if resp.status == 200:
+                assert resp.getheader("Content-Length") == "1234" and len(body) == (1234 if method == "GET" else 0)
+        conn.close()
+        assert statuses == [200, 500, 200]
+        cfg = dataclasses.replace(s3, endpoint_url=proxy.endpoint)
+        arrow_fs, path = storage.arrow_filesystem("s3://cytoray-test/proxy/a.bin", cfg)
+        fs, _ = storage.filesystem("s3://cytoray-test/proxy/a.bin", cfg)
+        for _ in range(3):
+            assert arrow_fs.get_file_info(path).size == 1234
+            assert fs.info(path, refresh=True)["size"] == 1234
+        assert not storage.exists("s3://cytoray-test/proxy/missing.bin", cfg)
+    assert proxy.injected["slowdown"] and proxy.injected["internal"], proxy.injected
+
+
+def test_unreadable_parquet_stage_file_is_one_line_storage_error_naming_it(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cytoray import tables
+    from cytoray.curation import shards
+    from cytoray.errors import StorageError
+
+    stage = tmp_path / "embeddings.parquet"  # a multi-file stage output with one empty part (what a 0-byte HEAD gave)
+    stage.mkdir()
+    pq.write_table(pa.table({"image_id": ["a", "b"]}), stage / "part-00000.parquet")
+    (stage / "part-00001.parquet").write_bytes(b"")
+    with pytest.raises(StorageError, match=r"cannot read Parquet file .*/part-00001.parquet \(ArrowInvalid: "
+                                           r"Parquet file size is 0 bytes\).*rerun the stage") as err:
+        shards.layout(str(stage))
+    assert "\n" not in str(err.value)
+    garbage = tmp_path / "duplicates.parquet"
+    garbage.write_bytes(b"not parquet at all" * 10)
+    for read in (tables.read_table, tables.read_schema):
+        with pytest.raises(StorageError, match=r"cannot read Parquet file .*/duplicates.parquet \(ArrowInvalid"):
+            read(str(garbage))
+    with pytest.raises(FileNotFoundError):
+        tables.read_table(str(tmp_path / "missing.parquet"))
+    with pytest.raises(pa.ArrowInvalid, match="No match for FieldRef"):  # a missing column is the caller's
+        tables.read_table(str(stage / "part-00000.parquet"), columns=["embedding"])

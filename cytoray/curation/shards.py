@@ -74,7 +74,7 @@ def _parquet_files(fs, path: str) -> list[str]:
 
 def layout(uri: str, storage_cfg: storage.StorageConfig | None = None) -> Layout:
     """The :class:`Layout` of a stage file (reads footers only); FileNotFoundError when it does not exist."""
-    from cytoray.tables import _locate
+    from cytoray.tables import _locate, parquet_errors, uri_of
 
     fs, path, is_dir = _locate(uri, storage_cfg)
     paths = storage.with_retries(lambda: _parquet_files(fs, path), storage_cfg, f"list {uri}") if is_dir else [path]
@@ -82,7 +82,9 @@ def layout(uri: str, storage_cfg: storage.StorageConfig | None = None) -> Layout
         raise FileNotFoundError(f"{uri} is a directory without Parquet files")
     files, groups, start, schema = [], [], 0, None
     for f, p in enumerate(paths):
-        meta = storage.with_retries(lambda p=p: pq.read_metadata(p, filesystem=fs), storage_cfg, f"read footer {p}")
+        with parquet_errors(uri_of(uri, p)):
+            meta = storage.with_retries(lambda p=p: pq.read_metadata(p, filesystem=fs), storage_cfg,
+                                        f"read footer {p}")
         schema = schema or meta.schema.to_arrow_schema()
         files.append(p)
         for g in range(meta.num_row_groups):
@@ -95,14 +97,17 @@ def layout(uri: str, storage_cfg: storage.StorageConfig | None = None) -> Layout
 def read_rows(lay: Layout, start: int, stop: int, columns: Sequence[str] | None = None,
               storage_cfg: storage.StorageConfig | None = None) -> pa.Table:
     """Rows [start, stop) of a stage file in its order, reading only the row groups they fall in."""
+    from cytoray.tables import parquet_errors, uri_of
+
     fs, _ = storage.arrow_filesystem(lay.uri, storage_cfg)
     cols = list(columns) if columns is not None else None
     parts = []
     for f, g, first, n in lay.groups:
         if first + n <= start or first >= stop or n == 0:
             continue
-        t = storage.with_retries(lambda f=f, g=g: pq.ParquetFile(lay.files[f], filesystem=fs).read_row_group(
-            g, columns=cols), storage_cfg, f"read {lay.files[f]} row group {g}")
+        with parquet_errors(uri_of(lay.uri, lay.files[f])):
+            t = storage.with_retries(lambda f=f, g=g: pq.ParquetFile(lay.files[f], filesystem=fs).read_row_group(
+                g, columns=cols), storage_cfg, f"read {lay.files[f]} row group {g}")
         a, b = max(start, first) - first, min(stop, first + n) - first
         parts.append(t.slice(a, b - a))
     if not parts:
