@@ -2,14 +2,15 @@
 
 Sections: architecture, training (from the run's config), curated data (from the curation's summary), the
 per-checkpoint probe table, intended use and limits, and how to load each exported format. What the run
-directory does not hold is stated as missing, never guessed.
+directory does not hold is stated as missing, never guessed. Paths are written as ``export.card_paths`` says
+(:class:`~cytoray.export.provenance.CardPaths`; default relative to the run, so no local path is published).
 """
 
 from __future__ import annotations
 
 from cytoray.eval.validation import format_results_table
 from cytoray.export.hf import model_class
-from cytoray.export.provenance import RunRecord
+from cytoray.export.provenance import CardPaths, RunRecord
 from cytoray.export.spec import BackboneSpec, resizes_like
 from cytoray.export.timm import timm_architecture
 from cytoray.features.preprocess import Preprocess
@@ -20,13 +21,15 @@ REPO = "your-org/your-model"  # placeholder the snippets load from; the user's H
 
 
 def model_card(fmt: str, spec: BackboneSpec, pre: Preprocess, meta: dict, source: str, run: RunRecord,
-               formats: list[str]) -> str:
-    """README.md for the ``fmt`` folder of an export of ``source`` (``formats``: every folder written with it)."""
+               formats: list[str], card_paths: str = "relative") -> str:
+    """README.md for the ``fmt`` folder of an export of ``source`` (``formats``: every folder written with it;
+    ``card_paths``: relative | full | none, how the card writes paths)."""
     synthetic = bool(run.synthetic_datasets)
     preset = meta.get("preset") or (run.config or {}).get("preset")
-    parts = [front_matter(fmt, synthetic), title(spec, meta, source, run, fmt), architecture(spec, pre, preset),
-             training(meta, run), data(run), probes(meta, run), limits(spec, synthetic),
-             how_to_load(fmt, spec, formats)]
+    paths = CardPaths(card_paths, run.uri)
+    parts = [front_matter(fmt, synthetic), title(spec, meta, paths(source), run, fmt),
+             architecture(spec, pre, preset), training(meta, run, paths), data(run, paths),
+             probes(meta, run, paths), limits(spec, synthetic), how_to_load(fmt, spec, formats)]
     return "\n\n".join(parts) + "\n"
 
 
@@ -41,14 +44,16 @@ def front_matter(fmt: str, synthetic: bool) -> str:
     return "\n".join(lines)
 
 
-def title(spec: BackboneSpec, meta: dict, source: str, run: RunRecord, fmt: str) -> str:
+def title(spec: BackboneSpec, meta: dict, source: str | None, run: RunRecord, fmt: str) -> str:
     name = run.uri.rstrip("/").rsplit("/", 1)[-1] if run.uri else spec.arch
-    step = f" at step {meta['step']}" if "step" in meta else ""
+    step = f"step {meta['step']}" if "step" in meta else ""
+    origin = (f" Source checkpoint: `{source}`{' at ' + step if step else ''}." if source
+              else f" Source checkpoint: {step}." if step else "")
     library = {"hf": "Hugging Face transformers", "timm": "timm", "dinobloom": "DinoBloom / cytoray (.pth)"}[fmt]
     return (f"# {name}: DINOv2 {spec.arch} backbone for hematology smears\n\n"
             f"Self-supervised ViT backbone (DINOv2 objective, EMA teacher) trained with cytoray on single-cell "
             f"images from blood and bone-marrow smears, exported "
-            f"for {library}. Source checkpoint: `{source}`{step}.\n\n"
+            f"for {library}.{origin}\n\n"
             f"**License:** not set. The `license` field above is a placeholder: choose the license the training "
             f"datasets' terms allow before publishing.")
 
@@ -69,9 +74,26 @@ def architecture(spec: BackboneSpec, pre: Preprocess, preset: str | None) -> str
     return "## Architecture\n\n" + table(["setting", "value"], rows)
 
 
-def training(meta: dict, run: RunRecord) -> str:
+def _path(shown: str | None) -> str:
+    """A path as the card shows it (``CardPaths``' answer)."""
+    return f"`{shown}`" if shown else "not published (export.card_paths=none)"
+
+
+def _run_named(paths: CardPaths) -> str:
+    """The run directory in a sentence."""
+    return f"the run directory `{paths.run()}`" if paths.run() else "the run directory"
+
+
+def _run_row(paths: CardPaths) -> str:
+    if paths.style == "relative":
+        return f"`{paths.run()}` (the paths in this card are relative to this run directory)"
+    return _path(paths.run())
+
+
+def training(meta: dict, run: RunRecord, paths: CardPaths) -> str:
     if run.config is None:
-        where = f"`{run.uri}` has no config.yaml" if run.uri else "no run directory was given or found next to it"
+        where = (f"{_run_named(paths)} has no config.yaml" if run.uri
+                 else "no run directory was given or found next to it")
         return f"## Training\n\nNot recorded: {where}, so the training settings of this checkpoint are unknown."
     c = run.config
     m, t = c.get("model") or {}, c.get("train") or {}
@@ -82,7 +104,8 @@ def training(meta: dict, run: RunRecord) -> str:
         batch = m["batch_size_per_device"] * workers
     g, loc = a.get("global_crops") or {}, a.get("local_crops") or {}
     obj = m.get("objective") or {}
-    rows = [("Run", f"`{run.uri}`"),
+    manifest = (c.get("data") or {}).get("manifest_uri")
+    rows = [("Run", _run_row(paths)),
             ("Steps", f"{meta.get('step', '?')} (schedules span {m.get('total_iters')} steps"
                       + (f"; the run stops at {t['max_steps']})" if t.get("max_steps") else ")")),
             ("Global batch", f"{batch} images per step" if batch else "unknown"),
@@ -100,15 +123,15 @@ def training(meta: dict, run: RunRecord) -> str:
                           f"{obj.get('koleo_loss_weight')}; {obj.get('out_dim')} prototypes, {obj.get('centering')}"),
             ("Stochastic depth", str((m.get("vit") or {}).get("drop_path_rate"))),
             ("Seed / workers", f"{t.get('seed')} / {workers}"),
-            ("Initialisation", f"`{t['init_checkpoint']}`" if t.get("init_checkpoint") else "random"),
-            ("Training manifest", f"`{(c.get('data') or {}).get('manifest_uri')}`")]
+            ("Initialisation", _path(paths(t["init_checkpoint"])) if t.get("init_checkpoint") else "random"),
+            ("Training manifest", _path(paths(manifest)) if manifest else "not recorded")]
     return "## Training\n\n" + table(["setting", "value"], rows)
 
 
-def data(run: RunRecord) -> str:
+def data(run: RunRecord, paths: CardPaths) -> str:
     if run.curation is None:
-        where = (f"no summary.json in `{run.curation_uri}` (the training manifest's folder)" if run.curation_uri
-                 else "the training manifest is unknown")
+        where = (f"no summary.json in {_path(paths(run.curation_uri))} (the training manifest's folder)"
+                 if run.curation_uri else "the training manifest is unknown")
         return f"## Training data\n\nNot recorded: {where}, so the curated datasets behind this model are unknown."
     s = run.curation
     per = s.get("datasets") or {}
@@ -131,14 +154,15 @@ def data(run: RunRecord) -> str:
              f"{tot.get('leakage')} images dropped as too close to the evaluation sets "
              f"(evaluation manifests: {len(s.get('eval_manifests') or [])}, threshold {s.get('leakage_threshold')}); "
              f"{tot.get('quarantined_files')} unreadable or invalid files quarantined.")
-    return (f"## Training data\n\nCurated by cytoray (`{run.curation_uri}`): {len(per)} datasets.\n\n"
+    curated = paths(run.curation_uri)
+    return (f"## Training data\n\nCurated by cytoray{f' (`{curated}`)' if curated else ''}: {len(per)} datasets.\n\n"
             + table(["dataset", "input files", "kept images", "sampled images", "samples / epoch"], rows)
             + f"\n\n{dedup}\n\n{balance}")
 
 
-def probes(meta: dict, run: RunRecord) -> str:
+def probes(meta: dict, run: RunRecord, paths: CardPaths) -> str:
     if not run.probe_rows:
-        where = f"`{run.uri}` has no eval/results.csv" if run.uri else "no run directory was given or found"
+        where = f"{_run_named(paths)} has no eval/results.csv" if run.uri else "no run directory was given or found"
         return (f"## Evaluation\n\nNo probe results: {where}. Score the backbone with "
                 f"`python recipes/probe.py --checkpoint <model.pth> --manifest <labelled manifest>`.")
     manifests = sorted({r["manifest"] for r in run.probe_rows})

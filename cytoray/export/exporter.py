@@ -3,6 +3,10 @@
     <out>/hf/         config.json, model.safetensors, preprocessor_config.json, README.md   (transformers)
     <out>/timm/       config.json, model.safetensors, README.md                            (timm)
     <out>/dinobloom/  model.pth (DinoBloom layout + cytoray metadata), README.md           (cytoray, DINOv2 hub)
+    <out>/provenance.json   full paths of the checkpoint, run, manifest and curation (local; not published)
+
+Each folder uploads to a model hub as it is: its card names paths as ``export.card_paths`` says (default: relative
+to the run), never the local paths of the machine that trained; those stay in ``provenance.json``.
 
 :func:`export_model` exports any checkpoint ``load_model`` reads; :func:`export_run` exports a run's final
 checkpoint into ``<run>/exports/final/`` (what pretraining calls when it ends); :func:`main` is
@@ -11,6 +15,7 @@ checkpoint into ``<run>/exports/final/`` (what pretraining calls when it ends); 
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -19,7 +24,16 @@ from cytoray import config, console, storage
 from cytoray.errors import UserError
 from cytoray.export.card import model_card
 from cytoray.export.hf import write_hf
-from cytoray.export.provenance import CHECKPOINT_DIR, TEACHER_EXPORT, find_run, read_run
+from cytoray.export.provenance import (
+    CHECKPOINT_DIR,
+    PROVENANCE_FILE,
+    TEACHER_EXPORT,
+    ExportConfig,
+    check_card_paths,
+    find_run,
+    provenance,
+    read_run,
+)
 from cytoray.export.spec import describe
 from cytoray.export.timm import write_timm
 from cytoray.features.preprocess import Preprocess
@@ -50,12 +64,16 @@ def _listing(uri: str, storage_cfg) -> list[str] | None:
 
 
 def export_model(checkpoint: str, out_uri: str, formats: Iterable[str] = FORMATS, run: str | None = None,
-                 overwrite: bool = False, storage_cfg: storage.StorageConfig | None = None) -> dict[str, str]:
-    """Write ``<out_uri>/<format>/`` for each format from ``checkpoint``; returns {format: folder URI}.
+                 overwrite: bool = False, storage_cfg: storage.StorageConfig | None = None,
+                 card_paths: str = "relative") -> dict[str, str]:
+    """Write ``<out_uri>/<format>/`` for each format from ``checkpoint`` and ``<out_uri>/provenance.json``; returns
+    {format: folder URI}.
 
-    The card describes ``run`` (default: the run directory the checkpoint sits in, if any). A non-empty format
-    folder fails unless ``overwrite``, which replaces it; both are checked before the checkpoint is read."""
+    The card describes ``run`` (default: the run directory the checkpoint sits in, if any) and writes paths as
+    ``card_paths`` says (relative | full | none). A non-empty format folder fails unless ``overwrite``, which
+    replaces it; both are checked before the checkpoint is read."""
     targets = {fmt: storage.join_uri(out_uri, fmt) for fmt in check_formats(formats)}
+    check_card_paths(card_paths)
     stale = []
     for uri in targets.values():
         if _listing(uri, storage_cfg):
@@ -82,8 +100,10 @@ def export_model(checkpoint: str, out_uri: str, formats: Iterable[str] = FORMATS
         else:
             export_dinobloom(model, storage.join_uri(uri, DINOBLOOM_FILE), storage_cfg,
                              extra={k: meta[k] for k in ("step", "preset", "preprocess") if k in meta})
-        card = model_card(fmt, spec, pre, meta, checkpoint, record, list(targets))
+        card = model_card(fmt, spec, pre, meta, checkpoint, record, list(targets), card_paths)
         storage.write_bytes(storage.join_uri(uri, "README.md"), card.encode(), storage_cfg)
+    full = provenance(checkpoint, meta, record, targets, card_paths)
+    storage.write_bytes(storage.join_uri(out_uri, PROVENANCE_FILE), json.dumps(full, indent=2).encode(), storage_cfg)
     return targets
 
 
@@ -107,16 +127,17 @@ def final_checkpoint(run_uri: str, storage_cfg: storage.StorageConfig | None = N
 
 
 def export_run(run_uri: str, out_uri: str | None = None, formats: Iterable[str] = FORMATS,
-               storage_cfg: storage.StorageConfig | None = None) -> dict[str, str]:
+               storage_cfg: storage.StorageConfig | None = None, card_paths: str = "relative") -> dict[str, str]:
     """Export the run's final checkpoint with the run's card into ``out_uri`` (default ``<run>/exports/final``),
     replacing an earlier export there; returns {format: folder URI}."""
     return export_model(final_checkpoint(run_uri, storage_cfg),
                         out_uri or storage.join_uri(run_uri, "exports", "final"), formats, run=run_uri,
-                        overwrite=True, storage_cfg=storage_cfg)
+                        overwrite=True, storage_cfg=storage_cfg, card_paths=card_paths)
 
 
 @dataclass
 class ExportSettings:
+    export: ExportConfig = field(default_factory=ExportConfig)
     storage: storage.StorageConfig = field(default_factory=storage.StorageConfig)
     log_level: str = "INFO"
 
@@ -143,7 +164,7 @@ def main(argv: list[str]) -> dict[str, str]:
     checkpoint = args.checkpoint or final_checkpoint(args.run, cfg.storage)
     out = args.out or storage.join_uri(args.run, "exports", "final")
     written = export_model(checkpoint, out, args.format or FORMATS, run=args.run, overwrite=args.overwrite,
-                           storage_cfg=cfg.storage)
+                           storage_cfg=cfg.storage, card_paths=cfg.export.card_paths)
     for fmt, uri in written.items():
         console.say(f"{fmt}: {uri}")
     return written

@@ -14,6 +14,7 @@ from typing import Any
 
 from cytoray import config as config_lib
 from cytoray.eval.validation import EvalConfig
+from cytoray.export.provenance import ExportConfig
 from cytoray.platform import schedules
 from cytoray.platform.data.augment import AugmentConfig
 from cytoray.platform.data.stream import StreamConfig
@@ -177,6 +178,7 @@ class PretrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)  # probe every checkpoint while training runs
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # optional MLflow run
+    export: ExportConfig = field(default_factory=ExportConfig)  # how train.final_export's model cards name paths
     run: RunSpec = field(default_factory=RunSpec)
     storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)

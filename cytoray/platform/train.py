@@ -27,6 +27,7 @@ from cytoray import config as config_lib
 from cytoray import console, storage
 from cytoray.eval import validation
 from cytoray.export.exporter import check_formats
+from cytoray.export.provenance import check_card_paths
 from cytoray.platform import checkpointing, tracking, training_report
 from cytoray.platform.config import (
     PretrainConfig,
@@ -311,7 +312,8 @@ def final_export(cfg: PretrainConfig) -> dict[str, str]:
     from cytoray.export import export_run
 
     try:
-        written = export_run(run_uri(cfg), formats=cfg.train.final_export, storage_cfg=cfg.storage)
+        written = export_run(run_uri(cfg), formats=cfg.train.final_export, storage_cfg=cfg.storage,
+                             card_paths=cfg.export.card_paths)
     except Exception as exc:  # noqa: BLE001 - a finished run stays finished
         log.warning("final export to %s failed: %s", storage.join_uri(run_uri(cfg), "exports", "final"), exc)
         return {}
@@ -354,6 +356,7 @@ def validate(cfg: PretrainConfig) -> int:
     tracking.check(cfg.tracking)  # mlflow installed, the store reachable
     if t.final_export:
         check_formats(t.final_export)  # names the unknown format
+        check_card_paths(cfg.export.card_paths)
     return len(expand_repeats(read_manifest(cfg.data.manifest_uri, cfg.storage)))  # names file / missing columns
 
 

@@ -4,6 +4,7 @@ the recipe's error lines."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -204,6 +205,14 @@ def test_dinobloom_export_round_trips_through_load_model(tmp_path):
     assert set(raw) == {"teacher", "cytoray"} and all(k.startswith("backbone.") for k in raw["teacher"])
 
 
+INIT = "/opt/shared/weights/dinov2_vits14_pretrain.pth"  # a local file far from the run
+
+
+def _local_paths(text: str) -> list[str]:
+    """Absolute local paths (and ~/ paths) in ``text``; "/255" or "samples / epoch" are not paths."""
+    return re.findall(r"(?<![\w.:/-])(?:~|/[A-Za-z_][\w.-]*)/[\w.-]+", text)
+
+
 def _fake_run(tmp_path):
     """A run directory as pretraining leaves it (config.yaml, eval/results.csv) and the curation beside it
     (summary.json, and a config.yaml naming one dataset of a synthetic collection), written by the real writers
@@ -212,8 +221,8 @@ def _fake_run(tmp_path):
 
     curate, data, run = tmp_path / "curate", tmp_path / "data", str(tmp_path / "runs" / "r1")
     cfg = load_pretrain_config([f"data.manifest_uri={curate}/manifest.parquet", "run.name=r1",
-                                f"run.storage_path={tmp_path / 'runs'}", "train.num_workers=2", "train.seed=7"],
-                               "debug")
+                                f"run.storage_path={tmp_path / 'runs'}", "train.num_workers=2", "train.seed=7",
+                                f"train.init_checkpoint={INIT}"], "debug")
     config.save_config(cfg, run)
     for step, acc in [(1, 0.5), (2, 0.75)]:
         results = [{"images": 40, "methods": {m: {"accuracy": acc, "balanced_accuracy": acc, "weighted_f1": acc}
@@ -248,11 +257,21 @@ def test_model_card_reports_the_run(tmp_path):
     export_dinobloom(model, checkpoint, extra=META)
     written = export_model(checkpoint, str(tmp_path / "out"))  # the run is found from the checkpoint's place
     cards = {fmt: open(os.path.join(uri, "README.md")).read() for fmt, uri in written.items()}
+    # a card is published as it is: paths relative to the run, never the local ones (export.card_paths=relative)
+    for fmt, card in cards.items():
+        assert not _local_paths(card) and str(tmp_path) not in card, (fmt, _local_paths(card))
+    full = json.load(open(tmp_path / "out" / "provenance.json"))  # beside the format folders: stays local
+    assert (full["checkpoint"], full["run"], full["init_checkpoint"]) == (checkpoint, run, INIT)
+    assert full["training_manifest"] == f"{tmp_path}/curate/manifest.parquet" and full["formats"] == written
     assert cards["hf"].startswith("---\nlibrary_name: transformers\nlicense: other  # placeholder")
     assert cards["timm"].startswith("---\nlibrary_name: timm\n") and "library_name" not in cards["dinobloom"]
     card = cards["hf"]
     for text in [f"| Parameters | {describe(model).num_params:,} (0.1 M) |", "| Embedding dim / depth / heads | 64 / 2 / 2 |",
-                 "| Register tokens | 0 |", "| Preset | debug |", f"| Run | `{run}` |", "| Steps | 2 (schedules span 300 steps) |",
+                 "| Register tokens | 0 |", "| Preset | debug |", "| Steps | 2 (schedules span 300 steps) |",
+                 "| Run | `r1` (the paths in this card are relative to this run directory) |",
+                 "Source checkpoint: `exports/teacher_00000002.pth` at step 2.",
+                 "| Training manifest | `../../curate/manifest.parquet` |", "Curated by cytoray (`../../curate`)",
+                 "| Initialisation | `dinov2_vits14_pretrain.pth` |",
                  "| Global batch | 64 images per step |", "base lr 0.001 (scaling: none)",
                  "2 global 64 px (scale [0.32, 1.0]), 2 local 32 px", "| Seed / workers | 7 / 2 |",
                  "| acevedo (synthetic) | 123 | 120 | 60 | 120 |", "| lab | 83 | 80 | 40 | 80 |",
@@ -280,7 +299,32 @@ def test_model_card_says_what_is_missing(tmp_path):
     bare.mkdir()
     out = export_model(_checkpoint(tmp_path, _model()), str(tmp_path / "out2"), ["dinobloom"], run=str(bare))
     card = open(os.path.join(out["dinobloom"], "README.md")).read()
-    assert f"`{bare}` has no config.yaml" in card and f"`{bare}` has no eval/results.csv" in card
+    assert "the run directory `bare_run` has no config.yaml" in card
+    assert "the run directory `bare_run` has no eval/results.csv" in card
+
+
+def test_card_paths_full_or_none_and_the_recipe_key(tmp_path, capfd):
+    run = _fake_run(tmp_path)
+    checkpoint = f"{run}/exports/teacher_00000002.pth"
+    export_dinobloom(_model(), checkpoint, extra=META)
+    out = export_model(checkpoint, str(tmp_path / "full"), ["hf"], card_paths="full")["hf"]
+    card = open(os.path.join(out, "README.md")).read()
+    for text in [f"Source checkpoint: `{checkpoint}` at step 2.", f"| Run | `{run}` |", f"| Initialisation | `{INIT}` |",
+                 f"| Training manifest | `{tmp_path}/curate/manifest.parquet` |"]:
+        assert text in card, text
+    assert len(_local_paths(card)) >= 4  # what the default keeps out of published cards
+    out = export_model(checkpoint, str(tmp_path / "none"), ["hf"], card_paths="none")["hf"]
+    card = open(os.path.join(out, "README.md")).read()
+    assert not _local_paths(card) and "teacher_00000002" not in card and "curate" not in card
+    for text in ["Source checkpoint: step 2.", "| Run | not published (export.card_paths=none) |",
+                 "| Training manifest | not published (export.card_paths=none) |", "Curated by cytoray: 2 datasets."]:
+        assert text in card, text
+    code, _, err = _recipe(["--checkpoint", checkpoint, "--out", str(tmp_path / "bad"), "export.card_paths=local"],
+                           capfd)
+    assert code == 1 and err[0].startswith("cytoray: error: export.card_paths='local': choose one of relative, full, "
+                                           "none") and not (tmp_path / "bad").exists()
+    code, _, _ = _recipe(["--checkpoint", checkpoint, "--out", str(tmp_path / "cli"), "export.card_paths=full"], capfd)
+    assert code == 0 and f"| Run | `{run}` |" in open(tmp_path / "cli" / "hf" / "README.md").read()
 
 
 def test_export_run_exports_the_final_training_checkpoint(tmp_path, capfd):

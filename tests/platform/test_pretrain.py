@@ -147,6 +147,8 @@ def test_bad_settings_fail_before_launch(ray_local, manifest, tmp_path):
         pretrain(_cfg(manifest, str(tmp_path), "x", f"eval.manifests=[{manifest}]", "eval.every=0"))
     with pytest.raises(ConfigError, match=r"tracking.mlflow_uri='unknown-scheme://x': the MLflow store cannot be used"):
         pretrain(_cfg(manifest, str(tmp_path), "x", "tracking.mlflow=true", "tracking.mlflow_uri=unknown-scheme://x"))
+    with pytest.raises(ConfigError, match="export.card_paths='absolute': choose one of relative, full, none"):
+        pretrain(_cfg(manifest, str(tmp_path), "x", "export.card_paths=absolute"))
     with pytest.raises(ConfigError, match="unknown preset"):
         _cfg(manifest, str(tmp_path), "x", "preset=vit_tiny")
 
