@@ -51,6 +51,14 @@ from cytoray import storage
 from cytoray.errors import UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
+# Files that are no image whatever their content: a root holding only these (and hidden files, label tables) fails
+# pre-flight. Any other name may be an image (ingest decodes by content: .ppm, no extension, ...).
+DOCUMENT_EXTENSIONS = {".txt", ".md", ".rst", ".csv", ".tsv", ".json", ".yaml", ".yml", ".xml", ".html", ".pdf",
+                       ".doc", ".docx", ".xls", ".xlsx", ".parquet", ".zip", ".tar", ".gz", ".tgz", ".7z", ".sha256",
+                       ".md5"}
+# Pre-flight looks at no more than this many entries of a dataset root for an image file (a few listing requests
+# on object storage); a root it cannot decide on within them is left to the listing at ingest.
+PREFLIGHT_ENTRIES = 10_000
 
 
 @dataclass
@@ -91,6 +99,24 @@ def _is_hidden(relpath: str) -> bool:
     return any(part.startswith(".") or part in ("Thumbs.db", "__MACOSX") for part in relpath.split("/"))
 
 
+def _first_image(fs, root: str, may_be_image, limit: int = PREFLIGHT_ENTRIES) -> tuple[bool, int]:
+    """Walk ``root`` top-down until a file ``may_be_image(relpath)`` turns up. (True, files seen) when one does or
+    when ``limit`` entries were seen first (undecided: no verdict); (False, files in the tree) otherwise."""
+    base = root.rstrip("/") + "/"
+    seen = files_seen = 0
+    for folder, dirs, files in fs.walk(root, on_error="raise"):  # an error must not read as an empty folder
+        rel = folder.rstrip("/")[len(base):]  # the root itself: ""
+        prefix = f"{rel}/" if rel else ""
+        if any(may_be_image(prefix + f) for f in files):
+            return True, files_seen + len(files)
+        dirs[:] = [d for d in dirs if not _is_hidden(d)]
+        files_seen += len(files)
+        seen += len(files) + len(dirs)
+        if seen >= limit:
+            return True, files_seen
+    return False, files_seen
+
+
 def _read_bytes(fs, path: str) -> bytes:
     return storage.with_retries(lambda: fs.cat_file(path), what=f"read {path}")
 
@@ -114,13 +140,24 @@ class Adapter:
         self.options = dict(options or {})
 
     def check(self, fs, root: str, root_uri: str) -> None:
-        """Cheap checks before any work (one stat per file): the root and the required label files exist."""
+        """Cheap checks before any work (one stat per file, a listing with a limit): the root and the required
+        label files exist, and the root holds an image file."""
         if not storage.with_retries(lambda: fs.exists(root), what=f"stat {root_uri}"):
             raise AdapterError(f"dataset root does not exist: {root_uri}; check the dataset's uri")
         for name in self.required_files:
             path = f"{root.rstrip('/')}/{name}"
             if not storage.with_retries(lambda path=path: fs.exists(path), what=f"stat {path}"):
                 raise AdapterError(f"{self.layout} layout needs {name} under {root_uri}")
+        found, files = storage.with_retries(lambda: _first_image(fs, root, self.may_be_image), what=f"list {root_uri}")
+        if not found:
+            raise AdapterError(f"no image files under {root_uri} ({files} file{'' if files == 1 else 's'}: hidden, "
+                               "label tables or documents only); check the dataset's uri")
+
+    def may_be_image(self, relpath: str) -> bool:
+        """Could the listing take this file as an image? Not hidden, not the layout's metadata, not a document."""
+        ext = posixpath.splitext(relpath)[1].lower()
+        return not (_is_hidden(relpath) or relpath in self.metadata_names or self.is_metadata(relpath)
+                    or ext in DOCUMENT_EXTENSIONS)
 
     def prepare(self, fs, root: str, files: list[str]) -> None:
         """Read label tables etc. before records are made."""
@@ -321,9 +358,21 @@ class TableAdapter(Adapter):
         return f"{root.rstrip('/')}/{name}", root.rstrip("/"), root_uri.rstrip("/")
 
     def check(self, fs, root, root_uri):
+        """The table exists and has a row (Parquet: its footer; CSV: its first 64 KiB)."""
         table_path = self._paths(root, root_uri)[0]
         if not storage.with_retries(lambda: fs.exists(table_path), what=f"stat {table_path}"):
             raise AdapterError(f"table layout: {table_path} not found; set options.table or point uri at the file")
+
+        def has_rows() -> bool:
+            with fs.open(table_path, "rb") as fh:
+                if table_path.endswith(".parquet"):
+                    return pq.ParquetFile(fh).metadata.num_rows > 0
+                head = fh.read(1 << 16)
+            lines = [line for line in head.splitlines() if line.strip()]
+            return len(lines) > 1 or len(head) == 1 << 16  # a header and a row, or more than was read
+
+        if not storage.with_retries(has_rows, what=f"read {table_path}"):
+            raise AdapterError(f"table {table_path} lists no images; add rows (uri, label, ...) or fix the uri")
 
     def list(self, fs, root, root_uri):
         table_path, base, base_uri = self._paths(root, root_uri)

@@ -82,7 +82,8 @@ def _image_id(dataset: str, relpath: str, index: int | None = None) -> str:
 def validate_specs(specs: list[DatasetSpec], storage_cfg: storage.StorageConfig | None = None,
                    check_files: bool = False) -> None:
     """Fail before any work with a message naming the dataset and the fix; with ``check_files`` also stat each
-    root and its required label files (a few requests per dataset, no listing)."""
+    root and its required label files and find an image file in it (a few requests per dataset:
+    ``Adapter.check``)."""
     from cytoray.config import ConfigError
     from cytoray.curation.adapters import AdapterError
 

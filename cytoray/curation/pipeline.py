@@ -116,9 +116,10 @@ def stage_line(stage: str, summary: dict) -> str:
 
 
 def preflight(cfg: CurateConfig) -> None:
-    """Check every input and the output location (a few requests each, nothing listed or written): dataset
-    specs, roots and required label files, evaluation manifests (exist, ``uri`` column), the embedder and its
-    checkpoint, a bring-your-own embeddings file, the balance mapping file, the output location."""
+    """Check every input and the output location (a few requests each, nothing written): dataset specs, roots,
+    required label files and an image file in each root (a listing with a limit), evaluation manifests (exist,
+    ``uri`` column), the embedder and its checkpoint, a bring-your-own embeddings file, the balance mapping file,
+    the output location."""
     from cytoray import tables
     from cytoray.curation.embed import feature_spec
     from cytoray.curation.ingest import validate_specs

@@ -126,3 +126,31 @@ def test_every_layout_has_an_adapter_and_a_taxonomy_entry():
 def test_taxonomy_doc_matches_code():
     doc = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "taxonomy.md")
     assert open(doc).read() == taxonomy.markdown_doc(), "run: python -m cytoray.curation.taxonomy > docs/taxonomy.md"
+
+
+def test_preflight_finds_no_image_only_where_there_is_none(tmp_path, s3):
+    """The pre-flight listing (Adapter.check) fails a root with no image file, passes one with images in any
+    format ingest decodes (by content, whatever the extension) and gives no verdict past its entry limit."""
+    from cytoray.curation import adapters
+
+    def check(layout, root, uri=None, cfg=None):
+        fs, path = storage.filesystem(uri or str(root), cfg)
+        get_adapter(layout).check(fs, path, uri or str(root))
+
+    (tmp_path / "docs" / "blast").mkdir(parents=True)
+    for name in ("README.md", "labels.csv", "blast/.DS_Store"):
+        (tmp_path / "docs" / name).write_text("x")
+    with pytest.raises(AdapterError, match=r"no image files under .*docs \(3 files"):
+        check("class_folders", tmp_path / "docs")
+    (tmp_path / "docs" / "blast" / "cell_0001").write_bytes(b"P6 1 1 255 \x00\x00\x00")  # a PPM without extension
+    check("class_folders", tmp_path / "docs")
+    (tmp_path / "masks" / "train" / "y").mkdir(parents=True)  # SegPC: instance masks are its metadata, not images
+    (tmp_path / "masks" / "train" / "y" / "1_1.bmp").write_bytes(b"BM")
+    with pytest.raises(AdapterError, match="no image files under"):
+        check("segpc", tmp_path / "masks")
+    assert adapters._first_image(*storage.filesystem(str(tmp_path / "docs")), lambda rel: False, limit=2)[0]
+    storage.write_bytes("s3://cytoray-test/preflight/empty/notes.txt", b"x", s3)  # object storage: one listing
+    with pytest.raises(AdapterError, match=r"no image files under s3://cytoray-test/preflight/empty \(1 file:"):
+        check("class_folders", None, "s3://cytoray-test/preflight/empty", s3)
+    storage.write_bytes("s3://cytoray-test/preflight/empty/blast/a.jpg", b"x", s3)
+    check("class_folders", None, "s3://cytoray-test/preflight/empty", s3)

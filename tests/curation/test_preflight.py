@@ -34,6 +34,24 @@ def test_bad_inputs_fail_in_seconds_and_write_nothing(collection, tmp_path):
     apl = next(d for d in collection["datasets"] if d["layout"] == "apl_aml")
     with pytest.raises(AdapterError, match="apl_aml layout needs master.csv"):
         run_curation(CurateConfig(output_uri=str(out), datasets=[DatasetSpec(**{**apl, "uri": str(tmp_path)})]))
+    # a root that exists but holds no image file (an unfinished download: a notes file, empty class folders, a
+    # hidden folder of thumbnails), and a label table without rows
+    empty = tmp_path / "empty"
+    for folder in ("neutrophil", "lymphocyte", ".thumbs"):
+        (empty / folder).mkdir(parents=True)
+    (empty / "README.txt").write_text("download pending")
+    (empty / ".thumbs" / "a.png").write_bytes(b"")
+    t0 = time.perf_counter()
+    with pytest.raises(AdapterError, match=r"dataset 'mine': no image files under .*empty \(1 file: hidden, label "
+                                           r"tables or documents only\); check the dataset's uri"):
+        run_curation(CurateConfig(output_uri=str(out), datasets=[
+            *good, DatasetSpec(name="mine", layout="class_folders", uri=str(empty))]))
+    assert time.perf_counter() - t0 < 2.0
+    (tmp_path / "table").mkdir()
+    (tmp_path / "table" / "labels.csv").write_text("uri,label\n")
+    with pytest.raises(AdapterError, match=r"dataset 'tab': table .*labels.csv lists no images"):
+        run_curation(CurateConfig(output_uri=str(out), datasets=[
+            DatasetSpec(name="tab", layout="table", uri=str(tmp_path / "table"))]))
     assert not (tmp_path / "out").exists()
 
 
