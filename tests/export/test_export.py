@@ -166,6 +166,58 @@ def test_timm_names_other_archs_by_their_model_args(swiglu_arch):
                         img_size=64, dynamic_img_size=True)
 
 
+# What timm reads from a hub config.json, recorded from timm 1.0.29's source (timm/models/_hub.py
+# _parse_model_cfg: architecture, num_classes, model_args, pretrained_cfg; _builder.py builds
+# PretrainedCfg(**pretrained_cfg), so an unknown key fails; vision_transformer.py: VisionTransformer's keyword
+# arguments and the DINOv2 entry points' model_args). Checked here without timm, which cannot be installed beside
+# the CPU torch (docs/export.md, "timm").
+TIMM_PRETRAINED_CFG_FIELDS = {
+    "url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "architecture", "tag", "custom_load",
+    "input_size", "test_input_size", "min_input_size", "fixed_input_size", "interpolation", "crop_pct",
+    "test_crop_pct", "crop_mode", "mean", "std", "num_classes", "label_offset", "label_names", "label_descriptions",
+    "pool_size", "test_pool_size", "first_conv", "classifier", "license", "description", "origin_url", "paper_name",
+    "paper_ids", "notes"}
+TIMM_VIT_ARGS = {
+    "img_size", "patch_size", "in_chans", "num_classes", "global_pool", "embed_dim", "depth", "num_heads", "mlp_ratio",
+    "qkv_bias", "qk_norm", "scale_attn_norm", "scale_mlp_norm", "proj_bias", "init_values", "class_token",
+    "pos_embed", "no_embed_class", "reg_tokens", "pre_norm", "final_norm", "fc_norm", "pool_include_prefix",
+    "dynamic_img_size", "dynamic_img_pad", "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate",
+    "attn_drop_rate", "drop_path_rate", "weight_init", "fix_init", "embed_layer", "embed_norm_layer", "norm_layer",
+    "act_layer", "block_fn", "mlp_layer", "attn_layer", "device", "dtype"}
+_DINOV2 = {"small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16), "giant": (1536, 40, 24)}
+TIMM_DINOV2_ENTRY_POINTS = {  # model_args of each entry point (giant's mlp_layer / act_layer: SwiGLUPacked, SiLU)
+    f"vit_{size}_patch14_{reg}dinov2": dict(patch_size=14, embed_dim=d, depth=n, num_heads=h, init_values=1e-5,
+                                             **(dict(mlp_ratio=2.66667 * 2) if size == "giant" else {}),
+                                             **(dict(reg_tokens=4, no_embed_class=True) if reg else {}))
+    for size, (d, n, h) in _DINOV2.items() for reg in ("", "reg4_")}
+
+
+@pytest.mark.parametrize("case,options", [("plain", {}), ("registers", dict(num_register_tokens=4)),
+                                          ("swiglu", {}), ("no LayerScale", dict(layerscale=0.0))])
+def test_timm_config_json_is_what_timms_dinov2_loader_reads(tmp_path, swiglu_arch, case, options):
+    from cytoray.export.timm import TIMM_ARCHS
+
+    assert TIMM_ARCHS == TIMM_DINOV2_ENTRY_POINTS
+    model = _model(swiglu_arch if case == "swiglu" else "vit_debug", **options)
+    out = export_model(_checkpoint(tmp_path, model), str(tmp_path / "out"), ["timm"])["timm"]
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert {"architecture", "num_classes", "model_args", "pretrained_cfg"} <= set(cfg) and cfg["num_classes"] == 0
+    assert set(cfg["pretrained_cfg"]) <= TIMM_PRETRAINED_CFG_FIELDS, set(cfg["pretrained_cfg"]) - TIMM_PRETRAINED_CFG_FIELDS
+    assert set(cfg["model_args"]) <= TIMM_VIT_ARGS, set(cfg["model_args"]) - TIMM_VIT_ARGS
+    # the model timm builds: the entry point's arguments, then config.json's
+    args = {**TIMM_DINOV2_ENTRY_POINTS[cfg["architecture"]], **cfg["model_args"]}
+    spec = describe(model)
+    assert (args["patch_size"], args["embed_dim"], args["depth"], args["num_heads"], args["img_size"]) == (8, 64, 2, 2, 64)
+    assert args.get("reg_tokens", 0) == spec.num_register_tokens and args.get("no_embed_class", False) == (case == "registers")
+    assert ("giant" in cfg["architecture"]) == (case == "swiglu")
+    if case == "swiglu":  # timm's SwiGLUPacked: hidden = int(dim * mlp_ratio) = 2 x cytoray's per-branch width
+        assert int(64 * args["mlp_ratio"]) == 2 * spec.ffn_hidden
+    assert args["init_values"] == (0.1 if case != "no LayerScale" else 1e-5)  # gamma's init; the weights replace it
+    p = cfg["pretrained_cfg"]  # timm's DINOv2 data config, with cytoray's preprocessing
+    assert (p["input_size"], p["interpolation"], p["crop_pct"], p["num_classes"]) == ([3, 64, 64], "bicubic", 1.0, 0)
+    assert (tuple(p["mean"]), tuple(p["std"]), p["first_conv"]) == (PRE.mean, PRE.std, "patch_embed.proj")
+
+
 @pytest.mark.timm
 @pytest.mark.parametrize("case", ["plain", "registers", "swiglu", "no LayerScale"])
 def test_timm_loads_the_export_with_cytorays_features(tmp_path, swiglu_arch, case):
