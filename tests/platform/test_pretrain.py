@@ -2,6 +2,7 @@
 after an injected worker failure and after a driver restart, teacher exports that load."""
 
 import csv
+import json
 import os
 
 import numpy as np
@@ -225,3 +226,8 @@ def test_object_storage_run_streams_checkpoints_and_resumes(ray_local, s3, tmp_p
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
     assert {"config.json", "model.safetensors", "README.md"} <= {
         p.rsplit("/", 1)[-1] for p in fs.ls("cytoray-test/runs/s3run/exports/final/hf")}
+    # export.card_paths=relative: object-storage URIs as configured, no local path; full paths beside the export
+    card = fs.cat_file("cytoray-test/runs/s3run/exports/final/hf/README.md").decode()
+    assert "| Training manifest | `s3://cytoray-test/cells/manifest.parquet` |" in card and str(tmp_path) not in card
+    provenance = json.loads(fs.cat_file("cytoray-test/runs/s3run/exports/final/provenance.json"))
+    assert provenance["run"] == "s3://cytoray-test/runs/s3run" and provenance["card_paths"] == "relative"
