@@ -6,10 +6,10 @@ rescaling, flips and quarter turns, colour and stain shifts) — not when they m
 one class and source are close by nature, and among 10⁸ cells many pairs pass any fixed similarity. So near
 duplicates and leakage are decided in two named steps (docs/curation.md, "Duplicates"):
 
-1. **Candidates** (``candidate_pairs``): each image's two content-anchored views (``features.fingerprint``) are
+1. **Candidates** (``candidate_pairs``): each image's two views (one anchored on its content, one of its frame) (``features.fingerprint``) are
    searched against the same view of every other image under the 8 flips/rotations; each image keeps its
    ``candidates`` most similar partners per view above ``candidate_threshold`` (view cosine). Tuned for recall:
-   the source of a planted copy is the nearest image of one view for 99.7% of copies among 30,000 images.
+   the source of a planted copy is the nearest image of one view for 99.6% of copies among 29,765 images.
 2. **Verification** (``verification.verify_pairs``): per candidate pair, the transform that maps one verification
    thumbnail onto the other (flip/rotation, scale per axis, shift) and the aligned pixels' score (1 - the largest
    local mismatch). Only a pair whose score reaches ``threshold`` (``leakage_threshold`` against evaluation
@@ -74,9 +74,11 @@ class DedupConfig:
     eval_manifests: list[str] = field(default_factory=list)
     leakage_threshold: float = 0.8
     # Candidate search: per image and view, the ``candidates`` most similar images whose view cosine (best of the
-    # 8 flips/rotations) exceeds ``candidate_threshold`` go to verification.
+    # 8 flips/rotations) exceeds ``candidate_threshold`` go to verification. 0.6: a copy cut into its nucleus can
+    # fall to 0.6-0.75 and still be the nearest image; 0.75 lost 0.1% of planted copies for 0.26 fewer pairs per
+    # image (benchmarks/RESULTS.md, "Candidate views").
     candidates: int = 1
-    candidate_threshold: float = 0.75
+    candidate_threshold: float = 0.6
     dataset_priority: list[str] = field(default_factory=list)
     flat_max: int = 5_000  # exact search up to this many index rows, partitioned above
     # Partitioned search: k-means lists of ~list_size images per view, each query variant searching its

@@ -35,7 +35,7 @@ STAGES = ("ingest", "embed", "dedup", "cluster", "balance")
 # directory written by older code reruns that stage (and, through the lineage, every later one) instead of
 # failing on a missing column or mixing outputs of two designs. Stages not named are at their first format.
 FORMATS = {
-    "embed": "copy-detection fingerprints (3 views, frames, 96 px verify, image size)",
+    "embed": "copy-detection fingerprints (2 views: nucleus-sized canonical, frame; frames, 96 px verify, image size)",
     "dedup": "verified copies (score, transform)",
 }
 MARKER_DIR = "_stages"

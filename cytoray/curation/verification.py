@@ -340,7 +340,12 @@ def _gauss_newton(a, b, t, iterations: int, cubic: bool = False):
         jac = jac * m
         r = (za - zg)[:, 0] * m[:, 0]
         h = torch.einsum("pihw,pjhw->pij", jac, jac) + 1e-3 * torch.eye(4)
-        step = torch.linalg.solve(h, torch.einsum("pihw,phw->pi", jac, r))
+        rhs = torch.einsum("pihw,phw->pi", jac, r)
+        # a flat overlap (sd at its floor) overflows or degenerates the system: that pair keeps its parameters
+        bad = ~(torch.isfinite(h).all(2).all(1) & torch.isfinite(rhs).all(1))
+        h[bad], rhs[bad] = torch.eye(4), 0.0
+        step, info = torch.linalg.solve_ex(h, rhs)
+        step = torch.where((info == 0)[:, None] & torch.isfinite(step), step, torch.zeros_like(step))
         step[:, :2] = step[:, :2].clamp(-0.02, 0.02)
         step[:, 2:] = step[:, 2:].clamp(-1.0 / size, 1.0 / size)
         t[:, 1] = (t[:, 1] * torch.exp(step[:, 0])).clamp(*SCALE_RANGE)

@@ -20,7 +20,7 @@ from cytoray.curation.dedup import (
 )
 from cytoray.curation.synthetic.cells import Stain, render_cell
 from cytoray.curation.synthetic.scoring import dedup_precision_recall
-from cytoray.features.fingerprint import fingerprint_batch
+from cytoray.features.fingerprint import VIEWS, fingerprint_batch
 from cytoray.features.handcrafted import HANDCRAFTED_DIM, handcrafted_features, standardise
 
 
@@ -111,7 +111,7 @@ def test_vit_embedder_plugs_in_from_a_checkpoint(tmp_path):
     batch = pa.table({"image_id": ["a", "b", "c"], "uri": [str(tmp_path / f"{k}.png") for k in range(3)]})
     res = FeatureActor(feature_spec(EmbedConfig()))(batch)  # the Ray Data callable, called directly
     assert res.column("image_id").to_pylist() == ["a", "b", "c"]
-    assert len(res.column("feature")[0]) == HANDCRAFTED_DIM and len(res.column("fingerprint")[0]) == 3 * 32 * 32
+    assert len(res.column("feature")[0]) == HANDCRAFTED_DIM and len(res.column("fingerprint")[0]) == len(VIEWS) * 32 * 32
     assert len(res.column("verify")[0]) == 96 * 96 and res.column("image_size")[0].as_py() == [80, 80]
     assert "fingerprint" not in FeatureActor(FeatureSpec())(batch).column_names
     try:
