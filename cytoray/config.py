@@ -7,14 +7,16 @@ outputs with secrets redacted (:func:`save_config`).
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from cytoray import storage
 from cytoray.errors import UserError
@@ -26,9 +28,19 @@ class ConfigError(UserError):
     """A user configuration problem; the message names the key or file and how to fix it."""
 
 
-def _describe(exc: OmegaConfBaseException) -> str:
+def _describe(exc: OmegaConfBaseException, cfg=None) -> str:
+    """One line naming the key: OmegaConf's first line without its ``full_key/reference_type/object_type`` block;
+    for an unknown key, the closest valid key by its full name."""
     key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
-    msg = getattr(exc, "msg", None) or str(exc).splitlines()[0]
+    msg = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]
+    if key and isinstance(exc, ConfigKeyError) and cfg is not None:
+        parent, _, leaf = str(key).rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if isinstance(node, DictConfig) and leaf not in node:
+            close = difflib.get_close_matches(leaf, [str(k) for k in node.keys()], n=1, cutoff=0.6)
+            hint = f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
+            return f"unknown key '{key}'{hint}"
+    msg = re.sub(r"\. Did you mean.*$", "", msg)
     return f"key '{key}': {msg}" if key else msg
 
 
@@ -68,7 +80,7 @@ def load_config(
         try:
             cfg = OmegaConf.merge(cfg, src)
         except OmegaConfBaseException as exc:
-            raise ConfigError(f"{origin}: {_describe(exc)}") from exc
+            raise ConfigError(f"{origin}: {_describe(exc, cfg)}") from exc
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as exc:

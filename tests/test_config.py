@@ -42,9 +42,21 @@ def test_unknown_key_is_named(tmp_path):
         config.load_config(Schema, bad)
 
 
-def test_wrong_type_is_named():
-    with pytest.raises(config.ConfigError, match="inner.batch_size"):
+def test_config_errors_are_one_line_with_the_closest_valid_key(tmp_path):
+    """OmegaConf appends ``full_key: ... reference_type=... object_type=...`` lines; the user sees one line that
+    names the key by its full name and, for a misspelt key, the valid key it is closest to."""
+    with pytest.raises(config.ConfigError) as unknown:
+        config.load_config(Schema, None, [], ["name=x", "inner.batchsize=3"])
+    assert str(unknown.value) == "command line: unknown key 'inner.batchsize'; did you mean 'inner.batch_size'?"
+    bad = write(tmp_path, "bad.yaml", {"name": "x", "inenr": {"batch_size": 1}})
+    with pytest.raises(config.ConfigError) as top:
+        config.load_config(Schema, bad)
+    assert str(top.value) == f"{bad}: unknown key 'inenr'; did you mean 'inner'?"
+    with pytest.raises(config.ConfigError) as wrong_type:
         config.load_config(Schema, None, [], ["name=x", "inner.batch_size=lots"])
+    message = str(wrong_type.value)
+    assert "\n" not in message and "inner.batch_size" in message and "lots" in message
+    assert not any(noise in message for noise in ("full_key", "reference_type", "object_type"))
 
 
 def test_missing_required_value_is_named():
