@@ -13,13 +13,15 @@ Anything else raises :class:`ImageRejected` with a stable reason code:
 Truncation is decided from the file's structure where the format allows (JPEG ends with EOI, PNG with IEND,
 GIF with its trailer, BMP and TIFF declare sizes and offsets), not from which decoder call failed.
 Pillow's process-wide settings (``Image.MAX_IMAGE_PIXELS``, ``ImageFile.LOAD_TRUNCATED_IMAGES``) are left as the
-process set them; its decompression-bomb error is reported as ``too_large``.
+process set them; its decompression-bomb error is reported as ``too_large`` with the pixel count against
+``max_pixels``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -123,8 +125,23 @@ def _unreadable(data: bytes, exc: BaseException) -> ImageRejected:
     return ImageRejected("truncated" if early else "corrupt", f"{len(data)} bytes; {detail}")
 
 
-def decode(data: bytes, min_side: int = 16, max_pixels: int = 50_000_000) -> Decoded:
-    """Decode ``data``; raise :class:`ImageRejected` for anything that is not a usable cell image."""
+def _bomb_detail(exc: Exception, max_pixels: int, prefix: str) -> str:
+    """``too_large`` detail when Pillow refuses the header (above 2 × ``Image.MAX_IMAGE_PIXELS``): the pixel count
+    against our limit; Pillow's limit only where it is the lower one."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    if found is None:
+        return f"more pixels than Pillow opens (2 x Image.MAX_IMAGE_PIXELS), and {prefix}max_pixels={max_pixels:,}"
+    pixels = int(found.group(1))
+    if pixels > max_pixels:
+        return f"{pixels:,} pixels exceeds {prefix}max_pixels={max_pixels:,}"
+    return (f"{pixels:,} pixels is within {prefix}max_pixels={max_pixels:,} but above Pillow's decompression-bomb "
+            "limit (2 x PIL.Image.MAX_IMAGE_PIXELS); raise PIL.Image.MAX_IMAGE_PIXELS in the process to read it")
+
+
+def decode(data: bytes, min_side: int = 16, max_pixels: int = 50_000_000, settings: str = "") -> Decoded:
+    """Decode ``data``; raise :class:`ImageRejected` for anything that is not a usable cell image. ``settings``
+    is the config section the limits come from (``"ingest"``): the size rejections name ``ingest.max_pixels``."""
+    prefix = f"{settings}." if settings else ""
     if not data:
         raise ImageRejected("empty_file", "0 bytes")
     try:
@@ -132,7 +149,7 @@ def decode(data: bytes, min_side: int = 16, max_pixels: int = 50_000_000) -> Dec
             warnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise ImageRejected("too_large", f"{exc} (Pillow's Image.MAX_IMAGE_PIXELS)") from None
+        raise ImageRejected("too_large", _bomb_detail(exc, max_pixels, prefix)) from None
     except UnidentifiedImageError as exc:
         if image_format(data) is None:
             raise ImageRejected("not_an_image", f"{len(data)} bytes in no image format Pillow knows") from None
@@ -141,9 +158,9 @@ def decode(data: bytes, min_side: int = 16, max_pixels: int = 50_000_000) -> Dec
         raise _unreadable(data, exc) from None
     w, h = img.size
     if w * h > max_pixels:
-        raise ImageRejected("too_large", f"{w}x{h} exceeds max_pixels={max_pixels}")
+        raise ImageRejected("too_large", f"{w}x{h} = {w * h:,} pixels exceeds {prefix}max_pixels={max_pixels:,}")
     if min(w, h) < min_side:
-        raise ImageRejected("too_small", f"{w}x{h} is below min_side={min_side}")
+        raise ImageRejected("too_small", f"{w}x{h} is below {prefix}min_side={min_side}")
     fmt, frames = img.format or "unknown", int(getattr(img, "n_frames", 1))
     try:
         with warnings.catch_warnings():

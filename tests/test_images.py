@@ -88,6 +88,18 @@ def test_limits_are_configurable():
         images.decode(data, max_pixels=40 * 60 - 1)
 
 
+def test_too_large_names_the_setting_and_the_pixel_count_not_pillows_bomb_message():
+    """A header beyond Pillow's decompression-bomb limit (60000x60000) is reported as the curation setting the user
+    can change, with the image's size, however Pillow words its refusal."""
+    with pytest.raises(images.ImageRejected) as bomb:
+        images.decode(_bad_file("too_large", "png", np.random.default_rng(0)), settings="ingest")
+    assert bomb.value.reason == "too_large"
+    assert bomb.value.detail == "3,600,000,000 pixels exceeds ingest.max_pixels=50,000,000"
+    with pytest.raises(images.ImageRejected) as ours:
+        images.decode(encode(RGB, "png"), max_pixels=1000, settings="ingest")
+    assert ours.value.detail == "60x40 = 2,400 pixels exceeds ingest.max_pixels=1,000"
+
+
 def test_pixel_hash_ignores_container_but_not_pixels():
     h = images.pixel_sha256(images.decode(encode(RGB, "png")).rgb)
     assert h == images.pixel_sha256(images.decode(encode(RGB, "tiff")).rgb)

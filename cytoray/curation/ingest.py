@@ -190,7 +190,7 @@ class DecodeBatch:
 
     def _one(self, rec) -> list[dict]:
         data = storage.read_bytes(rec["uri"], self.storage_cfg)
-        dec = images.decode(data, self.cfg.min_side, self.cfg.max_pixels)
+        dec = images.decode(data, self.cfg.min_side, self.cfg.max_pixels, settings="ingest")
         image_id = _image_id(rec["dataset"], rec["relpath"])
         if rec["boxes"] is None and rec["mask_uris"] is None:
             return [self._row(rec, rec["uri"], image_id, dec.rgb, rec["source_label"], data, dec.format,

@@ -142,7 +142,7 @@ class MultiCropBatches:
         uri = self.uris[row]
         try:
             return images.decode(storage.read_bytes(uri, self.storage_cfg), min_side=1,
-                                 max_pixels=self.max_pixels).rgb
+                                 max_pixels=self.max_pixels, settings="data").rgb
         except images.ImageRejected as exc:
             raise ManifestError(f"training image {uri!r} (manifest row {row}) cannot be decoded: {exc}. "
                                 "Re-run curation so it is quarantined, or remove the row") from exc
