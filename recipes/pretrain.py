@@ -6,23 +6,28 @@
     python recipes/pretrain.py --config recipes/configs/cpu_debug.yaml data.manifest_uri=... run.name=debug
 
 Presets: cytoray/configs/*.yaml (dinobloom_s/b/l/g, debug); recipes/pretrain_vit{s,b,l,g}.py are this script
-with the preset fixed. Config layers: schema <- preset <- --config files <- key=value. Rerunning with the same
-run.name and run.storage_path resumes from the last checkpoint.
+for one preset each (a preset= in argv or a --config file still wins there, with a one-line warning). Config
+layers: schema <- preset <- --config files <- key=value. Rerunning with the same run.name and run.storage_path
+resumes from the last checkpoint.
 """
 
+import logging
 import sys
 
 from cytoray import config, console, storage
 from cytoray.console import run_recipe
 from cytoray.eval import validation
-from cytoray.platform.config import load_pretrain_config
+from cytoray.platform.config import chosen_preset, load_pretrain_config, preset_replaced
 from cytoray.platform.train import pretrain, run_uri
 from cytoray.runtime import setup_logging
 
 
-def main(argv: list[str], preset: str = "dinobloom_l"):
+def main(argv: list[str], preset: str = "dinobloom_l", script: str | None = None):
+    """``script``: the pretrain_vit* entry point that stands for ``preset``; it warns when argv replaces it."""
     cfg = load_pretrain_config(argv, preset)  # preset=... in argv or a --config file wins over `preset`
     setup_logging(cfg.log_level)
+    if script and (replaced := preset_replaced(script, preset, *chosen_preset(argv, preset))):
+        logging.getLogger("cytoray.recipes").warning(replaced)
     result = pretrain(cfg)  # Ray Train: FSDP2 workers stream the manifest; every checkpoint is probed
     if result.error is not None:
         raise result.error

@@ -106,8 +106,8 @@ def training(meta: dict, run: RunRecord, paths: CardPaths) -> str:
     obj = m.get("objective") or {}
     manifest = (c.get("data") or {}).get("manifest_uri")
     rows = [("Run", _run_row(paths)),
-            ("Steps", f"{meta.get('step', '?')} (schedules span {m.get('total_iters')} steps"
-                      + (f"; the run stops at {t['max_steps']})" if t.get("max_steps") else ")")),
+            ("Steps", _steps(meta.get("step", "?"), m.get("total_iters"), t.get("max_steps"),
+                             t.get("schedule_to_max_steps", False))),
             ("Global batch", f"{batch} images per step" if batch else "unknown"),
             ("Optimiser", f"AdamW, base lr {o.get('base_lr')} (scaling: {o.get('lr_scaling')}), warm-up "
                           f"{o.get('warmup_iters')} steps, cosine to {o.get('min_lr')}; weight decay "
@@ -259,5 +259,15 @@ def table(header: list[str], rows: list[tuple]) -> str:
     return "\n".join(lines)
 
 
+def _steps(step, total_iters, max_steps, to_max_steps: bool) -> str:
+    """``2 (schedules span 300 steps; the run stops at 40)``, or the schedules' span is max_steps
+    (``train.schedule_to_max_steps``)."""
+    if max_steps and total_iters and to_max_steps and max_steps < total_iters:
+        return (f"{step} (schedules span train.max_steps={max_steps} steps, not {total_iters}, warm-ups scaled alike: "
+                "train.schedule_to_max_steps)")
+    return f"{step} (schedules span {total_iters} steps" + (f"; the run stops at {max_steps})" if max_steps else ")")
+
+
 def _num(x) -> str:
-    return "?" if x is None else f"{x:.2f}"
+    """Two decimals; None as ``?``; a score's "n/a (...)" reason as it is."""
+    return "?" if x is None else x if isinstance(x, str) else f"{x:.2f}"

@@ -90,15 +90,20 @@ def load_preset(name: str, overrides=(), schema=ModelPreset):
     return config_lib.to_object(config_lib.load_config(schema, preset_path(name), [], list(overrides)))
 
 
-def make_schedules(p: ModelPreset, total_batch_size: int) -> schedules.Schedules:
+def make_schedules(p: ModelPreset, total_batch_size: int, length: int | None = None) -> schedules.Schedules:
+    """lr, wd, teacher momentum and temperature, last-layer lr over ``length`` steps (default ``p.total_iters``).
+    A shorter ``length`` compresses the whole schedule: the warm-ups and the last-layer freeze shrink by
+    ``length / total_iters`` too, so a short run warms up, decays and ends where a full one does."""
     o = p.optim
+    length = p.total_iters if length is None else length
+    iters = lambda n: min(int(round(n * length / p.total_iters)), length)  # noqa: E731
     lr = schedules.scaled_lr(o.base_lr, total_batch_size, o.lr_scaling)
     return schedules.build_schedules(
-        total_iters=p.total_iters, lr=lr, min_lr=o.min_lr, warmup_iters=min(o.warmup_iters, p.total_iters),
+        total_iters=length, lr=lr, min_lr=o.min_lr, warmup_iters=iters(o.warmup_iters),
         wd=o.weight_decay, wd_end=o.weight_decay_end, momentum=o.momentum_teacher,
         momentum_end=o.final_momentum_teacher, teacher_temp=o.teacher_temp,
-        warmup_teacher_temp=o.warmup_teacher_temp, teacher_temp_warmup_iters=o.teacher_temp_warmup_iters,
-        freeze_last_layer_iters=min(o.freeze_last_layer_iters, p.total_iters))
+        warmup_teacher_temp=o.warmup_teacher_temp, teacher_temp_warmup_iters=iters(o.teacher_temp_warmup_iters),
+        freeze_last_layer_iters=iters(o.freeze_last_layer_iters))
 
 
 @dataclass
@@ -111,6 +116,10 @@ class TrainConfig:
     label_selector: dict[str, str] = field(default_factory=dict)  # e.g. {cytoray-role: train}: the GPU nodes
     seed: int = 0  # model init, data order, augmentation and masks all derive from it
     max_steps: int | None = None  # stop after this step (schedules still span total_iters); None: total_iters
+    # true: the schedules span max_steps instead of model.total_iters (warm-ups scaled alike), so a short run is a
+    # whole schedule; off by default, as resuming with another max_steps would then change the schedules mid-run
+    # (docs/training.md, "Short runs")
+    schedule_to_max_steps: bool = False
     log_every: int = 10  # console line + ray.train.report of metrics
     checkpoint_every: int = 1000  # sharded checkpoint (resume point)
     export_every: int = 5000  # teacher backbone in DinoBloom format to <run>/exports/; 0: only at the end
@@ -185,6 +194,53 @@ class PretrainConfig:
     log_level: str = "INFO"
 
 
+def schedule_length(p: ModelPreset, t: TrainConfig) -> int:
+    """Steps the schedules span: ``model.total_iters``, or ``train.max_steps`` when it is shorter and
+    ``train.schedule_to_max_steps`` is set."""
+    if t.schedule_to_max_steps and t.max_steps and t.max_steps < p.total_iters:
+        return t.max_steps
+    return p.total_iters
+
+
+def short_run_notice(p: ModelPreset, t: TrainConfig) -> str | None:
+    """One line for a run that stops before its schedules end (``train.max_steps`` < ``model.total_iters``
+    without ``train.schedule_to_max_steps``): where the schedules stand then and how to give it a whole one."""
+    if not t.max_steps or t.max_steps >= p.total_iters or t.schedule_to_max_steps:
+        return None
+    lr = make_schedules(p, 1024).lr  # the shape only: the lr scaling changes the scale, not where it stands
+    at = lr[t.max_steps - 1] / lr.max()
+    return (f"train.max_steps={t.max_steps} stops the run before its lr, weight decay, teacher momentum and "
+            f"teacher temperature schedules end: they span model.total_iters={p.total_iters} steps (at step "
+            f"{t.max_steps} the lr is at {at:.0%} of its peak); for a whole schedule in {t.max_steps} steps, "
+            f"warm-ups included, add train.schedule_to_max_steps=true")
+
+
+def chosen_preset(argv, preset: str, defaults: str | None = None) -> tuple[str, str | None]:
+    """(the preset a run trains, where it was named): ``preset=`` on the command line wins over one in a --config
+    file (the last file naming one), which wins over ``preset`` (origin None)."""
+    import yaml
+
+    files, overrides = config_lib.split_cli(argv)
+    origin = None
+    for path in [defaults, *files]:
+        if path and os.path.exists(path):
+            named = (yaml.safe_load(open(path)) or {}).get("preset")
+            if named is not None:
+                preset, origin = named, str(path)
+    for item in overrides:
+        if item.startswith("preset="):
+            preset, origin = item.split("=", 1)[1], "the command line"
+    return preset, origin
+
+
+def preset_replaced(script: str, fixed: str, chosen: str, origin: str | None) -> str | None:
+    """One line when a --config file or ``preset=`` replaces the preset a ``pretrain_vit*`` script stands for."""
+    if chosen == fixed:
+        return None
+    return (f"{script} stands for preset {fixed}, but preset={chosen} from {origin} replaces it: this run trains "
+            f"{chosen}. For another preset use python recipes/pretrain.py (preset={chosen} or a --config file naming it)")
+
+
 def load_pretrain_config(argv, preset: str, defaults: str | None = None, schema=None):
     """Layers: schema <- preset yaml (under ``model``) <- recipe defaults <- --config files <- key=value.
 
@@ -193,12 +249,7 @@ def load_pretrain_config(argv, preset: str, defaults: str | None = None, schema=
     import yaml
 
     files, overrides = config_lib.split_cli(argv)
-    for path in [defaults, *files]:
-        if path and os.path.exists(path):
-            preset = (yaml.safe_load(open(path)) or {}).get("preset", preset)
-    for item in overrides:
-        if item.startswith("preset="):
-            preset = item.split("=", 1)[1]
+    preset, _ = chosen_preset(argv, preset, defaults)
     with open(preset_path(preset)) as f:
         model = yaml.safe_load(f) or {}
     cfg = config_lib.load_config(schema or PretrainConfig, defaults, files, overrides,

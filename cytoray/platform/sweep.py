@@ -155,6 +155,9 @@ def check(cfg: SweepRunConfig, cluster: dict[str, float]) -> int:
     if s.rungs[-1] > cfg.model.total_iters:
         raise config_lib.ConfigError(f"sweep.rungs ends at {s.rungs[-1]} > model.total_iters="
                                      f"{cfg.model.total_iters}; raise model.total_iters (schedules span it)")
+    if cfg.train.schedule_to_max_steps:
+        raise config_lib.ConfigError("train.schedule_to_max_steps=true would give each rung of a trial other "
+                                     "schedules; set it to false and model.total_iters to the sweep's length")
     if s.search not in ("random", "grid"):
         raise config_lib.ConfigError(f"sweep.search={s.search!r}: choose random or grid")
     need = trial_demand(cfg)

@@ -34,6 +34,8 @@ from cytoray.platform.config import (
     eval_preprocess,
     make_schedules,
     per_worker_batch,
+    schedule_length,
+    short_run_notice,
     worker_range,
 )
 from cytoray.platform.config import global_batch as global_batch_size
@@ -94,7 +96,7 @@ def train_loop_per_worker(config: dict) -> None:
     # 4. optimizer and schedules (lr scaled with the global batch)
     optimizer = build_optimizer(objective, p.optim.layer_decay, p.optim.patch_embed_lr_mult,
                                 (p.optim.adamw_beta1, p.optim.adamw_beta2))
-    sched = make_schedules(p, global_batch)
+    sched = make_schedules(p, global_batch, schedule_length(p, t))
 
     # 5. restore the last checkpoint: model, teacher, optimizer, loss centres, data position
     state = restore(objective, optimizer)
@@ -263,6 +265,9 @@ def pretrain(cfg: PretrainConfig, callbacks=()):
     cfg = config_lib.to_object(cfg)
     init_ray(cfg.ray)
     epoch_len = validate(cfg)
+    notice = short_run_notice(cfg.model, cfg.train)
+    if notice:
+        console.say(notice)
     protocol, path = storage.split_protocol(cfg.run.storage_path)
     if protocol == "file":
         cfg.run.storage_path = os.path.abspath(path)

@@ -3,7 +3,7 @@
 import pytest
 
 from cytoray.config import ConfigError
-from cytoray.platform.config import load_pretrain_config
+from cytoray.platform.config import chosen_preset, load_pretrain_config, preset_replaced
 
 
 def test_recipe_preset_and_its_overrides(tmp_path):
@@ -50,3 +50,22 @@ def test_elastic_worker_range_needs_a_global_batch_every_count_divides():
         global_batch(c.model, c.train)
     with pytest.raises(ConfigError, match="1 <= min <= max"):
         cfg("train.num_workers=[3,2]")
+
+
+def test_a_preset_script_warns_in_one_line_when_a_config_replaces_its_preset():
+    """`recipes/pretrain_vitl.py --config cpu_debug.yaml` trains the debug preset (tests/test_job_submit.py runs it so); it
+    used to do so silently although the script stands for dinobloom_l. The warning names both presets, where the
+    other came from and the recipe for it."""
+    import os
+
+    debug = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "configs", "cpu_debug.yaml")
+    chosen = chosen_preset(["--config", debug, "run.name=a"], "dinobloom_l")
+    assert chosen == ("debug", debug)
+    line = preset_replaced("recipes/pretrain_vitl.py", "dinobloom_l", *chosen)
+    assert "\n" not in line and line.startswith("recipes/pretrain_vitl.py stands for preset dinobloom_l")
+    assert f"preset=debug from {debug}" in line and "python recipes/pretrain.py" in line
+    # the command line wins over a file; naming the script's own preset, or none, is no warning
+    assert chosen_preset(["--config", debug, "preset=dinobloom_s"], "dinobloom_l") == ("dinobloom_s", "the command line")
+    assert preset_replaced("recipes/pretrain_vitl.py", "dinobloom_l",
+                           *chosen_preset(["preset=dinobloom_l"], "dinobloom_l")) is None
+    assert chosen_preset(["run.name=a"], "dinobloom_l") == ("dinobloom_l", None)

@@ -138,3 +138,29 @@ def test_preset_overrides_and_unknown_preset():
     assert p.vit.num_register_tokens == 4 and p.augment.local_crops.number == 0
     with pytest.raises(ConfigError, match="available"):
         load_preset("dinobloom_xl")
+
+
+def test_a_short_run_says_its_schedules_run_on_and_the_switch_fits_them_to_max_steps():
+    """train.max_steps=40 on the debug preset (total_iters 300) stopped with the lr near its peak and said nothing
+    (issue 31): the launch line says so and how to fix it; train.schedule_to_max_steps=true gives every schedule
+    max_steps steps, warm-up and decay included."""
+    from cytoray.platform.config import TrainConfig, schedule_length, short_run_notice
+
+    p = load_preset("debug")
+    short = TrainConfig(max_steps=40)
+    notice = short_run_notice(p, short)
+    assert "\n" not in notice and "train.max_steps=40" in notice and "model.total_iters=300" in notice
+    assert "train.schedule_to_max_steps=true" in notice and "lr is at 99% of its peak" in notice
+    assert schedule_length(p, short) == 300
+    assert short_run_notice(p, TrainConfig()) is None and short_run_notice(p, TrainConfig(max_steps=300)) is None
+
+    fitted = TrainConfig(max_steps=40, schedule_to_max_steps=True)
+    assert short_run_notice(p, fitted) is None and schedule_length(p, fitted) == 40
+    s = make_schedules(p, 64, schedule_length(p, fitted))
+    assert {len(v) for v in vars(s).values()} == {40}
+    full = make_schedules(p, 64)
+    # the same shape compressed: warm-up 20 of 300 -> 3 of 40, peak lr the same, the end at min_lr as in the full run
+    assert int(np.argmax(s.lr)) == 2 and s.lr.max() == full.lr.max()
+    assert s.lr[-1] < 0.01 * s.lr.max() and full.lr[39] > 0.9 * full.lr.max()
+    assert s.momentum[-1] == pytest.approx(full.momentum[-1], abs=1e-4)
+    assert schedule_length(p, TrainConfig(schedule_to_max_steps=True)) == 300  # no max_steps: the whole preset

@@ -72,6 +72,8 @@ def test_sweep_settings_are_checked_before_any_trial(ray_local, tmp_path):
         load("eval.manifests=[m]", "sweep.rungs=[20,10]")
     with pytest.raises(ConfigError, match="model.total_iters=40"):
         load("eval.manifests=[m]", "sweep.rungs=[20,80]")
+    with pytest.raises(ConfigError, match="schedule_to_max_steps=true would give each rung"):
+        load("eval.manifests=[m]", "train.schedule_to_max_steps=true")
 
 
 def _sleepy_trial(config):
