@@ -324,16 +324,65 @@ def sample_keys(hashes: np.ndarray, weights: np.ndarray) -> np.ndarray:
         return np.where(weights > 0, -np.log(u) / np.asarray(weights, np.float64), np.inf)
 
 
+def labelled_largest_share(counts: dict) -> float | None:
+    """Largest share among the labelled categories of a category -> count dict (``unlabelled`` left out); None when
+    nothing is labelled."""
+    c = [v for k, v in counts.items() if k != "unlabelled" and v > 0]
+    return round(max(c) / sum(c), 4) if c else None
+
+
+def mixing_or_reason(score: float, dataset_counts: dict) -> float | str:
+    """The kNN mixing score, or why it does not apply: a string, never NaN (one dataset has nothing to mix with;
+    NaN is not JSON and a NaN in a stage marker never equals itself)."""
+    if sum(v > 0 for v in dataset_counts.values()) < 2:
+        return "n/a (one dataset)"
+    return score if np.isfinite(score) else "n/a (too few images)"
+
+
 def metrics_from_counts(counts: dict, images: int, mixing: float) -> dict:
-    """The before/after balance metrics from category -> samples counts (dataset, group, cell_type, cluster)."""
+    """The before/after balance metrics from category -> samples counts (dataset, group, cell_type, cluster);
+    ``largest_cell_type_share`` is over the labelled images (None when none is labelled)."""
     return {
         "images": int(images), "samples_per_epoch": int(round(sum(counts["dataset"].values()))),
         "dataset": stats_from_counts(counts["dataset"]), "group": stats_from_counts(counts["group"]),
         "cell_type": stats_from_counts(counts["cell_type"]), "cluster": stats_from_counts(counts["cluster"]),
         "largest_dataset_share": stats_from_counts(counts["dataset"])["largest_share"],
-        "knn_dataset_mixing": mixing,
+        "largest_cell_type_share": labelled_largest_share(counts["cell_type"]),
+        "knn_dataset_mixing": mixing_or_reason(mixing, counts["dataset"]),
         "counts": counts,
     }
+
+
+def grouping_column(groups_from: str) -> str | None:
+    """What the sampling tree's top level groups by: a ``GROUP_COLUMNS`` name, ``group`` for a mapping file's
+    groups, None for ``group_by=none``."""
+    return groups_from if groups_from in GROUP_COLUMNS else None if groups_from == "none" else "group"
+
+
+def largest_shares(before: dict, after: dict, groups_from: str) -> dict:
+    """name -> {before, after}: the largest share of the grouping (first; see :func:`grouping_column`), of the
+    datasets and of the labelled cell types (left out when none is labelled), from :func:`metrics_from_counts`."""
+    share = {"dataset": lambda m: m["largest_dataset_share"], "cell_type": lambda m: m["largest_cell_type_share"]}
+    grouping = grouping_column(groups_from)
+    names = list(dict.fromkeys([grouping] if grouping else []) | dict.fromkeys(["dataset", "cell_type"]))
+    out = {}
+    for name in names:
+        get = share.get(name, lambda m: m["group"]["largest_share"])
+        if get(before) is not None and get(after) is not None:
+            out[name] = {"before": get(before), "after": get(after)}
+    return out
+
+
+def cell_type_warning(shares: dict, groups_from: str) -> str | None:
+    """One line when balancing made cell types less balanced (their largest share went up, at the two decimals the
+    stage line shows) under a grouping other than cell type."""
+    ct, grouping = shares.get("cell_type"), grouping_column(groups_from)
+    if ct is None or grouping == "cell_type" or round(ct["after"], 2) <= round(ct["before"], 2):
+        return None
+    how = f"the groups of balance.mapping_file={groups_from}" if grouping == "group" else \
+        f"balance.group_by={groups_from}"
+    return (f"balance: {how} made cell types less balanced: the largest cell-type share went {ct['before']:.2f} -> "
+            f"{ct['after']:.2f}; balance.group_by=cell_type balances cell types instead")
 
 
 def mapping_template(sizes: dict, datasets: dict, cell_types: dict, column: str) -> str:

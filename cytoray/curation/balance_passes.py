@@ -24,12 +24,14 @@ from cytoray.curation.balance import (
     BalanceConfig,
     BalanceError,
     category_counts,
+    cell_type_warning,
     check_group_by,
     check_groups,
     extra_cutoffs,
     group_names,
     group_weight,
     image_hashes,
+    largest_shares,
     leaf_budgets,
     leaf_repeats,
     mapping_template,
@@ -212,8 +214,11 @@ def balance_shards(run, cfg: BalanceConfig, embeddings: str | None, storage_cfg,
     keys = np.array([(group_code[x[0]], *x[1:]) for x in leaves], np.int64).reshape(len(leaves), len(cluster_cols) + 1)
     sizes = np.array([leaf_size[x] for x in leaves], np.int64)
     top_weight = np.array([gw.get(x[0], 1.0) for x in leaves], np.float64)
-    target = int(cfg.target_size if cfg.target_size is not None else n)
-    budgets = leaf_budgets(keys, sizes, top_weight, target, cfg.max_repeat)
+    if cfg.enabled:
+        target = int(cfg.target_size if cfg.target_size is not None else n)
+        budgets = leaf_budgets(keys, sizes, top_weight, target, cfg.max_repeat)
+    else:  # balance.enabled=false: every kept image once per epoch, so the counts are those of the manifest
+        target, budgets = n, sizes.copy()
     # the one O(rows) array on the driver: each row's leaf (int32) and hash (uint64), in row order
     leaf_of_row = np.concatenate([np.array([leaf_index[x] for x in r["leaves"]], np.int32)[r["leaf_of_row"]]
                                   if len(r["leaf_of_row"]) else np.zeros(0, np.int32) for r in counted])
@@ -254,6 +259,9 @@ def balance_shards(run, cfg: BalanceConfig, embeddings: str | None, storage_cfg,
                              cfg.mixing_k)
         metrics[k] = metrics_from_counts(counts[k], images, score)
     before, after = metrics["before"], metrics["after"]
+    groups_from = cfg.mapping_file or cfg.group_by
+    shares = largest_shares(before, after, groups_from)
+    warning = cell_type_warning(shares, groups_from) if cfg.enabled else None
     sampled = after["samples_per_epoch"]
     if sampled < target:
         log.warning("balance: only %d of target %d samples possible (max_repeat=%d, zero-weight groups); "
@@ -261,12 +269,13 @@ def balance_shards(run, cfg: BalanceConfig, embeddings: str | None, storage_cfg,
     per = {name: {"kept": int(kept), "sampled_images": int(round(sampled_per.get(name, 0))),
                   "samples_per_epoch": int(round(counts["after"]["dataset"].get(name, 0)))}
            for name, kept in counts["before"]["dataset"].items()}
-    meta = {"stage": "balance", "target_size": target, "samples_per_epoch": sampled,
+    meta = {"stage": "balance", "enabled": cfg.enabled, "target_size": target, "samples_per_epoch": sampled,
             "sampled_images": sampled_images, "max_repeat": cfg.max_repeat, "seed": cfg.seed,
-            "groups_from": cfg.mapping_file or cfg.group_by, "top_cluster_column": cluster_cols[-1],
-            "datasets": per, "before": before, "after": after}
-    log.info("balance: %d kept images -> %d samples/epoch from %d images; largest dataset share %.2f -> %.2f",
-             n, sampled, sampled_images, before["largest_dataset_share"], after["largest_dataset_share"])
+            "groups_from": groups_from, "top_cluster_column": cluster_cols[-1],
+            "datasets": per, "largest_share": shares, "warnings": [warning] if warning else [],
+            "before": before, "after": after}
+    log.info("balance: %d kept images -> %d samples/epoch from %d images; largest share before -> after %s",
+             n, sampled, sampled_images, shares)
     return meta
 
 

@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass, field
 
 from cytoray import config, console, storage
-from cytoray.curation.balance import BalanceConfig
+from cytoray.curation.balance import BalanceConfig, grouping_column
 from cytoray.curation.balance_passes import run_balance
 from cytoray.curation.cluster import ClusterConfig, run_cluster
 from cytoray.curation.dedup import DedupConfig
@@ -81,7 +81,9 @@ def run_curation(cfg: CurateConfig) -> dict:
         # run_stage returns the marker it found when it skips, and writes a new one (new timing) when it runs
         done = "up to date" if results[name] == before else f"{results[name]['seconds']:.1f}s"
         console.say(f"{stage_line(name, results[name])} [{done}]")
-    results["summary"] = finalize(cfg.output_uri, results, cfg.storage, balanced=cfg.balance.enabled)
+        for warning in results[name].get("warnings", []):  # also when up to date: the run still has the problem
+            log.warning(warning)
+    results["summary"] = finalize(cfg.output_uri, results, cfg.storage)
     if cfg.report.enabled:
         results["report"] = write_report(cfg.output_uri, cfg.report, cfg.storage)
     return results
@@ -105,14 +107,27 @@ def stage_line(stage: str, summary: dict) -> str:
     if stage == "cluster":
         return f"cluster: {summary['images']} images -> levels {summary['levels']}"
     if stage == "balance":
-        if "before" not in summary:
-            return f"balance: off; {summary.get('samples_per_epoch', '?')} samples/epoch"
         b, a = summary["before"], summary["after"]
+        if not summary["enabled"]:
+            return (f"balance: off (balance.enabled=false); {b['images']} kept -> {summary['sampled_images']} sampled "
+                    f"images, each once: {summary['samples_per_epoch']} samples/epoch")
         return (f"balance: {b['images']} kept -> {summary['sampled_images']} sampled images, "
-                f"{summary['samples_per_epoch']} samples/epoch; largest dataset share "
-                f"{b['largest_dataset_share']:.2f} -> {a['largest_dataset_share']:.2f}, kNN dataset mixing "
-                f"{b['knn_dataset_mixing']:.2f} -> {a['knn_dataset_mixing']:.2f}")
+                f"{summary['samples_per_epoch']} samples/epoch; largest share before -> after: "
+                f"{share_changes(summary['largest_share'], summary['groups_from'])}; kNN dataset mixing "
+                f"{_score(b['knn_dataset_mixing'])} -> {_score(a['knn_dataset_mixing'])}")
     return f"{stage}: done"
+
+
+def share_changes(shares: dict, groups_from: str) -> str:
+    """``dataset (grouping) 0.30 -> 0.10, cell type 0.21 -> 0.36`` from the balance stage's ``largest_share``."""
+    grouping = grouping_column(groups_from)
+    return ", ".join(f"{name.replace('_', ' ')}{' (grouping)' if name == grouping else ''} "
+                     f"{s['before']:.2f} -> {s['after']:.2f}" for name, s in shares.items())
+
+
+def _score(x) -> str:
+    """A score to two decimals, or its "n/a (...)" reason as it is."""
+    return x if isinstance(x, str) else f"{x:.2f}"
 
 
 def preflight(cfg: CurateConfig) -> None:
@@ -168,12 +183,11 @@ def check_output_location(uri: str, storage_cfg=None) -> None:
                                  "visible with these credentials")
 
 
-def finalize(out_uri: str, results: dict, storage_cfg, balanced: bool = True) -> dict:
+def finalize(out_uri: str, results: dict, storage_cfg) -> dict:
     """Publish ``manifest.parquet`` (the balanced rows; with balancing off, every kept row with repeats=1) — a
     directory of part files, one per part of the balance stage's output, when the stage wrote one (Ray mode), so
     the rows never gather on the driver; write the reconciled ``summary.json``."""
-    manifest_rows = publish_manifest(out_uri, "balanced.parquet" if balanced else "unbalanced.parquet",
-                                     storage_cfg, once=not balanced)
+    manifest_rows = publish_manifest(out_uri, "balanced.parquet", storage_cfg)
     ingest, dedup, bal = results["ingest"], results["dedup"], results["balance"]
     per = {}
     zero = {"kept": 0, "duplicates": 0, "exact": 0, "near": 0, "leakage": 0, "cross_dataset": 0}
@@ -185,8 +199,7 @@ def finalize(out_uri: str, results: dict, storage_cfg, balanced: bool = True) ->
                      "duplicates": dd["duplicates"], "exact_duplicates": dd["exact"], "near_duplicates": dd["near"],
                      "leakage": dd.get("leakage", 0), "cross_dataset_duplicates": dd["cross_dataset"],
                      "kept": dd["kept"],
-                     "sampled_images": bb["sampled_images"] if balanced else dd["kept"],
-                     "samples_per_epoch": bb["samples_per_epoch"] if balanced else dd["kept"],
+                     "sampled_images": bb["sampled_images"], "samples_per_epoch": bb["samples_per_epoch"],
                      "quarantine_reasons": d["quarantine_reasons"], "cell_types": d["cell_types"],
                      "ignored_files": d["ignored_files"]}
         p = per[name]
@@ -210,9 +223,9 @@ def finalize(out_uri: str, results: dict, storage_cfg, balanced: bool = True) ->
                                           if not c.startswith("histogram")} for k in ("near", "leakage")},
                "leakage_threshold": dedup.get("leakage_threshold"), "eval_manifests": dedup.get("eval_manifests", []),
                "clusters": {"levels": results["cluster"]["levels"], "columns": results["cluster"]["columns"]},
-               "balance": {k: bal[k] for k in ("target_size", "samples_per_epoch", "sampled_images", "max_repeat",
-                                               "seed", "groups_from", "top_cluster_column")} | {
-                   "enabled": balanced,
+               "balance": {k: bal[k] for k in ("enabled", "target_size", "samples_per_epoch", "sampled_images",
+                                               "max_repeat", "seed", "groups_from", "top_cluster_column",
+                                               "largest_share", "warnings")} | {
                    "before": {k: v for k, v in bal["before"].items() if k != "counts"},
                    "after": {k: v for k, v in bal["after"].items() if k != "counts"}}}
     storage.write_bytes(storage.join_uri(out_uri, "summary.json"), json.dumps(summary, indent=2).encode(),
@@ -220,31 +233,22 @@ def finalize(out_uri: str, results: dict, storage_cfg, balanced: bool = True) ->
     return summary
 
 
-def publish_manifest(out_uri: str, source: str, storage_cfg, once: bool = False) -> int:
+def publish_manifest(out_uri: str, source: str, storage_cfg) -> int:
     """Copy the run's ``source`` (a Parquet file or a directory of parts) to ``manifest.parquet`` in the same
-    form, part by part (``once``: every row's repeats set to 1); returns the rows written."""
-    import pyarrow as pa
-
+    form, part by part; returns the rows written."""
     from cytoray import tables
     from cytoray.curation import shards
 
     src, dst = storage.join_uri(out_uri, source), storage.join_uri(out_uri, "manifest.parquet")
-
-    def prepare(table):
-        if once:
-            table = table.set_column(table.column_names.index("repeats"), "repeats",
-                                     pa.array([1] * table.num_rows, pa.int32()))
-        return table
-
     shards.remove(dst, storage_cfg)
     if not tables._locate(src, storage_cfg)[2]:  # one file
-        table = prepare(tables.read_table(src, storage_cfg))
+        table = tables.read_table(src, storage_cfg)
         tables.write_table(dst, table, storage_cfg, sort=False)
         return table.num_rows
     rows = 0
     for i, f in enumerate(shards.layout(src, storage_cfg).files):
         protocol = storage.split_protocol(src)[0]
-        table = prepare(tables.read_table(f if protocol == "file" else f"{protocol}://{f}", storage_cfg))
+        table = tables.read_table(f if protocol == "file" else f"{protocol}://{f}", storage_cfg)
         shards.write_part(dst, i, table, storage_cfg)
         rows += table.num_rows
     return rows

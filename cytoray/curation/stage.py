@@ -37,6 +37,8 @@ STAGES = ("ingest", "embed", "dedup", "cluster", "balance")
 FORMATS = {
     "embed": "copy-detection fingerprints (2 views: nucleus-sized canonical, frame; frames, 96 px verify, image size)",
     "dedup": "verified copies (score, transform)",
+    "balance": "largest shares before/after (grouping, datasets, labelled cell types), warnings; enabled=false: "
+               "every kept image once",
 }
 MARKER_DIR = "_stages"
 RESERVED = ("settings", "lineage", "seconds")

@@ -191,3 +191,81 @@ def test_directory_manifest_reads_through_the_training_stream(tmp_path):
     assert got.column("image_id").to_pylist() == balanced.column("image_id").to_pylist()
     assert len(expand_repeats(got)) == int(np.sum(np.arange(900) % 3 + 1))
     assert read_manifest(uri, columns=("image_id", "uri")).num_rows == 900
+
+
+def make_lab_run(out: str, datasets: list[tuple[str, int, dict]]) -> str:
+    """A small run directory (as :func:`make_run`) from (dataset, images, {cell type: images}) — one top cluster
+    per dataset, two finer clusters each."""
+    rng = np.random.default_rng(0)
+    os.makedirs(os.path.join(out, "_stages"), exist_ok=True)
+    ds, cells = [], []
+    for name, n, types in datasets:
+        ds += [name] * n
+        cells += [c for c, k in types.items() for _ in range(k)] + [None] * (n - sum(types.values()))
+    ids = [f"{d}/img{i:04d}.png" for i, d in enumerate(ds)]
+    table = pa.table({"image_id": ids, "uri": [f"/x/{i}" for i in ids], "dataset": ds,
+                      "modality": ["peripheral_blood"] * len(ids), "cell_type": pa.array(cells, pa.string()),
+                      "patient_label": pa.array([None] * len(ids), pa.string())})
+    _write(os.path.join(out, "embeddings.parquet"), pa.table({"image_id": ids, "embedding": tables.pack_vectors(
+        rng.normal(size=(len(ids), 8)).astype(np.float32))}), None)
+    shards.publish_mask(StageRun("dedup", out), shards.KEPT_MASK, np.ones(len(ids), bool))
+    top = np.unique(ds, return_inverse=True)[1]
+    _write(os.path.join(out, "deduplicated.parquet"), table, None)
+    _write(os.path.join(out, "clusters.parquet"), pa.table({
+        "image_id": ids, "cluster_l1": pa.array(top * 2 + np.arange(len(ids)) % 2, pa.int32()),
+        "cluster_l2": pa.array(top, pa.int32())}), None)
+    with open(os.path.join(out, "_stages", "cluster.json"), "w") as fh:
+        json.dump({"lineage": "synthetic"}, fh)
+    return out
+
+
+# issue 31: a hospital's 300 labelled cells in 5 even classes beside a lab's 100 eosinophils. Grouping by dataset
+# brings the lab to half the samples, so eosinophils go from 0.33 to about 0.6 of the labelled cells.
+HOSPITAL = ("hospital", 300, {t: 60 for t in ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "blast")})
+LAB = ("lab", 100, {"eosinophil": 100})
+
+
+def test_balance_reports_largest_shares_and_warns_when_cell_types_get_less_balanced(tmp_path):
+    from cytoray.curation.pipeline import stage_line
+
+    quiet = ScaleConfig(mode="local")
+    by_dataset = run_balance(make_lab_run(str(tmp_path / "d"), [HOSPITAL, LAB]), BalanceConfig(mixing_sample=200),
+                             scale=quiet)
+    shares = by_dataset["largest_share"]
+    assert list(shares) == ["dataset", "cell_type"]  # the grouping first
+    assert shares["dataset"] == {"before": 0.75, "after": 0.5}
+    assert shares["cell_type"]["before"] == 0.4 and shares["cell_type"]["after"] > 0.55  # 120 of 300 -> ~0.6
+    [warning] = by_dataset["warnings"]
+    assert "\n" not in warning and "balance.group_by=dataset made cell types less balanced" in warning
+    assert f"{shares['cell_type']['before']:.2f} -> {shares['cell_type']['after']:.2f}" in warning
+    assert "balance.group_by=cell_type" in warning.split(";")[1]
+    line = stage_line("balance", by_dataset)
+    assert (f"largest share before -> after: dataset (grouping) 0.75 -> 0.50, cell type 0.40 -> "
+            f"{shares['cell_type']['after']:.2f}; kNN dataset mixing ") in line
+
+    # grouping by cell type: the cell-type share falls and nothing is said
+    by_type = run_balance(make_lab_run(str(tmp_path / "t"), [HOSPITAL, LAB]),
+                          BalanceConfig(group_by="cell_type", mixing_sample=200), scale=quiet)
+    assert by_type["largest_share"]["cell_type"]["after"] < 0.4 and by_type["warnings"] == []
+    assert "cell type (grouping) 0.40 -> " in stage_line("balance", by_type)
+
+
+def test_one_dataset_mixing_is_not_applicable_and_balance_off_counts_its_manifest(tmp_path):
+    """One dataset: the mixing score is "n/a (one dataset)" (it was NaN: `nan -> nan` on the console, NaN in
+    summary.json). balance.enabled=false: every kept image once, and the counts say so (it printed and wrote a
+    subsample's count while the manifest held every image)."""
+    from cytoray.curation.pipeline import publish_manifest, stage_line
+
+    run = make_lab_run(str(tmp_path / "one"), [HOSPITAL])
+    off = run_balance(run, BalanceConfig(enabled=False, target_size=50, mixing_sample=200),
+                      scale=ScaleConfig(mode="local"))
+    assert off["before"]["knn_dataset_mixing"] == off["after"]["knn_dataset_mixing"] == "n/a (one dataset)"
+    assert json.loads(json.dumps(off)) == off  # plain JSON, no NaN
+    assert off["sampled_images"] == off["samples_per_epoch"] == off["target_size"] == 300
+    assert publish_manifest(run, "balanced.parquet", None) == 300
+    assert set(tables.read_table(os.path.join(run, "manifest.parquet")).column("repeats").to_pylist()) == {1}
+    assert off["warnings"] == [] and off["largest_share"]["cell_type"] == {"before": 0.2, "after": 0.2}
+    assert stage_line("balance", off) == ("balance: off (balance.enabled=false); 300 kept -> 300 sampled images, "
+                                          "each once: 300 samples/epoch")
+    on = run_balance(run, BalanceConfig(mixing_sample=200), scale=ScaleConfig(mode="local"))
+    assert stage_line("balance", on).endswith("kNN dataset mixing n/a (one dataset) -> n/a (one dataset)")
