@@ -381,7 +381,7 @@ def _verify_all(ctx: Context, shards, pairs_a, pairs_b, sim, view, eset, eval_se
               for g, sel in enumerate(np.split(order, np.arange(cfg.verify_pairs, n, cfg.verify_pairs)))]
     evals = [e[2] for e in eval_sets]
     found = map_shards(_verify_group, groups, ctx, evals, desc="dedup: verify candidate pairs",
-                       ray_tasks=go["ray_tasks"], cfg=go["cfg"], rows=lambda g_: len(g_[1]))
+                       ray_tasks=go["ray_tasks"], cfg=go["cfg"], rows=lambda g_: len(g_[1]), unit="pairs")
     scores = np.full(n, np.nan, np.float32)
     trans = np.zeros((n, 5), np.float32)
     for idx, (s, t) in zip(np.split(order, np.arange(cfg.verify_pairs, n, cfg.verify_pairs)), found):

@@ -132,15 +132,15 @@ def write_part(uri: str, index: int, table: pa.Table, storage_cfg: storage.Stora
 
 
 def map_shards(fn: Callable, shards: Sequence, *args, ray_tasks: bool, cfg: ScaleConfig | None = None,
-               desc: str = "shards", rows: Callable[[object], int] | None = None) -> list:
+               desc: str = "shards", rows: Callable[[object], int] | None = None, unit: str = "images") -> list:
     """``[fn(shard, *args) for shard in shards]``, in order: in this process, or as Ray tasks (``ray_tasks``;
     ``args`` are put in the object store once, at most ``cfg.max_in_flight`` tasks at a time). Progress is
-    shown per finished shard (``rows(shard)`` images each)."""
+    shown per finished shard (``rows(shard)`` of ``unit`` each)."""
     from cytoray import console
 
     cfg = cfg or ScaleConfig()
     total = sum(rows(s) for s in shards) if rows else len(shards)
-    progress = console.Progress(desc, total, "images" if rows else "shards")
+    progress = console.Progress(desc, total, unit if rows else "shards")
     out: list = [None] * len(shards)
     t0 = time.time()
     try:
