@@ -6,10 +6,10 @@ rescaling, flips and quarter turns, colour and stain shifts) — not when they m
 one class and source are close by nature, and among 10⁸ cells many pairs pass any fixed similarity. So near
 duplicates and leakage are decided in two named steps (docs/curation.md, "Duplicates"):
 
-1. **Candidates** (``candidate_pairs``): each image's two views (one anchored on its content, one of its frame) (``features.fingerprint``) are
+1. **Candidates** (``candidate_pairs``): each image's two views (``features.fingerprint``: one anchored on its content, one of its frame) are
    searched against the same view of every other image under the 8 flips/rotations; each image keeps its
    ``candidates`` most similar partners per view above ``candidate_threshold`` (view cosine). Tuned for recall:
-   the source of a planted copy is the nearest image of one view for 99.6% of copies among 29,765 images.
+   the source of a planted copy is the nearest image of one view for 99.6% of copies among 29,914 images.
 2. **Verification** (``verification.verify_pairs``): per candidate pair, the transform that maps one verification
    thumbnail onto the other (flip/rotation, scale per axis, shift) and the aligned pixels' score (1 - the largest
    local mismatch). Only a pair whose score reaches ``threshold`` (``leakage_threshold`` against evaluation

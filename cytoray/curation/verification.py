@@ -342,8 +342,6 @@ def _gauss_newton(a, b, t, iterations: int, cubic: bool = False):
         h = torch.einsum("pihw,pjhw->pij", jac, jac) + 1e-3 * torch.eye(4)
         rhs = torch.einsum("pihw,phw->pi", jac, r)
         # a flat overlap (sd at its floor) overflows or degenerates the system: that pair keeps its parameters
-        bad = ~(torch.isfinite(h).all(2).all(1) & torch.isfinite(rhs).all(1))
-        h[bad], rhs[bad] = torch.eye(4), 0.0
         step, info = torch.linalg.solve_ex(h, rhs)
         step = torch.where((info == 0)[:, None] & torch.isfinite(step), step, torch.zeros_like(step))
         step[:, :2] = step[:, :2].clamp(-0.02, 0.02)

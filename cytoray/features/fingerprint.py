@@ -19,11 +19,11 @@ Two steps use them (docs/curation.md, "Duplicates"):
 height): the verifier starts its search from them; ``size`` (height, width) tells it the image's resolution.
 11,304 bytes per image in all (views 2,048, verify 9,216, frames 32, size 8).
 
-Measured on planted copies and look-alikes (benchmarks/RESULTS.md, "Candidate views"): among 29,765 images with
-5,000 planted copies, the true source is the nearest image of one of the two views for 99.5% of copies (copies
-cropped on two sides 97.2%), with 1.34 candidate pairs per image; the earlier windows sized from the image's frame
-(a canonical window of at least half the image and a centred one of 84%, plus the frame) found 98.7% (crops on two
-sides 90.8%) with 1.89 pairs per image.
+Measured on planted copies and look-alikes (benchmarks/RESULTS.md, "Candidate views"): among 29,914 images with
+5,000 planted copies (``benchmarks/candidate_views.py``), the true source is the nearest image of one of the two
+views for 99.5% of copies (copies cropped on two sides 97.2%), with 1.35 candidate pairs per image at view cosine
+0.75; the earlier windows sized from the image's frame (a canonical window of at least half the image and a centred
+one of 84%, plus the frame) found 98.6% (crops on two sides 90.3%) with 1.87 pairs per image.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ VIEW_BAND = (0.6, 1.6)  # difference-of-Gaussians sigmas of the views, in view p
 DARK_LEVEL = 0.8  # dark mass: pixels darker than this share of the way from the background level to the darkest
 CANONICAL_SPREAD = 3.0  # canonical view: half-size in standard deviations of the dark mass per axis ...
 # ... and at least this fraction of the image per axis (a dot of a nucleus). A floor of 0.25 tied the window of
-# small dark masses to the frame, so a crop rescaled it: crops on two sides found 90.8% at 0.25, 97.2% at 0.04-0.08
+# small dark masses to the frame, so a crop rescaled it: at 3 sd, 87% of the cropped copies at 0.25, 98.6% at 0.04-0.08
 CANONICAL_MIN_HALF = 0.06
 WORK_SIDE = 256  # larger images are box-reduced to at most this side before the views are taken
 FINGERPRINT_BYTES = len(VIEWS) * VIEW_SIZE**2 + VERIFY_SIZE**2 + len(VIEWS) * 4 * 4 + 2 * 4
