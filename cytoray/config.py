@@ -1,12 +1,15 @@
 """Typed configuration: dataclass schema <- yaml defaults <- override files <- ``key=value`` overrides.
 
 Merged in that order with OmegaConf in struct mode, so an unknown key or a value of the wrong type fails at
-start-up with the key named (:class:`ConfigError`). The resolved config is written next to the run's
-outputs with secrets redacted (:func:`save_config`).
+start-up with the key named (:class:`ConfigError`). Fields declared with :func:`location_field` (dataset roots,
+manifests, checkpoints, output locations) hold local paths or object-storage URIs; a relative local path is made
+absolute against the working directory at load, so the resolved config (written next to the run's outputs with
+secrets redacted, :func:`save_config`) and everything the run writes name files any process can find.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import re
@@ -22,6 +25,7 @@ from cytoray import storage
 from cytoray.errors import UserError
 
 T = TypeVar("T")
+LOCATION = "location"  # dataclass field metadata key: the field holds a path / URI, or a list of them
 
 
 class ConfigError(UserError):
@@ -85,7 +89,40 @@ def load_config(
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{_describe(exc)} (set it in a config file or as key=value)") from exc
+    absolute_locations(cfg)
     return cfg  # type: ignore[return-value]
+
+
+def location_field(default=None, **kwargs):
+    """A dataclass field that holds a location (local path or object-storage URI), or a list of them with
+    ``default_factory=list``: :func:`load_config` makes a relative local path absolute against the working
+    directory."""
+    if "default_factory" in kwargs:
+        return dataclasses.field(metadata={LOCATION: True}, **kwargs)
+    return dataclasses.field(default=default, metadata={LOCATION: True}, **kwargs)
+
+
+def absolute_locations(node) -> None:
+    """Make the relative local paths of every :func:`location_field` in ``node`` (an OmegaConf config of a
+    dataclass schema, or a dataclass instance) absolute against the working directory, in place; nested
+    dataclasses and lists of them included. Object-storage URIs, absolute paths and unset values stay as they are."""
+    schema = OmegaConf.get_type(node) if OmegaConf.is_config(node) else type(node)
+    if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
+        return
+    for f in dataclasses.fields(schema):
+        if OmegaConf.is_config(node) and OmegaConf.is_missing(node, f.name):
+            continue
+        value = getattr(node, f.name)
+        if f.metadata.get(LOCATION):
+            if isinstance(value, str):
+                setattr(node, f.name, storage.absolute(value))
+            elif value is not None:  # a list of locations
+                setattr(node, f.name, [storage.absolute(v) for v in value])
+        elif OmegaConf.is_list(value) or isinstance(value, list):
+            for item in value:
+                absolute_locations(item)
+        else:
+            absolute_locations(value)
 
 
 def _open_free_form_dicts(node) -> None:

@@ -5,11 +5,17 @@ adds :data:`CURATION_COLUMNS` (``cluster_l1`` ... ``cluster_lT``, ``group``, ``w
 image is never silently lost: duplicates go to :data:`DUPLICATES_SCHEMA`, unreadable or invalid inputs to
 :data:`QUARANTINE_SCHEMA`. Readers state the columns they need; :func:`read_manifest` checks them once, where the
 file is read, and names the file and the fix when they are missing.
+
+Locations: ingest writes every ``uri`` absolute (or on object storage). A hand-made manifest may hold relative
+``uri`` values: :func:`read_manifest` resolves them against the folder holding the manifest, wherever the reader
+runs. Pre-flight (:func:`check_images`) opens the first few images of a manifest before a job starts, so a wrong
+location fails in seconds, in one line, not inside a Ray Data task.
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cytoray import storage, tables
 from cytoray.errors import UserError
@@ -41,6 +47,8 @@ DUPLICATES_SCHEMA = pa.schema([("image_id", pa.string()), ("duplicate_of", pa.st
                                ("dataset", pa.string()), ("duplicate_of_dataset", pa.string()),
                                ("transform", pa.string())])
 SAMPLING_COLUMNS = ("repeats", "weight")  # how often a row is seen per epoch (see platform.data.stream)
+PREFLIGHT_IMAGES = 3  # images of each manifest that pre-flight opens (the first rows: a few requests)
+URI_FIX = "write absolute or object-storage uris, or keep relative uris relative to the manifest's folder"
 
 
 class ManifestError(UserError):
@@ -53,11 +61,16 @@ def read_manifest(uri: str, storage_cfg: storage.StorageConfig | None = None, co
     """The manifest's ``columns`` (all required) plus those of ``optional`` it has (all columns when both are
     empty). ``purpose`` names the setting it came from in errors (e.g. ``data.manifest_uri``); ``fix`` is how to
     get a valid one."""
+    from cytoray.runtime import working_dir_note
+
     fix = fix or "write it with recipes/curate.py or add the columns"
     try:
         schema = tables.read_schema(uri, storage_cfg)
     except (FileNotFoundError, OSError) as exc:
-        raise ManifestError(f"{purpose} {uri!r} cannot be read ({exc}); {fix}") from exc
+        if not isinstance(exc, FileNotFoundError) and _folder_without_parquet(uri, storage_cfg):
+            raise ManifestError(f"{purpose} {uri!r} is a folder without Parquet files (images, class folders?), "
+                                f"not a manifest; {fix}") from None
+        raise ManifestError(f"{purpose} {uri!r} cannot be read ({exc}){working_dir_note(uri)}; {fix}") from exc
     missing = [c for c in columns if c not in schema.names]
     if missing:
         raise ManifestError(f"{purpose} {uri!r} lacks column(s) {missing} (has {schema.names}); it needs "
@@ -68,7 +81,57 @@ def read_manifest(uri: str, storage_cfg: storage.StorageConfig | None = None, co
     table = tables.read_table(uri, storage_cfg, wanted)
     if table.num_rows == 0 and not allow_empty:
         raise ManifestError(f"{purpose} {uri!r} has no rows")
-    return table
+    return resolve_uris(table, uri) if "uri" in table.column_names else table
+
+
+def resolve_uris(table: pa.Table, manifest_uri: str) -> pa.Table:
+    """``table`` with relative local ``uri`` values made absolute against the folder holding the manifest
+    (``manifest_uri``, a file or a directory of parts; local or object storage); others unchanged. Costs one
+    vectorised scan when every value is absolute (curated manifests)."""
+    col = table.column("uri")
+    absolute = pc.or_(pc.or_(pc.match_substring(col, "://"), pc.starts_with(col, "/")), pc.starts_with(col, "~"))
+    relative = pc.invert(pc.fill_null(absolute, True))  # a null uri stays null (pre-flight names its row)
+    if not pc.any(relative).as_py():
+        return table
+    base = storage.parent_uri(storage.absolute(manifest_uri))
+    values = [storage.absolute(u, base) if rel else u
+              for u, rel in zip(col.to_pylist(), relative.to_pylist())]
+    return table.set_column(table.column_names.index("uri"), "uri", pa.array(values, col.type))
+
+
+def check_images(table: pa.Table, manifest_uri: str, storage_cfg: storage.StorageConfig | None = None,
+                 purpose: str = "manifest", count: int = PREFLIGHT_IMAGES) -> None:
+    """Pre-flight: open the first ``count`` images a manifest (read by :func:`read_manifest`) names; one line
+    naming the manifest, the uri and the fix when one cannot be opened."""
+    from cytoray.runtime import working_dir_note
+
+    for row, image_uri in enumerate(table.column("uri").slice(0, count).to_pylist()):
+        if not image_uri:
+            raise ManifestError(f"{purpose} {manifest_uri!r}: row {row} has no uri; every row names its image")
+        try:
+            storage.read_head(image_uri, storage_cfg)
+        except (OSError, ValueError) as exc:
+            reason = "not found" if isinstance(exc, FileNotFoundError) else f"{type(exc).__name__}: {exc}"[:200]
+            raise ManifestError(f"{purpose} {manifest_uri!r}: image uri {image_uri!r} (row {row}) cannot be opened "
+                                f"({reason}){working_dir_note(image_uri)}; {URI_FIX}") from None
+
+
+def _folder_without_parquet(uri: str, storage_cfg=None, limit: int = 1000) -> bool:
+    """Is ``uri`` a folder in which no ``.parquet`` file turns up among its first ``limit`` entries?"""
+    fs, path = storage.filesystem(uri, storage_cfg)
+    try:
+        if not fs.isdir(path):
+            return False
+        seen = 0
+        for _, dirs, files in fs.walk(path):
+            if any(f.endswith(".parquet") for f in files):
+                return False
+            seen += len(dirs) + len(files)
+            if seen >= limit:
+                break
+    except OSError:
+        return False
+    return True
 
 
 def cluster_columns(names: list[str]) -> list[str]:

@@ -103,6 +103,25 @@ def environment(**variables: str):
                 os.environ[k] = v
 
 
+def working_dir_note(uri: str) -> str:
+    """Under ``ray job submit --working-dir``, the job runs in Ray's uploaded copy of that folder, which holds no
+    git-ignored folders (``runs/``, data): for a local ``uri`` inside that copy, a sentence saying so and what to
+    pass instead (to append to a "not found" message); otherwise "". Ray names the job's working dir in
+    ``RAY_JOB_CONFIG_JSON_ENV_VAR``; a ``local://`` one is used in place, not copied."""
+    import json
+
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return ""
+    working_dir = ((job.get("runtime_env") or {}).get("working_dir") or "") if isinstance(job, dict) else ""
+    cwd = os.getcwd().rstrip("/") + "/"
+    if not working_dir or working_dir.startswith("local://") or "://" in uri or not uri.startswith(cwd):
+        return ""
+    return (f" (this ray job runs in Ray's copy of --working-dir, {cwd.rstrip('/')}, which has no git-ignored "
+            "folders such as runs/: pass absolute paths that exist on every node, or object-storage URIs)")
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (process-group rendezvous, local test servers)."""
     import socket

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import random
 import time
 from collections.abc import Callable
@@ -56,6 +57,35 @@ def split_protocol(uri: str) -> tuple[str, str]:
     if protocol in ("file", "local"):
         return "file", os.path.abspath(path)
     return protocol, path
+
+
+def is_relative_path(uri: str) -> bool:
+    """A local path that is not absolute: no scheme (``s3://``, ``file://`` ...) and no leading ``/`` or ``~``."""
+    return bool(uri) and "://" not in uri and not uri.startswith(("/", "~"))
+
+
+def absolute(uri: str, base: str | None = None) -> str:
+    """``uri`` with a relative local path made absolute against ``base`` (a local folder or an object-storage URI;
+    default: the working directory) and ``~`` expanded; object-storage URIs, ``file://`` URIs and absolute paths
+    come back unchanged. Relative paths are resolved where they are read (a config at load, a manifest's ``uri``
+    values against the manifest's folder), so a later process elsewhere, e.g. a ``ray job submit`` working-dir
+    copy or a Ray worker, finds the same file."""
+    if uri.startswith("~"):
+        return os.path.expanduser(uri)
+    if not is_relative_path(uri):
+        return uri
+    if base is None or "://" not in base:
+        return os.path.normpath(os.path.join(os.path.abspath(os.path.expanduser(base or ".")), uri))
+    protocol, path = base.split("://", 1)
+    return f"{protocol}://{posixpath.normpath(posixpath.join(path, uri))}"
+
+
+def parent_uri(uri: str) -> str:
+    """The folder holding ``uri`` (a file, or a directory such as a multi-file Parquet dataset)."""
+    if "://" not in uri:
+        return os.path.dirname(os.path.abspath(os.path.expanduser(uri.rstrip("/") or "/")))
+    protocol, path = uri.split("://", 1)
+    return f"{protocol}://{posixpath.dirname(path.rstrip('/'))}"
 
 
 def join_uri(base: str, *parts: str) -> str:
@@ -178,6 +208,22 @@ def read_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:
             return fh.read()
     fs, path = filesystem(uri, cfg)
     return with_retries(lambda: fs.cat_file(path), cfg, what=f"read {uri}")
+
+
+def read_head(uri: str, cfg: StorageConfig | None = None, size: int = 16) -> bytes:
+    """The first ``size`` bytes of ``uri``: opens the object as a reader would (a cheap existence and access
+    check; a directory raises ``IsADirectoryError``)."""
+    protocol, path = split_protocol(uri)
+    if protocol == "file":
+        with open(path, "rb") as fh:
+            return fh.read(size)
+    fs, path = filesystem(uri, cfg)
+
+    def head() -> bytes:
+        with fs.open(path, "rb") as fh:
+            return fh.read(size)
+
+    return with_retries(head, cfg, what=f"read {uri}")
 
 
 def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cytoray.config import location_field
 from cytoray.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class BalanceConfig:
     target_size: int | None = None  # sampled rows per epoch (incl. repeats); default: the kept image count
     group_by: str = "dataset"  # dataset | modality | cell_type | patient_label | none
     group_weights: dict[str, float] = field(default_factory=dict)  # per group (missing: 1.0)
-    mapping_file: str | None = None  # CSV cluster,group,weight over the coarsest clusters; replaces group_by
+    mapping_file: str | None = location_field()  # CSV cluster,group,weight over the coarsest clusters; replaces group_by
     max_repeat: int = 4  # most times one image may be repeated per epoch
     mixing_k: int = 10  # neighbours for the kNN dataset-mixing score
     mixing_sample: int = 5000  # images the mixing score is computed on (subsampled above)

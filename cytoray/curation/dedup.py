@@ -50,6 +50,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from cytoray.config import location_field
 from cytoray.curation.verification import dihedral_perms
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class DedupConfig:
     # evaluation manifests (Parquet with a ``uri`` column; ``image_id`` optional) are dropped. The same cut as
     # ``threshold``: planted copies of evaluation images score >= 0.93, while distinct featureless blobs reach
     # 0.75-0.78, and a false flag is reported as contamination (benchmarks/RESULTS.md, "Copy detection").
-    eval_manifests: list[str] = field(default_factory=list)
+    eval_manifests: list[str] = location_field(default_factory=list)
     leakage_threshold: float = 0.8
     # Candidate search: per image and view, the ``candidates`` most similar images whose view cosine (best of the
     # 8 flips/rotations) exceeds ``candidate_threshold`` go to verification. 0.6: a copy cut into its nucleus can

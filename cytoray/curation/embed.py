@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from cytoray.config import location_field
 from cytoray.features.extract import FeatureSpec, PoolSpec
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ class EmbedConfig:
     """Which embedder and how it runs on Ray Data."""
 
     name: str = "handcrafted"  # handcrafted | vit
-    checkpoint: str | None = None  # vit: checkpoint URI (DINOv2 hub, DinoBloom, cytoray export or run checkpoint)
+    checkpoint: str | None = location_field()  # vit: checkpoint URI (DINOv2 hub, DinoBloom, cytoray export or run checkpoint)
     arch: str | None = None  # vit: architecture when the checkpoint does not record it
     image_size: int | None = None  # vit: input size; None: the checkpoint's recorded crop size, else 224
     batch_size: int = 64

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from cytoray import images, storage
+from cytoray.config import location_field
 from cytoray.curation import taxonomy
 from cytoray.curation.adapters import get_adapter
 from cytoray.curation.shards import ScaleConfig, layout, map_shards, remove, use_ray, write_part
@@ -48,7 +49,7 @@ class DatasetSpec:
 
     name: str = "???"
     layout: str = "???"  # see cytoray.curation.adapters.ADAPTERS
-    uri: str = "???"  # local dir, file://, s3://bucket/prefix, ...
+    uri: str = location_field("???")  # local dir, file://, s3://bucket/prefix, ...; relative: to the working dir
     modality: str = "peripheral_blood"  # peripheral_blood | bone_marrow
     options: dict = field(default_factory=dict)  # layout-specific, e.g. {table: labels.parquet}
 
@@ -114,8 +115,9 @@ def list_inputs(specs: list[DatasetSpec], storage_cfg: storage.StorageConfig) ->
     """Run every adapter (on the driver: listing is metadata only). Returns (records table, ignored info)."""
     rows, ignored = [], {}
     for s in specs:
-        fs, root = storage.filesystem(s.uri, storage_cfg)
-        listing = get_adapter(s.layout, s.options).list(fs, root, s.uri)
+        root_uri = storage.absolute(s.uri)  # every manifest names its images absolutely (or on object storage)
+        fs, root = storage.filesystem(root_uri, storage_cfg)
+        listing = get_adapter(s.layout, s.options).list(fs, root, root_uri)
         ignored[s.name] = {"count": len(listing.ignored), "examples": listing.ignored[:10],
                            "metadata_files": len(listing.metadata_files)}
         for r in listing.records:

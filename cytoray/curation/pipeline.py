@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CurateConfig:
-    output_uri: str = "???"  # run directory: local path or s3://bucket/prefix
+    output_uri: str = config.location_field("???")  # run directory: local path or s3://bucket/prefix
     datasets: list[DatasetSpec] = field(default_factory=list)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
@@ -49,7 +49,7 @@ class CurateConfig:
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     # Bring your own embeddings for clustering/balancing: Parquet (image_id, embedding) or .npy aligned with
     # deduplicated.parquet. Default: the embed stage's embeddings.parquet.
-    embeddings: str | None = None
+    embeddings: str | None = config.location_field()
     storage: storage.StorageConfig = field(default_factory=storage.StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     force: bool = False  # rerun stages even if their completion marker exists

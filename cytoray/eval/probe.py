@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cytoray.config import location_field
 from cytoray.eval.methods import METHODS
 from cytoray.eval.metrics import ProbeError, confusion_png, metrics
 from cytoray.eval.mil import MILConfig, evaluate_mil
@@ -57,7 +58,7 @@ class ProbeConfig:
     num_actors: int = 1  # Ray Data actor pool size; 0: extract in the calling process (per-checkpoint scoring)
     num_cpus: float = 0.5
     num_gpus: float = 0.0
-    cache_dir: str | None = None  # feature cache; None: no cache
+    cache_dir: str | None = location_field()  # feature cache; None: no cache
     min_per_class: int = 2  # classes with fewer labelled images are reported and left out
     mil: bool = False
     mil_label_column: str = "patient_label"
@@ -177,12 +178,13 @@ def check_methods(cfg: ProbeConfig) -> None:
 def read_labelled_manifest(uri: str, cfg: ProbeConfig, storage_cfg=None):
     """A labelled manifest with image_id, uri and the label columns the configured probes need."""
     from cytoray.manifest import ManifestError, read_manifest
+    from cytoray.runtime import working_dir_note
 
     try:
-        table = read_manifest(uri, storage_cfg, purpose="labelled manifest")
+        table = read_manifest(uri, storage_cfg, purpose="labelled manifest", fix=manifest_command(uri))
     except ManifestError as exc:
         if isinstance(exc.__cause__, FileNotFoundError):
-            raise ProbeError(f"labelled manifest {uri} does not exist") from None
+            raise ProbeError(f"labelled manifest {uri} does not exist{working_dir_note(uri)}") from None
         raise ProbeError(str(exc)) from None
     cols = set(table.column_names)
     missing = {"image_id", "uri"} - cols
@@ -194,6 +196,23 @@ def read_labelled_manifest(uri: str, cfg: ProbeConfig, storage_cfg=None):
                          "probe.label_column picks the cell label column; with --mil (probe.mil=true) a manifest "
                          "of patient_id + probe.mil_label_column suffices")
     return table
+
+
+def manifest_command(uri: str) -> str:
+    """How to make a labelled manifest of a folder of class folders or a label table (the fix a probe names)."""
+    out = f"{uri.rstrip('/')}-manifest"
+    return (f"a labelled manifest is Parquet (image_id, uri, label column); for class folders or a label table "
+            f"run: python recipes/manifest.py --dataset {uri} --out {out}  and probe --manifest "
+            f"{out}/manifest.parquet (docs/evaluation.md)")
+
+
+def preflight(manifests: list[str], cfg: ProbeConfig, storage_cfg=None) -> None:
+    """Before any feature is extracted: every manifest reads with the columns the probe needs, and its first
+    images open (``manifest.check_images``) — a wrong location fails in seconds, in one line."""
+    from cytoray.manifest import check_images
+
+    for uri in manifests:
+        check_images(read_labelled_manifest(uri, cfg, storage_cfg), uri, storage_cfg, purpose="labelled manifest")
 
 
 def _has_cell_labels(table, cfg: ProbeConfig) -> bool:
@@ -281,6 +300,7 @@ def main(argv: list[str]) -> list[dict]:
     import argparse
 
     from cytoray import config, console, storage
+    from cytoray.features.backbone import HANDCRAFTED, RANDOM_PREFIX
     from cytoray.runtime import init_ray, setup_logging
 
     ap = argparse.ArgumentParser(description="linear probe + kNN scores of checkpoints on labelled manifests")
@@ -290,12 +310,18 @@ def main(argv: list[str]) -> list[dict]:
     ap.add_argument("--out", default=None, help="directory for results.json and confusion matrices")
     ap.add_argument("--mil", action="store_true", help="also run patient-level ABMIL where patient labels exist")
     args, rest = ap.parse_known_args(argv)
+    # relative local paths: against the working directory, here, where the user typed them (storage.absolute)
+    args.checkpoint = [c if c.startswith(RANDOM_PREFIX) or c == HANDCRAFTED else storage.absolute(c)
+                       for c in args.checkpoint]
+    args.manifest = [storage.absolute(m) for m in args.manifest]
+    args.out = storage.absolute(args.out) if args.out else None
     files, overrides = config.split_cli(rest)
     cfg = config.load_config(ProbeSettings, files[0] if files else None, files[1:], overrides)
     cfg = config.to_object(cfg)
     if args.mil:
         cfg.probe.mil = True
     setup_logging(cfg.log_level)
+    preflight(args.manifest, cfg.probe, cfg.storage)  # in seconds, before Ray starts
     init_ray(cfg.ray)
     if args.out:
         console.log_to(args.out, cfg.storage)

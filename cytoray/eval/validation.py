@@ -27,6 +27,7 @@ import os
 from dataclasses import dataclass, field
 
 from cytoray import storage
+from cytoray.config import location_field
 from cytoray.eval.methods import HEADLINE
 from cytoray.eval.metrics import ProbeError
 from cytoray.eval.probe import ProbeConfig, evaluate, read_labelled_manifest
@@ -42,7 +43,7 @@ CSV_FIELDS = ["step", "checkpoint", "manifest", "method", "images", "accuracy", 
 
 @dataclass
 class EvalConfig:
-    manifests: list[str] = field(default_factory=list)  # labelled manifests scored per checkpoint; []: off
+    manifests: list[str] = location_field(default_factory=list)  # labelled manifests scored per checkpoint; []: off
     every: int = 1  # score every N-th checkpoint (and always the last)
     # The probe's settings, overridable as eval.probe.<field>. Three defaults differ from recipes/probe.py's
     # because scoring runs as one Ray task beside the training workers: features in that task (num_actors=0,

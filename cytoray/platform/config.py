@@ -126,7 +126,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_failures: int = 3  # worker-group restarts from the last checkpoint before the run fails
     skip_nonfinite: bool = False  # skip steps with a non-finite loss instead of stopping
-    init_checkpoint: str | None = None  # DINOv2 / DinoBloom / cytoray backbone to start student and teacher from
+    init_checkpoint: str | None = config_lib.location_field()  # DINOv2 / DinoBloom / cytoray backbone to start student and teacher from
     fail_at_step: int | None = None  # fault injection (tests): the last rank raises once at this step
     # after the last step: the final teacher for transformers / timm / DinoBloom with a model card, in
     # <run>/exports/final/<format>/ (docs/export.md); [] for none
@@ -173,7 +173,7 @@ def per_worker_batch(p: ModelPreset, t: TrainConfig, world_size: int) -> int:
 @dataclass
 class RunSpec:
     name: str = "???"  # a rerun with the same name and storage_path resumes from its last checkpoint
-    storage_path: str = "runs"  # local directory or s3://bucket/prefix
+    storage_path: str = config_lib.location_field("runs")  # local directory or s3://bucket/prefix
 
 
 @dataclass

@@ -85,7 +85,7 @@ class SweepConfig:
     max_concurrent: int = 0  # 0: as many as the cluster's CPUs (and GPUs) fit
     trial_cpus: float = 0.05  # the function trainable itself (the training job brings its own workers)
     name: str = "sweep"
-    storage_path: str = "runs"  # the sweep dir: <storage_path>/<name>/{trials/, results.csv, scores.png, ...}
+    storage_path: str = config_lib.location_field("runs")  # the sweep dir: <storage_path>/<name>/{trials/, results.csv, scores.png, ...}
     seed: int = 0
 
 

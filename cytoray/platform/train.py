@@ -24,7 +24,7 @@ from dataclasses import asdict
 import torch
 
 from cytoray import config as config_lib
-from cytoray import console, storage
+from cytoray import console, manifest, storage
 from cytoray.eval import validation
 from cytoray.export.exporter import check_formats
 from cytoray.export.provenance import check_card_paths
@@ -362,7 +362,13 @@ def validate(cfg: PretrainConfig) -> int:
     if t.final_export:
         check_formats(t.final_export)  # names the unknown format
         check_card_paths(cfg.export.card_paths)
-    return len(expand_repeats(read_manifest(cfg.data.manifest_uri, cfg.storage)))  # names file / missing columns
+    table = read_manifest(cfg.data.manifest_uri, cfg.storage)  # names the file / missing columns
+    # the first images of every manifest open: a wrong location fails here, in one line, not in a Ray Data task
+    manifest.check_images(table, cfg.data.manifest_uri, cfg.storage, purpose="training manifest (data.manifest_uri)")
+    for uri in cfg.eval.manifests:
+        manifest.check_images(manifest.read_manifest(uri, cfg.storage, ("uri",)), uri, cfg.storage,
+                              purpose="labelled manifest (eval.manifests)")
+    return len(expand_repeats(table))
 
 
 def _gpus_visible() -> bool:

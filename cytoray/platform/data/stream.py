@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from cytoray import images, manifest, storage
+from cytoray.config import location_field
 from cytoray.manifest import ManifestError
 from cytoray.platform.data import keys
 from cytoray.platform.data.augment import AugmentConfig, MultiCrop
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 class StreamConfig:
     """Where training images come from and how much CPU decodes and crops them."""
 
-    manifest_uri: str = "???"  # curated manifest.parquet (file or directory; local or object storage)
+    manifest_uri: str = location_field("???")  # curated manifest.parquet (file or directory; local or object storage)
     num_actors: int = 1  # decode + multi-crop actors per training worker
     num_cpus: float = 1.0  # CPUs per actor (fractional on small machines)
     prefetch_batches: int = 2  # batches decoded ahead of the training step

@@ -1,0 +1,113 @@
+"""Relative paths are resolved where they are read (issue 31): config locations against the working directory at
+load, a manifest's relative ``uri`` values against the manifest's folder; pre-flight opens a manifest's first images
+and fails in one line, also under a ``ray job submit`` working-dir copy."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from cytoray import config, manifest, storage
+from cytoray.images import encode_png
+from cytoray.manifest import ManifestError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_relative_config_locations_are_absolute_at_load_and_in_config_yaml(tmp_path, monkeypatch):
+    from cytoray.curation.pipeline import CurateConfig
+    from cytoray.platform.config import load_pretrain_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_pretrain_config(["data.manifest_uri=runs/c/manifest.parquet", "run.name=r",
+                                "eval.manifests=[eval/heldout.parquet,s3://bucket/eval.parquet]",
+                                "train.init_checkpoint=weights/dinov2.pth", "eval.probe.cache_dir=cache"], "debug")
+    here = str(tmp_path)
+    assert cfg.data.manifest_uri == f"{here}/runs/c/manifest.parquet"
+    assert list(cfg.eval.manifests) == [f"{here}/eval/heldout.parquet", "s3://bucket/eval.parquet"]
+    assert (cfg.train.init_checkpoint, cfg.run.storage_path) == (f"{here}/weights/dinov2.pth", f"{here}/runs")
+    assert cfg.eval.probe.cache_dir == f"{here}/cache"
+    saved = yaml.safe_load(open(config.save_config(cfg, str(tmp_path / "run"))))
+    assert saved["data"]["manifest_uri"] == f"{here}/runs/c/manifest.parquet"
+    assert saved["eval"]["manifests"][1] == "s3://bucket/eval.parquet"
+    datasets = tmp_path / "datasets.yaml"
+    datasets.write_text(yaml.safe_dump({"datasets": [
+        {"name": "lab", "layout": "class_folders", "uri": "data/lab"},
+        {"name": "pub", "layout": "matek", "uri": "s3://bucket/AML-Cytomorphology_LMU"},
+        {"name": "abs", "layout": "class_folders", "uri": "/srv/data/abs"}]}))
+    cur = config.load_config(CurateConfig, None, [datasets], ["output_uri=runs/curate", "embeddings=emb.parquet"])
+    assert [d.uri for d in cur.datasets] == [f"{here}/data/lab", "s3://bucket/AML-Cytomorphology_LMU", "/srv/data/abs"]
+    assert (cur.output_uri, cur.embeddings, cur.balance.mapping_file) == (f"{here}/runs/curate",
+                                                                         f"{here}/emb.parquet", None)
+    assert storage.absolute("~/w.pth") == os.path.expanduser("~/w.pth")
+    assert storage.absolute("file:///x/y") == "file:///x/y"
+
+
+def _cells(folder, names):
+    os.makedirs(folder, exist_ok=True)
+    for i, name in enumerate(names):
+        with open(os.path.join(folder, name), "wb") as fh:
+            fh.write(encode_png(np.full((16, 16, 3), i, np.uint8)))
+
+
+def test_relative_uri_values_resolve_against_the_manifest_folder(tmp_path, monkeypatch):
+    """A hand-made table: uris relative to the folder holding it, read from another working directory; an
+    object-storage manifest resolves them under its own prefix; other values stay as written."""
+    _cells(tmp_path / "sets" / "cells", ["a.png", "b.png"])
+    path = tmp_path / "sets" / "heldout.parquet"
+    pq.write_table(pa.table({"image_id": ["a", "b", "c"], "uri": ["cells/a.png", "./cells/b.png", "s3://x/c.png"],
+                             "cell_type": ["blast", "monocyte", "blast"]}), path)
+    monkeypatch.chdir(tmp_path)  # neither the manifest's folder nor the repository
+    table = manifest.read_manifest(str(path))
+    assert table.column("uri").to_pylist() == [str(tmp_path / "sets/cells/a.png"), str(tmp_path / "sets/cells/b.png"),
+                                               "s3://x/c.png"]
+    from cytoray.platform.data.stream import read_manifest as read_training_manifest
+
+    assert read_training_manifest("sets/heldout.parquet").column("uri")[0].as_py() == str(tmp_path / "sets/cells/a.png")
+    manifest.check_images(table, str(path), count=2)  # opens the first two: both found
+    remote = manifest.resolve_uris(pa.table({"uri": ["cells/a.png", "../b.png"]}), "s3://bucket/eval/m.parquet")
+    assert remote.column("uri").to_pylist() == ["s3://bucket/eval/cells/a.png", "s3://bucket/b.png"]
+
+
+def test_probe_preflight_fails_in_seconds_with_one_line(tmp_path):
+    """A manifest whose uris are relative to another folder: the probe stops before Ray starts or a feature is
+    extracted, naming the manifest, the uri and the fix (it was a 58-line Ray Data traceback)."""
+    from cytoray.eval import probe
+
+    _cells(tmp_path / "cells", ["a.png"])
+    path = tmp_path / "eval" / "manifest.parquet"
+    path.parent.mkdir()
+    pq.write_table(pa.table({"image_id": ["a", "b"], "uri": ["cells/a.png", "cells/b.png"],
+                             "cell_type": ["blast", "monocyte"]}), path)
+    t0 = time.perf_counter()
+    with pytest.raises(ManifestError) as err:
+        probe.main(["--checkpoint", "handcrafted", "--manifest", str(path), "ray.address=127.0.0.1:1"])
+    assert time.perf_counter() - t0 < 2.0
+    message = str(err.value)
+    assert "\n" not in message and message == (
+        f"labelled manifest '{path}': image uri '{tmp_path}/eval/cells/a.png' (row 0) cannot be opened (not found); "
+        "write absolute or object-storage uris, or keep relative uris relative to the manifest's folder")
+
+
+def test_job_submit_working_dir_copy_names_the_cause(tmp_path):
+    """`ray job submit --working-dir .` runs the recipe in Ray's copy of the folder, without git-ignored runs/:
+    a relative --manifest fails in one line that says so."""
+    copy = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    copy.mkdir(parents=True)
+    job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}, "metadata": {}}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job)}
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "recipes", "probe.py"), "--checkpoint", "handcrafted",
+                           "--manifest", "runs/demo/eval/manifest.parquet"], cwd=copy, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    first = proc.stderr.strip().splitlines()[0]
+    assert first == (f"cytoray: error: labelled manifest {copy}/runs/demo/eval/manifest.parquet does not exist "
+                     f"(this ray job runs in Ray's copy of --working-dir, {copy}, which has no git-ignored folders "
+                     "such as runs/: pass absolute paths that exist on every node, or object-storage URIs)")
