@@ -189,33 +189,73 @@ def write_cell_manifest(directory: str, num_images: int = 48, seed: int = 0, rep
     return out
 
 
-def write_patient_manifest(directory: str, patients: int = 20, cells_per_patient: int = 16, seed: int = 0) -> str:
+def write_site_manifest(directory: str, num_images: int = 240, sites: list[str] | None = None, seed: int = 0,
+                        size: int = 80) -> str:
+    """Labelled synthetic cells from several acquisition sites (``synthetic.sites.SITES``; default: all), each
+    with its own stain, illumination, blur and resolution; every site shows every class equally often. Manifest
+    columns image_id, uri, cell_type, dataset (the site), for cross-site probing. Returns the manifest's path."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cytoray.curation.synthetic.cells import CLASS_NAMES
+    from cytoray.curation.synthetic.sites import SITES, render_site_cell
+    from cytoray.images import encode_png
+
+    names = list(SITES) if sites is None else list(sites)
+    unknown = [s for s in names if s not in SITES]
+    if unknown:
+        raise ValueError(f"unknown synthetic sites {unknown}; choose from {sorted(SITES)}")
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = {"image_id": [], "uri": [], "cell_type": [], "dataset": []}
+    for i in range(num_images):
+        site = names[i % len(names)]
+        cls = CLASS_NAMES[(i // len(names)) % 10]
+        image_id = f"{site}_{i:05d}"
+        path = os.path.join(directory, f"{image_id}.png")
+        with open(path, "wb") as f:
+            f.write(encode_png(render_site_cell(cls, size, SITES[site], rng)))
+        for k, v in zip(rows, (image_id, path, cls, site)):
+            rows[k].append(v)
+    out = os.path.join(directory, "manifest.parquet")
+    pq.write_table(pa.table(rows), out)
+    return out
+
+
+def write_patient_manifest(directory: str, patients: int = 20, cells_per_patient: int = 16, seed: int = 0,
+                           sites: list[str] | None = None) -> str:
     """Patient bags for MIL tests: each patient's cells drawn from its AML subtype's cell mix (the synthetic
     AML Hehr layout's ``HEHR_SUBTYPES``); manifest columns image_id, uri, patient_id, patient_label (no cell
-    labels, as in AML Hehr). Returns the manifest's path."""
+    labels, as in AML Hehr). With ``sites`` (names of ``synthetic.sites.SITES``), patient p is seen at site
+    p mod len(sites), imaged as that site does, and a ``dataset`` column names it; without, the images are those
+    of the original helper. Returns the manifest's path."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from cytoray.curation.synthetic.cells import Stain, render_cell
     from cytoray.curation.synthetic.layouts import HEHR_SUBTYPES
+    from cytoray.curation.synthetic.sites import SITES, render_site_cell
     from cytoray.images import encode_png
 
     os.makedirs(directory, exist_ok=True)
     rng = np.random.default_rng(seed)
     subtypes = list(HEHR_SUBTYPES)
-    rows = {"image_id": [], "uri": [], "patient_id": [], "patient_label": []}
+    rows = {"image_id": [], "uri": [], "patient_id": [], "patient_label": [], **({"dataset": []} if sites else {})}
     for p in range(patients):
         sub = subtypes[p % len(subtypes)]
+        site = sites[p % len(sites)] if sites else None
         mix = HEHR_SUBTYPES[sub]
         names, weights = list(mix), np.array(list(mix.values()), np.float64)
         for j in range(cells_per_patient):
             cls = names[rng.choice(len(names), p=weights / weights.sum())]
             image_id = f"P{p:03d}_{j:03d}"
             path = os.path.join(directory, f"{image_id}.png")
+            img = render_site_cell(cls, 80, SITES[site], rng) if site else render_cell(cls, 80, 0.3, Stain(), rng)
             with open(path, "wb") as f:
-                f.write(encode_png(render_cell(cls, 80, 0.3, Stain(), rng)))
-            for k, v in zip(rows, (image_id, path, f"P{p:03d}", sub)):
+                f.write(encode_png(img))
+            for k, v in zip(rows, (image_id, path, f"P{p:03d}", sub, site)):
                 rows[k].append(v)
     out = os.path.join(directory, "manifest.parquet")
     pq.write_table(pa.table(rows), out)

@@ -13,6 +13,9 @@ attention MIL, on labelled manifests.
   ``auto`` (fixed when the manifest has both train and test rows, else k-fold).
 - kNN: faiss cosine search; k ∈ ``knn_k`` with uniform vote (DinoBloom) and k=20 with temperature-0.07
   exponential weights (DINOv2), same folds as the probe.
+- Across sites (``probe.cross_site``, off by default; ``cytoray.eval.protocols``): the same methods trained on
+  some datasets and scored on each held-out one (leave one dataset out, or explicit train / test datasets), beside
+  the in-site protocol; the Robustness Index of the features on every manifest with >= 2 sites.
 - Metrics: accuracy, balanced accuracy, weighted F1, per-class recall, confusion matrix (also as PNG).
 - MIL: gated-attention ABMIL (Ilse et al. 2018) over per-patient bags of cell features, k-fold by patient,
   balanced accuracy and weighted F1 (``cytoray.eval.mil``).
@@ -32,7 +35,14 @@ import numpy as np
 from cytoray.config import location_field
 from cytoray.eval.methods import METHODS
 from cytoray.eval.metrics import ProbeError, confusion_png, metrics
-from cytoray.eval.mil import MILConfig, evaluate_mil
+from cytoray.eval.mil import MILConfig, evaluate_mil, evaluate_mil_cross_site
+from cytoray.eval.protocols import (
+    CrossSiteConfig,
+    check_settings,
+    cross_site_scores,
+    robustness_index,
+    site_values,
+)
 from cytoray.runtime import RayConfig
 from cytoray.storage import StorageConfig
 
@@ -64,6 +74,8 @@ class ProbeConfig:
     mil_label_column: str = "patient_label"
     mil_folds: int = 5
     mil_epochs: int = 60
+    cross_site: CrossSiteConfig = field(default_factory=CrossSiteConfig)  # train on some sites, test on others
+    headline: str = "in_site"  # probe_score: in_site | cross_site (mean over held-out sites), linear probe
     seed: int = 0
 
 
@@ -141,8 +153,10 @@ def splits(y: np.ndarray, split_col: np.ndarray | None, cfg: ProbeConfig) -> tup
     return protocol, list(skf.split(np.zeros(len(y)), y))
 
 
-def score_features(feats: np.ndarray, labels: list, split_col, cfg: ProbeConfig) -> dict:
-    """Linear probe + kNN results on one manifest's features (rows without a label are left out)."""
+def score_features(feats: np.ndarray, labels: list, split_col, cfg: ProbeConfig, sites: list | None = None,
+                   where: str = "the manifest") -> dict:
+    """Linear probe + kNN results on one manifest's features (rows without a label are left out); with ``sites``
+    (each row's site) also the cross-site protocol of ``cfg.cross_site`` and the Robustness Index."""
     labels = np.array([None if (v is None or v != v) else str(v) for v in labels], dtype=object)
     have = np.array([v is not None for v in labels])
     counts = {c: int((labels[have] == c).sum()) for c in sorted(set(labels[have].tolist()))}
@@ -166,6 +180,13 @@ def score_features(feats: np.ndarray, labels: list, split_col, cfg: ProbeConfig)
         yt = np.concatenate([a for a, _ in parts])
         yp = np.concatenate([b for _, b in parts])
         out["methods"][name] = metrics(yt, yp, classes)
+    if sites is not None:
+        s = site_values(sites)[use]
+        if cfg.cross_site.protocol != "none":
+            out["cross_site"] = cross_site_scores(x, y, s, classes, cfg, {}, where)
+        named = np.array([v is not None for v in s], bool)
+        if cfg.cross_site.robustness_k > 0 and len(set(s[named].tolist())) >= 2:
+            out["robustness"] = robustness_index(x[named], y[named], s[named], cfg.cross_site.robustness_k)
     return out
 
 
@@ -195,6 +216,11 @@ def read_labelled_manifest(uri: str, cfg: ProbeConfig, storage_cfg=None):
         raise ProbeError(f"labelled manifest {uri} lacks columns {sorted(missing)} (has {table.column_names}); "
                          "probe.label_column picks the cell label column; with --mil (probe.mil=true) a manifest "
                          "of patient_id + probe.mil_label_column suffices")
+    site = cfg.cross_site.site_column
+    if cfg.cross_site.protocol != "none" and site not in cols:
+        raise ProbeError(f"labelled manifest {uri} lacks the site column {site!r} that probe.cross_site.protocol="
+                         f"{cfg.cross_site.protocol} splits by (has {table.column_names}); "
+                         "probe.cross_site.site_column names it")
     return table
 
 
@@ -222,9 +248,12 @@ def _has_cell_labels(table, cfg: ProbeConfig) -> bool:
 
 def evaluate(spec: str, manifests: list[str], cfg: ProbeConfig, storage_cfg=None) -> list[dict]:
     """Score one backbone (checkpoint URI, ``random:<arch>`` or ``handcrafted``) on every manifest."""
+    check_settings(cfg.cross_site, cfg.headline)
     results = []
     for uri in manifests:
         table = read_labelled_manifest(uri, cfg, storage_cfg)
+        sites = (table.column(cfg.cross_site.site_column).to_pylist()
+                 if cfg.cross_site.site_column in table.column_names else None)
         cells = _has_cell_labels(table, cfg)
         patients = cfg.mil and {"patient_id", cfg.mil_label_column} <= set(table.column_names)
         if not cells and not patients:
@@ -234,14 +263,26 @@ def evaluate(spec: str, manifests: list[str], cfg: ProbeConfig, storage_cfg=None
         res = {"methods": {}, "protocol": "-", "images": table.num_rows}
         if cells:  # a MIL-only manifest (patient labels, unlabelled cells) skips the cell-level probe
             split_col = table.column("split").to_pylist() if "split" in table.column_names else None
-            res = score_features(feats, table.column(cfg.label_column).to_pylist(), split_col, cfg)
+            res = score_features(feats, table.column(cfg.label_column).to_pylist(), split_col, cfg, sites, uri)
         res.update({"checkpoint": spec, "manifest": uri, "feature_dim": int(feats.shape[1])})
         if patients:
-            res["mil"] = evaluate_mil(feats, table.column("patient_id").to_pylist(),
-                                      table.column(cfg.mil_label_column).to_pylist(),
-                                      MILConfig(folds=cfg.mil_folds, epochs=cfg.mil_epochs, seed=cfg.seed))
+            pids, plabels = table.column("patient_id").to_pylist(), table.column(cfg.mil_label_column).to_pylist()
+            mil_cfg = MILConfig(folds=cfg.mil_folds, epochs=cfg.mil_epochs, seed=cfg.seed)
+            res["mil"] = evaluate_mil(feats, pids, plabels, mil_cfg)
+            if cfg.cross_site.protocol != "none":
+                res["mil"]["cross_site"] = evaluate_mil_cross_site(feats, pids, plabels, site_values(sites),
+                                                                   cfg.cross_site, mil_cfg, uri)
         results.append(res)
     return results
+
+
+CROSS_SITE_SHORT = {"leave_one_dataset_out": "LODO", "explicit": "explicit"}  # the table's protocol column
+
+
+def _short_names(r: dict) -> tuple[str, str]:
+    name = r["checkpoint"] if len(r["checkpoint"]) <= 40 else "…" + r["checkpoint"][-39:]
+    man = os.path.basename(os.path.dirname(r["manifest"])) + "/" + os.path.basename(r["manifest"])
+    return name, man if len(man) <= 28 else "…" + man[-27:]
 
 
 def results_table(results: list[dict]) -> str:
@@ -251,9 +292,7 @@ def results_table(results: list[dict]) -> str:
     lines.append(header)
     lines.append("-" * len(header))
     for r in results:
-        name = r["checkpoint"] if len(r["checkpoint"]) <= 40 else "…" + r["checkpoint"][-39:]
-        man = os.path.basename(os.path.dirname(r["manifest"])) + "/" + os.path.basename(r["manifest"])
-        man = man if len(man) <= 28 else "…" + man[-27:]
+        name, man = _short_names(r)
         for m, v in r["methods"].items():
             lines.append(f"{name:40s} {man:28s} {r['protocol']:8s} {m:14s} {v['accuracy']:6.3f} "
                          f"{v['balanced_accuracy']:7.3f} {v['weighted_f1']:6.3f}")
@@ -261,7 +300,33 @@ def results_table(results: list[dict]) -> str:
             v = r["mil"]
             lines.append(f"{name:40s} {man:28s} {'patient':8s} {'ABMIL':14s} {v['accuracy']:6.3f} "
                          f"{v['balanced_accuracy']:7.3f} {v['weighted_f1']:6.3f}")
+        lines.extend(_cross_site_lines(r, name, man))
+    ri = [r for r in results if "robustness" in r]
+    if ri:
+        lines += ["", "site confounding of the features, Robustness Index over each image's k nearest neighbours: "
+                  "same class at another site / other class at the same site (> 1: biology dominates)",
+                  f"{'checkpoint':40s} {'manifest':28s} {'k':>4s} {'RI':>7s} {'SO/(SO+OS)':>10s}"]
+        for r in ri:
+            name, man = _short_names(r)
+            v = r["robustness"]
+            lines.append(f"{name:40s} {man:28s} {v['k']:4d} {v['robustness_index']:7.3f} {v['biology_share']:10.3f}")
     return "\n".join(lines)
+
+
+def _cross_site_lines(r: dict, name: str, man: str) -> list[str]:
+    """Across sites: each method's mean over the held-out sites; for linear and ABMIL also each site."""
+    parts = list(r.get("cross_site", {}).get("methods", {}).items())
+    parts += [("ABMIL", r["mil"]["cross_site"])] if "cross_site" in r.get("mil", {}) else []
+    lines = []
+    for m, v in parts:
+        proto = CROSS_SITE_SHORT[(r.get("cross_site") or r["mil"]["cross_site"])["protocol"]]
+        rows = [(m, v["mean"])]
+        if m in ("linear", "ABMIL"):
+            rows += [(f"{m}:{site}"[:14], x) for site, x in v["per_site"].items()]
+        for label, x in rows:
+            lines.append(f"{name:40s} {man:28s} {proto:8s} {label:14s} {x['accuracy']:6.3f} "
+                         f"{x['balanced_accuracy']:7.3f} {x['weighted_f1']:6.3f}")
+    return lines
 
 
 def run_probe(checkpoints: list[str], manifests: list[str], cfg: ProbeConfig, out_uri: str | None = None,

@@ -7,8 +7,10 @@ checkpoint (``models.checkpoints.load_training_checkpoint``), runs the probe of 
 every ``eval.manifests`` entry, and
 
 - returns flat metrics that Ray Train merges into the checkpoint's metrics: ``probe_score`` (mean linear-probe
-  balanced accuracy over the manifests; ABMIL's for a patient-only manifest) and
-  ``probe/<manifest>/<method>/<metric>`` — ``eval.keep_best`` keeps the best checkpoints by ``probe_score``;
+  balanced accuracy over the manifests, in-site or, with ``eval.probe.headline=cross_site``, the mean over
+  held-out sites; ABMIL's for a patient-only manifest), ``probe/<manifest>/<method>/<metric>``,
+  ``probe/<manifest>/cross_site/<method>/<metric>`` and ``probe/<manifest>/robustness_index`` where computed —
+  ``eval.keep_best`` keeps the best checkpoints by ``probe_score`` (so do Tune sweeps);
 - writes ``<run>/eval/checkpoint_<step>.json`` (everything, per-class recall and confusion included) and
   rewrites ``<run>/eval/results.csv`` (one row per step x manifest x method), the run's results table.
 
@@ -31,13 +33,16 @@ from cytoray.config import location_field
 from cytoray.eval.methods import HEADLINE
 from cytoray.eval.metrics import ProbeError
 from cytoray.eval.probe import ProbeConfig, evaluate, read_labelled_manifest
+from cytoray.eval.protocols import check_settings, site_folds, site_values
 
 log = logging.getLogger(__name__)
 
 EVAL_DIR = "eval"
 RESULTS_CSV = "results.csv"
 SCORE = "probe_score"
-SHOWN_METHODS = (HEADLINE, "knn20", "abmil")  # what the printed tables show (results.csv has every method)
+CROSS_SITE = "cross_site/"  # results.csv method prefix: cross_site/<method> (mean), cross_site/<method>/<site>
+# what the printed tables show (results.csv has every method and held-out site)
+SHOWN_METHODS = (HEADLINE, "knn20", "abmil", f"{CROSS_SITE}{HEADLINE}", f"{CROSS_SITE}knn20", f"{CROSS_SITE}abmil")
 CSV_FIELDS = ["step", "checkpoint", "manifest", "method", "images", "accuracy", "balanced_accuracy", "weighted_f1"]
 
 
@@ -64,33 +69,70 @@ def manifest_names(manifests: list[str]) -> list[str]:
     return names
 
 
-def flat_metrics(results: list[dict], names: list[str]) -> dict[str, float]:
-    """Ray Train checkpoint metrics from probe results (numbers only)."""
+METRICS = ("accuracy", "balanced_accuracy", "weighted_f1")
+
+
+def cross_site_parts(r: dict) -> list[tuple[str, dict]]:
+    """(method, cross-site result with ``mean`` and ``per_site``) of one probe result: cell methods, then ABMIL."""
+    parts = list(r.get("cross_site", {}).get("methods", {}).items())
+    return parts + ([("abmil", r["mil"]["cross_site"])] if "cross_site" in r.get("mil", {}) else [])
+
+
+def headline_score(r: dict, headline: str = "in_site") -> float | None:
+    """One manifest's part of probe_score: the linear probe's balanced accuracy (in-site, or the mean over held-out
+    sites with headline ``cross_site``); ABMIL's for a manifest without cell labels; None when it has neither."""
+    if headline == "cross_site":
+        parts = dict(cross_site_parts(r))
+        m = parts.get(HEADLINE) or parts.get("abmil")
+        return None if m is None else m["mean"]["balanced_accuracy"]
+    if HEADLINE in r["methods"]:
+        return r["methods"][HEADLINE]["balanced_accuracy"]
+    return r["mil"]["balanced_accuracy"] if "mil" in r else None
+
+
+def flat_metrics(results: list[dict], names: list[str], headline: str = "in_site") -> dict[str, float]:
+    """Ray Train checkpoint metrics from probe results (numbers only); ``probe_score`` by ``headline``."""
     out: dict[str, float] = {}
-    headline = []
+    scores = []
     for name, r in zip(names, results):
         for method, m in r["methods"].items():
-            for key in ("accuracy", "balanced_accuracy", "weighted_f1"):
+            for key in METRICS:
                 out[f"probe/{name}/{method}/{key}"] = m[key]
         if "mil" in r:
-            for key in ("accuracy", "balanced_accuracy", "weighted_f1"):
+            for key in METRICS:
                 out[f"probe/{name}/abmil/{key}"] = r["mil"][key]
-        if HEADLINE in r["methods"]:
-            headline.append(r["methods"][HEADLINE]["balanced_accuracy"])
-        elif "mil" in r:
-            headline.append(r["mil"]["balanced_accuracy"])
-    out[SCORE] = float(sum(headline) / len(headline)) if headline else math.nan
+        for method, m in cross_site_parts(r):
+            for key in METRICS:
+                out[f"probe/{name}/{CROSS_SITE}{method}/{key}"] = m["mean"][key]
+        if "robustness" in r:
+            for key in ("robustness_index", "biology_share"):
+                out[f"probe/{name}/{key}"] = r["robustness"][key]
+        score = headline_score(r, headline)
+        if score is not None:
+            scores.append(score)
+    out[SCORE] = float(sum(scores) / len(scores)) if scores else math.nan
     return out
 
 
 def table_rows(step: int, checkpoint: str, results: list[dict], names: list[str]) -> list[dict]:
+    """results.csv rows: one per manifest x method (in-site), and per cross-site method its mean over the held-out
+    sites (``cross_site/<method>``) and each held-out site (``cross_site/<method>/<site>``)."""
     rows = []
+
+    def row(name, method, images, m):
+        rows.append({"step": step, "checkpoint": checkpoint, "manifest": name, "method": method, "images": images,
+                     **{k: round(m[k], 6) for k in METRICS}})
+
     for name, r in zip(names, results):
         parts = list(r["methods"].items()) + ([("abmil", r["mil"])] if "mil" in r else [])
         for method, m in parts:
-            rows.append({"step": step, "checkpoint": checkpoint, "manifest": name, "method": method,
-                         "images": m.get("patients", r["images"]) if method == "abmil" else r["images"],
-                         **{k: round(m[k], 6) for k in ("accuracy", "balanced_accuracy", "weighted_f1")}})
+            row(name, method, m.get("patients", r["images"]) if method == "abmil" else r["images"], m)
+        for method, m in cross_site_parts(r):
+            count = {s: x.get("patients", r.get("cross_site", {}).get("images", {}).get(s))
+                     for s, x in m["per_site"].items()}
+            row(name, f"{CROSS_SITE}{method}", sum(v or 0 for v in count.values()), m["mean"])
+            for site, x in m["per_site"].items():
+                row(name, f"{CROSS_SITE}{method}/{site}", count[site], x)
     return rows
 
 
@@ -151,7 +193,7 @@ class CheckpointScorer:
         storage.write_bytes(storage.join_uri(self.run, EVAL_DIR, f"checkpoint_{step:08d}.json"),
                             json.dumps(record, indent=1).encode(), self.storage_cfg)
         write_results_table(self.run, self.storage_cfg)
-        out = flat_metrics(results, names)
+        out = flat_metrics(results, names, self.cfg.probe.headline)
         out["probe_step"] = step
         shown = ", ".join(f"{r['manifest']} {r['method']} {r['balanced_accuracy']:.3f}" for r in rows
                           if r["method"] in SHOWN_METHODS)
@@ -178,8 +220,23 @@ def check(cfg: EvalConfig, storage_cfg=None) -> None:
 
     if cfg.every < 1:
         raise ConfigError("eval.every must be >= 1 (score every N-th checkpoint)")
+    check_settings_for_training(cfg.probe)
     for uri in cfg.manifests:
         try:
-            read_labelled_manifest(uri, cfg.probe, storage_cfg)
+            table = read_labelled_manifest(uri, cfg.probe, storage_cfg)
+            if cfg.probe.cross_site.protocol != "none":  # every named site present, enough sites
+                site_folds(site_values(table.column(cfg.probe.cross_site.site_column).to_pylist()),
+                           cfg.probe.cross_site, uri)
         except ProbeError as exc:
             raise ConfigError(f"eval.manifests: {exc}") from None
+
+
+def check_settings_for_training(probe_cfg: ProbeConfig) -> None:
+    """The probe's settings that need no manifest (headline, cross-site protocol), named as ``eval.probe.*``;
+    a training run and a sweep call it before launching anything."""
+    from cytoray.config import ConfigError
+
+    try:
+        check_settings(probe_cfg.cross_site, probe_cfg.headline)
+    except ProbeError as exc:
+        raise ConfigError(str(exc).replace("probe.", "eval.probe.")) from None

@@ -4,7 +4,9 @@ A trial is a Tune *function trainable* that runs the Ray Train pretraining job (
 train to ``sweep.rungs[0]`` steps, then to ``rungs[1]`` (resuming its own checkpoint), ... After each rung the
 checkpoint's probe score (the per-checkpoint validation task of ``validation.py``, on ``eval.manifests``) is
 reported to Tune with ``tune.report``; ASHA (time attribute ``step``, metric ``probe_score``) stops weak trials
-at rung boundaries. Ray Train's ``TuneReportCallback`` streams the training metrics (loss, lr, img/s) into the
+at rung boundaries. ``eval.probe.headline`` says what ``probe_score`` is: the in-site linear probe (default) or,
+with ``cross_site`` and ``eval.probe.cross_site.protocol`` set, its mean over held-out sites — what stain
+augmentations are for. Ray Train's ``TuneReportCallback`` streams the training metrics (loss, lr, img/s) into the
 trial's results too (those lack ``probe_score``, which ASHA ignores; strict metric checking is off for them).
 
 Knobs (``sweep.knobs`` picks them, ``sweep.space``: knob -> list of values) are named augmentation settings, each expanding to
@@ -135,11 +137,14 @@ def trial_demand(cfg: SweepRunConfig) -> dict[str, float]:
 
 def check(cfg: SweepRunConfig, cluster: dict[str, float]) -> int:
     """Validate the sweep against the cluster; returns the number of trials that may run at once."""
+    from cytoray.eval import validation
+
     cfg = config_lib.to_object(cfg)
     s = cfg.sweep
     if not cfg.eval.manifests:
         raise config_lib.ConfigError("the sweep scores trials with the probe: set eval.manifests=[<labelled "
                                      "manifest>, ...] (held out of pretraining)")
+    validation.check_settings_for_training(cfg.eval.probe)  # probe_score's headline (in_site | cross_site)
     if not s.knobs:
         raise config_lib.ConfigError("sweep.knobs is empty: name at least one knob, e.g. sweep.knobs=[stain]")
     for knob in s.knobs:
