@@ -188,3 +188,31 @@ def test_site_manifest_spans_sites_that_differ_physically(tmp_path):
     assert a[2] < a[0] - 15 and b[2] > b[0] + 5  # halogen: warm (less blue); LED: cool
     assert sharp_d < 0.7 * sharp_a  # site_d's wider point-spread function
     assert SITES["site_c"].um_per_px > SITES["site_d"].um_per_px  # coarser pixels: cells span fewer of them
+
+
+def test_cross_site_probe_on_synthetic_site_images(tmp_path):
+    """The whole path on images: a manifest of four synthetic sites, handcrafted features extracted in-process,
+    leave-one-dataset-out for the cell probe and ABMIL (patients seen at three sites), the printed table."""
+    from cytoray.config import ConfigError
+    from cytoray.eval import validation
+    from cytoray.eval.probe import evaluate
+    from cytoray.testing import write_patient_manifest, write_site_manifest
+
+    cells = write_site_manifest(str(tmp_path / "cells"), 48, seed=5)
+    patients = write_patient_manifest(str(tmp_path / "patients"), patients=10, cells_per_patient=4, seed=5,
+                                      sites=["site_a", "site_b"])
+    cfg = ProbeConfig(num_actors=0, folds=3, c_grid=[1.0], knn_k=[5], knn_weighted_k=5, mil=True, mil_folds=2,
+                      mil_epochs=3, cross_site=CrossSiteConfig(protocol="leave_one_dataset_out", robustness_k=5))
+    cell_res, patient_res = evaluate("handcrafted", [cells, patients], cfg)
+    assert cell_res["protocol"] == "kfold" and set(cell_res["methods"]) == {"linear", "knn5", "knn5_T0.07"}
+    assert list(cell_res["cross_site"]["images"]) == ["site_a", "site_b", "site_c", "site_d"]
+    assert all(n == 12 for n in cell_res["cross_site"]["images"].values())
+    assert cell_res["robustness"]["sites"] == 4 and cell_res["robustness"]["images"] == 48
+    mil_x = patient_res["mil"]["cross_site"]
+    assert set(mil_x["per_site"]) == {"site_a", "site_b"} and mil_x["patients"] == 10
+    table = results_table([cell_res, patient_res])
+    assert "LODO     linear:site_a" in table and "LODO     ABMIL:site_b" in table and "Robustness Index" in table
+    with pytest.raises(ConfigError, match=r"sites \['site_x'\] are not in column 'dataset' of .*cells/manifest.parquet; "
+                                          r"sites present: \['site_a', 'site_b', 'site_c', 'site_d'\]"):
+        validation.check(validation.EvalConfig(manifests=[cells], probe=ProbeConfig(
+            cross_site=CrossSiteConfig(protocol="explicit", train_datasets=["site_a"], test_datasets=["site_x"]))))

@@ -98,3 +98,16 @@ def test_tuner_runs_at_most_the_checked_number_of_trials_at_once(ray_local, tmp_
     assert len(spans) == 4 and not grid.errors
     most = max(sum(a < start + 1e-3 < b for a, b in spans) for start, _ in spans)  # running just after each start
     assert most == 2  # two at a time, never four
+
+
+def test_sweep_accepts_the_cross_site_headline(tmp_path):
+    base = ["run.name=unused", *CONFIGS, "data.manifest_uri=x", f"sweep.storage_path={tmp_path}", "eval.manifests=[m]"]
+
+    def load(*extra):
+        return sweep.check(load_pretrain_config([*base, *extra], "debug", schema=sweep.SweepRunConfig), {"CPU": 2.0})
+
+    assert load("eval.probe.headline=cross_site", "eval.probe.cross_site.protocol=leave_one_dataset_out") == 2
+    with pytest.raises(ConfigError, match="eval.probe.headline=cross_site needs a cross-site protocol"):
+        load("eval.probe.headline=cross_site")
+    with pytest.raises(ConfigError, match="did you mean 'eval.probe.headline'"):
+        load("eval.probe.headlines=cross_site")
