@@ -94,6 +94,15 @@ def test_probe_preflight_fails_in_seconds_with_one_line(tmp_path):
     assert "\n" not in message and message == (
         f"labelled manifest '{path}': image uri '{tmp_path}/eval/cells/a.png' (row 0) cannot be opened (not found); "
         "write absolute or object-storage uris, or keep relative uris relative to the manifest's folder")
+    # curation's leakage guard reads the same manifest: its pre-flight stops on it too
+    from cytoray.curation.dedup import DedupConfig
+    from cytoray.curation.ingest import DatasetSpec
+    from cytoray.curation.pipeline import CurateConfig, preflight
+
+    lab = DatasetSpec(name="lab", layout="class_folders", uri=str(tmp_path / "cells"))
+    with pytest.raises(ManifestError, match=r"^dedup.eval_manifests '.*manifest.parquet': image uri .*eval/cells/a.png"):
+        preflight(CurateConfig(output_uri=str(tmp_path / "run"), datasets=[lab],
+                               dedup=DedupConfig(eval_manifests=[str(path)])))
 
 
 def test_job_submit_working_dir_copy_names_the_cause(tmp_path):

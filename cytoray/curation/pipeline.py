@@ -133,12 +133,13 @@ def _score(x) -> str:
 def preflight(cfg: CurateConfig) -> None:
     """Check every input and the output location (a few requests each, nothing written): dataset specs, roots,
     required label files and an image file in each root (a listing with a limit), evaluation manifests (exist,
-    ``uri`` column), the embedder and its checkpoint, a bring-your-own embeddings file, the balance mapping file,
-    the output location."""
+    ``uri`` column, the first images open), the embedder and its checkpoint, a bring-your-own embeddings file, the
+    balance mapping file, the output location."""
     from cytoray import tables
+    from cytoray.curation.dedup import read_eval_manifest
     from cytoray.curation.embed import feature_spec
     from cytoray.curation.ingest import validate_specs
-    from cytoray.manifest import ManifestError
+    from cytoray.manifest import ManifestError, check_images
 
     st = cfg.storage
     if cfg.output_uri in (None, "", "???"):
@@ -152,6 +153,7 @@ def preflight(cfg: CurateConfig) -> None:
         if "uri" not in names:
             raise ManifestError(f"dedup.eval_manifests: {uri} has no 'uri' column (columns: {names}); an "
                                 "evaluation manifest lists its images by uri, like manifest.parquet")
+        check_images(read_eval_manifest(uri, st), uri, st, purpose="dedup.eval_manifests")  # its first images open
     spec = feature_spec(cfg.embed)
     needed = [("embed.checkpoint", cfg.embed.checkpoint if spec.backbone != "handcrafted" else None),
               ("embeddings", cfg.embeddings), ("balance.mapping_file", cfg.balance.mapping_file)]
