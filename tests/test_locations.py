@@ -94,6 +94,16 @@ def test_probe_preflight_fails_in_seconds_with_one_line(tmp_path):
     assert "\n" not in message and message == (
         f"labelled manifest '{path}': image uri '{tmp_path}/eval/cells/a.png' (row 0) cannot be opened (not found); "
         "write absolute or object-storage uris, or keep relative uris relative to the manifest's folder")
+    # pretraining's start-up checks open the first images of the training manifest and of eval.manifests
+    from cytoray.platform.config import load_pretrain_config
+    from cytoray.platform.train import validate
+
+    cfg = config.to_object(load_pretrain_config(
+        ["--config", os.path.join(REPO, "recipes", "configs", "cpu_debug.yaml"), f"data.manifest_uri={path}",
+         "run.name=x", "train.final_export=[]"], "debug"))
+    with pytest.raises(ManifestError, match=r"^training manifest \(data.manifest_uri\) '.*': image uri '.*eval/cells/a.png' "
+                                            r"\(row 0\) cannot be opened \(not found\); write absolute"):
+        validate(cfg)
     # curation's leakage guard reads the same manifest: its pre-flight stops on it too
     from cytoray.curation.dedup import DedupConfig
     from cytoray.curation.ingest import DatasetSpec
