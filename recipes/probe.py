@@ -7,7 +7,9 @@
 
 A checkpoint is a DINOv2 / DinoBloom / cytoray file, ``random:<arch>`` (random init) or ``handcrafted``
 (the curation features). Writes ``results.json`` and one confusion-matrix PNG per (checkpoint, manifest)
-under --out, and prints the table; every row names its checkpoint and manifest.
+under --out, and prints the table; every row names its checkpoint and manifest. Across sites (a manifest whose
+``dataset`` column spans sites): ``probe.cross_site.protocol=leave_one_dataset_out`` (or ``explicit`` with
+``probe.cross_site.train_datasets=[...]``) adds per-held-out-site rows and the Robustness Index (docs/evaluation.md).
 """
 
 import sys

@@ -9,6 +9,9 @@ Writes <sweep.storage_path>/<sweep.name>/{results.csv, scores.png, best_override
     python recipes/sweep_augmentations.py --config recipes/configs/cpu_debug.yaml \
         --config recipes/configs/sweep_cpu.yaml data.manifest_uri=... eval.manifests=[...]
 
+Scored across sites (what stain augmentation is for; eval.manifests spanning sites in a ``dataset`` column):
+    eval.probe.headline=cross_site eval.probe.cross_site.protocol=leave_one_dataset_out
+
 Knobs: sweep.knobs=[global_crop_scale,local_crop_scale,jitter_strength,stain,local_crops,rotation_flip,reinhard],
 values in sweep.space.<knob>=[...]. The preset (default dinobloom_s) is the base every trial starts from.
 """

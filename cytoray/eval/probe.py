@@ -41,6 +41,7 @@ from cytoray.eval.protocols import (
     check_settings,
     cross_site_scores,
     robustness_index,
+    site_folds,
     site_values,
 )
 from cytoray.runtime import RayConfig
@@ -216,11 +217,14 @@ def read_labelled_manifest(uri: str, cfg: ProbeConfig, storage_cfg=None):
         raise ProbeError(f"labelled manifest {uri} lacks columns {sorted(missing)} (has {table.column_names}); "
                          "probe.label_column picks the cell label column; with --mil (probe.mil=true) a manifest "
                          "of patient_id + probe.mil_label_column suffices")
+    check_settings(cfg.cross_site, cfg.headline)
     site = cfg.cross_site.site_column
-    if cfg.cross_site.protocol != "none" and site not in cols:
-        raise ProbeError(f"labelled manifest {uri} lacks the site column {site!r} that probe.cross_site.protocol="
-                         f"{cfg.cross_site.protocol} splits by (has {table.column_names}); "
-                         "probe.cross_site.site_column names it")
+    if cfg.cross_site.protocol != "none":  # the site column, >= 2 sites, every named site: before any feature
+        if site not in cols:
+            raise ProbeError(f"labelled manifest {uri} lacks the site column {site!r} that probe.cross_site.protocol"
+                             f"={cfg.cross_site.protocol} splits by (has {table.column_names}); "
+                             "probe.cross_site.site_column names it")
+        site_folds(site_values(table.column(site).to_pylist()), cfg.cross_site, uri)
     return table
 
 
@@ -248,7 +252,6 @@ def _has_cell_labels(table, cfg: ProbeConfig) -> bool:
 
 def evaluate(spec: str, manifests: list[str], cfg: ProbeConfig, storage_cfg=None) -> list[dict]:
     """Score one backbone (checkpoint URI, ``random:<arch>`` or ``handcrafted``) on every manifest."""
-    check_settings(cfg.cross_site, cfg.headline)
     results = []
     for uri in manifests:
         table = read_labelled_manifest(uri, cfg, storage_cfg)

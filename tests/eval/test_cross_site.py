@@ -216,3 +216,11 @@ def test_cross_site_probe_on_synthetic_site_images(tmp_path):
                                           r"sites present: \['site_a', 'site_b', 'site_c', 'site_d'\]"):
         validation.check(validation.EvalConfig(manifests=[cells], probe=ProbeConfig(
             cross_site=CrossSiteConfig(protocol="explicit", train_datasets=["site_a"], test_datasets=["site_x"]))))
+    # the recipe: one-line errors before Ray starts or any feature is extracted
+    from cytoray.eval import probe
+
+    args = ["--checkpoint", "handcrafted", "--manifest", cells]
+    with pytest.raises(ProbeError, match=r"sites \['site_x'\] are not in column 'dataset'"):
+        probe.main([*args, "probe.cross_site.protocol=explicit", "probe.cross_site.train_datasets=[site_x]"])
+    with pytest.raises(ConfigError, match="did you mean 'probe.cross_site.protocol'"):
+        probe.main([*args, "probe.cross_site.protocl=explicit"])
