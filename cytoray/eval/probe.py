@@ -312,8 +312,14 @@ def results_table(results: list[dict]) -> str:
         for r in ri:
             name, man = _short_names(r)
             v = r["robustness"]
-            lines.append(f"{name:40s} {man:28s} {v['k']:4d} {v['robustness_index']:7.3f} {v['biology_share']:10.3f}")
+            lines.append(f"{name:40s} {man:28s} {v['k']:4d} {_ratio(v['robustness_index']):>7s} "
+                         f"{_ratio(v['biology_share']):>10s}")
     return "\n".join(lines)
+
+
+def _ratio(value: float | None) -> str:
+    """A Robustness Index figure, '-' where the ratio is undefined (None)."""
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _cross_site_lines(r: dict, name: str, man: str) -> list[str]:

@@ -18,13 +18,14 @@ Robustness Index (de Jong, Marcus, Teuwen 2025, arXiv 2501.18055): for every lab
 neighbours (cosine) among the other images are counted as SO (same class, other site) or OS (other class, same
 site); ``RI = sum SO / sum OS`` pooled over all images. RI > 1: neighbourhoods are organised more by biology than
 by site; RI < 1: more by site. ``biology_share = sum SO / (sum SO + sum OS)`` in [0, 1] (PathoROB's normalised
-form, 0.5 neutral) is reported too; it stays finite when no neighbour is OS.
+form, 0.5 neutral) is the figure the tables lead with: it is bounded and defined whenever any neighbour is SO or OS.
+A ratio without a denominator is None (``null`` in JSON, left out of Ray metrics), never ``inf`` or NaN, so every
+results file stays valid JSON: RI is None when no neighbour is OS, biology_share when none is SO or OS.
 """
 
 from __future__ import annotations
 
 import difflib
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -161,9 +162,8 @@ def robustness_index(x: np.ndarray, y: np.ndarray, sites: np.ndarray, k: int) ->
     same_site = sites[nbrs] == sites[:, None]
     so = int((same_class & ~same_site).sum())
     os_ = int((~same_class & same_site).sum())
-    ri = so / os_ if os_ else (math.inf if so else math.nan)
-    return {"k": int(k), "robustness_index": float(ri),
-            "biology_share": float(so / (so + os_)) if so + os_ else math.nan,
+    return {"k": int(k), "robustness_index": so / os_ if os_ else None,  # None: no OS neighbour (see above)
+            "biology_share": so / (so + os_) if so + os_ else None,
             "same_class_other_site": so, "other_class_same_site": os_,
             "same_class_same_site": int((same_class & same_site).sum()),
             "other_class_other_site": int((~same_class & ~same_site).sum()),

@@ -106,7 +106,8 @@ def flat_metrics(results: list[dict], names: list[str], headline: str = "in_site
                 out[f"probe/{name}/{CROSS_SITE}{method}/{key}"] = m["mean"][key]
         if "robustness" in r:
             for key in ("robustness_index", "biology_share"):
-                out[f"probe/{name}/{key}"] = r["robustness"][key]
+                if r["robustness"][key] is not None:  # None: undefined ratio (protocols.robustness_index)
+                    out[f"probe/{name}/{key}"] = r["robustness"][key]
         score = headline_score(r, headline)
         if score is not None:
             scores.append(score)

@@ -71,7 +71,8 @@ def test_cross_site_scores_transfer_of_class_features_not_site_features():
     for m in res["cross_site"]["methods"].values():
         assert m["mean"]["balanced_accuracy"] > 0.9
         assert m["mean"]["balanced_accuracy"] == pytest.approx(np.mean([v["balanced_accuracy"] for v in m["per_site"].values()]))
-    assert res["robustness"]["robustness_index"] > 3.0 and res["robustness"]["biology_share"] > 0.75
+    ri = res["robustness"]
+    assert ri["biology_share"] > 0.75 and (ri["robustness_index"] is None or ri["robustness_index"] > 3.0)
     assert "LODO" in results_table([{**res, "checkpoint": "c", "manifest": "m/x.parquet"}])
     x, y, s = _sited(class_sep=0.0, site_sep=3.0)  # features of the site alone
     res = score_features(x, y, None, cfg, s)
@@ -83,15 +84,33 @@ def test_cross_site_scores_transfer_of_class_features_not_site_features():
 
 
 def test_robustness_index_counts_neighbour_types():
-    # two sites x two classes on a line: each image's 1-NN is the same-class image of the other site -> RI = inf
+    # two sites x two classes on a line: each image's 1-NN is the same-class image of the other site: no OS
+    # neighbour, so SO / OS is undefined (None, not inf) and the share is 1
     x = np.array([[1, 0], [1, 0.01], [0, 1], [0.01, 1]], np.float32)
     y, s = np.array([0, 0, 1, 1]), np.array(["a", "b", "a", "b"], dtype=object)
     r = robustness_index(x, y, s, 1)
-    assert r["same_class_other_site"] == 4 and r["other_class_same_site"] == 0 and r["robustness_index"] == np.inf
+    assert r["same_class_other_site"] == 4 and r["other_class_same_site"] == 0
+    assert r["robustness_index"] is None and r["biology_share"] == 1.0
     r = robustness_index(x, np.array([0, 1, 1, 0]), s, 1)  # now the 1-NN is another class at another site
-    assert r["other_class_other_site"] == 4 and np.isnan(r["robustness_index"])
+    assert r["other_class_other_site"] == 4 and r["robustness_index"] is None and r["biology_share"] is None
     r = robustness_index(x, y, np.array(["a", "a", "b", "b"], dtype=object), 3)
     assert (r["same_class_other_site"], r["other_class_same_site"], r["same_class_same_site"]) == (0, 0, 4)
+
+
+def test_undefined_robustness_index_keeps_results_valid_json():
+    """An undefined ratio reaches results.json as null, Ray metrics without the key, the table as '-'."""
+    import json
+
+    from cytoray.eval import validation
+
+    x = np.array([[1, 0], [1, 0.01], [0, 1], [0.01, 1]], np.float32)
+    res = {"methods": {}, "images": 4, "checkpoint": "c", "manifest": "m/manifest.parquet",
+           "robustness": robustness_index(x, np.array([0, 0, 1, 1]), np.array(["a", "b", "a", "b"], object), 1)}
+    text = json.dumps([res], allow_nan=False)  # raises on inf / NaN
+    assert json.loads(text)[0]["robustness"]["robustness_index"] is None
+    flat = validation.flat_metrics([res], ["eval"])
+    assert "probe/eval/robustness_index" not in flat and flat["probe/eval/biology_share"] == 1.0
+    assert results_table([res]).splitlines()[-1].split()[-2:] == ["-", "1.000"]
 
 
 def test_missing_sites_and_bad_settings_are_one_line_errors():
@@ -158,7 +177,7 @@ def test_headline_picks_probe_score():
     assert in_site[validation.SCORE] == res["methods"]["linear"]["balanced_accuracy"]
     assert cross[validation.SCORE] == res["cross_site"]["methods"]["linear"]["mean"]["balanced_accuracy"]
     assert cross["probe/eval/cross_site/linear/balanced_accuracy"] == cross[validation.SCORE]
-    assert "probe/eval/robustness_index" in cross
+    assert cross["probe/eval/biology_share"] == res["robustness"]["biology_share"]
     rows = validation.table_rows(100, "ckpt", [res], ["eval"])
     assert {r["method"] for r in rows} == {"linear", "cross_site/linear", *(f"cross_site/linear/{x}" for x in SITES)}
     assert "eval:cross_site/linear" in validation.format_results_table(rows)
