@@ -161,6 +161,25 @@ def read_results_table(run: str, storage_cfg=None) -> list[dict]:
     return list(csv.DictReader(io.StringIO(storage.read_bytes(uri, storage_cfg).decode())))
 
 
+def read_robustness(run: str, storage_cfg=None) -> list[dict]:
+    """The Robustness Index of every scored checkpoint (from ``<run>/eval/checkpoint_*.json``): rows of step,
+    manifest, k, robustness_index, biology_share (None where undefined); [] when none was computed."""
+    fs, path = storage.filesystem(storage.join_uri(run, EVAL_DIR), storage_cfg)
+    if not storage.exists(storage.join_uri(run, EVAL_DIR), storage_cfg):
+        return []
+    files = sorted(p for p in storage.with_retries(lambda: fs.ls(path, detail=False), storage_cfg, "list eval")
+                   if os.path.basename(p).startswith("checkpoint_") and p.endswith(".json"))
+    out = []
+    for p in files:
+        record = json.loads(storage.with_retries(lambda p=p: fs.cat_file(p), storage_cfg, "read eval"))
+        for name, r in zip(record.get("manifests", {}), record.get("results", [])):
+            if "robustness" in r:
+                v = r["robustness"]
+                out.append({"step": record["step"], "manifest": name, "k": v["k"],
+                            "robustness_index": v["robustness_index"], "biology_share": v["biology_share"]})
+    return out
+
+
 def format_results_table(rows: list[dict], methods=None) -> str:
     """Balanced accuracy per step (rows) and manifest/method (columns); ``methods`` default: SHOWN_METHODS."""
     methods = SHOWN_METHODS if methods is None else methods

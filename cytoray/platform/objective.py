@@ -86,8 +86,9 @@ class DINOv2Objective(nn.Module):
 
     @torch.no_grad()
     def teacher_targets(self, global_crops: torch.Tensor, mask_indices: torch.Tensor, n_global: int,
-                        teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n_g*B, K) CLS targets with views swapped, (M, K) masked-patch targets."""
+                        teacher_temp: float, monitors: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n_g*B, K) CLS targets with views swapped, (M, K) masked-patch targets; ``monitors`` (a dict) receives
+        the teacher-side collapse monitors (``teacher_monitors``)."""
         out = self.teacher["backbone"].forward_features(global_crops)
         b = global_crops.shape[0] // n_global
         cls = out["x_norm_clstoken"].view(n_global, b, -1).roll(1, dims=0).flatten(0, 1)  # view i <- view i-1
@@ -101,6 +102,10 @@ class DINOv2Objective(nn.Module):
             patch_t = self.ibot_loss.softmax_center_teacher(patch_logits, teacher_temp)
             self.dino_loss.update_center(cls_logits)
             self.ibot_loss.update_center(patch_logits)
+        if monitors is not None:
+            monitors.update(teacher_monitors(cls, cls_logits, cls_t))
+            if self.cfg.centering == "centering":
+                monitors["teacher_center_norm"] = self.dino_loss.center.norm()
         return cls_t, patch_t
 
     def forward(self, batch: dict, teacher_temp: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -112,7 +117,8 @@ class DINOv2Objective(nn.Module):
         n_g, n_l = batch["global_crops"].shape[0], batch["local_crops"].shape[0]
         globals_, locals_ = batch["global_crops"].flatten(0, 1), batch["local_crops"].flatten(0, 1)
         masks, idx = batch["masks"], batch["mask_indices"]
-        teacher_cls, teacher_patch = self.teacher_targets(globals_, idx, n_g, teacher_temp)
+        monitors: dict[str, torch.Tensor] = {}
+        teacher_cls, teacher_patch = self.teacher_targets(globals_, idx, n_g, teacher_temp, monitors)
 
         backbone, noise_g, noise_l = self.student["backbone"], batch.get("drop_noise_global"), batch.get("drop_noise_local")
         if cfg.pack_crops and n_l > 0:
@@ -148,9 +154,8 @@ class DINOv2Objective(nn.Module):
             metrics["ibot_loss"] = ibot.detach()
             loss = loss + cfg.ibot_loss_weight * ibot
         metrics["loss"] = loss.detach()
-        with torch.no_grad():  # collapse monitors: teacher target entropy, spread of student features
-            p = teacher_cls.float().clamp_min(1e-12)
-            metrics["teacher_entropy"] = -(p * p.log()).sum(-1).mean()
+        with torch.no_grad():  # collapse monitors: the teacher's (above) and the spread of student features
+            metrics.update(monitors)
             metrics["student_feature_std"] = global_std(torch.nn.functional.normalize(s_g_cls.float(), dim=-1)).mean()
         return loss, metrics
 
@@ -160,6 +165,31 @@ class DINOv2Objective(nn.Module):
         s_params = [p for k, m in self.student.items() for p in m.parameters()]
         t_params = [p for k, m in self.teacher.items() for p in m.parameters()]
         torch._foreach_lerp_(t_params, [p.detach() for p in s_params], 1.0 - momentum)
+
+
+@torch.no_grad()
+def teacher_monitors(cls: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What tells a collapsing or idle DINO objective apart, from the teacher's (R, D) CLS tokens, (R, K) prototype
+    logits and (R, K) targets of this rank; global-batch figures, the same on every rank (issue 28):
+
+    - ``teacher_entropy``: mean entropy of a target row (nats; log K: uniform targets, the DINO terms teach
+      nothing; ~0: one-hot);
+    - ``teacher_feature_std``: std over the global batch of the L2-normalised CLS token, mean over dims (~0: every
+      image maps to one point, collapse);
+    - ``teacher_logit_std``: std over the global batch of each prototype's logit relative to its row's mean logit,
+      mean over prototypes (cosine units): the part of the logits that neither the row nor the column
+      normalisation removes; tiny: the head answers every image alike, so Sinkhorn-Knopp or a centre leaves
+      near-uniform targets at any temperature much above it;
+    - ``prototype_usage``: distinct prototypes that are some row's argmax target, over min(K, rows) (1: every
+      row its own prototype; 1 / rows: one prototype for all)."""
+    p = targets.float().clamp_min(1e-12)
+    counts = torch.zeros(targets.shape[1], dtype=torch.float64, device=targets.device)
+    counts.index_add_(0, targets.argmax(-1), torch.ones(len(targets), dtype=torch.float64, device=targets.device))
+    counts = all_reduce_sum(counts)
+    return {"teacher_entropy": -(p * p.log()).sum(-1).mean(),
+            "teacher_feature_std": global_std(torch.nn.functional.normalize(cls.float(), dim=-1)).mean(),
+            "teacher_logit_std": global_std(logits.float() - logits.float().mean(-1, keepdim=True)).mean(),
+            "prototype_usage": (counts > 0).sum() / counts.sum().clamp(max=counts.numel())}
 
 
 def global_std(x: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """``<run>/training.html``: a training run at a glance, one self-contained page (figures as data URIs, no network).
 
 Sections: the run (name, preset, backbone, steps, workers, batch); loss terms over steps; the probe score of every
-scored checkpoint per manifest, method and metric; schedules (lr, weight decay, teacher momentum and temperature);
+scored checkpoint per manifest, method and metric, in-site and as the mean over held-out sites, and the Robustness
+Index where computed; collapse monitors (teacher target entropy, prototype usage, logit and feature spread); schedules (lr, weight decay, teacher momentum and temperature);
 gradient norms per student part before clipping and whether each part was clipped; throughput and data wait;
-every other per-step metric (collapse monitors, GPU memory). Each figure has a
+every other per-step metric. Each figure has a
 table of first / last / min / max below it. The page reads what the run wrote: ``config.yaml``, ``metrics.csv``
 (``metrics.MetricsLog``) and ``eval/results.csv`` (``eval.validation``); a missing or malformed file becomes a
 note on the page and a warning, not an error.
@@ -33,6 +34,12 @@ SCHEDULES = {"lr": "learning rate", "wd": "weight decay", "momentum": "teacher m
 THROUGHPUT = {"images_per_s": "images / s", "data_wait_frac": "data wait (share of the step)",
               "data_wait_s": "data wait (s)", "step_time_s": "step time (s)", "gpu_mem_gb": "peak GPU memory (GB)"}
 PROBE_METRICS = ("balanced_accuracy", "accuracy", "weighted_f1")
+# what tells a collapsing or idle objective apart (objective.teacher_monitors); what the preset choice rests on
+COLLAPSE = {"teacher_entropy": "teacher target entropy (nats; log K: uniform)",
+            "prototype_usage": "prototype usage (distinct argmax targets / rows)",
+            "teacher_logit_std": "teacher logit std across images",
+            "teacher_feature_std": "teacher CLS std (normalised)",
+            "student_feature_std": "student CLS std (normalised)", "teacher_center_norm": "teacher centre norm"}
 
 
 def read_metrics(uri: str, storage_cfg=None) -> tuple[np.ndarray, dict[str, np.ndarray], str | None]:
@@ -97,29 +104,58 @@ def _curves(steps: np.ndarray, columns: dict[str, np.ndarray], names: dict[str, 
     return f"<img alt='{html.escape(', '.join(names))}' src='{png_uri(fig)}'>" + _stats(names, columns)
 
 
-def _probe(rows: list[dict]) -> str:
-    """One panel per metric, a line per manifest/method; the balanced-accuracy table below."""
+def _probe(rows: list[dict], robustness: list[dict] | None = None) -> str:
+    """One panel per metric, a line per manifest/method: in-site solid, the mean over held-out sites
+    (``cross_site/<method>``) dashed in the same colour — not one line per site; the sites' figures stay in
+    results.csv. With ``robustness`` (``validation.read_robustness``) a panel of the Robustness Index's share
+    SO/(SO+OS) per checkpoint. The balanced-accuracy table below."""
     from cytoray.figures import figure
 
-    series = sorted({(r["manifest"], r["method"]) for r in rows})
+    cross = validation.CROSS_SITE
+    series = sorted({(r["manifest"], r["method"]) for r in rows if r["method"].count("/") < 2},
+                    key=lambda mk: (mk[0], mk[1].removeprefix(cross), mk[1].startswith(cross)))
     value = {(int(r["step"]), r["manifest"], r["method"], k): _number(r.get(k)) for r in rows for k in PROBE_METRICS}
     steps = sorted({int(r["step"]) for r in rows})
-    fig, axes = figure((4.4 * len(PROBE_METRICS), 3.2), 1, len(PROBE_METRICS), squeeze=False)
+    panels = len(PROBE_METRICS) + bool(robustness)
+    fig, axes = figure((4.4 * panels, 3.2), 1, panels, squeeze=False)
+    bases = sorted({(m, k.removeprefix(cross)) for m, k in series})
+    colour = {base: f"C{i % 10}" for i, base in enumerate(bases)}
     for ax, metric in zip(axes.flat, PROBE_METRICS):
         for manifest, method in series:
             xs = [s for s in steps if (s, manifest, method, metric) in value]
-            ax.plot(xs, [value[(s, manifest, method, metric)] for s in xs], marker="o", ms=3,
-                    label=f"{manifest}/{method}")
+            site = method.startswith(cross)
+            ax.plot(xs, [value[(s, manifest, method, metric)] for s in xs], marker="s" if site else "o", ms=3,
+                    ls="--" if site else "-", color=colour[(manifest, method.removeprefix(cross))],
+                    label=f"{manifest}/{method.removeprefix(cross)}" + (" (across sites)" if site else " (in-site)"))
         ax.set_title(metric.replace("_", " "), fontsize=10)
+    if robustness:
+        ax = axes.flat[-1]
+        for manifest in sorted({r["manifest"] for r in robustness}):
+            pts = sorted((r["step"], r["biology_share"]) for r in robustness
+                         if r["manifest"] == manifest and r["biology_share"] is not None)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color="k", label=f"{manifest}/RI")
+        ax.axhline(0.5, color="0.6", lw=0.8)
+        ax.set_title("site confounding: SO / (SO + OS)\n(> 0.5: neighbours by cell type)", fontsize=9)
+    for ax in axes.flat:
         ax.set_xlabel("checkpoint step", fontsize=8)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
-    axes.flat[-1].legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    axes.flat[len(PROBE_METRICS) - 1].legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
     cells = [[s] + [f"{value.get((s, m, k, 'balanced_accuracy'), math.nan):.3f}" for m, k in series] for s in steps]
-    return (f"<img alt='probe scores' src='{png_uri(fig)}'><p class='note'>Balanced accuracy per checkpoint "
-            f"(every metric: <code>{validation.EVAL_DIR}/{validation.RESULTS_CSV}</code>)</p>"
-            + table(["step"] + [f"{m}/{k}" for m, k in series], cells))
+    ri_cells = ""
+    if robustness:
+        ri_cells = table(["step", "manifest", "k", "RI = SO / OS", "SO / (SO + OS)"],
+                         [[r["step"], r["manifest"], r["k"], _ratio(r["robustness_index"]),
+                           _ratio(r["biology_share"])] for r in robustness])
+    return (f"<img alt='probe scores' src='{png_uri(fig)}'><p class='note'>Balanced accuracy per checkpoint; "
+            f"<code>{cross}&lt;method&gt;</code>: the mean over held-out sites (each site, and every metric: "
+            f"<code>{validation.EVAL_DIR}/{validation.RESULTS_CSV}</code>)</p>"
+            + table(["step"] + [f"{m}/{k}" for m, k in series], cells) + ri_cells)
+
+
+def _ratio(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _header(run_uri: str, cfg: dict, steps: np.ndarray) -> str:
@@ -170,7 +206,8 @@ def build_training_report(run_uri: str, storage_cfg=None) -> str:
     notes += [note] if note else []
     probe_rows = validation.read_results_table(run_uri, storage_cfg)
     try:
-        probe = _probe(probe_rows) if probe_rows else ("<p class='note'>no per-checkpoint probe in this run "
+        robustness = validation.read_robustness(run_uri, storage_cfg) if probe_rows else []
+        probe = _probe(probe_rows, robustness) if probe_rows else ("<p class='note'>no per-checkpoint probe in this run "
                                                        "(<code>eval.manifests</code> turns it on)</p>")
     except (KeyError, TypeError, ValueError) as exc:
         problem = f"{validation.EVAL_DIR}/{validation.RESULTS_CSV} of {run_uri} is malformed ({exc!r})"
@@ -186,13 +223,15 @@ def build_training_report(run_uri: str, storage_cfg=None) -> str:
 
     losses = {k: k for k in ["loss"] + sorted(k for k in columns if k.endswith("_loss"))}
     gradients = {k: _gradient_title(k) for k in sorted(columns, key=_gradient_order) if k.startswith("grad_")}
-    shown = set(losses) | set(SCHEDULES) | set(THROUGHPUT) | set(gradients)
+    shown = set(losses) | set(SCHEDULES) | set(THROUGHPUT) | set(gradients) | set(COLLAPSE)
     name = (cfg.get("run") or {}).get("name", "?")
     parts = [f"<h1>cytoray training: {html.escape(str(name))}</h1>", RENDER_CHECK,
              "".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes),
              f"<section id='run'><h2>Run</h2>{_header(run_uri, cfg, steps)}</section>",
              section("losses", "Loss terms", losses, "no loss values in metrics.csv"),
              f"<section id='probe'><h2>Probe score per checkpoint</h2>{probe}</section>",
+             section("collapse", "Collapse monitors (teacher targets, prototypes, feature spread)", COLLAPSE,
+                     "no collapse monitors in metrics.csv"),
              section("schedules", "Schedules", SCHEDULES, "no schedule values in metrics.csv"),
              section("gradients", "Gradient norms before clipping (per student part) and clipping", gradients,
                      "no gradient norms in metrics.csv"),

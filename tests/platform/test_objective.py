@@ -38,6 +38,10 @@ def test_objective_variants(overrides, terms):
                                                        ("koleo_loss", p.objective.koleo_loss_weight),
                                                        ("ibot_loss", p.objective.ibot_loss_weight)] if k in metrics)
     assert math.isclose(loss.item(), expected, rel_tol=1e-5)
+    monitors = {"teacher_entropy", "prototype_usage", "teacher_logit_std", "teacher_feature_std", "student_feature_std"}
+    assert monitors <= set(metrics) and ("teacher_center_norm" in metrics) == ("objective.centering=centering" in overrides)
+    assert 0 < metrics["teacher_entropy"] <= math.log(p.objective.out_dim) + 1e-4
+    assert 0 < metrics["prototype_usage"] <= 1 and metrics["teacher_feature_std"] > 0
     loss.backward()
     assert any(q.grad is not None for q in obj.student.parameters())
     assert all(q.grad is None for q in obj.teacher.parameters())
@@ -58,6 +62,9 @@ def test_uniform_teacher_gives_log_k_dino_terms():
     _, metrics = obj(_batch(p), teacher_temp=0.04)
     total = metrics["dino_local_loss"].item() + metrics["dino_global_loss"].item()
     assert math.isclose(total, math.log(p.objective.out_dim), rel_tol=1e-4)
+    # the collapse monitors read it: uniform targets, no logit spread, one argmax prototype for the 2 x 6 rows
+    assert math.isclose(metrics["teacher_entropy"].item(), math.log(p.objective.out_dim), rel_tol=1e-4)
+    assert metrics["teacher_logit_std"].item() < 1e-6 and math.isclose(metrics["prototype_usage"].item(), 1 / 12)
 
 
 def test_mfu_flops_estimate_matches_a_counted_step():

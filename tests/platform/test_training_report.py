@@ -33,10 +33,16 @@ def _write_run(run, steps=40, probe_steps=(20, 40)):
     metrics.close()
     for step in probe_steps:
         m = {"accuracy": 0.5 + step / 100, "balanced_accuracy": 0.4 + step / 100, "weighted_f1": 0.45}
-        results = [{"images": 60, "methods": {"linear": m, "knn20": {**m, "balanced_accuracy": 0.3}}}]
+        site = {**m, "balanced_accuracy": 0.2 + step / 100}
+        results = [{"images": 60, "methods": {"linear": m, "knn20": {**m, "balanced_accuracy": 0.3}},
+                    "cross_site": {"images": {"s1": 30, "s2": 30}, "methods": {"linear": {
+                        "mean": site, "per_site": {"s1": site, "s2": site}}}},
+                    "robustness": {"k": 20, "robustness_index": None if step == 20 else 0.5, "biology_share":
+                                   1.0 if step == 20 else 1 / 3}}]
         rows = validation.table_rows(step, f"{run}/checkpoint_{step:08d}", results, ["heldout"])
         os.makedirs(run / "eval", exist_ok=True)
-        (run / "eval" / f"checkpoint_{step:08d}.json").write_text(json.dumps({"rows": rows}))
+        (run / "eval" / f"checkpoint_{step:08d}.json").write_text(json.dumps(
+            {"step": step, "manifests": {"heldout": "h.parquet"}, "rows": rows, "results": results}))
     if probe_steps:
         validation.write_results_table(str(run))
 
@@ -56,16 +62,22 @@ def test_training_report_shows_losses_schedules_throughput_and_probe(tmp_path):
     uri = write_training_report(str(run))
     assert uri == str(run / "training.html")
     dom, loaded, total = _render(run / "training.html")
-    for section in ("run", "losses", "probe", "schedules", "gradients", "throughput", "other"):
+    for section in ("run", "losses", "probe", "collapse", "schedules", "gradients", "throughput", "other"):
         assert f'<section id="{section}">' in dom, section
-    assert loaded == total == 6  # losses, probe, schedules, gradients, throughput, other: all decoded by the browser
+    assert loaded == total == 6  # losses, probe, collapse, schedules, gradients, throughput: all decoded
+    assert "no other metrics in metrics.csv" in dom  # the collapse monitors have their own section
     assert "<td>grad norm: backbone</td><td>3</td>" in dom and "<td>clipped (1) or not (0): dino_head</td>" in dom
     assert "cytoray training: tiny" in dom and "vit_debug" in dom and "40 of 40" in dom
-    for name in LOSSES + ("learning rate", "teacher temperature", "images / s", "teacher_entropy"):
+    for name in LOSSES + ("learning rate", "teacher temperature", "images / s",
+                          "teacher target entropy (nats; log K: uniform)", "student CLS std (normalised)"):
         assert f"<td>{name}</td>" in dom, name
     assert "<td>10</td><td>0.25</td>" in dom  # loss: first (10 / 1), last (10 / 40)
     # probe: balanced accuracy per checkpoint and method
     assert "<th>heldout/linear</th>" in dom and "<td>0.600</td>" in dom and "<td>0.800</td>" in dom
+    # the mean over held-out sites beside in-site, not a column per site; the Robustness Index per checkpoint
+    assert "<th>heldout/cross_site/linear</th>" in dom and "cross_site/linear/s1" not in dom
+    assert "<td>20</td><td>heldout</td><td>20</td><td>-</td><td>1.000</td>" in dom
+    assert "<td>40</td><td>heldout</td><td>20</td><td>0.500</td><td>0.333</td>" in dom
     assert "no per-checkpoint probe" not in dom
 
 
