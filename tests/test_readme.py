@@ -5,7 +5,7 @@ The excerpt is checked against the code, not against a stored copy: every text l
 code can produce (the f-strings passed to ``console.say`` or printed with the ``[cytoray]`` marker, with the
 templates of the functions they call, such as ``stage_line`` and ``progress_line``), every line the demo's
 recipes say must appear, and the two tables must be what ``validation.format_results_table`` and
-``probe.results_table`` render from the excerpt's own values. So a changed, added or dropped line fails here
+``probe.comparison_table`` render from the excerpt's own values. So a changed, added or dropped line fails here
 until the excerpt is regenerated from a clean ``make demo``.
 """
 
@@ -23,7 +23,7 @@ README = os.path.join(REPO, "README.md")
 # probe, the probe recipe and the console ("full log: ...").
 PRINTERS = ["recipes/demo.py", "recipes/pretrain.py", "cytoray/curation/pipeline.py", "cytoray/platform/train.py",
             "cytoray/eval/validation.py", "cytoray/eval/probe.py", "cytoray/console.py"]
-SAID_IN_FULL = PRINTERS[:3] + ["cytoray/eval/probe.py"]  # every line these say is in the demo's output
+SAID_IN_FULL = PRINTERS[:3]  # every line these say is in the demo's output (it calls probe's functions, not main)
 MARKER = "[cytoray] "  # worker lines with it reach the terminal without it (cytoray.console)
 MIN_LITERAL = 6  # templates with less fixed text (e.g. "{table}") say nothing about a line's structure
 
@@ -112,17 +112,31 @@ def _checkpoint_table(block: list[str]) -> list[dict]:
 
 
 def _probe_results(block: list[str]) -> list[dict]:
-    """probe.run_probe's results from the probe table's text (one result per checkpoint and manifest)."""
+    """probe.run_probe's results, as far as probe.comparison_table shows them, from the table's text (one result per
+    checkpoint and manifest; after a blank line, the Robustness Index block: intro, header, rows)."""
     results: dict[tuple[str, str], dict] = {}
-    for line in block[2:]:
-        checkpoint, manifest, protocol, method, acc, bal, wf1 = line.split()
-        r = results.setdefault((checkpoint, manifest), {"checkpoint": checkpoint, "manifest": manifest,
-                                                        "protocol": protocol, "methods": {}})
-        scores = {"accuracy": float(acc), "balanced_accuracy": float(bal), "weighted_f1": float(wf1)}
+    rows = block[2:]
+    blank = rows.index("") if "" in rows else len(rows)
+    for line in rows[:blank]:
+        checkpoint, manifest, method, in_site, mean, *worst = line.split()
+        r = results.setdefault((checkpoint, manifest), {"checkpoint": checkpoint, "manifest": manifest, "methods": {}})
+        score = {"balanced_accuracy": float(in_site)}
         if method == "ABMIL":
-            r["mil"] = scores
+            r["mil"] = score
         else:
-            r["methods"][method] = scores
+            r["methods"][method] = score
+        if mean != "-":
+            cross = {"mean": {"balanced_accuracy": float(mean)},
+                     "per_site": {worst[0]: {"balanced_accuracy": float(worst[1])}}}
+            if method == "ABMIL":
+                score["cross_site"] = cross
+            else:
+                r.setdefault("cross_site", {"methods": {}})["methods"][method] = cross
+    for line in rows[blank + 3:]:
+        checkpoint, manifest, k, ri, share = line.split()
+        results[(checkpoint, manifest)]["robustness"] = {
+            "k": int(k), "robustness_index": None if ri == "-" else float(ri),
+            "biology_share": None if share == "-" else float(share)}
     return list(results.values())
 
 
@@ -133,8 +147,8 @@ def test_readme_demo_excerpt_has_the_demo_line_structure():
     printed = templates.lines()
     checkpoint_table = _table_after(lines, "probe of every scored checkpoint", printed)
     assert "\n".join(checkpoint_table) == validation.format_results_table(_checkpoint_table(checkpoint_table))
-    probe_table = _table_after(lines, "probe: ", printed)
-    assert "\n".join(probe_table) == probe.results_table(_probe_results(probe_table))
+    probe_table = _table_after(lines, "probe (balanced accuracy): ", printed)
+    assert "\n".join(probe_table) == probe.comparison_table(_probe_results(probe_table))
     text = [line for line in lines if line not in checkpoint_table + probe_table]
     unknown = [line for line in text if not any(p.fullmatch(line) for _, p in printed)]
     assert not unknown, "README excerpt lines the code does not print (regenerate from `make demo`):\n" + \

@@ -304,17 +304,50 @@ def results_table(results: list[dict]) -> str:
             lines.append(f"{name:40s} {man:28s} {'patient':8s} {'ABMIL':14s} {v['accuracy']:6.3f} "
                          f"{v['balanced_accuracy']:7.3f} {v['weighted_f1']:6.3f}")
         lines.extend(_cross_site_lines(r, name, man))
+    return "\n".join(lines + _robustness_lines(results))
+
+
+def comparison_table(results: list[dict]) -> str:
+    """Backbones side by side (the demo's table): per checkpoint, manifest and method the balanced accuracy in-site,
+    as the mean over held-out sites and at the worst held-out site ('-' where the manifest was probed in-site
+    only); the Robustness Index block below. Every other figure is in results.json."""
+    lines = [f"{'checkpoint':40s} {'manifest':28s} {'method':14s} {'in-site':>7s} {'cross-site':>10s} "
+             f"{'worst site':>17s}"]
+    lines.append("-" * len(lines[0]))
+    order = list(dict.fromkeys(r["checkpoint"] for r in results))  # each backbone's rows together
+    for r in sorted(results, key=lambda r: order.index(r["checkpoint"])):
+        name, man = _short_names(r)
+        cross = dict(r.get("cross_site", {}).get("methods", {}))
+        parts = list(r["methods"].items())
+        if "mil" in r:
+            parts.append(("ABMIL", r["mil"]))
+            if "cross_site" in r["mil"]:
+                cross["ABMIL"] = r["mil"]["cross_site"]
+        for m, v in parts:
+            if m in cross:
+                worst = min(cross[m]["per_site"].items(), key=lambda kv: kv[1]["balanced_accuracy"])
+                mean = f"{cross[m]['mean']['balanced_accuracy']:10.3f}"
+                low = f"{worst[0][:11]:>11s} {worst[1]['balanced_accuracy']:.3f}"
+            else:
+                mean, low = f"{'-':>10s}", f"{'-':>17s}"
+            lines.append(f"{name:40s} {man:28s} {m:14s} {v['balanced_accuracy']:7.3f} {mean} {low:>17s}")
+    return "\n".join(lines + _robustness_lines(results))
+
+
+def _robustness_lines(results: list[dict]) -> list[str]:
     ri = [r for r in results if "robustness" in r]
-    if ri:
-        lines += ["", "site confounding of the features, Robustness Index over each image's k nearest neighbours: "
-                  "same class at another site / other class at the same site (> 1: biology dominates)",
-                  f"{'checkpoint':40s} {'manifest':28s} {'k':>4s} {'RI':>7s} {'SO/(SO+OS)':>10s}"]
-        for r in ri:
-            name, man = _short_names(r)
-            v = r["robustness"]
-            lines.append(f"{name:40s} {man:28s} {v['k']:4d} {_ratio(v['robustness_index']):>7s} "
-                         f"{_ratio(v['biology_share']):>10s}")
-    return "\n".join(lines)
+    if not ri:
+        return []
+    lines = ["", "site confounding of the features, Robustness Index over each image's k nearest neighbours: "
+             "same class at another site (SO) / other class at the same site (OS); > 1, share > 0.5: biology "
+             "dominates",
+             f"{'checkpoint':40s} {'manifest':28s} {'k':>4s} {'RI':>7s} {'SO/(SO+OS)':>10s}"]
+    for r in ri:
+        name, man = _short_names(r)
+        v = r["robustness"]
+        lines.append(f"{name:40s} {man:28s} {v['k']:4d} {_ratio(v['robustness_index']):>7s} "
+                     f"{_ratio(v['biology_share']):>10s}")
+    return lines
 
 
 def _ratio(value: float | None) -> str:
@@ -331,7 +364,7 @@ def _cross_site_lines(r: dict, name: str, man: str) -> list[str]:
         proto = CROSS_SITE_SHORT[(r.get("cross_site") or r["mil"]["cross_site"])["protocol"]]
         rows = [(m, v["mean"])]
         if m in ("linear", "ABMIL"):
-            rows += [(f"{m}:{site}"[:14], x) for site, x in v["per_site"].items()]
+            rows += [(f"{m}:{site}", x) for site, x in v["per_site"].items()]  # whole: sites may share a prefix
         for label, x in rows:
             lines.append(f"{name:40s} {man:28s} {proto:8s} {label:14s} {x['accuracy']:6.3f} "
                          f"{x['balanced_accuracy']:7.3f} {x['weighted_f1']:6.3f}")
