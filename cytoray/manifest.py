@@ -14,6 +14,8 @@ location fails in seconds, in one line, not inside a Ray Data task.
 
 from __future__ import annotations
 
+import posixpath
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -70,6 +72,11 @@ def read_manifest(uri: str, storage_cfg: storage.StorageConfig | None = None, co
         if not isinstance(exc, FileNotFoundError) and _folder_without_parquet(uri, storage_cfg):
             raise ManifestError(f"{purpose} {uri!r} is a folder without Parquet files (images, class folders?), "
                                 f"not a manifest; {fix}") from None
+        suffix = posixpath.splitext(uri.rstrip("/"))[1].lower()
+        if not isinstance(exc, FileNotFoundError) and suffix not in ("", ".parquet", ".pq") \
+                and not _is_folder(uri, storage_cfg):
+            # a label table (.csv) or an image: not a broken Parquet file to delete and rewrite
+            raise ManifestError(f"{purpose} {uri!r} is a {suffix} file, not Parquet; {fix}") from None
         raise ManifestError(f"{purpose} {uri!r} cannot be read ({exc}){working_dir_note(uri)}; {fix}") from exc
     missing = [c for c in columns if c not in schema.names]
     if missing:
@@ -89,7 +96,11 @@ def resolve_uris(table: pa.Table, manifest_uri: str) -> pa.Table:
     (``manifest_uri``, a file or a directory of parts; local or object storage); others unchanged. Costs one
     vectorised scan when every value is absolute (curated manifests)."""
     col = table.column("uri")
-    absolute = pc.or_(pc.or_(pc.match_substring(col, "://"), pc.starts_with(col, "/")), pc.starts_with(col, "~"))
+    # relative: no scheme, or file:// / local:// followed by a relative path; absolute: /..., ~..., Windows paths
+    # (left as written, see storage.is_relative_path)
+    scheme = pc.and_(pc.match_substring(col, "://"), pc.invert(pc.match_substring_regex(col, r"^(file|local)://[^/]")))
+    absolute = pc.or_(pc.or_(scheme, pc.starts_with(col, "/")),
+                      pc.or_(pc.starts_with(col, "~"), pc.match_substring_regex(col, r"^([A-Za-z]:[\\/]|\\\\)")))
     relative = pc.invert(pc.fill_null(absolute, True))  # a null uri stays null (pre-flight names its row)
     if not pc.any(relative).as_py():
         return table
@@ -111,9 +122,18 @@ def check_images(table: pa.Table, manifest_uri: str, storage_cfg: storage.Storag
         try:
             storage.read_head(image_uri, storage_cfg)
         except (OSError, ValueError) as exc:
-            reason = "not found" if isinstance(exc, FileNotFoundError) else f"{type(exc).__name__}: {exc}"[:200]
+            detail = (str(exc).strip().splitlines() or [""])[0]  # one line, whatever the storage layer said
+            reason = "not found" if isinstance(exc, FileNotFoundError) else f"{type(exc).__name__}: {detail}"[:200]
             raise ManifestError(f"{purpose} {manifest_uri!r}: image uri {image_uri!r} (row {row}) cannot be opened "
                                 f"({reason}){working_dir_note(image_uri)}; {URI_FIX}") from None
+
+
+def _is_folder(uri: str, storage_cfg=None) -> bool:
+    fs, path = storage.filesystem(uri, storage_cfg)
+    try:
+        return bool(fs.isdir(path))
+    except OSError:
+        return False
 
 
 def _folder_without_parquet(uri: str, storage_cfg=None, limit: int = 1000) -> bool:

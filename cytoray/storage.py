@@ -16,6 +16,7 @@ import logging
 import os
 import posixpath
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,19 +60,33 @@ def split_protocol(uri: str) -> tuple[str, str]:
     return protocol, path
 
 
+# A Windows drive or UNC path (``C:\\x``, ``C:/x``, ``\\\\host\\share``): not openable here, and not relative either;
+# left as written so that an error names it as the user wrote it
+_WINDOWS_PATH = re.compile(r"^(?:[A-Za-z]:[\\/]|\\\\)")
+_LOCAL_SCHEMES = ("file", "local")
+
+
 def is_relative_path(uri: str) -> bool:
-    """A local path that is not absolute: no scheme (``s3://``, ``file://`` ...) and no leading ``/`` or ``~``."""
-    return bool(uri) and "://" not in uri and not uri.startswith(("/", "~"))
+    """A local path that is not absolute: no scheme (``s3://``, ``file://`` ...), no leading ``/`` or ``~``, not
+    a Windows drive or UNC path."""
+    return bool(uri) and "://" not in uri and not uri.startswith(("/", "~")) and not _WINDOWS_PATH.match(uri)
 
 
 def absolute(uri: str, base: str | None = None) -> str:
     """``uri`` with a relative local path made absolute against ``base`` (a local folder or an object-storage URI;
-    default: the working directory) and ``~`` expanded; object-storage URIs, ``file://`` URIs and absolute paths
-    come back unchanged. Relative paths are resolved where they are read (a config at load, a manifest's ``uri``
+    default: the working directory) and ``~`` expanded (a relative ``file://`` / ``local://`` path likewise, keeping
+    its scheme); object-storage URIs, absolute paths and Windows paths come back unchanged. Relative paths are resolved where they are read (a config at load, a manifest's ``uri``
     values against the manifest's folder), so a later process elsewhere, e.g. a ``ray job submit`` working-dir
     copy or a Ray worker, finds the same file."""
     if uri.startswith("~"):
         return os.path.expanduser(uri)
+    protocol, sep, rest = uri.partition("://")
+    if sep and protocol in _LOCAL_SCHEMES and rest and not rest.startswith("/"):
+        # file://runs/x: split_protocol reads it against the working directory of whichever process opens it.
+        # Against a local base only (a local path is never made an object-storage one)
+        if base is not None and "://" in base and base.split("://", 1)[0] not in _LOCAL_SCHEMES:
+            return uri
+        return f"{protocol}://{split_protocol(absolute(rest, base))[1]}"
     if not is_relative_path(uri):
         return uri
     if base is None or "://" not in base:

@@ -4,6 +4,7 @@ and fails in one line, also under a ``ray job submit`` working-dir copy."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -130,3 +131,54 @@ def test_job_submit_working_dir_copy_names_the_cause(tmp_path):
     assert first == (f"cytoray: error: labelled manifest {copy}/runs/demo/eval/manifest.parquet does not exist "
                      f"(this ray job runs in Ray's copy of --working-dir, {copy}, which has no git-ignored folders "
                      "such as runs/: pass absolute paths that exist on every node, or object-storage URIs)")
+
+
+def test_file_scheme_windows_paths_and_non_parquet_files(tmp_path, monkeypatch):
+    """A relative ``file://`` path is resolved like a bare one (split_protocol would read it against whichever
+    process's working directory); Windows paths are left as written, not glued under the working directory; a
+    label table passed as a manifest is named as not Parquet, without the advice to delete it."""
+    from cytoray.curation.pipeline import CurateConfig
+
+    monkeypatch.chdir(tmp_path)
+    here = str(tmp_path)
+    assert storage.absolute("file://runs/x") == f"file://{here}/runs/x"
+    assert storage.absolute("local://runs/x") == f"local://{here}/runs/x"
+    assert storage.absolute("file://a.png", f"{here}/sets") == f"file://{here}/sets/a.png"
+    assert storage.absolute("file://a.png", "s3://bucket/sets") == "file://a.png"  # never made an object key
+    for windows in ("C:\\data\\a.png", "C:/data/a.png", "\\\\server\\share\\a.png"):
+        assert storage.absolute(windows) == windows and not storage.is_relative_path(windows)
+    cur = config.load_config(CurateConfig, None, [], ["output_uri=file://runs/curate"])
+    assert cur.output_uri == f"file://{here}/runs/curate"
+    values = ["file://cells/a.png", "C:\\img\\b.png", "file:///abs/c.png"]
+    table = manifest.resolve_uris(pa.table({"uri": values}), f"{here}/sets/m.parquet")
+    assert table.column("uri").to_pylist() == [f"file://{here}/sets/cells/a.png", *values[1:]]
+
+    (tmp_path / "labels.csv").write_text("uri,label\ncells/a.png,blast\n")
+    with pytest.raises(ManifestError) as err:
+        manifest.read_manifest(f"{here}/labels.csv", purpose="labelled manifest", fix="make one")
+    assert str(err.value) == f"labelled manifest '{here}/labels.csv' is a .csv file, not Parquet; make one"
+
+
+def test_curation_in_a_job_submit_copy_names_the_cause(tmp_path, monkeypatch):
+    """Curation's pre-flight under `ray job submit --working-dir .`: a relative dataset root or held-out manifest
+    missing in Ray's copy says why, as the probe and pretraining do."""
+    from cytoray.curation.pipeline import CurateConfig, preflight
+
+    copy = tmp_path / "working_dir_files" / "_ray_pkg_0123"
+    copy.mkdir(parents=True)
+    (tmp_path / "lab" / "blast").mkdir(parents=True)
+    _cells(tmp_path / "lab" / "blast", ["a.png"])
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg.zip"}}))
+    note = (f" (this ray job runs in Ray's copy of --working-dir, {copy}, which has no git-ignored folders such as "
+            "runs/: pass absolute paths that exist on every node, or object-storage URIs)")
+    datasets = copy / "datasets.yaml"
+    datasets.write_text(yaml.safe_dump({"datasets": [{"name": "lab", "layout": "class_folders", "uri": "data/lab"}]}))
+    cfg = config.to_object(config.load_config(CurateConfig, None, [datasets], ["output_uri=runs/c"]))
+    with pytest.raises(Exception, match=r"^dataset 'lab': .*" + re.escape(note) + "$"):
+        preflight(cfg)
+    cfg.datasets[0].uri = str(tmp_path / "lab")  # the root exists; the held-out manifest is relative
+    cfg.dedup.eval_manifests = [f"{copy}/runs/eval/manifest.parquet"]
+    with pytest.raises(ManifestError) as err:
+        preflight(cfg)
+    assert str(err.value) == f"dedup.eval_manifests: {copy}/runs/eval/manifest.parquet does not exist{note}"

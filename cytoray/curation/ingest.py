@@ -34,7 +34,7 @@ from cytoray.curation import taxonomy
 from cytoray.curation.adapters import get_adapter
 from cytoray.curation.shards import ScaleConfig, layout, map_shards, remove, use_ray, write_part
 from cytoray.manifest import MANIFEST_SCHEMA, QUARANTINE_SCHEMA
-from cytoray.runtime import data_context, keep_image_buffers_on_heap
+from cytoray.runtime import data_context, keep_image_buffers_on_heap, working_dir_note
 
 log = logging.getLogger(__name__)
 MODALITIES = ("peripheral_blood", "bone_marrow")
@@ -107,8 +107,8 @@ def validate_specs(specs: list[DatasetSpec], storage_cfg: storage.StorageConfig 
             fs, root = storage.filesystem(s.uri, storage_cfg)
             try:
                 adapter.check(fs, root, s.uri)
-            except AdapterError as exc:
-                raise AdapterError(f"dataset {s.name!r}: {exc}") from None
+            except AdapterError as exc:  # a relative root missing in a `ray job submit` working-dir copy says so
+                raise AdapterError(f"dataset {s.name!r}: {exc}{working_dir_note(storage.absolute(s.uri))}") from None
 
 
 def list_inputs(specs: list[DatasetSpec], storage_cfg: storage.StorageConfig) -> tuple[pa.Table, dict]:

@@ -140,6 +140,7 @@ def preflight(cfg: CurateConfig) -> None:
     from cytoray.curation.embed import feature_spec
     from cytoray.curation.ingest import validate_specs
     from cytoray.manifest import ManifestError, check_images
+    from cytoray.runtime import working_dir_note
 
     st = cfg.storage
     if cfg.output_uri in (None, "", "???"):
@@ -149,7 +150,7 @@ def preflight(cfg: CurateConfig) -> None:
         try:
             names = tables.read_schema(uri, st).names
         except FileNotFoundError:
-            raise ManifestError(f"dedup.eval_manifests: {uri} does not exist") from None
+            raise ManifestError(f"dedup.eval_manifests: {uri} does not exist{working_dir_note(uri)}") from None
         if "uri" not in names:
             raise ManifestError(f"dedup.eval_manifests: {uri} has no 'uri' column (columns: {names}); an "
                                 "evaluation manifest lists its images by uri, like manifest.parquet")
