@@ -244,9 +244,12 @@ def run_sweep(cfg: SweepRunConfig) -> dict:
     import ray
     from ray import tune
 
+    from cytoray.eval import validation
     from cytoray.runtime import environment, init_ray
 
     cfg = config_lib.to_object(cfg)
+    # eval.manifests read with the probe's settings (columns, cross-site sites) before Ray starts, not per trial
+    validation.check(cfg.eval, cfg.storage)
     init_ray(cfg.ray)
     concurrent = check(cfg, ray.cluster_resources())
     s = cfg.sweep

@@ -111,3 +111,21 @@ def test_sweep_accepts_the_cross_site_headline(tmp_path):
         load("eval.probe.headline=cross_site")
     with pytest.raises(ConfigError, match="did you mean 'eval.probe.headline'"):
         load("eval.probe.headlines=cross_site")
+
+
+def test_sweep_checks_the_cross_site_sites_before_ray_starts(tmp_path, monkeypatch):
+    """A site the labelled manifest lacks stops the sweep in one line before Ray starts (not in every trial)."""
+    import cytoray.runtime
+    from cytoray.testing import write_site_manifest
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray started before the manifests were checked")
+
+    monkeypatch.setattr(cytoray.runtime, "init_ray", no_ray)
+    sites = write_site_manifest(str(tmp_path / "sites"), 8, seed=0, size=32)
+    args = [*CONFIGS, "data.manifest_uri=x", f"eval.manifests=[{sites}]", f"sweep.storage_path={tmp_path}",
+            "eval.probe.headline=cross_site", "eval.probe.cross_site.protocol=explicit",
+            "eval.probe.cross_site.train_datasets=[site_x]"]
+    with pytest.raises(ConfigError, match=r"^eval.manifests: probe.cross_site: sites \['site_x'\] are not in column "
+                                          r"'dataset' of .*sites/manifest.parquet; sites present: \['site_a'"):
+        sweep.main(args, preset="debug")
