@@ -118,3 +118,20 @@ def test_mil_only_manifest_beats_chance(tmp_path):
     assert r["mil"]["balanced_accuracy"] >= 0.6, r["mil"]  # 5 subtypes: chance is 0.2
     assert "ABMIL" in probe.results_table(results)
     assert json.loads((out / "results.json").read_text())[0]["mil"]["patients"] == 20
+
+
+def test_results_table_names_each_held_out_site_in_full():
+    """Per-site rows keep the whole site name: sites that share a prefix (hospital_berlin, hospital_munich) stay
+    two distinguishable rows, not two 'linear:hospita' rows."""
+    from cytoray.eval.probe import results_table
+    from cytoray.eval.protocols import CrossSiteConfig
+
+    rng = np.random.default_rng(0)
+    sites = ["hospital_berlin", "hospital_munich", "site_c"]
+    x = rng.normal(size=(90, 8)).astype(np.float32)
+    y, s = [f"c{i % 3}" for i in range(90)], [sites[(i // 3) % 3] for i in range(90)]
+    cfg = ProbeConfig(c_grid=[1.0], knn_k=[5], knn_weighted_k=5, methods=["linear"],
+                      cross_site=CrossSiteConfig(protocol="leave_one_dataset_out", robustness_k=0))
+    res = score_features(x, y, None, cfg, s) | {"checkpoint": "c", "manifest": "m/manifest.parquet"}
+    labels = [line.split()[3] for line in results_table([res]).splitlines() if " LODO " in line]
+    assert labels == ["linear", *(f"linear:{site}" for site in sites)]
