@@ -8,6 +8,7 @@ Adding a method: write the function, decorate it with ``@method("name")``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import numpy as np
@@ -43,8 +44,29 @@ def knn(x_tr, y_tr, x_te, n_classes: int, cfg, info: dict) -> dict[str, np.ndarr
     return out
 
 
+# (threadpoolctl is a dependency of scikit-learn.) Below this many training feature values (rows x dims) a fit runs on one BLAS / OpenMP thread: on matrices
+# this small (a demo's 300 x 64) the threads' start-up and spin-waiting cost more than they share, and on a busy
+# 2-core machine the demo's final linear probe took 10-57 s per backbone with 2 threads against 1-3 s with one
+# (benchmarks/RESULTS.md, "Debug preset: teacher temperature"). Large probes keep the libraries' threads.
+SMALL_FIT_VALUES = 1 << 20
+
+
+def fit_threads(x: np.ndarray):
+    """One BLAS / OpenMP thread inside the block for a small fit (scoped: the previous limits come back)."""
+    if x.size >= SMALL_FIT_VALUES:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1)
+
+
 def linear_probe(x_tr, y_tr, x_te, cfg) -> tuple[np.ndarray, float]:
     """Predictions on x_te and the C chosen by inner 3-fold CV."""
+    with fit_threads(x_tr):
+        return _linear_probe(x_tr, y_tr, x_te, cfg)
+
+
+def _linear_probe(x_tr, y_tr, x_te, cfg) -> tuple[np.ndarray, float]:
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.pipeline import make_pipeline

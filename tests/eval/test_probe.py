@@ -135,3 +135,19 @@ def test_results_table_names_each_held_out_site_in_full():
     res = score_features(x, y, None, cfg, s) | {"checkpoint": "c", "manifest": "m/manifest.parquet"}
     labels = [line.split()[3] for line in results_table([res]).splitlines() if " LODO " in line]
     assert labels == ["linear", *(f"linear:{site}" for site in sites)]
+
+
+def test_small_fits_run_on_one_thread_and_restore_the_limits():
+    """A demo-sized fit runs on one BLAS / OpenMP thread (thread start-up dominates on small matrices); the limits
+    are scoped, and a large fit keeps the libraries' threads."""
+    import sklearn.linear_model  # noqa: F401 - loads the BLAS and OpenMP runtimes threadpoolctl reports
+    from threadpoolctl import threadpool_info
+
+    from cytoray.eval.methods import SMALL_FIT_VALUES, fit_threads
+
+    before = [d["num_threads"] for d in threadpool_info()]
+    with fit_threads(np.zeros((300, 64), np.float32)):
+        assert all(d["num_threads"] == 1 for d in threadpool_info())
+    assert [d["num_threads"] for d in threadpool_info()] == before
+    with fit_threads(np.zeros(SMALL_FIT_VALUES, np.float32)):
+        assert [d["num_threads"] for d in threadpool_info()] == before
