@@ -127,7 +127,7 @@ def _probe_results(block: list[str]) -> list[dict]:
             r["methods"][method] = score
         if mean != "-":
             cross = {"mean": {"balanced_accuracy": float(mean)},
-                     "per_site": {worst[0]: {"balanced_accuracy": float(worst[1])}}}
+                     "per_site": {worst[1]: {"balanced_accuracy": float(worst[0])}}}
             if method == "ABMIL":
                 score["cross_site"] = cross
             else:

@@ -311,9 +311,8 @@ def comparison_table(results: list[dict]) -> str:
     """Backbones side by side (the demo's table): per checkpoint, manifest and method the balanced accuracy in-site,
     as the mean over held-out sites and at the worst held-out site ('-' where the manifest was probed in-site
     only); the Robustness Index block below. Every other figure is in results.json."""
-    lines = [f"{'checkpoint':40s} {'manifest':28s} {'method':14s} {'in-site':>7s} {'cross-site':>10s} "
-             f"{'worst site':>17s}"]
-    lines.append("-" * len(lines[0]))
+    lines = [f"{'checkpoint':40s} {'manifest':28s} {'method':14s} {'in-site':>7s} {'cross-site':>10s}  worst site"]
+    lines.append("-" * (len(lines[0]) + 6))
     order = list(dict.fromkeys(r["checkpoint"] for r in results))  # each backbone's rows together
     for r in sorted(results, key=lambda r: order.index(r["checkpoint"])):
         name, man = _short_names(r)
@@ -327,10 +326,10 @@ def comparison_table(results: list[dict]) -> str:
             if m in cross:
                 worst = min(cross[m]["per_site"].items(), key=lambda kv: kv[1]["balanced_accuracy"])
                 mean = f"{cross[m]['mean']['balanced_accuracy']:10.3f}"
-                low = f"{worst[0][:11]:>11s} {worst[1]['balanced_accuracy']:.3f}"
+                low = f"{worst[1]['balanced_accuracy']:.3f} {worst[0]}"  # the whole name: sites may share a prefix
             else:
-                mean, low = f"{'-':>10s}", f"{'-':>17s}"
-            lines.append(f"{name:40s} {man:28s} {m:14s} {v['balanced_accuracy']:7.3f} {mean} {low:>17s}")
+                mean, low = f"{'-':>10s}", "-"
+            lines.append(f"{name:40s} {man:28s} {m:14s} {v['balanced_accuracy']:7.3f} {mean}  {low}")
     return "\n".join(lines + _robustness_lines(results))
 
 

@@ -117,7 +117,8 @@ def _probe(rows: list[dict], robustness: list[dict] | None = None) -> str:
     value = {(int(r["step"]), r["manifest"], r["method"], k): _number(r.get(k)) for r in rows for k in PROBE_METRICS}
     steps = sorted({int(r["step"]) for r in rows})
     panels = len(PROBE_METRICS) + bool(robustness)
-    fig, axes = figure((4.4 * panels, 3.2), 1, panels, squeeze=False)
+    legend_rows = math.ceil(len(series) / 4)
+    fig, axes = figure((4.4 * panels, 3.2 + 0.25 * legend_rows), 1, panels, squeeze=False)
     bases = sorted({(m, k.removeprefix(cross)) for m, k in series})
     colour = {base: f"C{i % 10}" for i, base in enumerate(bases)}
     for ax, metric in zip(axes.flat, PROBE_METRICS):
@@ -140,8 +141,8 @@ def _probe(rows: list[dict], robustness: list[dict] | None = None) -> str:
         ax.set_xlabel("checkpoint step", fontsize=8)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
-    axes.flat[len(PROBE_METRICS) - 1].legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
-    fig.tight_layout()
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.25 * legend_rows / (3.2 + 0.25 * legend_rows) + 0.02, 1, 1))
     cells = [[s] + [f"{value.get((s, m, k, 'balanced_accuracy'), math.nan):.3f}" for m, k in series] for s in steps]
     ri_cells = ""
     if robustness:
