@@ -71,9 +71,8 @@ def main(argv=None):
         exports = sorted(glob.glob(os.path.join(out, "pretrain", "exports", "teacher_*.pth")))
         patients = patient_manifest(curate_dir, os.path.join(out, "eval", "aml_hehr_patients.parquet"))
         wait_for_cpus(1.0)  # Ray Train releases the run's workers and placement group a few seconds after fit()
-        console.say("probe (balanced accuracy): cell types on the held-out set of 4 synthetic sites (linear probe, "
-                    "kNN; in-site: stratified 5-fold; cross-site: leave one site out, mean of the held-out sites) and "
-                    "AML subtypes of the synthetic AML Hehr patients (ABMIL, k-fold by patient, one dataset):")
+        console.say("probe (balanced accuracy): cell types of 4 synthetic sites (in-site: stratified 5-fold; "
+                    "cross-site: leave one site out, mean over sites) and AML Hehr subtypes (ABMIL, by patient):")
         results = compare_backbones([exports[-1], "random:vit_debug", "handcrafted"], eval_manifest, patients,
                                     os.path.join(out, "probe"))
         console.say(probe.comparison_table(results))

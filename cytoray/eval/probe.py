@@ -307,11 +307,17 @@ def results_table(results: list[dict]) -> str:
     return "\n".join(lines + _robustness_lines(results))
 
 
-def comparison_table(results: list[dict]) -> str:
-    """Backbones side by side (the demo's table): per checkpoint, manifest and method the balanced accuracy in-site,
-    as the mean over held-out sites and at the worst held-out site ('-' where the manifest was probed in-site
-    only); the Robustness Index block below. Every other figure is in results.json."""
-    lines = [f"{'checkpoint':40s} {'manifest':28s} {'method':14s} {'in-site':>7s} {'cross-site':>10s}  worst site"]
+COMPARED = ("linear", "knn20", "ABMIL")  # comparison_table's methods (as the per-checkpoint table's)
+
+
+def comparison_table(results: list[dict], methods=COMPARED) -> str:
+    """Backbones side by side (the demo's table): per checkpoint, manifest and method (``methods``; None: all) the
+    balanced accuracy in-site, as the mean over held-out sites and at the worst held-out site ('-' where the
+    manifest was probed in-site only); the Robustness Index block below. Every other figure is in results.json."""
+    shown = [m for r in results for m in [*r["methods"], *(["ABMIL"] if "mil" in r else [])]
+             if methods is None or m in methods]
+    w = max([6, *map(len, shown)])  # the method column
+    lines = [f"{'checkpoint':40s} {'manifest':28s} {'method':{w}s} {'in-site':>7s} {'cross-site':>10s}  worst site"]
     lines.append("-" * (len(lines[0]) + 6))
     order = list(dict.fromkeys(r["checkpoint"] for r in results))  # each backbone's rows together
     for r in sorted(results, key=lambda r: order.index(r["checkpoint"])):
@@ -323,13 +329,15 @@ def comparison_table(results: list[dict]) -> str:
             if "cross_site" in r["mil"]:
                 cross["ABMIL"] = r["mil"]["cross_site"]
         for m, v in parts:
+            if methods is not None and m not in methods:
+                continue
             if m in cross:
                 worst = min(cross[m]["per_site"].items(), key=lambda kv: kv[1]["balanced_accuracy"])
                 mean = f"{cross[m]['mean']['balanced_accuracy']:10.3f}"
                 low = f"{worst[1]['balanced_accuracy']:.3f} {worst[0]}"  # the whole name: sites may share a prefix
             else:
                 mean, low = f"{'-':>10s}", "-"
-            lines.append(f"{name:40s} {man:28s} {m:14s} {v['balanced_accuracy']:7.3f} {mean}  {low}")
+            lines.append(f"{name:40s} {man:28s} {m:{w}s} {v['balanced_accuracy']:7.3f} {mean}  {low}")
     return "\n".join(lines + _robustness_lines(results))
 
 
@@ -337,9 +345,8 @@ def _robustness_lines(results: list[dict]) -> list[str]:
     ri = [r for r in results if "robustness" in r]
     if not ri:
         return []
-    lines = ["", "site confounding of the features, Robustness Index over each image's k nearest neighbours: "
-             "same class at another site (SO) / other class at the same site (OS); > 1, share > 0.5: biology "
-             "dominates",
+    lines = ["", "site confounding, Robustness Index over each image's k nearest neighbours: SO (same class, other "
+             "site) / OS (other class, same site); > 1, share > 0.5: biology dominates",
              f"{'checkpoint':40s} {'manifest':28s} {'k':>4s} {'RI':>7s} {'SO/(SO+OS)':>10s}"]
     for r in ri:
         name, man = _short_names(r)
