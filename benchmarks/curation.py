@@ -18,7 +18,8 @@ Embeddings (``--dim``) are a skewed mixture (2,000 Pareto-weighted modes); 13 da
 
 Prints per stage: wall time and peak RSS of this process (sampled); for dedup the candidate pairs per image and the
 verification counts. Then planted-pair precision and recall of ``duplicates.parquet`` per kind of copy, distinct
-cells lost per class, look-alike pairs removed; the leakage guard against ``--eval-images`` of the originals
+cells lost per class, look-alike pairs removed, and where the missed copies were lost (each (copy, source) pair
+verified here: one scoring >= dedup.threshold was never proposed by the candidate search); the leakage guard against ``--eval-images`` of the originals
 (flagged: the evaluation images themselves, their planted copies, unrelated); the fingerprint bytes per image.
 Baseline in the same process: the decision copy detection replaced (one cosine threshold, 0.985, on grey centre
 thumbnails at three zooms, computed here from the verification thumbnails) on the first ``--baseline-images``.
@@ -27,6 +28,7 @@ thumbnails at three zooms, computed here from the verification thumbnails) on th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -187,6 +189,39 @@ def score(out: str, truth) -> None:
     print(f"  look-alike pairs planted {s['lookalike_pairs']:,}, removed as duplicates {s['lookalike_pairs_removed']}")
     for r in table[table.reason == "near_duplicate"].nsmallest(3, "similarity").itertuples():
         print(f"  lowest-scoring removal: {r.image_id} of {r.duplicate_of}, score {r.similarity:.3f} ({r.transform})")
+    missed_copies(out, truth, s["missed"])
+
+
+def missed_copies(out: str, truth, missed: list[str]) -> None:
+    """Where the planted copies that were not found got lost: each (copy, source) pair verified here — a pair that
+    scores >= dedup.threshold was never proposed (lost in the candidate search), one below it was proposed or not
+    but the verifier rejects it (lost in verification)."""
+    import pyarrow.dataset as pds
+
+    from cytoray.curation.dedup import DedupConfig, verify
+    from cytoray.features.fingerprint import FINGERPRINT_COLUMNS, fingerprints_of_table
+
+    if not missed:
+        return
+    sub = truth.set_index("image_id").loc[missed]
+    need = sorted(set(missed) | set(sub.duplicate_of))  # only these rows' fingerprints are read
+    table = pds.dataset(os.path.join(out, "embeddings.parquet")).to_table(
+        columns=["image_id", *FINGERPRINT_COLUMNS.values()], filter=pds.field("image_id").isin(need))
+    prints = fingerprints_of_table(table)
+    row = {k: r for r, k in enumerate(table.column("image_id").to_pylist())}
+    a = np.array([row[k] for k in sub.duplicate_of])
+    b = np.array([row[k] for k in missed])
+    pairs = verify(prints, a, b, np.ones(len(a)), np.zeros(len(a), np.int8))
+    thr = DedupConfig().threshold
+    search = pairs.score >= thr
+    print(f"  missed copies {len(missed):,}: {int(search.sum())} verify >= {thr} (lost in the candidate search), "
+          f"{int((~search).sum())} below (lost in verification)")
+    for kind in sorted(set(sub["transform"])):
+        k = (sub["transform"] == kind).to_numpy()
+        low = np.sort(pairs.score[k & ~search])[:3]
+        print(f"    {kind}: {int((k & search).sum())} search, {int((k & ~search).sum())} verification"
+              + (f" (scores {', '.join(f'{x:.2f}' for x in low)}{', ...' if (k & ~search).sum() > 3 else ''}; "
+                 f"e.g. {', '.join(sub.index[k & ~search][:2])})" if (k & ~search).any() else ""))
 
 
 def reference(out: str, dedup_cfg, cluster_cfg, recall_queries: int, seed: int, stages: list[str]) -> None:
@@ -226,7 +261,7 @@ def reference(out: str, dedup_cfg, cluster_cfg, recall_queries: int, seed: int, 
     if recall_queries and len(views) > dedup_cfg.flat_max:
         rng = np.random.default_rng(seed)
         q = np.sort(rng.choice(len(views), min(recall_queries, len(views)), replace=False))
-        exact_cfg = D.DedupConfig(flat_max=len(views) + 1)
+        exact_cfg = dataclasses.replace(dedup_cfg, flat_max=len(views) + 1)
         t0 = time.perf_counter()
         qi, mi, _, _ = D._directed_candidates(views[q], views, exact_cfg, same=False)
         t_exact = time.perf_counter() - t0
@@ -257,6 +292,7 @@ def main(argv=None):
     ap.add_argument("--route-pool", type=int, default=None, help="dedup.route_pool (default: the config default)")
     ap.add_argument("--routing", choices=ROUTINGS, default=None,
                     help="dedup.routing (default: the config default)")
+    ap.add_argument("--candidates", type=int, default=None, help="dedup.candidates (default: the config default)")
     ap.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
                     help="compare with the in-memory algorithms (default: up to 200,000 images)")
     ap.add_argument("--recall-queries", type=int, default=2000,
@@ -309,8 +345,8 @@ def main(argv=None):
           f"copies, {(truth.kind == 'lookalike').sum():,} look-alikes, {DATASETS} datasets), fingerprints "
           f"({FINGERPRINT_BYTES:,} bytes per image; embeddings.parquet {on_disk / args.images:,.0f} bytes per image on "
           f"disk with the {args.dim}-d embeddings), {how}")
-    dedup_cfg = DedupConfig(**{k: v for k, v in (("route_pool", args.route_pool), ("routing", args.routing))
-                               if v is not None})
+    dedup_cfg = DedupConfig(**{k: v for k, v in (("route_pool", args.route_pool), ("routing", args.routing),
+                                                  ("candidates", args.candidates)) if v is not None})
     cluster_cfg = ClusterConfig(use_gpu=False)
     scale = ScaleConfig(mode=args.scale, shard_rows=args.shard_rows)
     wanted = [x for x in args.stages.split(",") if x]

@@ -7,7 +7,8 @@ from collections import defaultdict
 
 def dedup_precision_recall(duplicates: list[dict], ground_truth) -> dict:
     """Precision: share of reported (image, duplicate_of) pairs that are planted copies of each other.
-    Recall: share of planted copies that end up in the same reported component as their original.
+    Recall: share of planted copies that end up in the same reported component as their original (``missed``: the
+    image ids of those that do not).
 
     ``ground_truth``: a ground-truth table (pandas) with image_id, kind, duplicate_of; optional ``transform``
     (recall per kind of copy) and ``cell_type`` (distinct cells removed per class: every row that is not a planted
@@ -42,7 +43,8 @@ def dedup_precision_recall(duplicates: list[dict], ground_truth) -> dict:
         sub = planted[planted.kind == kind]
         by_kind[kind] = sum(found[r] for r in sub.image_id) / max(len(sub), 1)
     out = {"precision": correct / max(len(duplicates), 1), "recall": sum(found.values()) / max(len(planted), 1),
-           "reported": len(duplicates), "planted": len(planted), "recall_by_kind": by_kind, "false_removals": len(wrong)}
+           "reported": len(duplicates), "planted": len(planted), "recall_by_kind": by_kind, "false_removals": len(wrong),
+           "missed": sorted(k for k, ok in found.items() if not ok)}
     if "transform" in planted.columns:
         per = defaultdict(list)
         for r in planted.itertuples():
