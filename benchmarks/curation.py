@@ -377,7 +377,8 @@ def main(argv=None):
                                          f"pairs per image, {s['verification']['near']['verified']:,} verified, "
                                          f"{s['verification']['near']['unverifiable']:,} unverifiable; "
                                          f"{s['search']['lists']:,} lists, {s['search']['routing']} routing, "
-                                         f"{s['search']['search_tasks']} search tasks",
+                                         f"{s['search']['search_tasks']} search tasks reading "
+                                         f"{s['search']['index_bytes_read_per_image']:,.0f} index bytes per image",
                       "cluster": lambda s: f"levels {s['levels']}",
                       "balance": lambda s: f"{s['sampled_images']:,} images for {s['samples_per_epoch']:,} samples"}
             print(f"  {name:8s} {dt:8.1f}s  {mem.line()}  ({detail[name](summary)})")

@@ -152,14 +152,18 @@ def _route(shard, ctx: Context, lists: list, pool: int, invariant: bool) -> int:
 
 
 def _load_partition(ctx: Context, view: int, p: int, excluded: np.ndarray | None):
-    """(index prints sorted by list (``dedup.Prints``), their row ids, their lists) of partition ``p`` of a view."""
+    """(index prints sorted by list (``dedup.Prints``), their row ids, their lists, bytes read) of partition ``p``
+    of a view (None when it holds nothing)."""
     fs, path = storage.filesystem(storage.join_uri(ctx.staging, "index", f"v{view}", f"p{p:05d}"), ctx.storage_cfg)
     found = storage.with_retries(lambda: sorted(fs.find(path)), ctx.storage_cfg, f"list index partition {p}")
     parts: dict[str, list] = {}
+    nbytes = 0
     for f in found:  # s<shard>.npz in shard order: one listing, no request per (partition, shard)
         if not f.endswith(".npz"):
             continue
-        z = np.load(io.BytesIO(storage.with_retries(lambda f=f: fs.cat_file(f), ctx.storage_cfg, f"read {f}")))
+        raw = storage.with_retries(lambda f=f: fs.cat_file(f), ctx.storage_cfg, f"read {f}")
+        nbytes += len(raw)
+        z = np.load(io.BytesIO(raw))
         ok = slice(None) if excluded is None else ~excluded[z["rows"]]
         for k in z.files:
             parts.setdefault(k, []).append(z[k][ok])
@@ -168,13 +172,15 @@ def _load_partition(ctx: Context, view: int, p: int, excluded: np.ndarray | None
     rows, home = np.concatenate(parts.pop("rows")), np.concatenate(parts.pop("home"))
     order = np.argsort(home, kind="stable")  # by list; within a list by row (files in shard order)
     arrays = {k: np.concatenate(parts.pop(k))[order] for k in list(parts)}  # pieces freed key by key
-    return D.Prints.of_arrays(arrays), rows[order], home[order]
+    return D.Prints.of_arrays(arrays), rows[order], home[order], nbytes
 
 
 def _search(query, ctx: Context, lists: list, probe: int, excluded_bits: np.ndarray | None, eval_views: list,
             cfg: D.DedupConfig):
     """Candidates of one query group, per view: ("shard", g, a, b) -> (query row, index row, cosine, view) with
-    each query image's ``cfg.candidates`` best index images per view; ("eval", j) -> (eval row, row, cosine, view)."""
+    each query image's ``cfg.candidates`` best index images per view; ("eval", j) -> (eval row, row, cosine, view);
+    then the bytes of index partitions this task read (what grows with N: every task reads the partitions its
+    queries probe)."""
     excluded = None if excluded_bits is None else np.unpackbits(excluded_bits, count=ctx.ingested.rows).astype(bool)
     if query[0] == "shard":
         _, i, a, b = query
@@ -183,6 +189,7 @@ def _search(query, ctx: Context, lists: list, probe: int, excluded_bits: np.ndar
     else:
         views, same_ids = eval_views[query[1]], None
     out = []
+    nbytes = 0
     for v, view_lists in enumerate(lists):
         queries = D.Prints(np.ascontiguousarray(views[:, v:v + 1]))
         index = _router(view_lists)
@@ -194,9 +201,12 @@ def _search(query, ctx: Context, lists: list, probe: int, excluded_bits: np.ndar
         found = []
         for p in np.unique(part[part >= 0]).tolist():
             loaded = _load_partition(ctx, v, p, excluded)
-            if loaded is None or len(loaded[0]) == 0:
+            if loaded is None:
                 continue
-            base, ids, homes = loaded
+            nbytes += loaded[3]
+            if len(loaded[0]) == 0:
+                continue
+            base, ids, homes, _ = loaded
             found.append(D.search_members(queries, np.where(part == p, probes, -1), base, ids, homes, cfg.candidates,
                                           cfg.candidate_threshold, same_ids=same_ids))
             del loaded, base
@@ -209,8 +219,8 @@ def _search(query, ctx: Context, lists: list, probe: int, excluded_bits: np.ndar
         q = q[best] if same_ids is None else same_ids[q[best]]
         out.append((q, m[best], s[best], np.full(len(best), v, np.int8)))
     if not out:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int8)
-    return tuple(np.concatenate(x) for x in zip(*out))
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int8), nbytes
+    return (*(np.concatenate(x) for x in zip(*out)), nbytes)
 
 
 def query_groups(shards: list, search_rows: int, scale: ScaleConfig) -> list:
@@ -331,9 +341,11 @@ def _eval_sets(cfg: D.DedupConfig, embed_cfg, storage_cfg) -> list[tuple[str, li
     return out
 
 
-def _leakage_candidates(ctx: Context, shards, lists, probe: int, eval_sets, cfg: D.DedupConfig, go: dict):
+def _leakage_candidates(ctx: Context, shards, lists, probe: int, eval_sets, cfg: D.DedupConfig, go: dict,
+                        read: list):
     """Leakage candidates (eval row, training row, cosine, view, eval set), searched both ways: training shards against
-    each evaluation set, and each evaluation set against the index as one more query."""
+    each evaluation set, and each evaluation set against the index as one more query (its index bytes read are added
+    to ``read[0]``)."""
     if not eval_sets or not ctx.ingested.rows:
         return [np.zeros(0, t) for t in (np.int64, np.int64, np.float32, np.int8, np.int64)]
     views = [e[2]["views"] for e in eval_sets]
@@ -342,7 +354,8 @@ def _leakage_candidates(ctx: Context, shards, lists, probe: int, eval_sets, cfg:
                       desc="leakage guard: candidates (evaluation images)", ray_tasks=go["ray_tasks"], cfg=go["cfg"])
     out = []
     for j in range(len(eval_sets)):
-        e2, t2, s2, v2 = back[j]
+        e2, t2, s2, v2, nbytes = back[j]
+        read[0] += nbytes
         t = np.concatenate([r[j][0] for r in per_shard] + [t2])
         e = np.concatenate([r[j][1] for r in per_shard] + [e2])
         s = np.concatenate([r[j][2] for r in per_shard] + [s2])
@@ -471,14 +484,16 @@ def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_
 
     # candidates: the leakage guard's over every image, then near duplicates among the rest
     eval_sets = _eval_sets(cfg, embed_cfg, storage_cfg)
-    le, lt, ls, lv, lset = _leakage_candidates(ctx, shards, lists, probe, eval_sets, cfg, go)
+    read = [0]  # index bytes the search tasks read
+    le, lt, ls, lv, lset = _leakage_candidates(ctx, shards, lists, probe, eval_sets, cfg, go, read)
     na = nb = np.zeros(0, np.int64)
     ns, nv = np.zeros(0, np.float32), np.zeros(0, np.int8)
     groups = query_groups(shards, cfg.search_rows, scale)
     if cfg.near and n > 1:
         found = map_shards(_search, groups, ctx, lists, probe, None, [], cfg,
                            desc="dedup: near-duplicate candidates", **go)
-        q, m, s, v = (np.concatenate(x) for x in zip(*found))
+        read[0] += sum(r[4] for r in found)
+        q, m, s, v = (np.concatenate(x) for x in zip(*(r[:4] for r in found)))
         na, nb, ns, nv = D._merge_candidates(np.minimum(q, m), np.maximum(q, m), s, v)
 
     # verification of every candidate pair (leakage pairs first: their a is an evaluation row)
@@ -545,7 +560,7 @@ def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_
     run_.publish("duplicates.parquet", pa.Table.from_pylist(dups, schema=DUPLICATES_SCHEMA))
     publish_mask(run_, KEPT_MASK, keep)
     return summarize(cfg, images, kept, dups, ray_tasks, len(shards), nlist, len(groups),
-                     verification_summary(near_pairs, leak_pairs, cfg))
+                     verification_summary(near_pairs, leak_pairs, cfg), read[0])
 
 
 def verification_summary(near: D.Pairs, leakage: D.Pairs, cfg: D.DedupConfig) -> dict:
@@ -569,7 +584,7 @@ def verification_summary(near: D.Pairs, leakage: D.Pairs, cfg: D.DedupConfig) ->
 
 
 def summarize(cfg: D.DedupConfig, images: Counter, kept: Counter, dups: list[dict], ray_tasks: bool, shards: int,
-              nlist: int, search_tasks: int, verification: dict) -> dict:
+              nlist: int, search_tasks: int, verification: dict, index_bytes_read: int = 0) -> dict:
     """The stage summary; fails when a dataset's images != kept + duplicates."""
     per: dict[str, dict] = {}
     for name in sorted(images):
@@ -589,7 +604,8 @@ def summarize(cfg: D.DedupConfig, images: Counter, kept: Counter, dups: list[dic
             "datasets": per, "total": total, "eval_manifests": list(cfg.eval_manifests),
             "verification": verification,
             "search": {"lists": nlist, "routing": cfg.routing, "shards": shards, "search_tasks": search_tasks,
-                       "ray_tasks": ray_tasks}}
+                       "ray_tasks": ray_tasks, "index_bytes_read": int(index_bytes_read),
+                       "index_bytes_read_per_image": round(index_bytes_read / max(1, total["images"]), 1)}}
 
 
 def run_dedup(out_uri: str, cfg: D.DedupConfig, storage_cfg=None, force: bool = False, embed_cfg=None,

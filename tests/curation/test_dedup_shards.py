@@ -65,6 +65,11 @@ def test_ray_tasks_and_this_process_find_the_same_duplicates(planted, ray_local,
     _, local, d_local, k_local = _run(tmp_path, "local", planted, cfg, ScaleConfig(mode="local", shard_rows=350))
     out, ray_, d_ray, k_ray = _run(tmp_path, "ray", planted, replace(cfg, search_rows=700),
                                    ScaleConfig(mode="ray", shard_rows=350, max_in_flight=2), parts=3)
+    # every search task reads the index partitions its queries probe: 4 tasks read more of it than 2 do
+    read_local, read_ray = (x["search"].pop("index_bytes_read") for x in (local, ray_))
+    assert 0 < read_ray < read_local
+    assert local["search"].pop("index_bytes_read_per_image") == round(read_local / local["total"]["images"], 1)
+    ray_["search"].pop("index_bytes_read_per_image")
     assert local["search"] == {"lists": 4, "routing": "variant", "shards": 4, "search_tasks": 4, "ray_tasks": False}
     assert ray_["search"] == {"lists": 4, "routing": "variant", "shards": 4, "search_tasks": 2, "ray_tasks": True}
     assert len(layout(f"{out}/deduplicated.parquet").files) == 4  # one part per shard, written by the tasks
