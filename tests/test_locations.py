@@ -182,3 +182,19 @@ def test_curation_in_a_job_submit_copy_names_the_cause(tmp_path, monkeypatch):
     with pytest.raises(ManifestError) as err:
         preflight(cfg)
     assert str(err.value) == f"dedup.eval_manifests: {copy}/runs/eval/manifest.parquet does not exist{note}"
+
+
+def test_probe_preflight_names_a_mistyped_method_and_the_label_table_fix(tmp_path):
+    """A mistyped probe method fails before any feature is extracted; a label table's suggested manifest folder is
+    named after the table, not `labels.csv-manifest`."""
+    from cytoray.eval import probe
+    from cytoray.eval.metrics import ProbeError
+
+    _cells(tmp_path / "cells", ["a.png"])
+    path = tmp_path / "manifest.parquet"
+    pq.write_table(pa.table({"image_id": ["a"], "uri": [f"{tmp_path}/cells/a.png"], "cell_type": ["blast"]}), path)
+    with pytest.raises(ProbeError, match=r"^probe.methods=\['linaer'\]: choose from "):
+        probe.preflight([str(path)], probe.ProbeConfig(methods=["linaer"]))
+    probe.preflight([str(path)], probe.ProbeConfig())  # the defaults pass
+    assert f"--dataset {tmp_path}/labels.csv --out {tmp_path}/labels-manifest " in probe.manifest_command(
+        f"{tmp_path}/labels.csv")

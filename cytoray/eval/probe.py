@@ -230,7 +230,8 @@ def read_labelled_manifest(uri: str, cfg: ProbeConfig, storage_cfg=None):
 
 def manifest_command(uri: str) -> str:
     """How to make a labelled manifest of a folder of class folders or a label table (the fix a probe names)."""
-    out = f"{uri.rstrip('/')}-manifest"
+    base = uri.rstrip("/")
+    out = f"{os.path.splitext(base)[0] if base.lower().endswith(('.csv', '.tsv')) else base}-manifest"  # labels.csv: labels-manifest
     return (f"a labelled manifest is Parquet (image_id, uri, label column); for class folders or a label table "
             f"run: python recipes/manifest.py --dataset {uri} --out {out}  and probe --manifest "
             f"{out}/manifest.parquet (docs/evaluation.md)")
@@ -241,6 +242,7 @@ def preflight(manifests: list[str], cfg: ProbeConfig, storage_cfg=None) -> None:
     images open (``manifest.check_images``) — a wrong location fails in seconds, in one line."""
     from cytoray.manifest import check_images
 
+    check_methods(cfg)  # a mistyped method fails here, not after every backbone's features
     for uri in manifests:
         check_images(read_labelled_manifest(uri, cfg, storage_cfg), uri, storage_cfg, purpose="labelled manifest")
 

@@ -156,6 +156,9 @@ def main(argv: list[str]) -> dict[str, str]:
     ap.add_argument("--run", help="run directory described by the model card (default: the checkpoint's own run)")
     ap.add_argument("--overwrite", action="store_true", help="replace format folders that are not empty")
     args, rest = ap.parse_known_args(argv)
+    # relative local paths are the working directory's (as a config's locations): absolute from here on, so the
+    # printed folders and a job's paths do not depend on where a process runs
+    args.checkpoint, args.out, args.run = (storage.absolute(x) if x else x for x in (args.checkpoint, args.out, args.run))
     files, overrides = config.split_cli(rest)
     cfg = config.to_object(config.load_config(ExportSettings, files[0] if files else None, files[1:], overrides))
     setup_logging(cfg.log_level)

@@ -379,7 +379,7 @@ def test_card_paths_full_or_none_and_the_recipe_key(tmp_path, capfd):
     assert code == 0 and f"| Run | `{run}` |" in open(tmp_path / "cli" / "hf" / "README.md").read()
 
 
-def test_export_run_exports_the_final_training_checkpoint(tmp_path, capfd):
+def test_export_run_exports_the_final_training_checkpoint(tmp_path, capfd, monkeypatch):
     """A real sharded checkpoint (the training loop's save_sharded, in one process) beats an older export."""
     from cytoray.platform import checkpointing
     from cytoray.platform.config import load_preset
@@ -408,6 +408,9 @@ def test_export_run_exports_the_final_training_checkpoint(tmp_path, capfd):
     export_dinobloom(_model(), f"{run}/exports/teacher_00000004.pth", extra=META)
     assert final_checkpoint(run) == f"{run}/exports/teacher_00000004.pth"  # same step: the single file
     code, stdout, _ = _recipe(["--run", run, "--format", "timm", "--overwrite"], capfd)
+    assert code == 0 and stdout.splitlines() == [f"timm: {run}/exports/final/timm"]
+    monkeypatch.chdir(tmp_path)  # relative paths, as typed: the working directory's, printed absolute
+    code, stdout, _ = _recipe(["--run", "run", "--format", "timm", "--overwrite"], capfd)
     assert code == 0 and stdout.splitlines() == [f"timm: {run}/exports/final/timm"]
 
 
