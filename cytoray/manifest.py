@@ -100,7 +100,7 @@ def resolve_uris(table: pa.Table, manifest_uri: str) -> pa.Table:
     # (left as written, see storage.is_relative_path)
     scheme = pc.and_(pc.match_substring(col, "://"), pc.invert(pc.match_substring_regex(col, r"^(file|local)://[^/]")))
     absolute = pc.or_(pc.or_(scheme, pc.starts_with(col, "/")),
-                      pc.or_(pc.starts_with(col, "~"), pc.match_substring_regex(col, r"^([A-Za-z]:[\\/]|\\\\)")))
+                      pc.or_(pc.starts_with(col, "~"), pc.match_substring_regex(col, storage.WINDOWS_PATH.pattern)))
     relative = pc.invert(pc.fill_null(absolute, True))  # a null uri stays null (pre-flight names its row)
     if not pc.any(relative).as_py():
         return table

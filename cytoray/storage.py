@@ -62,14 +62,14 @@ def split_protocol(uri: str) -> tuple[str, str]:
 
 # A Windows drive or UNC path (``C:\\x``, ``C:/x``, ``\\\\host\\share``): not openable here, and not relative either;
 # left as written so that an error names it as the user wrote it
-_WINDOWS_PATH = re.compile(r"^(?:[A-Za-z]:[\\/]|\\\\)")
+WINDOWS_PATH = re.compile(r"^(?:[A-Za-z]:[\\/]|\\\\)")
 _LOCAL_SCHEMES = ("file", "local")
 
 
 def is_relative_path(uri: str) -> bool:
     """A local path that is not absolute: no scheme (``s3://``, ``file://`` ...), no leading ``/`` or ``~``, not
     a Windows drive or UNC path."""
-    return bool(uri) and "://" not in uri and not uri.startswith(("/", "~")) and not _WINDOWS_PATH.match(uri)
+    return bool(uri) and "://" not in uri and not uri.startswith(("/", "~")) and not WINDOWS_PATH.match(uri)
 
 
 def absolute(uri: str, base: str | None = None) -> str:

@@ -341,28 +341,26 @@ def _eval_sets(cfg: D.DedupConfig, embed_cfg, storage_cfg) -> list[tuple[str, li
     return out
 
 
-def _leakage_candidates(ctx: Context, shards, lists, probe: int, eval_sets, cfg: D.DedupConfig, go: dict,
-                        read: list):
+def _leakage_candidates(ctx: Context, shards, lists, probe: int, eval_sets, cfg: D.DedupConfig, go: dict):
     """Leakage candidates (eval row, training row, cosine, view, eval set), searched both ways: training shards against
-    each evaluation set, and each evaluation set against the index as one more query (its index bytes read are added
-    to ``read[0]``)."""
+    each evaluation set, and each evaluation set against the index as one more query; then the index bytes that
+    query read."""
     if not eval_sets or not ctx.ingested.rows:
-        return [np.zeros(0, t) for t in (np.int64, np.int64, np.float32, np.int8, np.int64)]
+        return [np.zeros(0, t) for t in (np.int64, np.int64, np.float32, np.int8, np.int64)] + [0]
     views = [e[2]["views"] for e in eval_sets]
     per_shard = map_shards(_cross_shard, shards, ctx, views, cfg, desc="leakage guard: candidates", **go)
     back = map_shards(_search, [("eval", j) for j in range(len(eval_sets))], ctx, lists, probe, None, views, cfg,
                       desc="leakage guard: candidates (evaluation images)", ray_tasks=go["ray_tasks"], cfg=go["cfg"])
     out = []
     for j in range(len(eval_sets)):
-        e2, t2, s2, v2, nbytes = back[j]
-        read[0] += nbytes
+        e2, t2, s2, v2, _ = back[j]
         t = np.concatenate([r[j][0] for r in per_shard] + [t2])
         e = np.concatenate([r[j][1] for r in per_shard] + [e2])
         s = np.concatenate([r[j][2] for r in per_shard] + [s2])
         v = np.concatenate([r[j][3] for r in per_shard] + [v2])
         e, t, s, v = D._merge_candidates(e, t, s, v)
         out.append((e, t, s, v, np.full(len(e), j, np.int64)))
-    return [np.concatenate(x) for x in zip(*out)]
+    return [np.concatenate(x) for x in zip(*out)] + [sum(r[4] for r in back)]
 
 
 def _verify_all(ctx: Context, shards, pairs_a, pairs_b, sim, view, eset, eval_sets, cfg: D.DedupConfig, go: dict,
@@ -484,15 +482,14 @@ def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_
 
     # candidates: the leakage guard's over every image, then near duplicates among the rest
     eval_sets = _eval_sets(cfg, embed_cfg, storage_cfg)
-    read = [0]  # index bytes the search tasks read
-    le, lt, ls, lv, lset = _leakage_candidates(ctx, shards, lists, probe, eval_sets, cfg, go, read)
+    le, lt, ls, lv, lset, index_read = _leakage_candidates(ctx, shards, lists, probe, eval_sets, cfg, go)
     na = nb = np.zeros(0, np.int64)
     ns, nv = np.zeros(0, np.float32), np.zeros(0, np.int8)
     groups = query_groups(shards, cfg.search_rows, scale)
     if cfg.near and n > 1:
         found = map_shards(_search, groups, ctx, lists, probe, None, [], cfg,
                            desc="dedup: near-duplicate candidates", **go)
-        read[0] += sum(r[4] for r in found)
+        index_read += sum(r[4] for r in found)
         q, m, s, v = (np.concatenate(x) for x in zip(*(r[:4] for r in found)))
         na, nb, ns, nv = D._merge_candidates(np.minimum(q, m), np.maximum(q, m), s, v)
 
@@ -560,7 +557,7 @@ def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_
     run_.publish("duplicates.parquet", pa.Table.from_pylist(dups, schema=DUPLICATES_SCHEMA))
     publish_mask(run_, KEPT_MASK, keep)
     return summarize(cfg, images, kept, dups, ray_tasks, len(shards), nlist, len(groups),
-                     verification_summary(near_pairs, leak_pairs, cfg), read[0])
+                     verification_summary(near_pairs, leak_pairs, cfg), index_read)
 
 
 def verification_summary(near: D.Pairs, leakage: D.Pairs, cfg: D.DedupConfig) -> dict:

@@ -226,11 +226,12 @@ def rect_mask(n: int, h: int, w: int, sx, sy, tx, ty, erode: int = 0):
 
 
 def masked_ncc(a, g, m):
-    """Correlation of (N, 1, H, W) a and g over the masks m, per image."""
-    n = m.sum((1, 2, 3)).clamp(min=1)
-    ma, mg = (a * m).sum((1, 2, 3)) / n, (g * m).sum((1, 2, 3)) / n
-    ac, gc = (a - ma.view(-1, 1, 1, 1)) * m, (g - mg.view(-1, 1, 1, 1)) * m
-    return (ac * gc).sum((1, 2, 3)) / ((ac**2).sum((1, 2, 3)) * (gc**2).sum((1, 2, 3))).sqrt().clamp(min=1e-9)
+    """Correlation of a and g over the masks m, per image: (..., H, W) -> (...), broadcasting (a (R, 1, H, W)
+    against K hypotheses g, m (R, K, H, W) gives (R, K))."""
+    n = m.sum((-2, -1)).clamp(min=1)
+    ma, mg = (a * m).sum((-2, -1)) / n, (g * m).sum((-2, -1)) / n
+    ac, gc = (a - ma[..., None, None]) * m, (g - mg[..., None, None]) * m
+    return (ac * gc).sum((-2, -1)) / ((ac**2).sum((-2, -1)) * (gc**2).sum((-2, -1))).sqrt().clamp(min=1e-9)
 
 
 def dihedral_points(y: np.ndarray, x: np.ndarray, ds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -247,7 +248,7 @@ def dihedral_points(y: np.ndarray, x: np.ndarray, ds: np.ndarray) -> tuple[np.nd
 def _evaluate(a, b, d, sx, sy, tx, ty, cubic=False):
     """Masked correlation of a (P, 1, S, S) with b turned by d and warped, one hypothesis per row."""
     g, m = warp(dihedral_each(b, d), sx, sy, tx, ty, cubic)
-    return masked_ncc(a, g, m)
+    return masked_ncc(a, g, m)[:, 0]
 
 
 def _evaluate_many(a, b, d, sx, sy, tx, ty):
@@ -262,11 +263,8 @@ def _evaluate_many(a, b, d, sx, sy, tx, ty):
     rx, vx = resample_matrices(size, size, sx.reshape(-1), tx.reshape(-1))
     rows = torch.bmm(ry.view(r, k * size, size), bd).view(r * k, size, size)
     m = (vy[:, :, None] & vx[:, None, :]).to(a.dtype).view(r, k, size, size)
-    g = torch.bmm(rows, rx.transpose(1, 2)).view(r, k, size, size) * m
-    n = m.sum((2, 3)).clamp(min=1)
-    ma, mg = (a * m).sum((2, 3)) / n, g.sum((2, 3)) / n  # a (R, 1, S, S) broadcasts over the K hypotheses
-    ac, gc = (a - ma[..., None, None]) * m, (g - mg[..., None, None]) * m
-    return (ac * gc).sum((2, 3)) / ((ac**2).sum((2, 3)) * (gc**2).sum((2, 3))).sqrt().clamp(min=1e-9)
+    g = torch.bmm(rows, rx.transpose(1, 2)).view(r, k, size, size)
+    return masked_ncc(a, g, m)  # a (R, 1, S, S) broadcasts over the K hypotheses
 
 
 def _search(a, b, ds, centre_a, centre_b, s0x, s0y):
