@@ -293,6 +293,9 @@ def main(argv=None):
     ap.add_argument("--routing", choices=ROUTINGS, default=None,
                     help="dedup.routing (default: the config default)")
     ap.add_argument("--candidates", type=int, default=None, help="dedup.candidates (default: the config default)")
+    ap.add_argument("--partition-rows", type=int, default=None,
+                    help="dedup.partition_rows (default: the config default); smaller gives the partition count of a "
+                         "larger collection")
     ap.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
                     help="compare with the in-memory algorithms (default: up to 200,000 images)")
     ap.add_argument("--recall-queries", type=int, default=2000,
@@ -346,7 +349,8 @@ def main(argv=None):
           f"({FINGERPRINT_BYTES:,} bytes per image; embeddings.parquet {on_disk / args.images:,.0f} bytes per image on "
           f"disk with the {args.dim}-d embeddings), {how}")
     dedup_cfg = DedupConfig(**{k: v for k, v in (("route_pool", args.route_pool), ("routing", args.routing),
-                                                  ("candidates", args.candidates)) if v is not None})
+                                                  ("candidates", args.candidates),
+                                                  ("partition_rows", args.partition_rows)) if v is not None})
     cluster_cfg = ClusterConfig(use_gpu=False)
     scale = ScaleConfig(mode=args.scale, shard_rows=args.shard_rows)
     wanted = [x for x in args.stages.split(",") if x]
@@ -376,9 +380,12 @@ def main(argv=None):
                                          f"{s['verification']['near']['candidates'] / args.images:.2f} candidate "
                                          f"pairs per image, {s['verification']['near']['verified']:,} verified, "
                                          f"{s['verification']['near']['unverifiable']:,} unverifiable; "
-                                         f"{s['search']['lists']:,} lists, {s['search']['routing']} routing, "
-                                         f"{s['search']['search_tasks']} search tasks reading "
-                                         f"{s['search']['index_bytes_read_per_image']:,.0f} index bytes per image",
+                                         f"{s['search']['lists']:,} lists in {s['search']['partitions']} "
+                                         f"partitions, {s['search']['routing']} routing, each image's row sent "
+                                         f"to {s['search']['routed_per_image_view']:.2f} partitions per view; the "
+                                         f"join read {s['search']['bytes_read_per_image']:,.0f} bytes per image ("
+                                         + ", ".join(f"{k} {v / args.images:,.0f}"
+                                                     for k, v in s['search']['bytes_read'].items()) + ")",
                       "cluster": lambda s: f"levels {s['levels']}",
                       "balance": lambda s: f"{s['sampled_images']:,} images for {s['samples_per_epoch']:,} samples"}
             print(f"  {name:8s} {dt:8.1f}s  {mem.line()}  ({detail[name](summary)})")

@@ -95,12 +95,10 @@ class DedupConfig:
     # Lists are trained and routed on route_pool×route_pool block means of the views (16×16 for 32×32: a quarter
     # of routing's work); 1: full views.
     route_pool: int = 2
-    # Sharded search (curation.dedup_stage): index rows per partition that one search task holds at a time
-    # (2 KB each: a view's uint8 thumbnail and its int8 row).
+    # Sharded search (curation.dedup_stage, a join): index images per partition of lists, per view; one compare
+    # task holds one partition (1,044 bytes per image: a view's int8 row, its scale, row id and list) plus one
+    # query shard's rows routed to it at a time.
     partition_rows: int = 262_144
-    # Query images one search task takes (whole consecutive shards). A task loads every index partition its
-    # queries probe (nearly all of them from 10⁶ images on), so fewer, larger tasks read the index fewer times.
-    search_rows: int = 131_072
     # Verification pass (sharded): candidate pairs per verification task.
     verify_pairs: int = 65_536
 
@@ -252,21 +250,27 @@ class Prints:
                 self.err8[idx, zz] = np.linalg.norm(x - q / scale[:, None], axis=1)
 
     def __len__(self) -> int:
-        return len(self.thumbs)
+        return len(self.rows8)
 
     def exact(self, rows: np.ndarray, variant: int) -> np.ndarray:
         return _variant_rows(self.thumbs, self.centring, rows, variant)
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        """Everything, as arrays with one row per image (to store; ``of_arrays`` reads them back)."""
+    def arrays(self, compact: bool = False) -> dict[str, np.ndarray]:
+        """Arrays with one row per image (to store; ``of_arrays`` reads them back). ``compact``: only what the
+        screening product needs (``search_members``: the int8 rows and their scales, 1,028 bytes per image and
+        view instead of 2,064): what the join search moves."""
+        if compact:
+            return {"rows8": self.rows8, "inv8": self.inv8}
         return {"thumbs": self.thumbs, "means": self.centring[0], "norms": self.centring[1], "rows8": self.rows8,
                 "inv8": self.inv8, "err8": self.err8}
 
     @classmethod
     def of_arrays(cls, arrays: dict[str, np.ndarray]) -> Prints:
+        """Prints from ``arrays()``; from compact arrays only the screening product works (no ``exact`` rows)."""
         self = cls.__new__(cls)
-        self.thumbs, self.centring = arrays["thumbs"], (arrays["means"], arrays["norms"])
-        self.rows8, self.inv8, self.err8 = arrays["rows8"], arrays["inv8"], arrays["err8"]
+        self.thumbs = arrays.get("thumbs")
+        self.centring = (arrays["means"], arrays["norms"]) if "means" in arrays else None
+        self.rows8, self.inv8, self.err8 = arrays["rows8"], arrays["inv8"], arrays.get("err8")
         return self
 
 
@@ -287,32 +291,43 @@ def _best_per_pair(a: np.ndarray, b: np.ndarray, s: np.ndarray):
     return a[sel], b[sel], s[sel].astype(np.float32)
 
 
+def _routers(lists, invariant: bool) -> list:
+    """Variant routing: one flat index per flip/rotation over the inversely permuted centroids (a variant's
+    product with a centroid is its zoom's with the inversely permuted centroid); invariant routing: the lists."""
+    import faiss
+
+    if invariant:
+        return [lists]
+    centroids = lists.reconstruct_n(0, lists.ntotal)
+    routers = []
+    for inv in np.argsort(dihedral_perms(int(round(centroids.shape[1] ** 0.5))), axis=1):
+        r = faiss.IndexFlatIP(centroids.shape[1])
+        r.add(np.ascontiguousarray(centroids[:, inv]))
+        routers.append(r)
+    return routers
+
+
+def probe_routed(routers: list, x: np.ndarray, probe: int) -> np.ndarray:
+    """(len(x), 8, probe) lists probed by the 8 flips/rotations of route rows ``x`` (``route_rows`` of variant 0;
+    ``routers`` from ``_routers``)."""
+    if len(routers) == 1:
+        return np.repeat(routers[0].search(x, probe)[1][:, None], 8, axis=1)
+    return np.stack([r.search(x, probe)[1] for r in routers], axis=1)
+
+
 def _probe_lists(lists, prints: Prints, probe: int, pool: int = 1, invariant: bool = False,
                  block: int = 16384) -> np.ndarray:
     """(len(prints), Z·8, probe) ids of the ``probe`` lists nearest to each query variant of each image, lists
     of ``route_rows``. ``invariant``: one search per zoom, which its 8 flips/rotations share; else each zoom is
-    searched against the 8 flips/rotations of the centroids (a variant's product with a centroid is its zoom's
-    with the inversely permuted centroid)."""
-    import faiss
-
-    nz = prints.thumbs.shape[1]
-    routers = []  # variant routing: the centroids flipped/rotated, one index per flip/rotation
-    if not invariant:
-        centroids = lists.reconstruct_n(0, lists.ntotal)
-        for inv in np.argsort(dihedral_perms(int(round(centroids.shape[1] ** 0.5))), axis=1):
-            r = faiss.IndexFlatIP(centroids.shape[1])
-            r.add(np.ascontiguousarray(centroids[:, inv]))
-            routers.append(r)
+    searched against the 8 flips/rotations of the centroids (``_routers``)."""
+    nz = prints.rows8.shape[1]
+    routers = _routers(lists, invariant)
     out = np.empty((len(prints), nz * 8, probe), np.int64)
     for a in range(0, len(prints), block):
         rows = np.arange(a, min(len(prints), a + block))
         for z in range(nz):
-            x = route_rows(prints.exact(rows, z * 8), pool, invariant)
-            if invariant:
-                out[rows, z * 8:z * 8 + 8] = lists.search(x, probe)[1][:, None]
-            else:
-                for d, r in enumerate(routers):
-                    out[rows, z * 8 + d] = r.search(x, probe)[1]
+            out[rows, z * 8:z * 8 + 8] = probe_routed(routers, route_rows(prints.exact(rows, z * 8), pool, invariant),
+                                                      probe)
     return out
 
 
@@ -378,7 +393,7 @@ def variant_rows8(prints: Prints, rows: np.ndarray, variants: np.ndarray) -> np.
     rows, then each flip/rotation as one strided copy over the rows that need it (fastest when the rows come
     grouped by ``variants % 8``). A variant shares its zoom's scale and quantisation error."""
     nz, cells = prints.rows8.shape[1:]
-    side = prints.thumbs.shape[2]
+    side = int(round(cells ** 0.5))
     out = np.take(prints.rows8.reshape(-1, cells), rows * nz + variants // 8, axis=0)
     d = variants % 8
     cut = np.flatnonzero(np.diff(d)) + 1

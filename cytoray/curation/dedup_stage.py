@@ -7,26 +7,39 @@ process (``scale.mode``); both run the same code on the same shards, so they giv
 1. **scan**: per shard, a 64-bit hash of each image's pixel hash, its dataset, and for each view the route rows of
    the coarse k-means sample (``dedup.coarse_sample``: the same rows the in-memory search trains on).
 2. The driver trains the coarse lists of each view (k-means centroids) on that sample; up to ``dedup.flat_max``
-   images there is one list and the search is exact.
-3. **route**: per shard and view, each image's home list; the view's prints are written to the stage's staging
-   directory by partition (contiguous list ranges of about ``dedup.partition_rows`` images): the index.
-4. **candidates** (the leakage guard's first, then near duplicates): per group of query shards (``query_groups``),
-   every flip/rotation of each view probes its ``list_probe`` nearest lists; the task loads the index partitions
-   those lists are in, one at a time, and keeps each query image's ``dedup.candidates`` best images per view above
-   ``dedup.candidate_threshold`` (``dedup.search_members``). Evaluation images are one more query group, and each
-   training shard is also searched against the evaluation images.
-5. **verify**: the candidate pairs are cut into groups of ``dedup.verify_pairs``; a scatter pass over the shards
+   images there is one list and the search is exact. It groups the lists into partitions of about
+   ``dedup.partition_rows`` images (``partition_lists``: lists that an image's flips/rotations probe together
+   share one, so an image's row goes to ~2 partitions, not to all of them).
+3. **The candidate search is a join** (each index partition read once per pass, so data moved per image does not
+   grow with N):
+   - **route** (per shard and view): each image's home list → its compact row (int8 row and scale, 1,044 bytes
+     with its row id and list) to ``index/v<view>/p<partition>/s<shard>.npz``; the lists its 8 flips/rotations
+     probe (``list_probe`` each) → its row, once per partition they fall in, with the probes there, to
+     ``queries/v<view>/p<partition>/s<shard>.npz``. The evaluation sets' images (leakage guard) are routed the
+     same way (``e<set>.npz``).
+   - **compare** (per view and partition): the partition's index rows are loaded once; each query file routed
+     to it is compared with the lists it probes (``dedup.search_members``: one int8 product per list); each
+     query variant keeps its ``dedup.candidates`` best above ``dedup.candidate_threshold``, written per query
+     shard to ``found/v<view>/s<shard>/p<partition>.npz`` (evaluation queries' come back to the driver).
+   - **reduce** (per query shard): each image's best partners over all partitions and variants, per view.
+   Each training shard is also searched against the (in-memory) evaluation sets: the leakage guard both ways.
+4. **verify**: the candidate pairs are cut into groups of ``dedup.verify_pairs``; a scatter pass over the shards
    writes the fingerprints of each group's images to the staging directory (one file per group and shard), and one
    task per group reads them and verifies its pairs (``verification.verify_pairs``). Only what a pair needs travels:
    no task reads the whole collection.
-6. The driver resolves the keep decisions (``dedup.resolve``) on the rows that matter — rows sharing a pixel
+5. The driver resolves the keep decisions (``dedup.resolve``) on the rows that matter — rows sharing a pixel
    64-bit hash and rows with a verified edge — after fetching just their keep-policy keys (**keys**).
-7. **write**: ``deduplicated.parquet`` (one file here; a directory of part files from Ray tasks),
+6. **write**: ``deduplicated.parquet`` (one file here; a directory of part files from Ray tasks),
    ``duplicates.parquet``, and ``kept_rows.npy`` (one bit per ingested row) for the stages after.
 
+Every task writes whole files under fixed names, so a retried task (a node lost) rewrites the same bytes and
+nothing is lost or counted twice. The summary's ``search`` records what the join moved (bytes written and read:
+index, routed queries, per-partition candidates; partitions an image's row went to).
+
 The driver holds 8 bytes per image (the 64-bit hash) plus the coarse sample, the candidate pairs (about one per
-image, 45 bytes each) and the involved rows' keys. A search task holds its group's views (4 KB per image: uint8
-and int8 rows) and one index partition; a verification task its pairs' fingerprints (11.3 KB per image).
+image, 45 bytes each) and the involved rows' keys. A compare task holds one index partition (~1 KB per image)
+and one routed query file; a reduce task one shard's per-partition candidates; a verification task its pairs'
+fingerprints (11.3 KB per image).
 """
 
 from __future__ import annotations
@@ -69,13 +82,16 @@ class Context:
     staging: str
     storage_cfg: storage.StorageConfig | None
     nlist: int
-    partitions: int
-
-    def partition_of(self, lists: np.ndarray) -> np.ndarray:
-        return np.asarray(lists, np.int64) * self.partitions // max(1, self.nlist)
+    list_part: tuple  # per view, (nlist,) partition of each list (``partition_lists``)
 
     def part_uri(self, view: int, partition: int, shard: int) -> str:
         return storage.join_uri(self.staging, "index", f"v{view}", f"p{partition:05d}", f"s{shard:05d}.npz")
+
+    def query_uri(self, view: int, partition: int, name: str) -> str:
+        return storage.join_uri(self.staging, "queries", f"v{view}", f"p{partition:05d}", f"{name}.npz")
+
+    def found_uri(self, view: int, shard: int, partition: int) -> str:
+        return storage.join_uri(self.staging, "found", f"v{view}", f"s{shard:05d}", f"p{partition:05d}.npz")
 
     def pairs_uri(self, tag: str, group: int, shard: int = -1) -> str:
         """A verification group's directory (``shard`` -1) or its file from one shard; ``tag`` names the round."""
@@ -134,104 +150,237 @@ def _router(lists: bytes | None):
     return None if lists is None else faiss.deserialize_index(lists)
 
 
-def _route(shard, ctx: Context, lists: list, pool: int, invariant: bool) -> int:
+def partition_lists(lists, sample: np.ndarray, partitions: int, probe: int, invariant: bool = False,
+                    slack: float = 1.5, sweeps: int = 8) -> np.ndarray:
+    """(nlist,) partition of each list of one view, chosen so that the lists an image's 8 flips/rotations probe
+    fall in few partitions: the join sends an image's row to each partition its probes touch, so this number is
+    the search's data moved per image (benchmarks/RESULTS.md, "Join search").
+
+    ``sample``: route rows of the coarse sample (what the lists were trained on); its images' probes stand for
+    the collection's. 1. Each list's key is its centroid summed over the 8 flips/rotations (every variant of an
+    image has the same key, and the lists its variants probe have keys near it); a spherical k-means groups the
+    keys into ``partitions`` and each list goes to its nearest group with room (``slack`` × the mean partition
+    size, sizes estimated from the sample), lists surest of their group first. 2. ``sweeps`` passes of label
+    propagation on the lists' co-probe graph (two lists linked by every sample image that probes both): a list
+    moves to the partition holding most of its links when that one has room (a partition left empty is dropped,
+    so there may be fewer than ``partitions``, none over the size bound). On 100,000 images (400 lists,
+    20 partitions) an image's probes touch 10.1 partitions with contiguous list ranges, 2.8 after step 1, 2.2
+    after step 2."""
+    import faiss
+    import scipy.sparse as sp
+
+    nlist = lists.ntotal
+    if partitions <= 1 or nlist <= 1:
+        return np.zeros(max(1, nlist), np.int32)
+    partitions = min(partitions, nlist)
+    probes = D.probe_routed(D._routers(lists, invariant), np.ascontiguousarray(sample, np.float32), probe)
+    probes = probes.reshape(len(sample), -1)
+    sizes = np.bincount(probes[:, 0], minlength=nlist) + 1.0  # variant 0's nearest list: the image's home
+    keys = D.route_rows(lists.reconstruct_n(0, nlist), 1, invariant=True)
+    km = faiss.Kmeans(keys.shape[1], partitions, niter=20, seed=1234, spherical=True, verbose=False,
+                      max_points_per_centroid=nlist, min_points_per_centroid=1)
+    km.train(keys)
+    sims = keys @ km.centroids.T  # (nlist, partitions)
+    pref = np.argsort(-sims, axis=1)
+    cap = slack * sizes.sum() / partitions
+    load = np.zeros(partitions)
+    out = np.empty(nlist, np.int32)
+    for c in np.argsort(-sims.max(axis=1), kind="stable").tolist():
+        room = np.flatnonzero(load[pref[c]] + sizes[c] <= cap)
+        p = int(pref[c, room[0]]) if len(room) else int(np.argmin(load))  # full everywhere: the emptiest
+        out[c] = p
+        load[p] += sizes[c]
+    incidence = sp.csr_matrix((np.ones(probes.size, np.float32), (np.repeat(np.arange(len(probes)), probes.shape[1]),
+                                                                  probes.ravel())), shape=(len(probes), nlist))
+    incidence.data[:] = 1.0  # an image probing a list twice links it once
+    links = (incidence.T @ incidence).tocsr()
+    links.setdiag(0)
+    links.eliminate_zeros()
+    rng = np.random.default_rng(1234)
+    for _ in range(sweeps):
+        moved = 0
+        for c in rng.permutation(nlist).tolist():
+            lo, hi = links.indptr[c], links.indptr[c + 1]
+            gain = np.bincount(out[links.indices[lo:hi]], weights=links.data[lo:hi], minlength=partitions)
+            here = out[c]
+            gain[(load + sizes[c] > cap) & (np.arange(partitions) != here)] = -1.0
+            best = int(np.argmax(gain))
+            if best != here and gain[best] > gain[here]:
+                load[here] -= sizes[c]
+                load[best] += sizes[c]
+                out[c] = best
+                moved += 1
+        if not moved:
+            break
+    return np.unique(out, return_inverse=True)[1].astype(np.int32)  # partitions a list left empty: none
+
+
+def _write_queries(ctx: Context, view: int, queries: D.Prints, probes: np.ndarray, rows: np.ndarray,
+                   name: str) -> tuple[int, int]:
+    """The join's route step for one view of some query images: for every partition that their variants' probed
+    lists (``probes`` (n, 8, probe)) fall in, the images that probe it with their compact rows and the probes
+    inside it (-1 elsewhere), as ``queries/v<view>/p<partition>/<name>.npz``. Returns (query rows written,
+    bytes)."""
+    part = np.where(probes >= 0, ctx.list_part[view][np.maximum(probes, 0)], -1)
+    arrays = queries.arrays(compact=True)
+    written = nbytes = 0
+    for p in np.unique(part[part >= 0]).tolist():
+        hit = part == p
+        sel = np.flatnonzero(hit.any(axis=(1, 2)))
+        buf = io.BytesIO()
+        np.savez(buf, rows=rows[sel], probes=np.where(hit[sel], probes[sel], -1).astype(np.int32),
+                 **{k: x[sel] for k, x in arrays.items()})
+        storage.write_bytes(ctx.query_uri(view, p, name), buf.getvalue(), ctx.storage_cfg)
+        written, nbytes = written + len(sel), nbytes + buf.tell()
+    return written, nbytes
+
+
+def _probes(index, queries: D.Prints, probe: int, pool: int, invariant: bool) -> np.ndarray:
+    """(n, 8, probe) lists each flip/rotation of each image probes (one list, 0, for the exact search)."""
+    if index is None:
+        return np.zeros((len(queries), 8, 1), np.int64)
+    return D._probe_lists(index, queries, probe, pool, invariant)
+
+
+def _route(shard, ctx: Context, lists: list, probe: int, pool: int, invariant: bool, queries: bool = True) -> dict:
+    """The join's route step for one shard, per view: each image's home list (the index, written by partition:
+    ``index/v<view>/p<partition>/s<shard>.npz``, compact rows) and, with ``queries`` (near-duplicate search on),
+    the lists its 8 flips/rotations probe (``_write_queries``). Idempotent: a retried task writes the same
+    files."""
     _, i, a, b = shard
     _, prints = _fingerprints(ctx, a, b, views_only=True)
+    out = {"query_rows": 0, "query_bytes": 0, "index_bytes": 0}
+    rows = np.arange(a, b)
     for v, view_lists in enumerate(lists):
-        view = D.Prints(np.ascontiguousarray(prints["views"][:, v:v + 1]))  # made once here, not per query task
+        view = D.Prints(np.ascontiguousarray(prints["views"][:, v:v + 1]))
         index = _router(view_lists)
         home = np.zeros(b - a, np.int64) if index is None else \
             index.search(D.route_rows(view.exact(np.arange(b - a), 0), pool, invariant), 1)[1][:, 0]
-        part = ctx.partition_of(home)
+        part = ctx.list_part[v][home]
+        arrays = view.arrays(compact=True)
         for p in np.unique(part).tolist():
             sel = np.flatnonzero(part == p)
             buf = io.BytesIO()
-            np.savez(buf, rows=sel + a, home=home[sel], **{k: x[sel] for k, x in view.arrays().items()})
+            np.savez(buf, rows=rows[sel], home=home[sel].astype(np.int32), **{k: x[sel] for k, x in arrays.items()})
             storage.write_bytes(ctx.part_uri(v, p, i), buf.getvalue(), ctx.storage_cfg)
-    return b - a
+            out["index_bytes"] += buf.tell()
+        if not queries:
+            continue
+        q_rows, q_bytes = _write_queries(ctx, v, view, _probes(index, view, probe, pool, invariant), rows,
+                                         f"s{i:05d}")
+        out["query_rows"] += q_rows
+        out["query_bytes"] += q_bytes
+    return out
 
 
-def _load_partition(ctx: Context, view: int, p: int, excluded: np.ndarray | None):
-    """(index prints sorted by list (``dedup.Prints``), their row ids, their lists, bytes read) of partition ``p``
-    of a view (None when it holds nothing)."""
-    fs, path = storage.filesystem(storage.join_uri(ctx.staging, "index", f"v{view}", f"p{p:05d}"), ctx.storage_cfg)
-    found = storage.with_retries(lambda: sorted(fs.find(path)), ctx.storage_cfg, f"list index partition {p}")
+def _route_eval(j: int, ctx: Context, lists: list, probe: int, pool: int, invariant: bool, eval_views: list) -> dict:
+    """The route step for evaluation set ``j`` (the leakage guard's evaluation -> collection direction): its
+    images are queries of the same join (``queries/v<view>/p<partition>/e<j>.npz``)."""
+    views = eval_views[j]
+    out = {"query_rows": 0, "query_bytes": 0}
+    for v, view_lists in enumerate(lists):
+        view = D.Prints(np.ascontiguousarray(views[:, v:v + 1]))
+        q_rows, q_bytes = _write_queries(ctx, v, view, _probes(_router(view_lists), view, probe, pool, invariant),
+                                         np.arange(len(views)), f"e{j:05d}")
+        out["query_rows"] += q_rows
+        out["query_bytes"] += q_bytes
+    return out
+
+
+def _read_npz(fs, f: str, ctx: Context):
+    raw = storage.with_retries(lambda: fs.cat_file(f), ctx.storage_cfg, f"read {f}")
+    return np.load(io.BytesIO(raw)), len(raw)
+
+
+def _listing(ctx: Context, uri: str, what: str) -> tuple:
+    """(filesystem, sorted ``.npz`` files under ``uri``) — one listing (a killed writer's temp files excluded)."""
+    fs, path = storage.filesystem(uri, ctx.storage_cfg)
+    if not storage.with_retries(lambda: fs.exists(path), ctx.storage_cfg, f"stat {what}"):
+        return fs, []
+    found = storage.with_retries(lambda: sorted(fs.find(path)), ctx.storage_cfg, f"list {what}")
+    return fs, [f for f in found if f.endswith(".npz")]
+
+
+def _load_partition(ctx: Context, view: int, p: int):
+    """(index rows sorted by list (compact ``dedup.Prints``), their row ids, their lists, bytes read) of partition
+    ``p`` of a view (None when it holds nothing)."""
+    fs, found = _listing(ctx, storage.join_uri(ctx.staging, "index", f"v{view}", f"p{p:05d}"), f"index {view}/{p}")
     parts: dict[str, list] = {}
     nbytes = 0
-    for f in found:  # s<shard>.npz in shard order: one listing, no request per (partition, shard)
-        if not f.endswith(".npz"):
-            continue
-        raw = storage.with_retries(lambda f=f: fs.cat_file(f), ctx.storage_cfg, f"read {f}")
-        nbytes += len(raw)
-        z = np.load(io.BytesIO(raw))
-        ok = slice(None) if excluded is None else ~excluded[z["rows"]]
+    for f in found:  # s<shard>.npz in shard order
+        z, size = _read_npz(fs, f, ctx)
+        nbytes += size
         for k in z.files:
-            parts.setdefault(k, []).append(z[k][ok])
+            parts.setdefault(k, []).append(z[k])
     if not parts:
         return None
     rows, home = np.concatenate(parts.pop("rows")), np.concatenate(parts.pop("home"))
     order = np.argsort(home, kind="stable")  # by list; within a list by row (files in shard order)
     arrays = {k: np.concatenate(parts.pop(k))[order] for k in list(parts)}  # pieces freed key by key
-    return D.Prints.of_arrays(arrays), rows[order], home[order], nbytes
+    return D.Prints.of_arrays(arrays), rows[order], home[order].astype(np.int64), nbytes
 
 
-def _search(query, ctx: Context, lists: list, probe: int, excluded_bits: np.ndarray | None, eval_views: list,
-            cfg: D.DedupConfig):
-    """Candidates of one query group, per view: ("shard", g, a, b) -> (query row, index row, cosine, view) with
-    each query image's ``cfg.candidates`` best index images per view; ("eval", j) -> (eval row, row, cosine, view);
-    then the bytes of index partitions this task read (what grows with N: every task reads the partitions its
-    queries probe)."""
-    excluded = None if excluded_bits is None else np.unpackbits(excluded_bits, count=ctx.ingested.rows).astype(bool)
-    if query[0] == "shard":
-        _, i, a, b = query
-        _, prints = _fingerprints(ctx, a, b, views_only=True)
-        views, same_ids = prints["views"], np.arange(a, b)
-    else:
-        views, same_ids = eval_views[query[1]], None
-    out = []
-    nbytes = 0
-    for v, view_lists in enumerate(lists):
-        queries = D.Prints(np.ascontiguousarray(views[:, v:v + 1]))
-        index = _router(view_lists)
-        probes = np.zeros((len(views), 8, 1), np.int64) if index is None else \
-            D._probe_lists(index, queries, probe, cfg.route_pool, cfg.invariant_routing)
-        if same_ids is not None and excluded is not None:
-            probes[excluded[same_ids]] = -1
-        part = np.where(probes >= 0, ctx.partition_of(probes), -1)
-        found = []
-        for p in np.unique(part[part >= 0]).tolist():
-            loaded = _load_partition(ctx, v, p, excluded)
-            if loaded is None:
-                continue
-            nbytes += loaded[3]
-            if len(loaded[0]) == 0:
-                continue
-            base, ids, homes, _ = loaded
-            found.append(D.search_members(queries, np.where(part == p, probes, -1), base, ids, homes, cfg.candidates,
-                                          cfg.candidate_threshold, same_ids=same_ids))
-            del loaded, base
-        if not found:
-            continue
-        qv, m, s = (np.concatenate(x) for x in zip(*found))
-        top = D._top_per_group(qv, s, m, cfg.candidates)  # each query variant's best over all its lists
-        q, m, s = D._best_per_pair(qv[top] // 8, m[top], s[top])
-        best = D._top_per_group(q, s, m, cfg.candidates)  # the query image's best images in this view
-        q = q[best] if same_ids is None else same_ids[q[best]]
-        out.append((q, m[best], s[best], np.full(len(best), v, np.int8)))
+def _compare(job, ctx: Context, cfg: D.DedupConfig, evals: int) -> dict:
+    """The join's compare step for one (view, partition): its index rows are read once, then every query file
+    routed to it (one per query shard, one per evaluation set) is compared with the lists it probes there
+    (``dedup.search_members``); each query variant's ``cfg.candidates`` best index images in this partition are
+    kept. Training queries' results go to ``found/v<view>/s<shard>/p<partition>.npz`` (reduced per shard by
+    ``_reduce``); evaluation queries' come back (query row · 8 + variant, index row, estimate) per set. Returns
+    those and the bytes read."""
+    v, p = job
+    out = {"evals": [[] for _ in range(evals)], "index_bytes": 0, "query_bytes": 0}
+    loaded = _load_partition(ctx, v, p)
+    if loaded is None:
+        return out
+    base, ids, homes, out["index_bytes"] = loaded
+    fs, found = _listing(ctx, storage.join_uri(ctx.staging, "queries", f"v{v}", f"p{p:05d}"), f"queries {v}/{p}")
+    for f in found:
+        z, size = _read_npz(fs, f, ctx)
+        out["query_bytes"] += size
+        name = f.rsplit("/", 1)[-1][:-4]
+        rows = z["rows"]
+        queries = D.Prints.of_arrays({"rows8": z["rows8"], "inv8": z["inv8"]})
+        qv, m, s = D.search_members(queries, z["probes"].astype(np.int64), base, ids, homes, cfg.candidates,
+                                    cfg.candidate_threshold, same_ids=rows if name[0] == "s" else None)
+        top = D._top_per_group(qv, s, m, cfg.candidates)  # each query variant's best in this partition
+        qv = rows[qv[top] // 8] * 8 + qv[top] % 8
+        if name[0] == "e":
+            out["evals"][int(name[1:])].append((qv, m[top], s[top]))
+        else:
+            buf = io.BytesIO()
+            np.savez(buf, qv=qv, m=m[top], s=s[top])
+            storage.write_bytes(ctx.found_uri(v, int(name[1:]), p), buf.getvalue(), ctx.storage_cfg)
+    return out
+
+
+def _best_of(qv: np.ndarray, m: np.ndarray, s: np.ndarray, k: int):
+    """(query image, index image, estimate) of each query image's ``k`` best index images, from per-partition
+    results (query row · 8 + variant): each variant's ``k`` best over all its lists, the best variant per pair,
+    then the image's ``k`` best pairs (what ``dedup._dihedral_search`` + ``_directed_candidates`` keep)."""
+    top = D._top_per_group(qv, s, m, k)
+    q, m, s = D._best_per_pair(qv[top] // 8, m[top], s[top])
+    best = D._top_per_group(q, s, m, k)
+    return q[best], m[best], s[best]
+
+
+def _reduce(shard, ctx: Context, views: int, k: int):
+    """The join's reduce step for one query shard: its images' candidates over every partition, per view:
+    (query row, index row, estimate, view), and the bytes read."""
+    _, i, a, b = shard
+    out, nbytes = [], 0
+    for v in range(views):
+        fs, found = _listing(ctx, storage.join_uri(ctx.staging, "found", f"v{v}", f"s{i:05d}"), f"found {v}/{i}")
+        parts = []
+        for f in found:
+            z, size = _read_npz(fs, f, ctx)
+            nbytes += size
+            parts.append((z["qv"], z["m"], z["s"]))
+        if parts:
+            q, m, s = _best_of(*(np.concatenate(x) for x in zip(*parts)), k)
+            out.append((q, m, s, np.full(len(q), v, np.int8)))
     if not out:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int8), nbytes
     return (*(np.concatenate(x) for x in zip(*out)), nbytes)
-
-
-def query_groups(shards: list, search_rows: int, scale: ScaleConfig) -> list:
-    """The search pass's queries: runs of consecutive shards as one ("shard", group, first row, stop row) each, of
-    at most ``search_rows`` rows (at least one shard) and, when there are enough shards, at least
-    ``scale.max_in_flight`` groups (``DedupConfig.search_rows``)."""
-    if search_rows < 1:
-        raise ValueError(f"curation dedup.search_rows={search_rows} must be >= 1")
-    per = max(1, min(search_rows // max(1, scale.shard_rows), -(-len(shards) // max(1, scale.max_in_flight))))
-    return [("shard", g, shards[j][2], shards[min(len(shards), j + per) - 1][3])
-            for g, j in enumerate(range(0, len(shards), per))]
 
 
 def _cross_shard(shard, ctx: Context, eval_views: list, cfg: D.DedupConfig):
@@ -341,26 +490,59 @@ def _eval_sets(cfg: D.DedupConfig, embed_cfg, storage_cfg) -> list[tuple[str, li
     return out
 
 
-def _leakage_candidates(ctx: Context, shards, lists, probe: int, eval_sets, cfg: D.DedupConfig, go: dict):
+def _leakage_candidates(ctx: Context, shards, eval_sets, eval_found: list, cfg: D.DedupConfig, go: dict):
     """Leakage candidates (eval row, training row, cosine, view, eval set), searched both ways: training shards against
-    each evaluation set, and each evaluation set against the index as one more query; then the index bytes that
-    query read."""
+    each evaluation set (``_cross_shard``), and each evaluation set against the collection (its images are queries
+    of the join: ``eval_found[j]``, per view the compare step's (query row · 8 + variant, row, estimate))."""
     if not eval_sets or not ctx.ingested.rows:
-        return [np.zeros(0, t) for t in (np.int64, np.int64, np.float32, np.int8, np.int64)] + [0]
+        return [np.zeros(0, t) for t in (np.int64, np.int64, np.float32, np.int8, np.int64)]
     views = [e[2]["views"] for e in eval_sets]
     per_shard = map_shards(_cross_shard, shards, ctx, views, cfg, desc="leakage guard: candidates", **go)
-    back = map_shards(_search, [("eval", j) for j in range(len(eval_sets))], ctx, lists, probe, None, views, cfg,
-                      desc="leakage guard: candidates (evaluation images)", ray_tasks=go["ray_tasks"], cfg=go["cfg"])
     out = []
     for j in range(len(eval_sets)):
-        e2, t2, s2, v2, _ = back[j]
-        t = np.concatenate([r[j][0] for r in per_shard] + [t2])
-        e = np.concatenate([r[j][1] for r in per_shard] + [e2])
-        s = np.concatenate([r[j][2] for r in per_shard] + [s2])
-        v = np.concatenate([r[j][3] for r in per_shard] + [v2])
+        back = []
+        for v, parts in enumerate(eval_found[j]):
+            if parts:
+                e2, t2, s2 = _best_of(*(np.concatenate(x) for x in zip(*parts)), cfg.candidates)
+                back.append((t2, e2, s2, np.full(len(e2), v, np.int8)))
+        t, e, s, v = (np.concatenate([r[j][c] for r in per_shard] + [x[c] for x in back]) for c in range(4))
         e, t, s, v = D._merge_candidates(e, t, s, v)
         out.append((e, t, s, v, np.full(len(e), j, np.int64)))
-    return [np.concatenate(x) for x in zip(*out)] + [sum(r[4] for r in back)]
+    return [np.concatenate(x) for x in zip(*out)]
+
+
+def _join_search(ctx: Context, shards, lists: list, probe: int, eval_sets, cfg: D.DedupConfig, go: dict) -> dict:
+    """The candidate search as a join whose data moved per image does not grow with N (module docstring):
+    route (per shard: the index and the queries, by partition), compare (per view and partition: its index rows
+    read once), reduce (per query shard: each image's best candidates). Returns the near-duplicate candidates
+    (a < b, estimate, view), per evaluation set and view the compare step's results, and what moved."""
+    from cytoray.features.fingerprint import VIEWS
+
+    pool, invariant = cfg.route_pool, cfg.invariant_routing
+    near = cfg.near and ctx.ingested.rows > 1
+    routed = map_shards(_route, shards, ctx, lists, probe, pool, invariant, near, desc="dedup: route", **go)
+    eval_views = [e[2]["views"] for e in eval_sets]
+    routed += map_shards(_route_eval, list(range(len(eval_sets))), ctx, lists, probe, pool, invariant, eval_views,
+                         desc="leakage guard: route evaluation images", ray_tasks=go["ray_tasks"], cfg=go["cfg"])
+    jobs = [(v, p) for v in range(len(VIEWS)) for p in range(int(ctx.list_part[v].max()) + 1)]
+    found = map_shards(_compare, jobs, ctx, cfg, len(eval_sets), desc="dedup: compare (per list partition)",
+                       ray_tasks=go["ray_tasks"], cfg=go["cfg"])
+    eval_found = [[[x for r, (v_, _) in zip(found, jobs) if v_ == v for x in r["evals"][j]]
+                   for v in range(len(VIEWS))] for j in range(len(eval_sets))]
+    moved = {"index": sum(r["index_bytes"] for r in found), "queries": sum(r["query_bytes"] for r in found),
+             "candidates": 0}
+    na = nb = np.zeros(0, np.int64)
+    ns, nv = np.zeros(0, np.float32), np.zeros(0, np.int8)
+    if near:
+        got = map_shards(_reduce, shards, ctx, len(VIEWS), cfg.candidates, desc="dedup: candidates per image", **go)
+        moved["candidates"] = sum(r[4] for r in got)
+        q, m, s, v = (np.concatenate(x) for x in zip(*(r[:4] for r in got)))
+        na, nb, ns, nv = D._merge_candidates(np.minimum(q, m), np.maximum(q, m), s, v)
+    return {"near": (na, nb, ns, nv), "eval_found": eval_found, "bytes": moved, "compare_tasks": len(jobs),
+            "partitions": [int(x.max()) + 1 for x in ctx.list_part],
+            "query_rows": sum(r["query_rows"] for r in routed[:len(shards)]),
+            "written": {"index": sum(r.get("index_bytes", 0) for r in routed),
+                        "queries": sum(r["query_bytes"] for r in routed)}}
 
 
 def _verify_all(ctx: Context, shards, pairs_a, pairs_b, sim, view, eset, eval_sets, cfg: D.DedupConfig, go: dict,
@@ -458,40 +640,39 @@ def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_
     ranges = ing.ranges(scale.shard_rows)
     shards = [("shard", i, a, b) for i, (a, b) in enumerate(ranges)]
     nlist = D.list_count(n, cfg)
-    ctx = Context(ing, emb, run_.staging, storage_cfg, nlist, max(1, -(-n // max(1, cfg.partition_rows))))
     go = dict(ray_tasks=ray_tasks, cfg=scale, rows=lambda s: s[3] - s[2])
 
-    # scan, lists per view, route (the index)
+    # scan, then the lists of each view and their partitions
     sample = D.coarse_sample(n, nlist) if nlist > 1 else np.zeros(0, np.int64)
     pool, invariant = cfg.route_pool, cfg.invariant_routing
-    scanned = map_shards(_scan, shards, ctx, sample, pool, invariant, desc="dedup: scan", **go)
+    scan_ctx = Context(ing, emb, run_.staging, storage_cfg, nlist, ())
+    scanned = map_shards(_scan, shards, scan_ctx, sample, pool, invariant, desc="dedup: scan", **go)
     sha = np.concatenate([r["sha"] for r in scanned]) if scanned else np.zeros(0, np.uint64)
     images = Counter()
     for r in scanned:
         images.update(r["datasets"])
     lists: list = [None] * len(VIEWS)
+    list_part = [np.zeros(1, np.int32)] * len(VIEWS)
     if nlist > 1:
         import faiss
 
+        partitions = max(1, -(-n // max(1, cfg.partition_rows)))
         for v in range(len(VIEWS)):
-            lists[v] = faiss.serialize_index(D._kmeans_lists(
-                np.concatenate([r["samples"][v] for r in scanned if r["samples"][v] is not None]), nlist))
+            rows = np.concatenate([r["samples"][v] for r in scanned if r["samples"][v] is not None])
+            index = D._kmeans_lists(rows, nlist)
+            list_part[v] = partition_lists(index, rows, partitions, min(cfg.list_probe, nlist), invariant)
+            lists[v] = faiss.serialize_index(index)
+            del rows
     del scanned
-    map_shards(_route, shards, ctx, lists, pool, invariant, desc="dedup: index", **go)
+    ctx = Context(ing, emb, run_.staging, storage_cfg, nlist, tuple(list_part))
     probe = min(cfg.list_probe, nlist)
 
-    # candidates: the leakage guard's over every image, then near duplicates among the rest
+    # candidates: the join (near duplicates and the evaluation images' side of the leakage guard), then the
+    # training side of the leakage guard
     eval_sets = _eval_sets(cfg, embed_cfg, storage_cfg)
-    le, lt, ls, lv, lset, index_read = _leakage_candidates(ctx, shards, lists, probe, eval_sets, cfg, go)
-    na = nb = np.zeros(0, np.int64)
-    ns, nv = np.zeros(0, np.float32), np.zeros(0, np.int8)
-    groups = query_groups(shards, cfg.search_rows, scale)
-    if cfg.near and n > 1:
-        found = map_shards(_search, groups, ctx, lists, probe, None, [], cfg,
-                           desc="dedup: near-duplicate candidates", **go)
-        index_read += sum(r[4] for r in found)
-        q, m, s, v = (np.concatenate(x) for x in zip(*(r[:4] for r in found)))
-        na, nb, ns, nv = D._merge_candidates(np.minimum(q, m), np.maximum(q, m), s, v)
+    join = _join_search(ctx, shards, lists, probe, eval_sets, cfg, go)
+    le, lt, ls, lv, lset = _leakage_candidates(ctx, shards, eval_sets, join["eval_found"], cfg, go)
+    na, nb, ns, nv = join["near"]
 
     # verification of every candidate pair (leakage pairs first: their a is an evaluation row)
     pa_ = np.concatenate([le, na])
@@ -556,8 +737,8 @@ def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_
         kept = Counter(table.column("dataset").to_pylist())
     run_.publish("duplicates.parquet", pa.Table.from_pylist(dups, schema=DUPLICATES_SCHEMA))
     publish_mask(run_, KEPT_MASK, keep)
-    return summarize(cfg, images, kept, dups, ray_tasks, len(shards), nlist, len(groups),
-                     verification_summary(near_pairs, leak_pairs, cfg), index_read)
+    return summarize(cfg, images, kept, dups, ray_tasks, len(shards), nlist,
+                     verification_summary(near_pairs, leak_pairs, cfg), join)
 
 
 def verification_summary(near: D.Pairs, leakage: D.Pairs, cfg: D.DedupConfig) -> dict:
@@ -581,7 +762,7 @@ def verification_summary(near: D.Pairs, leakage: D.Pairs, cfg: D.DedupConfig) ->
 
 
 def summarize(cfg: D.DedupConfig, images: Counter, kept: Counter, dups: list[dict], ray_tasks: bool, shards: int,
-              nlist: int, search_tasks: int, verification: dict, index_bytes_read: int = 0) -> dict:
+              nlist: int, verification: dict, join: dict | None = None) -> dict:
     """The stage summary; fails when a dataset's images != kept + duplicates."""
     per: dict[str, dict] = {}
     for name in sorted(images):
@@ -600,9 +781,26 @@ def summarize(cfg: D.DedupConfig, images: Counter, kept: Counter, dups: list[dic
             "candidate_threshold": cfg.candidate_threshold, "candidates_per_view": cfg.candidates,
             "datasets": per, "total": total, "eval_manifests": list(cfg.eval_manifests),
             "verification": verification,
-            "search": {"lists": nlist, "routing": cfg.routing, "shards": shards, "search_tasks": search_tasks,
-                       "ray_tasks": ray_tasks, "index_bytes_read": int(index_bytes_read),
-                       "index_bytes_read_per_image": round(index_bytes_read / max(1, total["images"]), 1)}}
+            "search": search_summary(cfg, nlist, shards, ray_tasks, total["images"], join)}
+
+
+def search_summary(cfg: D.DedupConfig, nlist: int, shards: int, ray_tasks: bool, images: int,
+                   join: dict | None) -> dict:
+    """What the join search did and moved: lists, partitions per view, compare tasks, query rows routed per image
+    and view (how many partitions an image's row goes to), and the bytes its compare and reduce steps read
+    (index partitions, routed queries, per-partition candidates), in all and per image."""
+    from cytoray.features.fingerprint import VIEWS
+
+    join = join or {"bytes": {"index": 0, "queries": 0, "candidates": 0}, "compare_tasks": 0, "partitions": [],
+                    "query_rows": 0}
+    moved = {k: int(v) for k, v in join["bytes"].items()}
+    total = sum(moved.values())
+    return {"lists": nlist, "routing": cfg.routing, "shards": shards, "ray_tasks": ray_tasks,
+            "partitions": join["partitions"], "compare_tasks": join["compare_tasks"],
+            "routed_per_image_view": round(join["query_rows"] / max(1, images * len(VIEWS)), 3),
+            "bytes_written": {k: int(v) for k, v in join.get("written", {}).items()},
+            "bytes_read": moved, "bytes_read_total": total,
+            "bytes_read_per_image": round(total / max(1, images), 1)}
 
 
 def run_dedup(out_uri: str, cfg: D.DedupConfig, storage_cfg=None, force: bool = False, embed_cfg=None,

@@ -2,14 +2,13 @@
 search (``dedup.deduplicate`` / ``remove_leakage_and_duplicates``); the partitioned (list) branch, several
 index partitions, multi-file inputs and outputs, and the leakage guard all take part."""
 
-from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from cytoray.curation.dedup import DedupConfig, deduplicate, remove_leakage_and_duplicates
-from cytoray.curation.dedup_stage import query_groups, run_dedup
+from cytoray.curation.dedup_stage import run_dedup
 from cytoray.curation.shards import ScaleConfig, layout, load_mask
 from cytoray.tables import read_table
 
@@ -63,15 +62,20 @@ def test_ray_tasks_and_this_process_find_the_same_duplicates(planted, ray_local,
     # leakage guard both ways
     cfg = DedupConfig(flat_max=300, partition_rows=500, eval_manifests=[planted[2]])
     _, local, d_local, k_local = _run(tmp_path, "local", planted, cfg, ScaleConfig(mode="local", shard_rows=350))
-    out, ray_, d_ray, k_ray = _run(tmp_path, "ray", planted, replace(cfg, search_rows=700),
+    out, ray_, d_ray, k_ray = _run(tmp_path, "ray", planted, cfg,
                                    ScaleConfig(mode="ray", shard_rows=350, max_in_flight=2), parts=3)
-    # every search task reads the index partitions its queries probe: 4 tasks read more of it than 2 do
-    read_local, read_ray = (x["search"].pop("index_bytes_read") for x in (local, ray_))
-    assert 0 < read_ray < read_local
-    assert local["search"].pop("index_bytes_read_per_image") == round(read_local / local["total"]["images"], 1)
-    ray_["search"].pop("index_bytes_read_per_image")
-    assert local["search"] == {"lists": 4, "routing": "variant", "shards": 4, "search_tasks": 4, "ray_tasks": False}
-    assert ray_["search"] == {"lists": 4, "routing": "variant", "shards": 4, "search_tasks": 2, "ray_tasks": True}
+    # the join reads each index partition once per pass and each routed query once, however many tasks run
+    sl, sr = local["search"], ray_["search"]
+    assert sl["bytes_read"] == sr["bytes_read"] and sl["bytes_written"] == sr["bytes_written"]
+    assert sl["bytes_read"]["index"] == sl["bytes_written"]["index"] > 0
+    assert sl["bytes_read"]["queries"] == sl["bytes_written"]["queries"] > 0
+    assert sl["bytes_read_per_image"] == round(sl["bytes_read_total"] / local["total"]["images"], 1)
+    assert 1 <= sl["routed_per_image_view"] <= 8 * 3  # the partitions of its 8 variants' 3 probed lists
+    for s, ray_tasks in ((sl, False), (sr, True)):
+        assert {k: s[k] for k in ("lists", "routing", "shards", "ray_tasks")} == {
+            "lists": 4, "routing": "variant", "shards": 4, "ray_tasks": ray_tasks}
+        # at most ceil(1,204 / 500) per view (fewer when grouping the lists leaves one empty); one task each
+        assert all(2 <= p <= 3 for p in s["partitions"]) and s["compare_tasks"] == sum(s["partitions"])
     assert len(layout(f"{out}/deduplicated.parquet").files) == 4  # one part per shard, written by the tasks
     assert k_local == k_ray and local["total"] == ray_["total"]
     assert d_local[["image_id", "duplicate_of", "reason"]].equals(d_ray[["image_id", "duplicate_of", "reason"]])
@@ -115,13 +119,28 @@ def test_sharded_stage_equals_the_in_memory_search(planted, ray_local, tmp_path)
     assert kept == frame.image_id[keep].tolist()
 
 
-def test_query_groups_take_whole_shards_and_leave_tasks_for_every_slot():
-    shards = [("shard", i, a, min(1000, a + 100)) for i, a in enumerate(range(0, 1000, 100))]  # 10 shards
-    scale = ScaleConfig(shard_rows=100, max_in_flight=3)
-    assert query_groups(shards, 400, scale) == [("shard", 0, 0, 400), ("shard", 1, 400, 800),
-                                                ("shard", 2, 800, 1000)]  # 4 shards per task, 3 tasks
-    assert query_groups(shards, 400, ScaleConfig(shard_rows=100, max_in_flight=8)) == [
-        ("shard", g, 200 * g, 200 * g + 200) for g in range(5)]  # 2 per task: 8 slots want >= 8 tasks
-    assert query_groups(shards, 50, scale) == shards  # never less than a shard
-    with pytest.raises(ValueError, match="search_rows"):
-        query_groups(shards, 0, scale)
+def test_list_partitions_keep_an_images_probes_together(planted):
+    """The join sends an image's row to every partition its 8 flips/rotations probe: the partitions chosen from the
+    lists' flip/rotation-summed centroids and their co-probe graph touch fewer per image than ranges of list ids,
+    and stay within their size bound."""
+    from cytoray.curation import dedup as D
+    from cytoray.curation.dedup_stage import partition_lists
+    from cytoray.features.fingerprint import fingerprints_of_table
+
+    views = fingerprints_of_table(planted[1])["views"]
+    for v in range(views.shape[1]):
+        prints = D.Prints(np.ascontiguousarray(views[:, v:v + 1]))
+        rows = D.route_rows(prints.exact(np.arange(len(prints)), 0), 2)
+        lists = D._kmeans_lists(rows, 60)
+        probes = D._probe_lists(lists, prints, 3, 2).reshape(len(prints), -1)
+        home = lists.search(rows, 1)[1][:, 0]
+
+        def touched(part, probes=probes):
+            p = np.sort(part[probes], axis=1)
+            return 1 + (np.diff(p, axis=1) != 0).sum(axis=1).mean()
+
+        part = partition_lists(lists, rows, 6, 3)
+        assert part.shape == (60,) and 3 <= part.max() <= 5 and len(np.unique(part)) == part.max() + 1
+        assert np.bincount(part[home], minlength=6).max() <= 1.6 * len(prints) / 6
+        assert touched(part) < 0.75 * touched(np.arange(60) * 6 // 60), v
+        assert (partition_lists(lists, rows, 1, 3) == 0).all()
