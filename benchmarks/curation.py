@@ -257,7 +257,17 @@ def reference(out: str, dedup_cfg, cluster_cfg, recall_queries: int, seed: int, 
                 for t, c in enumerate(h.column_names())]
         print(f"reference cluster (in memory): {t_cluster:.1f}s; adjusted Rand index per level (finest first) "
               + ", ".join(f"{a:.4f}" for a in aris))
-    views = prints["views"]
+    del emb, frame
+    search_recall(prints["views"], dedup_cfg, recall_queries, seed)
+
+
+def search_recall(views: np.ndarray, dedup_cfg, recall_queries: int, seed: int) -> None:
+    """The partitioned candidate search's recall against the exact search (faiss-free brute force over every image,
+    the 8 flips/rotations, both views) for ``recall_queries`` random images. The partitioned side is the in-memory
+    search (``dedup.candidate_pairs``), which the stage's join equals pair for pair (same lists, same probes:
+    tests/curation/test_dedup_shards.py)."""
+    from cytoray.curation import dedup as D
+
     if recall_queries and len(views) > dedup_cfg.flat_max:
         rng = np.random.default_rng(seed)
         q = np.sort(rng.choice(len(views), min(recall_queries, len(views)), replace=False))
@@ -298,8 +308,9 @@ def main(argv=None):
                          "larger collection")
     ap.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
                     help="compare with the in-memory algorithms (default: up to 200,000 images)")
-    ap.add_argument("--recall-queries", type=int, default=2000,
-                    help="reference: images whose exact search measures the partitioned search's recall")
+    ap.add_argument("--recall-queries", type=int, default=None,
+                    help="images whose exact search measures the partitioned search's recall (default: 2,000 with "
+                         "--reference, else 0)")
     ap.add_argument("--part-rows", type=int, default=16_384, help="rows per part file of the planted stage files")
     ap.add_argument("--resume", action="store_true",
                     help="keep the parts an interrupted run with the same arguments wrote to --out")
@@ -393,8 +404,18 @@ def main(argv=None):
           f"dedup: {'exact' if args.images <= dedup_cfg.flat_max else 'partitioned'} candidate search")
     if args.scale == "ray":
         ray.shutdown()
+    if args.recall_queries is None:
+        args.recall_queries = 2000 if args.reference else 0
     if args.reference:
         reference(out, dedup_cfg, cluster_cfg, args.recall_queries, args.seed, wanted)
+    elif args.recall_queries:
+        from cytoray.features.fingerprint import FINGERPRINT_COLUMNS, VIEW_SIZE, VIEWS
+        from cytoray.tables import read_table, unpack_vectors
+
+        col = read_table(os.path.join(out, "embeddings.parquet"), columns=[FINGERPRINT_COLUMNS["views"]]).column(0)
+        views = unpack_vectors(col, np.uint8).reshape(len(col), len(VIEWS), VIEW_SIZE, VIEW_SIZE)
+        del col
+        search_recall(views, dedup_cfg, args.recall_queries, args.seed)
     score(out, truth)
     if args.eval_images:
         leakage(out, truth, args.eval_images, args.seed)
