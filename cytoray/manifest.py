@@ -96,12 +96,7 @@ def resolve_uris(table: pa.Table, manifest_uri: str) -> pa.Table:
     (``manifest_uri``, a file or a directory of parts; local or object storage); others unchanged. Costs one
     vectorised scan when every value is absolute (curated manifests)."""
     col = table.column("uri")
-    # relative: no scheme, or file:// / local:// followed by a relative path; absolute: /..., ~..., Windows paths
-    # (left as written, see storage.is_relative_path)
-    scheme = pc.and_(pc.match_substring(col, "://"), pc.invert(pc.match_substring_regex(col, r"^(file|local)://[^/]")))
-    absolute = pc.or_(pc.or_(scheme, pc.starts_with(col, "/")),
-                      pc.or_(pc.starts_with(col, "~"), pc.match_substring_regex(col, storage.WINDOWS_PATH.pattern)))
-    relative = pc.invert(pc.fill_null(absolute, True))  # a null uri stays null (pre-flight names its row)
+    relative = storage.relative_to_base_mask(col)  # a null uri stays null (pre-flight names its row)
     if not pc.any(relative).as_py():
         return table
     base = storage.parent_uri(storage.absolute(manifest_uri))

@@ -72,6 +72,28 @@ def is_relative_path(uri: str) -> bool:
     return bool(uri) and "://" not in uri and not uri.startswith(("/", "~")) and not WINDOWS_PATH.match(uri)
 
 
+def relative_to_base(uri: str) -> bool:
+    """Whether :func:`absolute` resolves ``uri`` against a base folder: a relative local path, or a relative
+    ``file://`` / ``local://`` path (``~`` expands against the home folder instead)."""
+    protocol, sep, rest = uri.partition("://")
+    if sep:
+        return protocol in _LOCAL_SCHEMES and bool(rest) and not rest.startswith("/")
+    return is_relative_path(uri)
+
+
+def relative_to_base_mask(values):
+    """:func:`relative_to_base` over a pyarrow string array in one vectorised scan (false for nulls); the same
+    rule, kept beside it (tests/test_locations.py checks both agree)."""
+    import pyarrow.compute as pc
+
+    scheme = pc.match_substring(values, "://")
+    local_relative = pc.match_substring_regex(values, "^(?:" + "|".join(_LOCAL_SCHEMES) + ")://[^/]")
+    plain_relative = pc.invert(pc.or_(pc.or_(pc.starts_with(values, "/"), pc.starts_with(values, "~")),
+                                      pc.match_substring_regex(values, WINDOWS_PATH.pattern)))
+    plain_relative = pc.and_(plain_relative, pc.greater(pc.utf8_length(values), 0))
+    return pc.fill_null(pc.if_else(scheme, local_relative, plain_relative), False)
+
+
 def absolute(uri: str, base: str | None = None) -> str:
     """``uri`` with a relative local path made absolute against ``base`` (a local folder or an object-storage URI;
     default: the working directory) and ``~`` expanded (a relative ``file://`` / ``local://`` path likewise, keeping

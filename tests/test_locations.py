@@ -149,6 +149,12 @@ def test_file_scheme_windows_paths_and_non_parquet_files(tmp_path, monkeypatch):
         assert storage.absolute(windows) == windows and not storage.is_relative_path(windows)
     cur = config.load_config(CurateConfig, None, [], ["output_uri=file://runs/curate"])
     assert cur.output_uri == f"file://{here}/runs/curate"
+    examples = ["cells/a.png", "../b.png", "/abs/c.png", "~/d.png", "C:\\e.png", "C:/e.png", "\\\\srv\\f.png",
+                "file://cells/a.png", "file:///abs/a.png", "local://x/y.png", "s3://b/k.png", "gs://b/k.png", "",
+                "file://", "a/b://c.png"]
+    assert storage.relative_to_base_mask(pa.array(examples + [None])).to_pylist() == [
+        storage.relative_to_base(u) for u in examples] + [False]  # the vectorised rule is the scalar one
+    assert [storage.relative_to_base(u) for u in examples[:3]] == [True, True, False]
     values = ["file://cells/a.png", "C:\\img\\b.png", "file:///abs/c.png"]
     table = manifest.resolve_uris(pa.table({"uri": values}), f"{here}/sets/m.parquet")
     assert table.column("uri").to_pylist() == [f"file://{here}/sets/cells/a.png", *values[1:]]
