@@ -32,6 +32,13 @@ class ConfigError(UserError):
     """A user configuration problem; the message names the key or file and how to fix it."""
 
 
+# Keys that were removed: a config that still sets one is told why and what to do (not just "unknown key").
+REMOVED_KEYS = {
+    "dedup.search_rows": "was removed: the near-duplicate search is a join over list partitions and has no query "
+                         "groups (docs/curation.md, 'Search and scale'); delete it",
+}
+
+
 def _describe(exc: OmegaConfBaseException, cfg=None) -> str:
     """One line naming the key: OmegaConf's first line without its ``full_key/reference_type/object_type`` block;
     for an unknown key, the closest valid key by its full name."""
@@ -41,6 +48,9 @@ def _describe(exc: OmegaConfBaseException, cfg=None) -> str:
         parent, _, leaf = str(key).rpartition(".")
         node = OmegaConf.select(cfg, parent) if parent else cfg
         if isinstance(node, DictConfig) and leaf not in node:
+            for removed, why in REMOVED_KEYS.items():
+                if f".{key}".endswith(f".{removed}"):
+                    return f"key '{key}' {why}"
             close = difflib.get_close_matches(leaf, [str(k) for k in node.keys()], n=1, cutoff=0.6)
             hint = f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
             return f"unknown key '{key}'{hint}"

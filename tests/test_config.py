@@ -112,3 +112,13 @@ def test_curate_recipe_config_states_the_defaults():
 
     walk(stated, CurateConfig(), "")
     assert seen >= 10 and not differs, differs
+
+
+def test_a_removed_key_says_why_and_what_to_do():
+    from cytoray.curation.pipeline import CurateConfig
+
+    with pytest.raises(config.ConfigError) as removed:
+        config.load_config(CurateConfig, None, [], ["dedup.search_rows=131072"])
+    assert str(removed.value) == ("command line: key 'dedup.search_rows' was removed: the near-duplicate search is a "
+                                  "join over list partitions and has no query groups (docs/curation.md, 'Search "
+                                  "and scale'); delete it")

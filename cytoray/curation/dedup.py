@@ -95,9 +95,9 @@ class DedupConfig:
     # Lists are trained and routed on route_pool×route_pool block means of the views (16×16 for 32×32: a quarter
     # of routing's work); 1: full views.
     route_pool: int = 2
-    # Sharded search (curation.dedup_stage, a join): index images per partition of lists, per view; one compare
-    # task holds one partition (1,044 bytes per image: a view's int8 row, its scale, row id and list) plus one
-    # query shard's rows routed to it at a time.
+    # Sharded search (curation.dedup_stage, a join): index images per partition of lists, per view (about: up to
+    # ~1.5x, from the lists' estimated sizes). One compare task holds one partition (1,040 bytes per image: a
+    # view's int8 row, its scale, row id and list; ~2x that while it sorts them by list) plus one query file.
     partition_rows: int = 262_144
     # Verification pass (sharded): candidate pairs per verification task.
     verify_pairs: int = 65_536

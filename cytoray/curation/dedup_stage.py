@@ -12,7 +12,7 @@ process (``scale.mode``); both run the same code on the same shards, so they giv
    share one, so an image's row goes to ~2 partitions, not to all of them).
 3. **The candidate search is a join** (each index partition read once per pass, so data moved per image does not
    grow with N):
-   - **route** (per shard and view): each image's home list → its compact row (int8 row and scale, 1,044 bytes
+   - **route** (per shard and view): each image's home list → its compact row (int8 row and scale, 1,040 bytes
      with its row id and list) to ``index/v<view>/p<partition>/s<shard>.npz``; the lists its 8 flips/rotations
      probe (``list_probe`` each) → its row, once per partition they fall in, with the probes there, to
      ``queries/v<view>/p<partition>/s<shard>.npz``. The evaluation sets' images (leakage guard) are routed the
@@ -36,7 +36,7 @@ Every task writes whole files under fixed names, so a retried task (a node lost)
 nothing is lost or counted twice. The summary's ``search`` records what the join moved (bytes written and read:
 index, routed queries, per-partition candidates; partitions an image's row went to).
 
-The driver holds 8 bytes per image (the 64-bit hash) plus the coarse sample, the candidate pairs (about one per
+The driver holds 8 bytes per image (the 64-bit hash) plus the coarse sample, the candidate pairs (about 1.6 per
 image, 45 bytes each) and the involved rows' keys. A compare task holds one index partition (~1 KB per image)
 and one routed query file; a reduce task one shard's per-partition candidates; a verification task its pairs'
 fingerprints (11.3 KB per image).
@@ -160,10 +160,12 @@ def partition_lists(lists, sample: np.ndarray, partitions: int, probe: int, inva
     the collection's. 1. Each list's key is its centroid summed over the 8 flips/rotations (every variant of an
     image has the same key, and the lists its variants probe have keys near it); a spherical k-means groups the
     keys into ``partitions`` and each list goes to its nearest group with room (``slack`` × the mean partition
-    size, sizes estimated from the sample), lists surest of their group first. 2. ``sweeps`` passes of label
+    size, sizes estimated from the sample; the emptiest group when none has room), lists surest of their group
+    first. 2. ``sweeps`` passes of label
     propagation on the lists' co-probe graph (two lists linked by every sample image that probes both): a list
     moves to the partition holding most of its links when that one has room (a partition left empty is dropped,
-    so there may be fewer than ``partitions``, none over the size bound). On 100,000 images (400 lists,
+    so there may be fewer than ``partitions``). Sizes are estimates (the sample's images per list): a partition
+    holds about ``slack`` × ``dedup.partition_rows`` images at most, not exactly. On 100,000 images (400 lists,
     20 partitions) an image's probes touch 10.1 partitions with contiguous list ranges, 2.8 after step 1, 2.2
     after step 2."""
     import faiss
@@ -180,14 +182,15 @@ def partition_lists(lists, sample: np.ndarray, partitions: int, probe: int, inva
     km = faiss.Kmeans(keys.shape[1], partitions, niter=20, seed=1234, spherical=True, verbose=False,
                       max_points_per_centroid=nlist, min_points_per_centroid=1)
     km.train(keys)
-    sims = keys @ km.centroids.T  # (nlist, partitions)
-    pref = np.argsort(-sims, axis=1)
+    centres = np.ascontiguousarray(km.centroids.T)
+    surest = np.concatenate([(keys[a:a + 4096] @ centres).max(axis=1) for a in range(0, nlist, 4096)])
     cap = slack * sizes.sum() / partitions
     load = np.zeros(partitions)
     out = np.empty(nlist, np.int32)
-    for c in np.argsort(-sims.max(axis=1), kind="stable").tolist():
-        room = np.flatnonzero(load[pref[c]] + sizes[c] <= cap)
-        p = int(pref[c, room[0]]) if len(room) else int(np.argmin(load))  # full everywhere: the emptiest
+    for c in np.argsort(-surest, kind="stable").tolist():  # one row of similarities at a time: O(nlist) memory
+        pref = np.argsort(-(keys[c] @ centres), kind="stable")
+        room = np.flatnonzero(load[pref] + sizes[c] <= cap)
+        p = int(pref[room[0]]) if len(room) else int(np.argmin(load))  # full everywhere: the emptiest
         out[c] = p
         load[p] += sizes[c]
     incidence = sp.csr_matrix((np.ones(probes.size, np.float32), (np.repeat(np.arange(len(probes)), probes.shape[1]),
@@ -216,15 +219,16 @@ def partition_lists(lists, sample: np.ndarray, partitions: int, probe: int, inva
 
 
 def _write_queries(ctx: Context, view: int, queries: D.Prints, probes: np.ndarray, rows: np.ndarray,
-                   name: str) -> tuple[int, int]:
+                   name: str) -> tuple[int, int, list[int]]:
     """The join's route step for one view of some query images: for every partition that their variants' probed
     lists (``probes`` (n, 8, probe)) fall in, the images that probe it with their compact rows and the probes
     inside it (-1 elsewhere), as ``queries/v<view>/p<partition>/<name>.npz``. Returns (query rows written,
-    bytes)."""
+    bytes, partitions written)."""
     part = np.where(probes >= 0, ctx.list_part[view][np.maximum(probes, 0)], -1)
     arrays = queries.arrays(compact=True)
     written = nbytes = 0
-    for p in np.unique(part[part >= 0]).tolist():
+    parts = np.unique(part[part >= 0]).tolist()
+    for p in parts:
         hit = part == p
         sel = np.flatnonzero(hit.any(axis=(1, 2)))
         buf = io.BytesIO()
@@ -232,7 +236,7 @@ def _write_queries(ctx: Context, view: int, queries: D.Prints, probes: np.ndarra
                  **{k: x[sel] for k, x in arrays.items()})
         storage.write_bytes(ctx.query_uri(view, p, name), buf.getvalue(), ctx.storage_cfg)
         written, nbytes = written + len(sel), nbytes + buf.tell()
-    return written, nbytes
+    return written, nbytes, parts
 
 
 def _probes(index, queries: D.Prints, probe: int, pool: int, invariant: bool) -> np.ndarray:
@@ -245,11 +249,12 @@ def _probes(index, queries: D.Prints, probe: int, pool: int, invariant: bool) ->
 def _route(shard, ctx: Context, lists: list, probe: int, pool: int, invariant: bool, queries: bool = True) -> dict:
     """The join's route step for one shard, per view: each image's home list (the index, written by partition:
     ``index/v<view>/p<partition>/s<shard>.npz``, compact rows) and, with ``queries`` (near-duplicate search on),
-    the lists its 8 flips/rotations probe (``_write_queries``). Idempotent: a retried task writes the same
-    files."""
+    the lists its 8 flips/rotations probe (``_write_queries``). Returns which files it wrote (the steps after
+    read exactly those: a retried attempt's files replace the first's, and a file only the first wrote is never
+    read) and their bytes."""
     _, i, a, b = shard
     _, prints = _fingerprints(ctx, a, b, views_only=True)
-    out = {"query_rows": 0, "query_bytes": 0, "index_bytes": 0}
+    out = {"index": [], "queries": [], "query_rows": 0, "query_bytes": 0, "index_bytes": 0}
     rows = np.arange(a, b)
     for v, view_lists in enumerate(lists):
         view = D.Prints(np.ascontiguousarray(prints["views"][:, v:v + 1]))
@@ -264,12 +269,14 @@ def _route(shard, ctx: Context, lists: list, probe: int, pool: int, invariant: b
             np.savez(buf, rows=rows[sel], home=home[sel].astype(np.int32), **{k: x[sel] for k, x in arrays.items()})
             storage.write_bytes(ctx.part_uri(v, p, i), buf.getvalue(), ctx.storage_cfg)
             out["index_bytes"] += buf.tell()
+            out["index"].append((v, p, i))
         if not queries:
             continue
-        q_rows, q_bytes = _write_queries(ctx, v, view, _probes(index, view, probe, pool, invariant), rows,
-                                         f"s{i:05d}")
+        q_rows, q_bytes, parts = _write_queries(ctx, v, view, _probes(index, view, probe, pool, invariant), rows,
+                                                f"s{i:05d}")
         out["query_rows"] += q_rows
         out["query_bytes"] += q_bytes
+        out["queries"] += [(v, p, f"s{i:05d}") for p in parts]
     return out
 
 
@@ -277,67 +284,54 @@ def _route_eval(j: int, ctx: Context, lists: list, probe: int, pool: int, invari
     """The route step for evaluation set ``j`` (the leakage guard's evaluation -> collection direction): its
     images are queries of the same join (``queries/v<view>/p<partition>/e<j>.npz``)."""
     views = eval_views[j]
-    out = {"query_rows": 0, "query_bytes": 0}
+    out = {"index": [], "queries": [], "query_rows": 0, "query_bytes": 0, "index_bytes": 0}
     for v, view_lists in enumerate(lists):
         view = D.Prints(np.ascontiguousarray(views[:, v:v + 1]))
-        q_rows, q_bytes = _write_queries(ctx, v, view, _probes(_router(view_lists), view, probe, pool, invariant),
-                                         np.arange(len(views)), f"e{j:05d}")
+        q_rows, q_bytes, parts = _write_queries(ctx, v, view, _probes(_router(view_lists), view, probe, pool,
+                                                                      invariant), np.arange(len(views)), f"e{j:05d}")
         out["query_rows"] += q_rows
         out["query_bytes"] += q_bytes
+        out["queries"] += [(v, p, f"e{j:05d}") for p in parts]
     return out
 
 
-def _read_npz(fs, f: str, ctx: Context):
-    raw = storage.with_retries(lambda: fs.cat_file(f), ctx.storage_cfg, f"read {f}")
+def _read_npz(uri: str, ctx: Context):
+    raw = storage.read_bytes(uri, ctx.storage_cfg)
     return np.load(io.BytesIO(raw)), len(raw)
 
 
-def _listing(ctx: Context, uri: str, what: str) -> tuple:
-    """(filesystem, sorted ``.npz`` files under ``uri``) — one listing (a killed writer's temp files excluded)."""
-    fs, path = storage.filesystem(uri, ctx.storage_cfg)
-    if not storage.with_retries(lambda: fs.exists(path), ctx.storage_cfg, f"stat {what}"):
-        return fs, []
-    found = storage.with_retries(lambda: sorted(fs.find(path)), ctx.storage_cfg, f"list {what}")
-    return fs, [f for f in found if f.endswith(".npz")]
-
-
-def _load_partition(ctx: Context, view: int, p: int):
-    """(index rows sorted by list (compact ``dedup.Prints``), their row ids, their lists, bytes read) of partition
-    ``p`` of a view (None when it holds nothing)."""
-    fs, found = _listing(ctx, storage.join_uri(ctx.staging, "index", f"v{view}", f"p{p:05d}"), f"index {view}/{p}")
+def _load_partition(ctx: Context, view: int, p: int, shards: list[int]):
+    """(index rows sorted by list, then row (compact ``dedup.Prints``), their row ids, their lists, bytes read) of
+    partition ``p`` of a view, from the files the route step's ``shards`` wrote there."""
     parts: dict[str, list] = {}
     nbytes = 0
-    for f in found:  # s<shard>.npz in shard order
-        z, size = _read_npz(fs, f, ctx)
+    for i in shards:
+        z, size = _read_npz(ctx.part_uri(view, p, i), ctx)
         nbytes += size
         for k in z.files:
             parts.setdefault(k, []).append(z[k])
-    if not parts:
-        return None
     rows, home = np.concatenate(parts.pop("rows")), np.concatenate(parts.pop("home"))
-    order = np.argsort(home, kind="stable")  # by list; within a list by row (files in shard order)
+    order = np.lexsort((rows, home))  # by list; within a list by row, as the in-memory index (ties: the smaller row)
     arrays = {k: np.concatenate(parts.pop(k))[order] for k in list(parts)}  # pieces freed key by key
     return D.Prints.of_arrays(arrays), rows[order], home[order].astype(np.int64), nbytes
 
 
 def _compare(job, ctx: Context, cfg: D.DedupConfig, evals: int) -> dict:
-    """The join's compare step for one (view, partition): its index rows are read once, then every query file
-    routed to it (one per query shard, one per evaluation set) is compared with the lists it probes there
-    (``dedup.search_members``); each query variant's ``cfg.candidates`` best index images in this partition are
-    kept. Training queries' results go to ``found/v<view>/s<shard>/p<partition>.npz`` (reduced per shard by
-    ``_reduce``); evaluation queries' come back (query row · 8 + variant, index row, estimate) per set. Returns
-    those and the bytes read."""
-    v, p = job
-    out = {"evals": [[] for _ in range(evals)], "index_bytes": 0, "query_bytes": 0}
-    loaded = _load_partition(ctx, v, p)
-    if loaded is None:
+    """The join's compare step for one (view, partition, the shards whose index rows are in it, the query files
+    routed to it): the partition's index rows are read once, then every query file (one per query shard, one per
+    evaluation set) is compared with the lists it probes (``dedup.search_members``); each query variant's
+    ``cfg.candidates`` best index images in this partition are kept. Training queries' results go to
+    ``found/v<view>/s<shard>/p<partition>.npz`` (reduced per shard by ``_reduce``); evaluation queries' come back
+    (query row · 8 + variant, index row, estimate) per set. Returns those, the found files written, and the bytes
+    read and written."""
+    v, p, index_shards, names = job
+    out = {"evals": [[] for _ in range(evals)], "found": [], "index_bytes": 0, "query_bytes": 0, "found_bytes": 0}
+    if not index_shards or not names:  # nothing to compare: no index rows, or no query probes this partition
         return out
-    base, ids, homes, out["index_bytes"] = loaded
-    fs, found = _listing(ctx, storage.join_uri(ctx.staging, "queries", f"v{v}", f"p{p:05d}"), f"queries {v}/{p}")
-    for f in found:
-        z, size = _read_npz(fs, f, ctx)
+    base, ids, homes, out["index_bytes"] = _load_partition(ctx, v, p, index_shards)
+    for name in names:
+        z, size = _read_npz(ctx.query_uri(v, p, name), ctx)
         out["query_bytes"] += size
-        name = f.rsplit("/", 1)[-1][:-4]
         rows = z["rows"]
         queries = D.Prints.of_arrays({"rows8": z["rows8"], "inv8": z["inv8"]})
         qv, m, s = D.search_members(queries, z["probes"].astype(np.int64), base, ids, homes, cfg.candidates,
@@ -350,6 +344,8 @@ def _compare(job, ctx: Context, cfg: D.DedupConfig, evals: int) -> dict:
             buf = io.BytesIO()
             np.savez(buf, qv=qv, m=m[top], s=s[top])
             storage.write_bytes(ctx.found_uri(v, int(name[1:]), p), buf.getvalue(), ctx.storage_cfg)
+            out["found"].append((v, int(name[1:]), p))
+            out["found_bytes"] += buf.tell()
     return out
 
 
@@ -363,16 +359,16 @@ def _best_of(qv: np.ndarray, m: np.ndarray, s: np.ndarray, k: int):
     return q[best], m[best], s[best]
 
 
-def _reduce(shard, ctx: Context, views: int, k: int):
-    """The join's reduce step for one query shard: its images' candidates over every partition, per view:
-    (query row, index row, estimate, view), and the bytes read."""
-    _, i, a, b = shard
+def _reduce(job, ctx: Context, views: int, k: int):
+    """The join's reduce step for one query shard and the (view, partition) files the compare step wrote for it:
+    its images' candidates over every partition, per view: (query row, index row, estimate, view), and the bytes
+    read."""
+    (_, i, a, b), found = job
     out, nbytes = [], 0
     for v in range(views):
-        fs, found = _listing(ctx, storage.join_uri(ctx.staging, "found", f"v{v}", f"s{i:05d}"), f"found {v}/{i}")
         parts = []
-        for f in found:
-            z, size = _read_npz(fs, f, ctx)
+        for p in sorted(p_ for v_, p_ in found if v_ == v):
+            z, size = _read_npz(ctx.found_uri(v, i, p), ctx)
             nbytes += size
             parts.append((z["qv"], z["m"], z["s"]))
         if parts:
@@ -514,35 +510,53 @@ def _leakage_candidates(ctx: Context, shards, eval_sets, eval_found: list, cfg: 
 def _join_search(ctx: Context, shards, lists: list, probe: int, eval_sets, cfg: D.DedupConfig, go: dict) -> dict:
     """The candidate search as a join whose data moved per image does not grow with N (module docstring):
     route (per shard: the index and the queries, by partition), compare (per view and partition: its index rows
-    read once), reduce (per query shard: each image's best candidates). Returns the near-duplicate candidates
-    (a < b, estimate, view), per evaluation set and view the compare step's results, and what moved."""
+    read once), reduce (per query shard: each image's best candidates). Each step reads exactly the files the
+    step before reported writing. Returns the near-duplicate candidates (a < b, estimate, view), per evaluation
+    set and view the compare step's results, and what moved."""
     from cytoray.features.fingerprint import VIEWS
 
     pool, invariant = cfg.route_pool, cfg.invariant_routing
     near = cfg.near and ctx.ingested.rows > 1
+    moved = {k: 0 for k in ("index", "queries", "candidates")}
+    out = {"near": (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int8)),
+           "eval_found": [[[] for _ in VIEWS] for _ in eval_sets], "bytes": dict(moved), "written": dict(moved),
+           "compare_tasks": 0, "partitions": [int(x.max()) + 1 for x in ctx.list_part], "query_rows": 0}
+    if not near and not eval_sets:
+        return out
     routed = map_shards(_route, shards, ctx, lists, probe, pool, invariant, near, desc="dedup: route", **go)
+    out["query_rows"] = sum(r["query_rows"] for r in routed)
     eval_views = [e[2]["views"] for e in eval_sets]
     routed += map_shards(_route_eval, list(range(len(eval_sets))), ctx, lists, probe, pool, invariant, eval_views,
                          desc="leakage guard: route evaluation images", ray_tasks=go["ray_tasks"], cfg=go["cfg"])
-    jobs = [(v, p) for v in range(len(VIEWS)) for p in range(int(ctx.list_part[v].max()) + 1)]
+    index_files: dict[tuple[int, int], list[int]] = {}
+    query_files: dict[tuple[int, int], list[str]] = {}
+    for r in routed:
+        for v, p, i in r["index"]:
+            index_files.setdefault((v, p), []).append(i)
+        for v, p, name in r["queries"]:
+            query_files.setdefault((v, p), []).append(name)
+    jobs = [(v, p, sorted(index_files.get((v, p), [])), sorted(query_files.get((v, p), [])))
+            for v in range(len(VIEWS)) for p in range(out["partitions"][v])]
     found = map_shards(_compare, jobs, ctx, cfg, len(eval_sets), desc="dedup: compare (per list partition)",
                        ray_tasks=go["ray_tasks"], cfg=go["cfg"])
-    eval_found = [[[x for r, (v_, _) in zip(found, jobs) if v_ == v for x in r["evals"][j]]
-                   for v in range(len(VIEWS))] for j in range(len(eval_sets))]
-    moved = {"index": sum(r["index_bytes"] for r in found), "queries": sum(r["query_bytes"] for r in found),
-             "candidates": 0}
-    na = nb = np.zeros(0, np.int64)
-    ns, nv = np.zeros(0, np.float32), np.zeros(0, np.int8)
+    out["eval_found"] = [[[x for r, job in zip(found, jobs) if job[0] == v for x in r["evals"][j]]
+                          for v in range(len(VIEWS))] for j in range(len(eval_sets))]
+    out["written"] = {"index": sum(r["index_bytes"] for r in routed), "queries": sum(r["query_bytes"] for r in routed),
+                      "candidates": sum(r["found_bytes"] for r in found)}
+    moved["index"], moved["queries"] = sum(r["index_bytes"] for r in found), sum(r["query_bytes"] for r in found)
     if near:
-        got = map_shards(_reduce, shards, ctx, len(VIEWS), cfg.candidates, desc="dedup: candidates per image", **go)
+        per_shard: dict[int, list] = {}
+        for r in found:
+            for v, i, p in r["found"]:
+                per_shard.setdefault(i, []).append((v, p))
+        got = map_shards(_reduce, [(s, per_shard.get(s[1], [])) for s in shards], ctx, len(VIEWS), cfg.candidates,
+                         desc="dedup: candidates per image", ray_tasks=go["ray_tasks"], cfg=go["cfg"],
+                         rows=lambda j: j[0][3] - j[0][2])
         moved["candidates"] = sum(r[4] for r in got)
         q, m, s, v = (np.concatenate(x) for x in zip(*(r[:4] for r in got)))
-        na, nb, ns, nv = D._merge_candidates(np.minimum(q, m), np.maximum(q, m), s, v)
-    return {"near": (na, nb, ns, nv), "eval_found": eval_found, "bytes": moved, "compare_tasks": len(jobs),
-            "partitions": [int(x.max()) + 1 for x in ctx.list_part],
-            "query_rows": sum(r["query_rows"] for r in routed[:len(shards)]),
-            "written": {"index": sum(r.get("index_bytes", 0) for r in routed),
-                        "queries": sum(r["query_bytes"] for r in routed)}}
+        out["near"] = D._merge_candidates(np.minimum(q, m), np.maximum(q, m), s, v)
+    out["bytes"], out["compare_tasks"] = moved, len(jobs)
+    return out
 
 
 def _verify_all(ctx: Context, shards, pairs_a, pairs_b, sim, view, eset, eval_sets, cfg: D.DedupConfig, go: dict,
