@@ -315,6 +315,21 @@ def probe_routed(routers: list, x: np.ndarray, probe: int) -> np.ndarray:
     return np.stack([r.search(x, probe)[1] for r in routers], axis=1)
 
 
+def best_pairs(qv: np.ndarray, m: np.ndarray, s: np.ndarray, k: int, nv: int = 8):
+    """From search results (query row · nv + variant, index row, estimate), possibly from several lists or
+    partitions: the ``k`` best per query variant, then each (query row, index row) once with its best variant,
+    sorted by pair (``_dihedral_search``; the sharded stage reduces its partitions' results with it)."""
+    top = _top_per_group(qv, s, m, k)
+    return _best_per_pair(qv[top] // nv, m[top], s[top])
+
+
+def best_candidates(qv: np.ndarray, m: np.ndarray, s: np.ndarray, k: int, nv: int = 8):
+    """``best_pairs``, then each query image's ``k`` best pairs (what ``_directed_candidates`` keeps per view)."""
+    q, m, s = best_pairs(qv, m, s, k, nv)
+    best = _top_per_group(q, s, m, k)
+    return q[best], m[best], s[best]
+
+
 def _probe_lists(lists, prints: Prints, probe: int, pool: int = 1, invariant: bool = False,
                  block: int = 16384) -> np.ndarray:
     """(len(prints), Z·8, probe) ids of the ``probe`` lists nearest to each query variant of each image, lists
@@ -437,17 +452,17 @@ def _dihedral_search(query_thumbs: np.ndarray, index_thumbs: np.ndarray, k: int,
         base = _variant_rows(index_thumbs, icentre, np.arange(m), 0)  # (M, s·s) fp32, for the lists only
         invariant = cfg.invariant_routing
         lists = _kmeans_lists(route_rows(base[coarse_sample(m, nlist)], pool, invariant), nlist)
-        home = lists.search(route_rows(base, pool, invariant), 1)[1][:, 0]
-        del base
         probes = _probe_lists(lists, queries, min(cfg.list_probe, nlist), pool, invariant)
+        # an image's home list is the nearest list of its variant 0: the queries' first probe when they are the index
+        home = probes[:, 0, 0] if same else lists.search(route_rows(base, pool, invariant), 1)[1][:, 0]
+        del base
     order = np.argsort(home, kind="stable")
     index = Prints(index_thumbs[order, :1], (icentre[0][order, :1], icentre[1][order, :1]))
     qv, mi, si = search_members(queries, probes, index, order, home[order], k, threshold,
                                 same_ids=np.arange(nq) if same else None, chunk_cells=chunk_cells)
     if len(qv) == 0:
         return qv, mi, si
-    top = _top_per_group(qv, si, mi, k)  # the k best per query variant over all its lists
-    return _best_per_pair(qv[top] // nv, mi[top], si[top])
+    return best_pairs(qv, mi, si, k, nv)
 
 
 def _directed_candidates(query_views: np.ndarray, index_views: np.ndarray, cfg: DedupConfig, same: bool):

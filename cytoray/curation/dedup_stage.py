@@ -32,8 +32,8 @@ process (``scale.mode``); both run the same code on the same shards, so they giv
 6. **write**: ``deduplicated.parquet`` (one file here; a directory of part files from Ray tasks),
    ``duplicates.parquet``, and ``kept_rows.npy`` (one bit per ingested row) for the stages after.
 
-Every task writes whole files under fixed names, so a retried task (a node lost) rewrites the same bytes and
-nothing is lost or counted twice. The summary's ``search`` records what the join moved (bytes written and read:
+Every task writes whole files under fixed names and returns which; the next step reads exactly those, so a task
+retried on another node (a node lost) is read once, from its successful attempt: nothing lost or counted twice. The summary's ``search`` records what the join moved (bytes written and read:
 index, routed queries, per-partition candidates; partitions an image's row went to).
 
 The driver holds 8 bytes per image (the 64-bit hash) plus the coarse sample, the candidate pairs (about 1.6 per
@@ -93,10 +93,9 @@ class Context:
     def found_uri(self, view: int, shard: int, partition: int) -> str:
         return storage.join_uri(self.staging, "found", f"v{view}", f"s{shard:05d}", f"p{partition:05d}.npz")
 
-    def pairs_uri(self, tag: str, group: int, shard: int = -1) -> str:
-        """A verification group's directory (``shard`` -1) or its file from one shard; ``tag`` names the round."""
-        base = storage.join_uri(self.staging, "verify", tag, f"g{group:05d}")
-        return base if shard < 0 else storage.join_uri(base, f"s{shard:05d}.npz")
+    def pairs_uri(self, tag: str, group: int, shard: int) -> str:
+        """A verification group's file from one shard; ``tag`` names the round."""
+        return storage.join_uri(self.staging, "verify", tag, f"g{group:05d}", f"s{shard:05d}.npz")
 
 
 def _fingerprints(ctx: Context, a: int, b: int, views_only: bool = False):
@@ -259,8 +258,13 @@ def _route(shard, ctx: Context, lists: list, probe: int, pool: int, invariant: b
     for v, view_lists in enumerate(lists):
         view = D.Prints(np.ascontiguousarray(prints["views"][:, v:v + 1]))
         index = _router(view_lists)
-        home = np.zeros(b - a, np.int64) if index is None else \
-            index.search(D.route_rows(view.exact(np.arange(b - a), 0), pool, invariant), 1)[1][:, 0]
+        probes = _probes(index, view, probe, pool, invariant) if queries else None
+        if index is None:
+            home = np.zeros(b - a, np.int64)
+        elif probes is not None:  # the nearest list of variant 0 (as dedup._dihedral_search): no second search
+            home = probes[:, 0, 0]
+        else:
+            home = index.search(D.route_rows(view.exact(np.arange(b - a), 0), pool, invariant), 1)[1][:, 0]
         part = ctx.list_part[v][home]
         arrays = view.arrays(compact=True)
         for p in np.unique(part).tolist():
@@ -270,10 +274,9 @@ def _route(shard, ctx: Context, lists: list, probe: int, pool: int, invariant: b
             storage.write_bytes(ctx.part_uri(v, p, i), buf.getvalue(), ctx.storage_cfg)
             out["index_bytes"] += buf.tell()
             out["index"].append((v, p, i))
-        if not queries:
+        if probes is None:
             continue
-        q_rows, q_bytes, parts = _write_queries(ctx, v, view, _probes(index, view, probe, pool, invariant), rows,
-                                                f"s{i:05d}")
+        q_rows, q_bytes, parts = _write_queries(ctx, v, view, probes, rows, f"s{i:05d}")
         out["query_rows"] += q_rows
         out["query_bytes"] += q_bytes
         out["queries"] += [(v, p, f"s{i:05d}") for p in parts]
@@ -349,16 +352,6 @@ def _compare(job, ctx: Context, cfg: D.DedupConfig, evals: int) -> dict:
     return out
 
 
-def _best_of(qv: np.ndarray, m: np.ndarray, s: np.ndarray, k: int):
-    """(query image, index image, estimate) of each query image's ``k`` best index images, from per-partition
-    results (query row · 8 + variant): each variant's ``k`` best over all its lists, the best variant per pair,
-    then the image's ``k`` best pairs (what ``dedup._dihedral_search`` + ``_directed_candidates`` keep)."""
-    top = D._top_per_group(qv, s, m, k)
-    q, m, s = D._best_per_pair(qv[top] // 8, m[top], s[top])
-    best = D._top_per_group(q, s, m, k)
-    return q[best], m[best], s[best]
-
-
 def _reduce(job, ctx: Context, views: int, k: int):
     """The join's reduce step for one query shard and the (view, partition) files the compare step wrote for it:
     its images' candidates over every partition, per view: (query row, index row, estimate, view), and the bytes
@@ -372,7 +365,7 @@ def _reduce(job, ctx: Context, views: int, k: int):
             nbytes += size
             parts.append((z["qv"], z["m"], z["s"]))
         if parts:
-            q, m, s = _best_of(*(np.concatenate(x) for x in zip(*parts)), k)
+            q, m, s = D.best_candidates(*(np.concatenate(x) for x in zip(*parts)), k)
             out.append((q, m, s, np.full(len(q), v, np.int8)))
     if not out:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int8), nbytes
@@ -408,16 +401,14 @@ def _scatter(job, ctx: Context) -> int:
 
 def _verify_group(group, ctx: Context, evals: list):
     """Verify the pairs of one group: (g, a rows, b rows, view cosines, views, evaluation set of each pair (-1: a
-    pair of training images)). b is always a training row; a is a training row, or a row of its evaluation set.
-    Returns (scores, transforms)."""
+    pair of training images), round, the shards that wrote the group's fingerprints). b is always a training row;
+    a is a training row, or a row of its evaluation set. Returns (scores, transforms)."""
     from cytoray.features.fingerprint import empty_fingerprints
 
-    g, rows_a, rows_b, sim, view, eset, tag = group
-    fs, path = storage.filesystem(ctx.pairs_uri(tag, g), ctx.storage_cfg)
-    found = storage.with_retries(lambda: sorted(fs.find(path)), ctx.storage_cfg, f"list verification group {g}")
+    g, rows_a, rows_b, sim, view, eset, tag, writers = group
     parts: dict[str, list] = {}
-    for f in found:
-        z = np.load(io.BytesIO(storage.with_retries(lambda f=f: fs.cat_file(f), ctx.storage_cfg, f"read {f}")))
+    for i in writers:  # exactly the files the scatter pass wrote (no listing: nothing a failed attempt left)
+        z, _ = _read_npz(ctx.pairs_uri(tag, g, i), ctx)
         for k in z.files:
             parts.setdefault(k, []).append(z[k])
     if not parts:
@@ -499,7 +490,7 @@ def _leakage_candidates(ctx: Context, shards, eval_sets, eval_found: list, cfg: 
         back = []
         for v, parts in enumerate(eval_found[j]):
             if parts:
-                e2, t2, s2 = _best_of(*(np.concatenate(x) for x in zip(*parts)), cfg.candidates)
+                e2, t2, s2 = D.best_candidates(*(np.concatenate(x) for x in zip(*parts)), cfg.candidates)
                 back.append((t2, e2, s2, np.full(len(e2), v, np.int8)))
         t, e, s, v = (np.concatenate([r[j][c] for r in per_shard] + [x[c] for x in back]) for c in range(4))
         e, t, s, v = D._merge_candidates(e, t, s, v)
@@ -579,12 +570,15 @@ def _verify_all(ctx: Context, shards, pairs_a, pairs_b, sim, view, eset, eval_se
     by_row = np.argsort(need_rows, kind="stable")
     need_group, need_rows = need_group[by_row], need_rows[by_row]
     jobs = []
+    writers: dict[int, list[int]] = {}  # group -> the shards whose scatter task writes a file for it
     for shard in shards:
         lo, hi = np.searchsorted(need_rows, [shard[2], shard[3]])
         jobs.append((shard, need_rows[lo:hi], need_group[lo:hi], tag))
+        for g in np.unique(need_group[lo:hi]).tolist():
+            writers.setdefault(g, []).append(shard[1])
     map_shards(_scatter, jobs, ctx, desc="dedup: verification data", ray_tasks=go["ray_tasks"], cfg=go["cfg"],
                rows=lambda j: len(j[1]))
-    groups = [(g, pairs_a[sel], pairs_b[sel], sim[sel], view[sel], eset[sel], tag)
+    groups = [(g, pairs_a[sel], pairs_b[sel], sim[sel], view[sel], eset[sel], tag, writers.get(g, []))
               for g, sel in enumerate(np.split(order, np.arange(cfg.verify_pairs, n, cfg.verify_pairs)))]
     evals = [e[2] for e in eval_sets]
     found = map_shards(_verify_group, groups, ctx, evals, desc="dedup: verify candidate pairs",
@@ -776,7 +770,7 @@ def verification_summary(near: D.Pairs, leakage: D.Pairs, cfg: D.DedupConfig) ->
 
 
 def summarize(cfg: D.DedupConfig, images: Counter, kept: Counter, dups: list[dict], ray_tasks: bool, shards: int,
-              nlist: int, verification: dict, join: dict | None = None) -> dict:
+              nlist: int, verification: dict, join: dict) -> dict:
     """The stage summary; fails when a dataset's images != kept + duplicates."""
     per: dict[str, dict] = {}
     for name in sorted(images):
@@ -798,21 +792,18 @@ def summarize(cfg: D.DedupConfig, images: Counter, kept: Counter, dups: list[dic
             "search": search_summary(cfg, nlist, shards, ray_tasks, total["images"], join)}
 
 
-def search_summary(cfg: D.DedupConfig, nlist: int, shards: int, ray_tasks: bool, images: int,
-                   join: dict | None) -> dict:
+def search_summary(cfg: D.DedupConfig, nlist: int, shards: int, ray_tasks: bool, images: int, join: dict) -> dict:
     """What the join search did and moved: lists, partitions per view, compare tasks, query rows routed per image
     and view (how many partitions an image's row goes to), and the bytes its compare and reduce steps read
     (index partitions, routed queries, per-partition candidates), in all and per image."""
     from cytoray.features.fingerprint import VIEWS
 
-    join = join or {"bytes": {"index": 0, "queries": 0, "candidates": 0}, "compare_tasks": 0, "partitions": [],
-                    "query_rows": 0}
     moved = {k: int(v) for k, v in join["bytes"].items()}
     total = sum(moved.values())
     return {"lists": nlist, "routing": cfg.routing, "shards": shards, "ray_tasks": ray_tasks,
             "partitions": join["partitions"], "compare_tasks": join["compare_tasks"],
             "routed_per_image_view": round(join["query_rows"] / max(1, images * len(VIEWS)), 3),
-            "bytes_written": {k: int(v) for k, v in join.get("written", {}).items()},
+            "bytes_written": {k: int(v) for k, v in join["written"].items()},
             "bytes_read": moved, "bytes_read_total": total,
             "bytes_read_per_image": round(total / max(1, images), 1)}
 
