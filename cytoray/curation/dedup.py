@@ -99,8 +99,9 @@ class DedupConfig:
     # ~1.5x, from the lists' estimated sizes). One compare task holds one partition (1,040 bytes per image: a
     # view's int8 row, its scale, row id and list; ~2x that while it sorts them by list) plus one query file.
     partition_rows: int = 262_144
-    # Verification pass (sharded): candidate pairs per verification task.
-    verify_pairs: int = 65_536
+    # Verification pass (sharded): candidate pairs per verification task (its images' fingerprints, ~11 KB each,
+    # about 1.4 images per pair, are what it holds: ~0.5 GB at 32,768 pairs, before decoding copies).
+    verify_pairs: int = 32_768
 
     @property
     def invariant_routing(self) -> bool:

@@ -116,3 +116,46 @@ def test_clipped_white_is_evidence_where_the_other_image_is_dark():
     assert mismatch(g, plain) < 0.1  # the copy: where bright is white, the original is bright too
     assert mismatch(g, other) > 0.5  # a dark disc where the copy is white: no copy
     assert mismatch(other, g) > 0.5  # either way round
+
+
+def test_rectangle_correlation_equals_the_masked_definition():
+    """The search scores its hypotheses from sums over the overlap's rectangle (``_rect_ncc``); that is the masked
+    correlation of the warped images, whatever the scale and shift (overlaps from full to a corner)."""
+    import torch
+
+    from cytoray.curation.verification import _evaluate_many, dihedral_each, masked_ncc, warp
+
+    rng = np.random.default_rng(0)
+    r, k, size = 6, 5, 24
+    a = torch.from_numpy(rng.normal(size=(r, 1, size, size)).astype(np.float32))
+    b = torch.from_numpy(rng.normal(size=(r, 1, size, size)).astype(np.float32)) + 0.5 * a
+    d = rng.integers(0, 8, r)
+    sx, sy = (torch.from_numpy(rng.uniform(0.75, 1.33, (r, k)).astype(np.float32)) for _ in range(2))
+    tx, ty = (torch.from_numpy(rng.uniform(-0.12, 0.12, (r, k)).astype(np.float32)) for _ in range(2))
+    d[0], sx[0, 0], sy[0, 0], tx[0, 0], ty[0, 0] = 0, 1, 1, 0, 0  # row 0's first hypothesis: b as it is
+    fast = _evaluate_many(a, b, d, sx, sy, tx, ty)
+    bd = dihedral_each(b, d)
+    for j in range(k):
+        g, m = warp(bd, sx[:, j], sy[:, j], tx[:, j], ty[:, j])
+        assert torch.allclose(fast[:, j], masked_ncc(a, g, m)[:, 0], atol=1e-5)
+    assert 0.3 < fast[0, 0] < 0.6 and (fast.abs() < 0.3).sum() > r * k - 3  # b holds half of a: as it is, they correlate
+
+
+def test_refinement_stops_where_it_converged():
+    """Gauss-Newton leaves a hypothesis once its step moves the frame by at most CONVERGED pixels: the result is the
+    full iteration's, to well under a pixel."""
+    import torch
+
+    from cytoray.curation import verification as V
+
+    field = _field("lymphocyte", 2)
+    a = C.crop(field, C.image_box(96))
+    shifted = np.ascontiguousarray(a[3:, 5:])  # a box 93 x 91 of 96, moved
+    fp = fingerprint_batch([a, shifted])
+    x = torch.from_numpy(fp["verify"].astype(np.float32))[:, None]
+    half = V._pooled_band(x, 48)
+    start = np.array([[0, 1.0, 1.0, 0.0, 0.0]])
+    full = V._gauss_newton(half[[0]], half[[1]], start, 12, converged=0.0)
+    early = V._gauss_newton(half[[0]], half[[1]], start, 12)
+    assert np.allclose(full[0, 1:3], [91 / 96, 93 / 96], atol=0.02), full  # it found the box ...
+    assert np.abs(full - early).max() * 48 < 0.25  # ... and stopping early moved it by under a quarter pixel
