@@ -58,11 +58,13 @@ from cytoray.curation.shards import (
     KEPT_MASK,
     Layout,
     ScaleConfig,
+    balanced_groups,
     layout,
     map_shards,
     publish_mask,
     read_rows,
     remove,
+    task_slots,
     use_ray,
     write_part,
 )
@@ -561,7 +563,8 @@ def _verify_all(ctx: Context, shards, pairs_a, pairs_b, sim, view, eset, eval_se
         raise ValueError(f"curation dedup.verify_pairs={cfg.verify_pairs} must be >= 1")
     order = np.lexsort((pairs_b, pairs_a, eset))  # leakage pairs by set, then training pairs; by rows within
     group = np.empty(n, np.int64)
-    group[order] = np.arange(n) // cfg.verify_pairs
+    group[order] = balanced_groups(n, cfg.verify_pairs, task_slots(go["cfg"], go["ray_tasks"]))
+    cuts = np.flatnonzero(np.diff(group[order])) + 1  # where each group starts in ``order``
     # each group needs the training rows of its pairs: b always, a for training pairs
     need_rows = np.concatenate([pairs_b, pairs_a[eset < 0]])
     need_group = np.concatenate([group, group[eset < 0]])
@@ -579,13 +582,13 @@ def _verify_all(ctx: Context, shards, pairs_a, pairs_b, sim, view, eset, eval_se
     map_shards(_scatter, jobs, ctx, desc="dedup: verification data", ray_tasks=go["ray_tasks"], cfg=go["cfg"],
                rows=lambda j: len(j[1]))
     groups = [(g, pairs_a[sel], pairs_b[sel], sim[sel], view[sel], eset[sel], tag, writers.get(g, []))
-              for g, sel in enumerate(np.split(order, np.arange(cfg.verify_pairs, n, cfg.verify_pairs)))]
+              for g, sel in enumerate(np.split(order, cuts))]
     evals = [e[2] for e in eval_sets]
     found = map_shards(_verify_group, groups, ctx, evals, desc="dedup: verify candidate pairs",
                        ray_tasks=go["ray_tasks"], cfg=go["cfg"], rows=lambda g_: len(g_[1]), unit="pairs")
     scores = np.full(n, np.nan, np.float32)
     trans = np.zeros((n, 5), np.float32)
-    for idx, (s, t) in zip(np.split(order, np.arange(cfg.verify_pairs, n, cfg.verify_pairs)), found):
+    for idx, (s, t) in zip(np.split(order, cuts), found):
         scores[idx], trans[idx] = s, t
     return scores, trans
 

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -129,6 +130,31 @@ def part_uri(uri: str, index: int) -> str:
 def write_part(uri: str, index: int, table: pa.Table, storage_cfg: storage.StorageConfig | None = None) -> None:
     """One file of a multi-file stage output (rows as given), atomically, row groups of ``ROW_GROUP_ROWS``."""
     storage.write_bytes(part_uri(uri, index), to_parquet_bytes(table, sort=False), storage_cfg)
+
+
+def task_slots(cfg: ScaleConfig, ray_tasks: bool) -> int:
+    """How many of ``map_shards``' tasks run at once: the cluster's CPUs over ``cfg.num_cpus`` each, at most
+    ``cfg.max_in_flight`` (1 in this process)."""
+    if not ray_tasks:
+        return 1
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    return max(1, min(cfg.max_in_flight, int(cpus / cfg.num_cpus + 1e-9)))
+
+
+def balanced_groups(n: int, most: int, slots: int, least: int = 256) -> np.ndarray:
+    """Group of each of ``n`` ordered items, in contiguous groups of at most ``most`` items, their number a multiple
+    of ``slots`` (tasks running at once) as far as groups keep at least ``least`` items, and their sizes within one
+    of each other: a last wave with fewer tasks than slots leaves CPUs idle while it runs (5 groups on 4 slots
+    take 3 / 2.5 of the time of 8 smaller ones)."""
+    if most < 1:
+        raise ValueError(f"group size {most} must be >= 1")
+    if not n:
+        return np.zeros(0, np.int64)
+    groups = -(-n // most)
+    groups = max(groups, min(-(-groups // slots) * slots, n // max(least, 1)))
+    return (np.arange(n) * groups) // n
 
 
 def map_shards(fn: Callable, shards: Sequence, *args, ray_tasks: bool, cfg: ScaleConfig | None = None,

@@ -9,7 +9,7 @@ import pytest
 
 from cytoray.curation.dedup import DedupConfig, deduplicate, remove_leakage_and_duplicates
 from cytoray.curation.dedup_stage import run_dedup
-from cytoray.curation.shards import ScaleConfig, layout, load_mask
+from cytoray.curation.shards import ScaleConfig, balanced_groups, layout, load_mask
 from cytoray.tables import read_table
 
 
@@ -60,7 +60,8 @@ def _run(tmp_path, name, planted, cfg, scale, parts=0):
 def test_ray_tasks_and_this_process_find_the_same_duplicates(planted, ray_local, tmp_path):
     # lists (flat_max below N), 3 index partitions, 4 query shards (searched 2 per task by the Ray tasks), the
     # leakage guard both ways
-    cfg = DedupConfig(flat_max=300, partition_rows=500, eval_manifests=[planted[2]])
+    # verification groups of at most 300 pairs: cut differently in this process (1 task at a time) and as Ray tasks
+    cfg = DedupConfig(flat_max=300, partition_rows=500, eval_manifests=[planted[2]], verify_pairs=300)
     _, local, d_local, k_local = _run(tmp_path, "local", planted, cfg, ScaleConfig(mode="local", shard_rows=350))
     out, ray_, d_ray, k_ray = _run(tmp_path, "ray", planted, cfg,
                                    ScaleConfig(mode="ray", shard_rows=350, max_in_flight=2), parts=3)
@@ -145,3 +146,16 @@ def test_list_partitions_keep_an_images_probes_together(planted):
         assert np.bincount(part[home], minlength=6).max() <= 1.6 * len(prints) / 6
         assert touched(part) < 0.75 * touched(np.arange(60) * 6 // 60), v
         assert (partition_lists(lists, rows, 1, 3) == 0).all()
+
+
+def test_verification_groups_fill_every_task_slot():
+    """Pairs are cut into contiguous groups of at most dedup.verify_pairs, as many as a multiple of the tasks that
+    run at once (no last wave that leaves CPUs idle), of equal size, and never smaller than ``least`` to get there."""
+    g = balanced_groups(162_000, 32_768, 4)  # 5 groups of at most 32,768 -> 8 of 20,250
+    assert np.array_equal(np.bincount(g), [20_250] * 8) and (np.diff(g) >= 0).all()
+    assert np.bincount(balanced_groups(1_670_000, 32_768, 4)).max() <= 32_768
+    assert len(np.unique(balanced_groups(1_670_000, 32_768, 4))) == 52  # 51 -> 52 = 13 waves of 4
+    assert len(np.unique(balanced_groups(600, 32_768, 4))) == 2  # not 4 groups of 150: at least 256 each
+    assert len(np.unique(balanced_groups(600, 32_768, 1))) == 1 and len(balanced_groups(0, 10, 4)) == 0
+    with pytest.raises(ValueError, match="group size 0"):
+        balanced_groups(10, 0, 4)
