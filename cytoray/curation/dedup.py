@@ -157,18 +157,59 @@ def coarse_sample(m: int, nlist: int, cap: int = 131_072, seed: int = 1234) -> n
     return np.sort(np.random.default_rng(seed).choice(m, size, replace=False))
 
 
-def _kmeans_lists(sample: np.ndarray, nlist: int):
-    """An inner-product index over the centroids of a faiss spherical k-means of ``sample`` (all of it: the
-    caller draws the sample, ``coarse_sample``). Flat: on CPU a BLAS product with every centroid is faster than
-    an HNSW graph over them up to 20,000 lists at least, and exact (benchmarks/RESULTS.md)."""
+# Variant routing with at least this many lists trains them closed under the flips/rotations (``_kmeans_lists``):
+# one routing search instead of 8. Below it routing costs little, and a few base centroids made closed fit the
+# collection worse (640 images in 16 closed lists: 92% of the exact search's pairs, against 95% for 12 lists).
+CLOSED_MIN_LISTS = 128
+
+
+def closed_routing(cfg: DedupConfig, nlist: int) -> bool:
+    """Whether the search's lists are trained closed under the 8 flips/rotations (``CLOSED_MIN_LISTS``)."""
+    return not cfg.invariant_routing and nlist >= CLOSED_MIN_LISTS
+
+
+def _kmeans_lists(sample: np.ndarray, nlist: int, closed: bool = False, niter: int = 10, seed: int = 1234):
+    """An inner-product index over the centroids of a spherical k-means of ``sample`` (all of it: the caller draws
+    the sample, ``coarse_sample``). Flat: on CPU a BLAS product with every centroid is faster than an HNSW graph
+    over them up to 20,000 lists at least, and exact (benchmarks/RESULTS.md).
+
+    ``closed`` (variant routing): the lists are closed under the 8 flips/rotations — ceil(nlist / 8) base
+    centroids and their 8 variants, list ``d · base + j`` being variant d of base centroid j — so that one routing
+    search serves an image's 8 variants (``_routers``). Trained as a k-means whose centroids are tied that way:
+    each sample joins its nearest list (j, d) and is turned back by d⁻¹ into base j's pose before the means."""
     import faiss
 
     sample = np.ascontiguousarray(sample, dtype=np.float32)
-    km = faiss.Kmeans(sample.shape[1], nlist, niter=10, seed=1234, spherical=True, verbose=False,
-                      max_points_per_centroid=len(sample) // max(1, nlist) + 1, min_points_per_centroid=1)
-    km.train(sample)
-    index = faiss.IndexFlatIP(sample.shape[1])
-    index.add(km.centroids)
+    if not closed:
+        km = faiss.Kmeans(sample.shape[1], nlist, niter=niter, seed=seed, spherical=True, verbose=False,
+                          max_points_per_centroid=len(sample) // max(1, nlist) + 1, min_points_per_centroid=1)
+        km.train(sample)
+        index = faiss.IndexFlatIP(sample.shape[1])
+        index.add(km.centroids)
+        return index
+    import scipy.sparse as sp
+
+    m, dim = sample.shape
+    perms = dihedral_perms(int(round(dim ** 0.5)))
+    inverse = np.argsort(perms, axis=1)
+    nbase = max(1, -(-nlist // 8))
+    rng = np.random.default_rng(seed)
+    base = sample[rng.choice(m, nbase, replace=m < nbase)]
+    for _ in range(niter):
+        index = faiss.IndexFlatIP(dim)
+        index.add(np.concatenate([base[:, perm] for perm in perms]))
+        lab = index.search(sample, 1)[1][:, 0]
+        d, j = lab // nbase, lab % nbase
+        posed = np.empty_like(sample)
+        for dd in range(8):  # each sample in its base centroid's pose: variant d of c is c[perm_d], so c ~ x[inv_d]
+            sel = np.flatnonzero(d == dd)
+            posed[sel] = sample[sel][:, inverse[dd]]
+        sums = sp.csr_matrix((np.ones(m, np.float32), (j, np.arange(m))), shape=(nbase, m)) @ posed
+        empty = np.flatnonzero(np.bincount(j, minlength=nbase) == 0)
+        sums[empty] = sample[rng.choice(m, len(empty), replace=m < len(empty))]  # an empty list: a new seed
+        base = (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    index = faiss.IndexFlatIP(dim)
+    index.add(np.ascontiguousarray(np.concatenate([base[:, perm] for perm in perms])))
     return index
 
 
@@ -292,28 +333,73 @@ def _best_per_pair(a: np.ndarray, b: np.ndarray, s: np.ndarray):
     return a[sel], b[sel], s[sel].astype(np.float32)
 
 
-def _routers(lists, invariant: bool) -> list:
-    """Variant routing: one flat index per flip/rotation over the inversely permuted centroids (a variant's
-    product with a centroid is its zoom's with the inversely permuted centroid); invariant routing: the lists."""
-    import faiss
+class _Router:
+    """Which lists each flip/rotation of an image probes (``probe``: (n, 8, probe) for route rows of variant 0).
+    Three ways: invariant routing (one search with the flip/rotation-summed rows, its result shared by the 8);
+    closed lists (``_kmeans_lists(closed=True)``: one search — variant e's similarity to list (j, d) is variant
+    0's to list (j, d'), so its probes are variant 0's renamed by the table ``_compose``); other lists (one flat
+    index per flip/rotation over the inversely permuted centroids: a variant's product with a centroid is the
+    image's with the inversely permuted centroid)."""
 
-    if invariant:
-        return [lists]
-    centroids = lists.reconstruct_n(0, lists.ntotal)
-    routers = []
-    for inv in np.argsort(dihedral_perms(int(round(centroids.shape[1] ** 0.5))), axis=1):
-        r = faiss.IndexFlatIP(centroids.shape[1])
-        r.add(np.ascontiguousarray(centroids[:, inv]))
-        routers.append(r)
-    return routers
+    def __init__(self, lists, invariant: bool):
+        import faiss
+
+        self.lists, self.kind, self.nbase = lists, "invariant" if invariant else "variant", 0
+        if invariant:
+            return
+        centroids = lists.reconstruct_n(0, lists.ntotal)
+        perms = dihedral_perms(int(round(centroids.shape[1] ** 0.5)))
+        if closed_lists(centroids):
+            self.kind, self.nbase, self.compose = "closed", lists.ntotal // 8, _compose(perms)
+            return
+        self.routers = []
+        for inv in np.argsort(perms, axis=1):
+            r = faiss.IndexFlatIP(centroids.shape[1])
+            r.add(np.ascontiguousarray(centroids[:, inv]))
+            self.routers.append(r)
+
+    def probe(self, x: np.ndarray, probe: int) -> np.ndarray:
+        if self.kind == "invariant":
+            return np.repeat(self.lists.search(x, probe)[1][:, None], 8, axis=1)
+        if self.kind == "variant":
+            return np.stack([r.search(x, probe)[1] for r in self.routers], axis=1)
+        ids = self.lists.search(x, probe)[1]
+        d, j = ids // self.nbase, ids % self.nbase
+        return self.compose[:, d].transpose(1, 0, 2) * self.nbase + j[:, None]
 
 
-def probe_routed(routers: list, x: np.ndarray, probe: int) -> np.ndarray:
+def closed_lists(centroids: np.ndarray) -> bool:
+    """Whether (8·B, s·s) centroids are B base centroids and their 8 flips/rotations, as ``_kmeans_lists(closed=
+    True)`` lays them out (exactly: they are copies of the same floats)."""
+    n, dim = centroids.shape
+    if n % 8 or n == 0:
+        return False
+    blocks = centroids.reshape(8, n // 8, dim)
+    perms = dihedral_perms(int(round(dim ** 0.5)))
+    return all(np.array_equal(blocks[d], blocks[0][:, perms[d]]) for d in range(8))
+
+
+def _compose(perms: np.ndarray) -> np.ndarray:
+    """(8, 8) table t: variant e of an image scores against variant t[e, d] of a centroid as the image does
+    against variant d (``perms``: ``dihedral_perms``; variant d of a row r is r[perms[d]]).
+    Σ_i x[p_e[i]] c[p_t[i]] = Σ_k x[k] c[p_t[p_e⁻¹[k]]], which is Σ_k x[k] c[p_d[k]] where p_t = p_d ∘ p_e."""
+    table = np.empty((8, 8), np.int64)
+    for e in range(8):
+        for d in range(8):
+            target = perms[d][perms[e]]
+            table[e, d] = next(k for k in range(8) if np.array_equal(perms[k], target))
+    return table
+
+
+def _routers(lists, invariant: bool) -> _Router:
+    """The router of ``lists`` (``_Router``)."""
+    return _Router(lists, invariant)
+
+
+def probe_routed(router: _Router, x: np.ndarray, probe: int) -> np.ndarray:
     """(len(x), 8, probe) lists probed by the 8 flips/rotations of route rows ``x`` (``route_rows`` of variant 0;
-    ``routers`` from ``_routers``)."""
-    if len(routers) == 1:
-        return np.repeat(routers[0].search(x, probe)[1][:, None], 8, axis=1)
-    return np.stack([r.search(x, probe)[1] for r in routers], axis=1)
+    ``router`` from ``_routers``)."""
+    return router.probe(x, probe)
 
 
 def best_pairs(qv: np.ndarray, m: np.ndarray, s: np.ndarray, k: int, nv: int = 8):
@@ -452,7 +538,8 @@ def _dihedral_search(query_thumbs: np.ndarray, index_thumbs: np.ndarray, k: int,
     else:
         base = _variant_rows(index_thumbs, icentre, np.arange(m), 0)  # (M, s·s) fp32, for the lists only
         invariant = cfg.invariant_routing
-        lists = _kmeans_lists(route_rows(base[coarse_sample(m, nlist)], pool, invariant), nlist)
+        lists = _kmeans_lists(route_rows(base[coarse_sample(m, nlist)], pool, invariant), nlist,
+                              closed=closed_routing(cfg, nlist))
         probes = _probe_lists(lists, queries, min(cfg.list_probe, nlist), pool, invariant)
         # an image's home list is the nearest list of its variant 0: the queries' first probe when they are the index
         home = probes[:, 0, 0] if same else lists.search(route_rows(base, pool, invariant), 1)[1][:, 0]

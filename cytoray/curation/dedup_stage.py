@@ -670,10 +670,12 @@ def run(run_, cfg: D.DedupConfig, embed_cfg, scale: ScaleConfig | None, storage_
         partitions = max(1, -(-n // max(1, cfg.partition_rows)))
         for v in range(len(VIEWS)):
             rows = np.concatenate([r["samples"][v] for r in scanned if r["samples"][v] is not None])
-            index = D._kmeans_lists(rows, nlist)
+            index = D._kmeans_lists(rows, nlist, closed=D.closed_routing(cfg, nlist))
             list_part[v] = partition_lists(index, rows, partitions, min(cfg.list_probe, nlist), invariant)
             lists[v] = faiss.serialize_index(index)
+            trained = index.ntotal  # closed lists: 8 x ceil(nlist / 8)
             del rows
+        nlist = trained
     del scanned
     ctx = Context(ing, emb, run_.staging, storage_cfg, nlist, tuple(list_part))
     probe = min(cfg.list_probe, nlist)

@@ -376,3 +376,30 @@ def test_every_flip_and_rotation_of_an_image_routes_like_the_image():
     assert np.abs(route_rows(x[1:2].reshape(1, -1), 2, invariant=True) - ref[0]).max() > 0.1  # tells images apart
     with pytest.raises(ValueError, match="dedup.routing"):
         list_count(10_000, DedupConfig(routing="sorted"))
+
+
+def test_closed_lists_route_every_flip_with_one_search():
+    """Variant routing trains lists closed under the 8 flips/rotations: one search for variant 0 gives every
+    variant's probes (renamed by the group's table), the same lists as searching each variant against all of them."""
+    from cytoray.curation import dedup as D
+
+    rng = np.random.default_rng(2)
+    protos = rng.standard_normal((40, 16, 16))  # 40 kinds of image, each seen in any flip/rotation, with noise
+    x = np.stack([np.rot90(protos[k][:, ::-1] if f else protos[k], r) for k, f, r in
+                  zip(rng.integers(0, 40, 3000), rng.integers(0, 2, 3000), rng.integers(0, 4, 3000))])
+    x = (x + 0.5 * rng.standard_normal(x.shape)).astype(np.float32)
+    rows = D.route_rows(x.reshape(3000, -1), 1)
+    lists = D._kmeans_lists(rows, 60, closed=True)
+    assert lists.ntotal == 64 and D.closed_lists(lists.reconstruct_n(0, 64))  # ceil(60 / 8) = 8 base centroids
+    assert not D.closed_lists(D._kmeans_lists(rows, 64).reconstruct_n(0, 64))
+    router = D._routers(lists, False)
+    assert router.kind == "closed"
+    fast = D.probe_routed(router, rows[:500], 3)
+    # every variant searched on its own against all 64 lists
+    perms = D.dihedral_perms(16)
+    slow = np.stack([lists.search(np.ascontiguousarray(rows[:500][:, perms[e]]), 3)[1] for e in range(8)], 1)
+    assert fast.shape == (500, 8, 3) and (fast == slow).mean() > 0.999  # ties aside
+    assert np.array_equal(fast[:, 0], lists.search(rows[:500], 3)[1])
+    assert len(np.unique(fast[:, :, 0])) > 32  # the images spread over the lists
+    with pytest.raises(AssertionError):
+        np.testing.assert_array_equal(fast[:, 1], fast[:, 0])  # a quarter turn probes other lists

@@ -91,15 +91,20 @@ def test_ray_tasks_and_this_process_find_the_same_duplicates(planted, ray_local,
     assert mask.sum() == len(k_ray) and [i for i, m in zip(ids, mask) if m] == k_ray
 
 
-def test_sharded_stage_equals_the_in_memory_search(planted, ray_local, tmp_path):
+def test_sharded_stage_equals_the_in_memory_search(planted, ray_local, tmp_path, monkeypatch):
+    from cytoray.curation import dedup as D
     from cytoray.features.fingerprint import fingerprints_of_table
 
     frame = planted[0].select(["image_id", "pixel_sha256", "cell_type", "width", "height", "dataset"]).to_pandas()
     prints = fingerprints_of_table(planted[1])
-    for cfg in (DedupConfig(flat_max=300), DedupConfig()):  # partitioned and exact search
+    # partitioned search (its 4 lists; then closed under the flips/rotations, as above CLOSED_MIN_LISTS: 8 lists,
+    # one routing search), and exact search
+    for cfg, closed_from in ((DedupConfig(flat_max=300), 128), (DedupConfig(flat_max=300), 1), (DedupConfig(), 128)):
+        monkeypatch.setattr(D, "CLOSED_MIN_LISTS", closed_from)
         keep, dups, _ = deduplicate(frame, cfg, prints=prints)
-        _, summary, d_stage, kept = _run(tmp_path, f"flat{cfg.flat_max}", planted, cfg,
+        _, summary, d_stage, kept = _run(tmp_path, f"flat{cfg.flat_max}-{closed_from}", planted, cfg,
                                          ScaleConfig(mode="local", shard_rows=500))
+        assert summary["search"]["lists"] == {300: 8 if closed_from == 1 else 4, 5000: 1}[cfg.flat_max]
         ref = sorted((d["image_id"], d["duplicate_of"], d["reason"], d["transform"]) for d in dups)
         assert ref == list(zip(d_stage.image_id, d_stage.duplicate_of, d_stage.reason, d_stage["transform"])), cfg
         assert kept == frame.image_id[keep].tolist()
