@@ -55,7 +55,7 @@ from cytoray.curation.verification import dihedral_perms
 
 log = logging.getLogger(__name__)
 
-ROUTINGS = ("variant", "invariant")  # DedupConfig.routing
+ROUTINGS = ("variant", "closed", "invariant")  # DedupConfig.routing
 
 
 @dataclass
@@ -90,7 +90,10 @@ class DedupConfig:
     list_probe: int = 3
     # How a query variant finds its lists. "variant": each of the 8 flips/rotations on its own route row (exact).
     # "invariant": one search on a row summed over the 8 (``route_rows``), shared by them: routing costs an eighth,
-    # but the coarser rows put copies in other lists more often (benchmarks/RESULTS.md).
+    # but the coarser rows put copies in other lists more often (benchmarks/RESULTS.md). "closed": each variant on
+    # its own route row, the lists trained closed under the 8 flips/rotations (from CLOSED_MIN_LISTS lists), so
+    # that one search serves the 8: routing costs an eighth; at 10^6 images 0.09% of copies fewer (near-symmetric
+    # centroids give near-tied lists; benchmarks/RESULTS.md "Closed lists").
     routing: str = "variant"
     # Lists are trained and routed on route_pool×route_pool block means of the views (16×16 for 32×32: a quarter
     # of routing's work); 1: full views.
@@ -157,7 +160,7 @@ def coarse_sample(m: int, nlist: int, cap: int = 131_072, seed: int = 1234) -> n
     return np.sort(np.random.default_rng(seed).choice(m, size, replace=False))
 
 
-# Variant routing with at least this many lists trains them closed under the flips/rotations (``_kmeans_lists``):
+# routing=closed with at least this many lists trains them closed under the flips/rotations (``_kmeans_lists``):
 # one routing search instead of 8. Below it routing costs little, and a few base centroids made closed fit the
 # collection worse (640 images in 16 closed lists: 92% of the exact search's pairs, against 95% for 12 lists).
 CLOSED_MIN_LISTS = 128
@@ -165,7 +168,7 @@ CLOSED_MIN_LISTS = 128
 
 def closed_routing(cfg: DedupConfig, nlist: int) -> bool:
     """Whether the search's lists are trained closed under the 8 flips/rotations (``CLOSED_MIN_LISTS``)."""
-    return not cfg.invariant_routing and nlist >= CLOSED_MIN_LISTS
+    return cfg.routing == "closed" and nlist >= CLOSED_MIN_LISTS
 
 
 def _kmeans_lists(sample: np.ndarray, nlist: int, closed: bool = False, niter: int = 10, seed: int = 1234):
@@ -173,7 +176,7 @@ def _kmeans_lists(sample: np.ndarray, nlist: int, closed: bool = False, niter: i
     the sample, ``coarse_sample``). Flat: on CPU a BLAS product with every centroid is faster than an HNSW graph
     over them up to 20,000 lists at least, and exact (benchmarks/RESULTS.md).
 
-    ``closed`` (variant routing): the lists are closed under the 8 flips/rotations — ceil(nlist / 8) base
+    ``closed`` (``dedup.routing=closed``): the lists are closed under the 8 flips/rotations — ceil(nlist / 8) base
     centroids and their 8 variants, list ``d · base + j`` being variant d of base centroid j — so that one routing
     search serves an image's 8 variants (``_routers``). Trained as a k-means whose centroids are tied that way:
     each sample joins its nearest list (j, d) and is turned back by d⁻¹ into base j's pose before the means."""

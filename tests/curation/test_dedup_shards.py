@@ -97,9 +97,10 @@ def test_sharded_stage_equals_the_in_memory_search(planted, ray_local, tmp_path,
 
     frame = planted[0].select(["image_id", "pixel_sha256", "cell_type", "width", "height", "dataset"]).to_pandas()
     prints = fingerprints_of_table(planted[1])
-    # partitioned search (its 4 lists; then closed under the flips/rotations, as above CLOSED_MIN_LISTS: 8 lists,
-    # one routing search), and exact search
-    for cfg, closed_from in ((DedupConfig(flat_max=300), 128), (DedupConfig(flat_max=300), 1), (DedupConfig(), 128)):
+    # partitioned search (its 4 lists; then routing=closed, its lists closed under the flips/rotations as above
+    # CLOSED_MIN_LISTS: 8 lists, one routing search), and exact search
+    for cfg, closed_from in ((DedupConfig(flat_max=300), 128), (DedupConfig(flat_max=300, routing="closed"), 1),
+                             (DedupConfig(), 128)):
         monkeypatch.setattr(D, "CLOSED_MIN_LISTS", closed_from)
         keep, dups, _ = deduplicate(frame, cfg, prints=prints)
         _, summary, d_stage, kept = _run(tmp_path, f"flat{cfg.flat_max}-{closed_from}", planted, cfg,
