@@ -178,7 +178,7 @@ def _kmeans_lists(sample: np.ndarray, nlist: int, closed: bool = False, niter: i
 
     ``closed`` (``dedup.routing=closed``): the lists are closed under the 8 flips/rotations — ceil(nlist / 8) base
     centroids and their 8 variants, list ``d · base + j`` being variant d of base centroid j — so that one routing
-    search serves an image's 8 variants (``_routers``). Trained as a k-means whose centroids are tied that way:
+    search serves an image's 8 variants (``Router``). Trained as a k-means whose centroids are tied that way:
     each sample joins its nearest list (j, d) and is turned back by d⁻¹ into base j's pose before the means."""
     import faiss
 
@@ -336,7 +336,7 @@ def _best_per_pair(a: np.ndarray, b: np.ndarray, s: np.ndarray):
     return a[sel], b[sel], s[sel].astype(np.float32)
 
 
-class _Router:
+class Router:
     """Which lists each flip/rotation of an image probes (``probe``: (n, 8, probe) for route rows of variant 0).
     Three ways: invariant routing (one search with the flip/rotation-summed rows, its result shared by the 8);
     closed lists (``_kmeans_lists(closed=True)``: one search — variant e's similarity to list (j, d) is variant
@@ -362,6 +362,8 @@ class _Router:
             self.routers.append(r)
 
     def probe(self, x: np.ndarray, probe: int) -> np.ndarray:
+        """(len(x), 8, probe) lists probed by the 8 flips/rotations of route rows ``x`` (``route_rows`` of
+        variant 0)."""
         if self.kind == "invariant":
             return np.repeat(self.lists.search(x, probe)[1][:, None], 8, axis=1)
         if self.kind == "variant":
@@ -394,17 +396,6 @@ def _compose(perms: np.ndarray) -> np.ndarray:
     return table
 
 
-def _routers(lists, invariant: bool) -> _Router:
-    """The router of ``lists`` (``_Router``)."""
-    return _Router(lists, invariant)
-
-
-def probe_routed(router: _Router, x: np.ndarray, probe: int) -> np.ndarray:
-    """(len(x), 8, probe) lists probed by the 8 flips/rotations of route rows ``x`` (``route_rows`` of variant 0;
-    ``router`` from ``_routers``)."""
-    return router.probe(x, probe)
-
-
 def best_pairs(qv: np.ndarray, m: np.ndarray, s: np.ndarray, k: int, nv: int = 8):
     """From search results (query row · nv + variant, index row, estimate), possibly from several lists or
     partitions: the ``k`` best per query variant, then each (query row, index row) once with its best variant,
@@ -424,15 +415,14 @@ def _probe_lists(lists, prints: Prints, probe: int, pool: int = 1, invariant: bo
                  block: int = 16384) -> np.ndarray:
     """(len(prints), Z·8, probe) ids of the ``probe`` lists nearest to each query variant of each image, lists
     of ``route_rows``. ``invariant``: one search per zoom, which its 8 flips/rotations share; else each zoom is
-    searched against the 8 flips/rotations of the centroids (``_routers``)."""
+    searched against the 8 flips/rotations of the centroids (``Router``)."""
     nz = prints.rows8.shape[1]
-    routers = _routers(lists, invariant)
+    router = Router(lists, invariant)
     out = np.empty((len(prints), nz * 8, probe), np.int64)
     for a in range(0, len(prints), block):
         rows = np.arange(a, min(len(prints), a + block))
         for z in range(nz):
-            out[rows, z * 8:z * 8 + 8] = probe_routed(routers, route_rows(prints.exact(rows, z * 8), pool, invariant),
-                                                      probe)
+            out[rows, z * 8:z * 8 + 8] = router.probe(route_rows(prints.exact(rows, z * 8), pool, invariant), probe)
     return out
 
 

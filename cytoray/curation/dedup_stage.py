@@ -176,7 +176,7 @@ def partition_lists(lists, sample: np.ndarray, partitions: int, probe: int, inva
     if partitions <= 1 or nlist <= 1:
         return np.zeros(max(1, nlist), np.int32)
     partitions = min(partitions, nlist)
-    probes = D.probe_routed(D._routers(lists, invariant), np.ascontiguousarray(sample, np.float32), probe)
+    probes = D.Router(lists, invariant).probe(np.ascontiguousarray(sample, np.float32), probe)
     probes = probes.reshape(len(sample), -1)
     sizes = np.bincount(probes[:, 0], minlength=nlist) + 1.0  # variant 0's nearest list: the image's home
     keys = D.route_rows(lists.reconstruct_n(0, nlist), 1, invariant=True)

@@ -238,15 +238,6 @@ def rect_mask(n: int, h: int, w: int, sx, sy, tx, ty, erode: int = 0):
     return (valid(h, sy, ty)[:, :, None] * valid(w, sx, tx)[:, None, :])[:, None]
 
 
-def masked_ncc(a, g, m):
-    """Correlation of a and g over the masks m, per image: (..., H, W) -> (...), broadcasting (a (R, 1, H, W)
-    against K hypotheses g, m (R, K, H, W) gives (R, K))."""
-    n = m.sum((-2, -1)).clamp(min=1)
-    ma, mg = (a * m).sum((-2, -1)) / n, (g * m).sum((-2, -1)) / n
-    ac, gc = (a - ma[..., None, None]) * m, (g - mg[..., None, None]) * m
-    return (ac * gc).sum((-2, -1)) / ((ac**2).sum((-2, -1)) * (gc**2).sum((-2, -1))).sqrt().clamp(min=1e-9)
-
-
 def dihedral_points(y: np.ndarray, x: np.ndarray, ds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Where centred points (y, x) (fractions, 0 at the centre) land in variant ``ds`` of the image (``dihedral``:
     a horizontal flip x -> -x first, then quarter turns counter-clockwise (y, x) -> (-x, y))."""
@@ -279,9 +270,10 @@ def _evaluate_many(a, b, d, sx, sy, tx, ty):
 
 
 def _rect_ncc(a, g, vy, vx):
-    """``masked_ncc`` of a (R, 1, S, S) against K warped images g (R, K, S·S) that are 0 outside their overlap, the
-    rectangle of rows ``vy`` and columns ``vx`` (R, K, S) in 0/1: from sums instead of masked copies (Σ a·g is a
-    product per row; a's sums over each rectangle are vyᵀ·a·vx), in float64 where sums of squares cancel."""
+    """(R, K) correlation of a (R, 1, S, S) with each of K warped images g (R, K, S·S) over their overlap, g being 0
+    outside it and the overlap the rectangle of rows ``vy`` and columns ``vx`` (R, K, S) in 0/1: from sums instead
+    of masked copies (Σ a·g is a product per row; a's sums over each rectangle are vyᵀ·a·vx), in float64 where sums
+    of squares cancel."""
     torch = _torch()
     r, k, _ = g.shape
     size = a.shape[-1]

@@ -392,9 +392,9 @@ def test_closed_lists_route_every_flip_with_one_search():
     lists = D._kmeans_lists(rows, 60, closed=True)
     assert lists.ntotal == 64 and D.closed_lists(lists.reconstruct_n(0, 64))  # ceil(60 / 8) = 8 base centroids
     assert not D.closed_lists(D._kmeans_lists(rows, 64).reconstruct_n(0, 64))
-    router = D._routers(lists, False)
+    router = D.Router(lists, False)
     assert router.kind == "closed"
-    fast = D.probe_routed(router, rows[:500], 3)
+    fast = router.probe(rows[:500], 3)
     # every variant searched on its own against all 64 lists
     perms = D.dihedral_perms(16)
     slow = np.stack([lists.search(np.ascontiguousarray(rows[:500][:, perms[e]]), 3)[1] for e in range(8)], 1)

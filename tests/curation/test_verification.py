@@ -123,7 +123,13 @@ def test_rectangle_correlation_equals_the_masked_definition():
     correlation of the warped images, whatever the scale and shift (overlaps from full to a corner)."""
     import torch
 
-    from cytoray.curation.verification import _evaluate_many, dihedral_each, masked_ncc, warp
+    from cytoray.curation.verification import _evaluate_many, dihedral_each, warp
+
+    def masked_ncc(a, g, m):  # the definition: mean-removed correlation of a and g over the mask m
+        n = m.sum((-2, -1)).clamp(min=1)
+        ac = (a - (a * m).sum((-2, -1), keepdim=True) / n[..., None, None]) * m
+        gc = (g - (g * m).sum((-2, -1), keepdim=True) / n[..., None, None]) * m
+        return (ac * gc).sum((-2, -1)) / ((ac**2).sum((-2, -1)) * (gc**2).sum((-2, -1))).sqrt().clamp(min=1e-9)
 
     rng = np.random.default_rng(0)
     r, k, size = 6, 5, 24
